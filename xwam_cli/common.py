@@ -1,0 +1,84 @@
+"""What every command shares: one-line errors, the console, recipe loading with CLI overrides."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+
+from xwam_core.errors import XWAMError
+from xwam_core.recipe import Recipe, load_recipe
+
+console = Console()
+err_console = Console(stderr=True)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def fail(message: str, code: int = 1) -> None:
+    """Print one clear line to stderr and exit non-zero."""
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def user_errors(fn: F) -> F:
+    """Turn user-input errors into one line and a non-zero exit instead of a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except XWAMError as e:
+            fail(str(e))
+        except KeyboardInterrupt:
+            err_console.print("[bold red]interrupted[/]: nothing was written")
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def recipe_with(recipe_path: Path | None, overrides: list[str] | None, cli: dict[str, Any]) -> Recipe:
+    """Recipe file (or defaults) + `--set` overrides + explicit CLI options (those win)."""
+    sets = list(overrides or [])
+    for key, value in cli.items():
+        if value is None:
+            continue
+        sets.append(f"{key}={_toml_value(value)}")
+    return load_recipe(recipe_path, sets)
+
+
+def _toml_value(value: Any) -> str:
+    import json
+
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, list):
+        return json.dumps(value)  # a JSON list of strings/numbers is a valid TOML array
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(str(k))} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    return json.dumps(str(value))
+
+
+def split_csv(text: str | None) -> list[str] | None:
+    if text is None:
+        return None
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def human_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.1f} {unit}" if unit != "B" else f"{int(size)} B"
+        size /= 1024
+    return f"{size:.1f} GiB"
+
+
+def is_tty() -> bool:
+    return sys.stderr.isatty()

@@ -1,0 +1,28 @@
+"""The `xwam` command line: thin typer commands over xwam_core."""
+
+from __future__ import annotations
+
+import typer
+
+from xwam_cli import prepare
+
+app = typer.Typer(
+    name="xwam",
+    help="Unified 4D world-action models (X-WAM): robot episodes -> actions + future multi-view RGB-D.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+
+@app.callback()
+def main() -> None:
+    """Unified 4D world-action models (X-WAM): robot episodes -> actions + future multi-view RGB-D."""
+
+
+app.command(name="prepare", epilog=prepare.EXAMPLES)(prepare.prepare)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,120 @@
+"""`xwam prepare SOURCE... --out DATA`: robot episodes -> one episode store (+ stats)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from xwam_cli.common import console, err_console, fail, human_bytes, recipe_with, split_csv, user_errors
+from xwam_core.data.store import StoreSummary
+
+EXAMPLES = """
+[bold]Examples[/]
+
+  xwam prepare metaworld --tasks reach-v3,push-v3 --episodes 4 --views corner2,topview --size 64 --seed 0 --out data/mw
+  xwam prepare lerobot path/to/lerobot_dataset --views observation.images.front=front --out data/mine
+  xwam prepare --recipe recipes/tiny_cpu.toml --set prepare.metaworld.episodes=8
+"""
+
+
+@user_errors
+def prepare(
+    source: Annotated[
+        Optional[list[str]],
+        typer.Argument(help="'metaworld', or 'lerobot PATH' (a LeRobot v2.1/v3.0 dataset folder)."),
+    ] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Store folder to create.")] = None,
+    tasks: Annotated[Optional[str], typer.Option(help="metaworld: comma-separated tasks, e.g. reach-v3,push-v3.")] = None,
+    episodes: Annotated[Optional[int], typer.Option(help="metaworld: episodes per task.")] = None,
+    views: Annotated[
+        Optional[str],
+        typer.Option(help="metaworld: cameras, e.g. corner2,topview,gripperPOV. lerobot: key=view pairs."),
+    ] = None,
+    size: Annotated[Optional[int], typer.Option(help="metaworld: image size in pixels (64-256).")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="metaworld: seed; the same seed gives the same store.")] = None,
+    max_steps: Annotated[Optional[int], typer.Option(help="metaworld: step limit per episode.")] = None,
+    render_quality: Annotated[
+        Optional[str], typer.Option(help="metaworld: 'fast' (no shadows/reflections) or 'default'.")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing store.")] = False,
+    recipe: Annotated[Optional[Path], typer.Option(help="Recipe TOML; its \\[prepare] section gives defaults.")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe key: section.key=value.")] = None,
+) -> None:
+    """Turn robot episodes into the episode store that every later command reads.
+
+    The store is a LeRobot v3.0 dataset folder with RGB, metric depth and cameras per view. It is built in a temporary folder and renamed when complete: an interrupted run leaves nothing behind.
+    """
+    cli: dict[str, object] = {"prepare.out": str(out) if out else None}
+    if overwrite:
+        cli["prepare.overwrite"] = True
+    if source:
+        name, *rest = source
+        cli["prepare.source"] = name
+        if name == "lerobot":
+            if len(rest) != 1:
+                fail("lerobot source takes one dataset folder: xwam prepare lerobot PATH --out DIR")
+            cli["prepare.lerobot.path"] = rest[0]
+            if views:
+                pairs = split_csv(views) or []
+                bad = [p for p in pairs if "=" not in p]
+                if bad:
+                    fail(f"--views {bad[0]!r}: for lerobot expected camera_key=view_name pairs")
+                cli["prepare.lerobot.views"] = dict(p.split("=", 1) for p in pairs)
+        elif rest:
+            fail(f"source '{name}' takes no path argument (got {' '.join(rest)!r})")
+        if name != "lerobot":
+            cli.update(
+                {
+                    "prepare.metaworld.tasks": split_csv(tasks),
+                    "prepare.metaworld.episodes": episodes,
+                    "prepare.metaworld.views": split_csv(views),
+                    "prepare.metaworld.size": size,
+                    "prepare.metaworld.seed": seed,
+                    "prepare.metaworld.max_steps": max_steps,
+                    "prepare.metaworld.render_quality": render_quality,
+                }
+            )
+    resolved = recipe_with(recipe, set_, cli)
+
+    from xwam_core.data.prepare import prepare_store
+
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[last]}"),
+        console=err_console,
+        transient=False,
+    ) as progress:
+        task_id = progress.add_task(f"{resolved.prepare.source} episodes", total=None, last="")
+
+        def on_start(total: int) -> None:
+            progress.update(task_id, total=total)
+
+        def on_episode(ep: object) -> None:
+            ok = "success" if getattr(ep, "success", False) else "no success"
+            progress.update(task_id, advance=1, last=f"{getattr(ep, 'task', '')} ({ok})")
+
+        summary = prepare_store(resolved, on_start=on_start, on_episode=on_episode)
+    print_summary(summary)
+
+
+def print_summary(s: StoreSummary) -> None:
+    table = Table(title=f"episode store {s.path}", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("episodes", str(s.episodes))
+    table.add_row("frames", str(s.frames))
+    table.add_row("expert success rate", f"{100 * s.success_rate:.1f}%")
+    table.add_row("views", ", ".join(s.views))
+    table.add_row("image size", f"{s.image_size[0]}x{s.image_size[1]}")
+    table.add_row("depth / cameras", f"{'yes' if s.has_depth else 'missing'} / {'yes' if s.has_cameras else 'missing'}")
+    table.add_row("bytes on disk", human_bytes(s.bytes_on_disk))
+    table.add_row("seconds", f"{s.seconds:.1f}")
+    console.print(table)

@@ -1,0 +1,46 @@
+"""`xwam prepare` as a library call: source -> episode store, atomically."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+
+from xwam_core.data.episode import Episode
+from xwam_core.data.sources import make_source
+from xwam_core.data.store import StoreSummary, StoreWriter
+from xwam_core.errors import DataError
+from xwam_core.recipe import PrepareConfig, Recipe, recipe_to_toml
+
+
+def prepare_store(
+    recipe: Recipe,
+    on_start: Callable[[int], None] | None = None,
+    on_episode: Callable[[Episode], None] | None = None,
+) -> StoreSummary:
+    """Build the store `recipe.prepare.out` from `recipe.prepare.source`.
+
+    Options are checked before any episode is generated; an existing store is only replaced with
+    `overwrite`; on any error (or Ctrl-C) nothing is left behind. The resolved recipe is saved in
+    `meta/recipe.toml`.
+    """
+    cfg: PrepareConfig = recipe.prepare
+    if not cfg.out:
+        raise DataError("no output folder: pass --out DIR (or prepare.out in the recipe)")
+    out = Path(cfg.out)
+    if out.exists() and not cfg.overwrite:
+        raise DataError(f"{out}: already exists; pass --overwrite to replace it")
+    source = make_source(cfg)
+    info = source.info()
+    options = dataclasses.asdict(getattr(cfg, cfg.source))
+    with StoreWriter(out, info, overwrite=cfg.overwrite, source_options=options) as writer:
+        (writer.tmp / "meta").mkdir(parents=True, exist_ok=True)
+        (writer.tmp / "meta" / "recipe.toml").write_text(recipe_to_toml(recipe))
+        if on_start:
+            on_start(info.num_episodes)
+        for episode in source.episodes():
+            writer.add(episode)
+            if on_episode:
+                on_episode(episode)
+    assert writer.summary is not None
+    return writer.summary

@@ -1,0 +1,98 @@
+"""Per-dimension statistics of a store (meta/stats.json) and the quantile normalization of METHOD.md.
+
+Every key gets min, max, mean, std, count, q01 and q99. Images get per-channel statistics in [0, 1]
+(LeRobot's convention, shape (3, 1, 1)) from a frame subsample; depth gets metres over valid pixels.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from xwam_core.data.episode import Episode
+    from xwam_core.data.sources.base import SourceInfo
+
+IMAGE_FRAME_STRIDE = 4  # image statistics from every 4th frame: plenty for channel means
+IMAGE_PIXEL_STRIDE = 4
+
+
+def describe(values: np.ndarray) -> dict[str, list]:
+    """Statistics over axis 0 of a (N, ...) array."""
+    values = values.astype(np.float64)
+    return {
+        "min": values.min(axis=0).tolist(),
+        "max": values.max(axis=0).tolist(),
+        "mean": values.mean(axis=0).tolist(),
+        "std": values.std(axis=0).tolist(),
+        "count": [int(values.shape[0])],
+        "q01": np.quantile(values, 0.01, axis=0).tolist(),
+        "q99": np.quantile(values, 0.99, axis=0).tolist(),
+    }
+
+
+class RunningStats:
+    """Collects what the store's statistics need while episodes are written."""
+
+    def __init__(self) -> None:
+        self._columns: dict[str, list[np.ndarray]] = {}
+
+    def _add(self, key: str, values: np.ndarray) -> None:
+        self._columns.setdefault(key, []).append(values)
+
+    def update(self, episode: Episode, info: SourceInfo) -> None:
+        self._add("observation.state", episode.state)
+        self._add("action", episode.action)
+        for name in info.views:
+            view = episode.views[name]
+            sub = view.rgb[::IMAGE_FRAME_STRIDE, ::IMAGE_PIXEL_STRIDE, ::IMAGE_PIXEL_STRIDE]
+            self._add(f"observation.images.{name}", sub.reshape(-1, 3).astype(np.float32) / 255.0)
+            if info.has_depth and view.depth is not None:
+                d = view.depth[::IMAGE_FRAME_STRIDE, ::IMAGE_PIXEL_STRIDE, ::IMAGE_PIXEL_STRIDE].reshape(-1, 1)
+                self._add(f"observation.depth.{name}", d[d[:, 0] > 0])
+
+    def result(self) -> dict[str, dict[str, Any]]:
+        out = {}
+        for key, chunks in self._columns.items():
+            values = np.concatenate(chunks, axis=0)
+            if values.shape[0] == 0:
+                continue
+            stats = describe(values)
+            if key.startswith(("observation.images.", "observation.depth.")):
+                # LeRobot's image statistics are per channel with shape (C, 1, 1)
+                stats = {k: [[[x]] for x in v] if k != "count" else v for k, v in stats.items()}
+            out[key] = stats
+        return out
+
+
+class QuantileNormalizer:
+    """x -> 2 (x - q01) / (q99 - q01) - 1 per dimension (METHOD.md section 2), and back.
+
+    Dimensions whose q01 == q99 (constant in the data) map to 0 and back to their constant.
+    """
+
+    def __init__(self, q01: np.ndarray, q99: np.ndarray):
+        self.q01 = np.asarray(q01, dtype=np.float32)
+        self.q99 = np.asarray(q99, dtype=np.float32)
+        span = self.q99 - self.q01
+        self.constant = span <= 1e-8
+        self.span = np.where(self.constant, 1.0, span).astype(np.float32)
+
+    @classmethod
+    def from_stats(cls, stats: dict[str, Any], key: str) -> QuantileNormalizer:
+        return cls(np.asarray(stats[key]["q01"]), np.asarray(stats[key]["q99"]))
+
+    def normalize(self, x: np.ndarray) -> np.ndarray:
+        out = 2.0 * (x - self.q01) / self.span - 1.0
+        return np.where(self.constant, 0.0, out).astype(np.float32)
+
+    def denormalize(self, y: Any) -> Any:
+        """Works on numpy arrays and torch tensors (..., D)."""
+        if hasattr(y, "new_tensor"):
+            q01, span = y.new_tensor(self.q01), y.new_tensor(self.span)
+            x = (y + 1.0) * 0.5 * span + q01
+            const = y.new_tensor(self.constant).bool()
+            return x.where(~const, q01)
+        x = (np.asarray(y) + 1.0) * 0.5 * self.span + self.q01
+        return np.where(self.constant, self.q01, x).astype(np.float32)

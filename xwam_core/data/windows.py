@@ -1,0 +1,167 @@
+"""Training windows: the current frame + F future frames at a frame stride, with the actions and states
+they span, every view's RGB, depth and cameras, normalized with the store's statistics.
+
+A window starting at store frame s covers frames s, s + stride, ..., s + F * stride; its K = F * stride
+actions are action[s : s + K] and its F + 1 states are the states at the window's frames.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from xwam_core.data.reader import EpisodeStore
+from xwam_core.data.stats import QuantileNormalizer
+from xwam_core.errors import DataError
+
+
+@dataclass(frozen=True)
+class WindowLayout:
+    future_frames: int = 8
+    frame_stride: int = 4
+
+    @property
+    def num_frames(self) -> int:
+        return self.future_frames + 1
+
+    @property
+    def num_actions(self) -> int:
+        return self.future_frames * self.frame_stride
+
+    @property
+    def span(self) -> int:
+        """Store frames a window covers, first and last included."""
+        return self.future_frames * self.frame_stride + 1
+
+
+class WindowDataset(Dataset):
+    """Every full window of the chosen episodes of a store.
+
+    Each item is a dict of tensors:
+        rgb          (V, T, H, W, 3) uint8            T = F + 1 frames, views in `views` order
+        depth        (V, T, H, W) float32 metres      0 = invalid; zeros when the store has no depth
+        intrinsics   (V, T, 3, 3) float32             identity when the store has no cameras
+        extrinsics   (V, T, 4, 4) float32             camera-to-world, OpenCV axes
+        actions      (K, D_action) float32            quantile-normalized to [-1, 1]
+        states       (T, D_state) float32             quantile-normalized
+        has_depth, has_cameras  bool tensors (loss masks / reconstruction guards)
+        task_index, episode_index, frame_index  int64 (frame_index = the window's first frame)
+    RGB stays uint8 here (4x less to move between processes); the model side scales it.
+    """
+
+    def __init__(
+        self,
+        store: EpisodeStore | str,
+        layout: WindowLayout = WindowLayout(),
+        views: list[str] | None = None,
+        episodes: list[int] | None = None,
+        normalize: bool = True,
+    ):
+        self.store = store if isinstance(store, EpisodeStore) else EpisodeStore(store)
+        self.layout = layout
+        if layout.future_frames < 1 or layout.frame_stride < 1:
+            raise DataError(
+                f"window layout future_frames={layout.future_frames}, frame_stride={layout.frame_stride}: "
+                "expected both >= 1"
+            )
+        self.views = list(views) if views else list(self.store.views)
+        unknown = [v for v in self.views if v not in self.store.views]
+        if unknown:
+            raise DataError(f"{self.store.path}: has no view(s) {unknown}; it has {self.store.views}")
+        all_eps = range(len(self.store.episodes))
+        self.episode_ids = list(episodes) if episodes is not None else list(all_eps)
+        bad = [e for e in self.episode_ids if e not in all_eps]
+        if bad:
+            raise DataError(f"{self.store.path}: has no episode(s) {bad}; it has 0..{len(all_eps) - 1}")
+        self.cache = self.store.frame_cache(build=True)
+        starts = []
+        for e in self.episode_ids:
+            meta = self.store.episodes[e]
+            for s in range(meta.length - layout.span + 1):
+                starts.append((e, meta.start + s, s))
+        if not starts:
+            raise DataError(
+                f"{self.store.path}: no episode is long enough for a window of {layout.span} frames "
+                f"(future_frames={layout.future_frames} x frame_stride={layout.frame_stride} + 1)"
+            )
+        self.windows = np.asarray(starts, dtype=np.int64)  # (N, 3): episode, global start, local start
+        stats = self.store.stats
+        self.normalize = normalize
+        self.action_norm = QuantileNormalizer.from_stats(stats, "action")
+        self.state_norm = QuantileNormalizer.from_stats(stats, "observation.state")
+        self._frame_offsets = np.arange(layout.num_frames) * layout.frame_stride
+        self._task_of_episode = {
+            e.index: self.store.tasks.index(e.task) for e in self.store.episodes
+        }
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        episode, start, local_start = (int(x) for x in self.windows[i])
+        frames = start + self._frame_offsets  # (T,) global frame indices
+        cache = self.cache
+        rgb = np.stack([cache.rgb(v, frames) for v in self.views])  # (V, T, H, W, 3)
+        t, (h, w) = len(frames), self.store.image_size
+        if cache.has_depth:
+            depth = np.stack([cache.depth_mm(v, frames) for v in self.views]).astype(np.float32) / 1000.0
+        else:
+            depth = np.zeros((len(self.views), t, h, w), np.float32)
+        if cache.has_cameras:
+            intr = np.stack([cache.intrinsics[v][frames] for v in self.views])
+            extr = np.stack([cache.extrinsics[v][frames] for v in self.views])
+        else:
+            intr = np.broadcast_to(np.eye(3, dtype=np.float32), (len(self.views), t, 3, 3)).copy()
+            extr = np.broadcast_to(np.eye(4, dtype=np.float32), (len(self.views), t, 4, 4)).copy()
+        actions = cache.action[start : start + self.layout.num_actions]
+        states = cache.state[frames]
+        if self.normalize:
+            actions = self.action_norm.normalize(actions)
+            states = self.state_norm.normalize(states)
+        return {
+            "rgb": torch.from_numpy(rgb),
+            "depth": torch.from_numpy(depth),
+            "intrinsics": torch.from_numpy(intr),
+            "extrinsics": torch.from_numpy(extr),
+            "actions": torch.from_numpy(np.ascontiguousarray(actions, dtype=np.float32)),
+            "states": torch.from_numpy(np.ascontiguousarray(states, dtype=np.float32)),
+            "has_depth": torch.tensor(cache.has_depth),
+            "has_cameras": torch.tensor(cache.has_cameras),
+            "task_index": torch.tensor(self._task_of_episode[episode]),
+            "episode_index": torch.tensor(episode),
+            "frame_index": torch.tensor(local_start),
+        }
+
+
+def split_episodes(store: EpisodeStore, val_episodes: int) -> tuple[list[int], list[int]]:
+    """The last `val_episodes` episodes are held out; the rest train."""
+    n = len(store.episodes)
+    if not 0 <= val_episodes < n:
+        raise DataError(f"{store.path}: val_episodes={val_episodes} but the store has {n} episodes")
+    return list(range(n - val_episodes)), list(range(n - val_episodes, n))
+
+
+def make_loader(
+    dataset: WindowDataset,
+    batch_size: int,
+    num_workers: int = 2,
+    shuffle: bool = True,
+    seed: int = 0,
+    drop_last: bool = True,
+) -> DataLoader:
+    """A DataLoader that keeps up with training: persistent workers, each mapping the cache once."""
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        prefetch_factor=4 if num_workers > 0 else None,
+        drop_last=drop_last,
+        generator=generator,
+    )
