@@ -32,7 +32,8 @@ def prepare_store(
         raise DataError(f"{out}: already exists; pass --overwrite to replace it")
     source = make_source(cfg)
     info = source.info()
-    options = dataclasses.asdict(getattr(cfg, cfg.source))
+    section = getattr(cfg, cfg.source, None)  # the source's own options, recorded with the store
+    options = dataclasses.asdict(section) if section is not None else {}
     with StoreWriter(out, info, overwrite=cfg.overwrite, source_options=options) as writer:
         (writer.tmp / "meta").mkdir(parents=True, exist_ok=True)
         (writer.tmp / "meta" / "recipe.toml").write_text(recipe_to_toml(recipe))

@@ -1,0 +1,80 @@
+"""Data benchmarks: simulated episodes per minute and training windows per second.
+
+    python bench/data.py            # table
+    python bench/data.py --json     # one JSON object per line
+
+Figures: sim_episodes_per_min (Meta-World, 128x128, 3 views, fast render quality, expert policy,
+whole episodes written to a store), cache_build_s (decoding the store into the frame cache once),
+loader_windows_per_s_workers0 / _workers2 (128x128, 3 views, 9 frames at stride 4, batch 8).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("MUJOCO_GL", "egl")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.report import Report, bench_argparser  # noqa: E402
+
+
+def main() -> None:
+    parser = bench_argparser(__doc__ or "")
+    parser.add_argument("--episodes", type=int, default=6, help="simulated episodes to generate")
+    parser.add_argument("--batches", type=int, default=40, help="loader batches to time per setting")
+    args = parser.parse_args()
+
+    from xwam_core.data.reader import EpisodeStore
+    from xwam_core.data.sources.metaworld import MetaWorldSource
+    from xwam_core.data.store import StoreWriter
+    from xwam_core.data.windows import WindowDataset, WindowLayout, make_loader
+
+    report = Report("xwam data benchmarks")
+    with tempfile.TemporaryDirectory() as tmp:
+        store_path = Path(tmp) / "store"
+        tasks = ["reach-v3", "push-v3"]
+        source = MetaWorldSource(
+            tasks=tasks, episodes=max(1, args.episodes // len(tasks)),
+            views=["corner2", "topview", "gripperPOV"], size=128, seed=0, render_quality="fast",
+        )
+        t0 = time.perf_counter()
+        with StoreWriter(store_path, source.info()) as writer:
+            for episode in source.episodes():
+                writer.add(episode)
+        sim_s = time.perf_counter() - t0
+        n_eps = source.info().num_episodes
+        report.add("sim_episodes_per_min", 60 * n_eps / sim_s, "episodes/min",
+                   f"{n_eps} episodes, 128x128, 3 views, incl. PNG encoding and store writing")
+
+        store = EpisodeStore(store_path)
+        t0 = time.perf_counter()
+        store.frame_cache(build=True)
+        report.add("cache_build_s", time.perf_counter() - t0, "s", f"{store.num_frames} frames x 3 views")
+
+        dataset = WindowDataset(store, WindowLayout(future_frames=8, frame_stride=4))
+        batch = 8
+        for workers in (0, 2):
+            loader = make_loader(dataset, batch_size=batch, num_workers=workers, seed=0)
+            it = iter(loader)
+            next(it)  # start workers, warm the page cache
+            count, t0 = 0, time.perf_counter()
+            while count < args.batches:
+                try:
+                    next(it)
+                except StopIteration:
+                    it = iter(loader)
+                    continue
+                count += 1
+            rate = count * batch / (time.perf_counter() - t0)
+            report.add(f"loader_windows_per_s_workers{workers}", rate, "windows/s",
+                       f"{len(dataset)} windows, 9 frames x 3 views, batch {batch}")
+            del it, loader
+    report.emit(args.json)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""Sessions: tests (what CI runs), lint, demo (the README's main job), bench."""
+
+from __future__ import annotations
+
+import os
+
+import nox
+
+nox.options.default_venv_backend = "venv"
+nox.options.reuse_existing_virtualenvs = True
+nox.options.sessions = ["tests"]
+
+# Installed first in every environment: this exact CPU-capable build lies on the local disk here;
+# any newer torch would be a multi-gigabyte download.
+TORCH = ["torch==2.14.1", "torchvision==0.29.1"]
+ENV = {"MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl"), "PYOPENGL_PLATFORM": "egl", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def install(session: nox.Session, extras: str) -> None:
+    session.install(*TORCH)
+    session.install("-e", f".[{extras}]")
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The test suite (tiny data and models built on the spot; no downloads)."""
+    install(session, "sim,eval,train,dev")
+    session.run("pytest", "-q", "-p", "no:cacheprovider", "--durations=10", *session.posargs, env=ENV)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff (lint + format check) on everything, mypy on xwam_core."""
+    install(session, "dev")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+    session.run("mypy", "xwam_core")
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    """The main job end to end on the built-in default: simulated Meta-World data on this CPU."""
+    install(session, "sim,eval,train")
+    out = os.environ.get("XWAM_DEMO_OUT", "out/demo")
+    session.run(
+        "xwam", "prepare", "metaworld", "--tasks", "reach-v3,push-v3", "--episodes", "4",
+        "--views", "corner2,topview,gripperPOV", "--size", "64", "--seed", "0",
+        "--out", f"{out}/store", "--overwrite", env=ENV,
+    )
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Benchmarks: readable tables (pass --json after -- for JSON lines)."""
+    install(session, "sim,eval,train")
+    for script in sorted(p for p in os.listdir("bench") if p.endswith(".py") and p not in ("__init__.py", "report.py")):
+        session.run("python", f"bench/{script}", *session.posargs, env=ENV)
