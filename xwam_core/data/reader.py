@@ -239,21 +239,23 @@ class FrameCache:
         return state
 
     def _open(self) -> None:
-        self._rgb = {v: np.load(self.path / f"rgb.{v}.npy", mmap_mode="r") for v in self.views}
-        self._depth = (
-            {v: np.load(self.path / f"depth_mm.{v}.npy", mmap_mode="r") for v in self.views}
-            if self.has_depth
-            else {}
-        )
+        def load(name: str) -> np.ndarray:
+            # a plain ndarray view of the map: indexing skips np.memmap's per-call Python overhead
+            return np.load(self.path / name, mmap_mode="r").view(np.ndarray)
 
-    def rgb(self, view: str, frames: np.ndarray) -> np.ndarray:
+        self._rgb = {v: load(f"rgb.{v}.npy") for v in self.views}
+        self._depth = {v: load(f"depth_mm.{v}.npy") for v in self.views} if self.has_depth else {}
+
+    def rgb(self, view: str, frames: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """(T, H, W, 3) uint8 frames of one view, written into `out` when given."""
         if self._rgb is None:
             self._open()
         assert self._rgb is not None
-        return self._rgb[view][frames]
+        return np.take(self._rgb[view], frames, axis=0, out=out)
 
     def depth_mm(self, view: str, frames: np.ndarray) -> np.ndarray:
+        """(T, H, W) uint16 millimetres of one view."""
         if self._depth is None:
             self._open()
         assert self._depth is not None
-        return self._depth[view][frames]
+        return np.take(self._depth[view], frames, axis=0)
