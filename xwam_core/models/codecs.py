@@ -1,0 +1,190 @@
+"""Codecs between frames and the transformer's latents, and the depth <-> image mapping.
+
+Both codecs share the Wan VAE's time layout: a clip of 1 + k*T frames (T = temporal factor) becomes
+1 + k latent frames, the first frame alone. Frames are (B, 3, T, H, W) in [-1, 1]; latents are
+(B, C, F, h, w). Depth goes through the same codec as an image: inverse depth scaled to [-1, 1] over
+a recorded [near, far] range and repeated to 3 channels (METHOD.md section 3).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from xwam_core.errors import XWAMError
+
+WAN_VAE_HUB_ID = "Wan-AI/Wan2.2-TI2V-5B-Diffusers"
+
+
+# --------------------------------------------------------------------------------------------------
+# Depth as an image
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DepthRange:
+    """Metric depth range (metres) mapped onto [-1, 1] as inverse depth: near -> +1, far -> -1."""
+
+    near: float
+    far: float
+
+    def __post_init__(self) -> None:
+        if not (0 < self.near < self.far < float("inf")):
+            raise XWAMError(f"depth range near={self.near}, far={self.far}: expected 0 < near < far (metres)")
+
+
+def depth_to_image(depth: torch.Tensor, depth_range: DepthRange) -> torch.Tensor:
+    """Metric depth (..., T, H, W) -> 3-channel image (..., 3, T, H, W) in [-1, 1].
+
+    Depth is clamped to [near, far]; invalid depth (<= 0 or not finite, the store's 0) maps to far (-1).
+    """
+    near, far = depth_range.near, depth_range.far
+    depth = depth.float()
+    valid = torch.isfinite(depth) & (depth > 0)
+    depth = torch.where(valid, depth, torch.full_like(depth, far)).clamp(near, far)
+    inverse = (1.0 / depth - 1.0 / far) / (1.0 / near - 1.0 / far)  # 0 at far, 1 at near
+    image = inverse * 2.0 - 1.0
+    return image.unsqueeze(-4).expand(*image.shape[:-3], 3, *image.shape[-3:]).contiguous()
+
+
+def image_to_depth(image: torch.Tensor, depth_range: DepthRange) -> torch.Tensor:
+    """3-channel depth image (..., 3, T, H, W) in [-1, 1] -> metric depth (..., T, H, W) (channel mean)."""
+    near, far = depth_range.near, depth_range.far
+    x = image.float().mean(dim=-4).clamp(-1.0, 1.0)
+    inverse = (x + 1.0) / 2.0 * (1.0 / near - 1.0 / far) + 1.0 / far
+    return 1.0 / inverse
+
+
+# --------------------------------------------------------------------------------------------------
+# Codecs
+# --------------------------------------------------------------------------------------------------
+
+
+class Codec(nn.Module, ABC):
+    """Frames (B, 3, T, H, W) in [-1, 1] <-> latents (B, C, F, h, w), with T = 1 + temporal_factor * (F - 1)."""
+
+    latent_channels: int
+    spatial_factor: int
+    temporal_factor: int
+
+    @abstractmethod
+    def encode(self, frames: torch.Tensor) -> torch.Tensor: ...
+
+    @abstractmethod
+    def decode(self, latents: torch.Tensor) -> torch.Tensor: ...
+
+    def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+        """(C, F, h, w) for a clip, or XWAMError naming what does not fit the codec's layout."""
+        t, s = self.temporal_factor, self.spatial_factor
+        if num_frames < 1 or (num_frames - 1) % t:
+            raise XWAMError(f"{num_frames} frames: the codec needs 1 + {t}k frames (the first frame alone)")
+        if height % s or width % s:
+            raise XWAMError(f"frames {height}x{width}: the codec needs height and width divisible by {s}")
+        return self.latent_channels, 1 + (num_frames - 1) // t, height // s, width // s
+
+    def encode_views(self, frames: torch.Tensor) -> torch.Tensor:
+        """(B, V, 3, T, H, W) -> (B, V, C, F, h, w): every view encoded on its own."""
+        return self.encode(frames.flatten(0, 1)).unflatten(0, frames.shape[:2])
+
+    def decode_views(self, latents: torch.Tensor) -> torch.Tensor:
+        """(B, V, C, F, h, w) -> (B, V, 3, T, H, W)."""
+        return self.decode(latents.flatten(0, 1)).unflatten(0, latents.shape[:2])
+
+    def _check_frames(self, frames: torch.Tensor) -> None:
+        if frames.ndim != 5 or frames.shape[1] != 3:
+            raise XWAMError(f"frames must be (B, 3, T, H, W) in [-1, 1], got shape {tuple(frames.shape)}")
+        self.latent_shape(*frames.shape[2:])
+
+
+class PixelCodec(Codec):
+    """Exact, parameter-free space-to-depth codec for tiny CPU recipes.
+
+    Each latent frame stacks `temporal_factor` frames of `spatial_factor`^2 pixel blocks into channels:
+    C = 3 * temporal_factor * spatial_factor^2. Latent frame 0 holds the first frame repeated
+    (as the Wan VAE's causal padding does); decoding reads its first copy, so decode(encode(x)) == x.
+    """
+
+    def __init__(self, spatial_factor: int = 8, temporal_factor: int = 4) -> None:
+        super().__init__()
+        if spatial_factor < 1 or temporal_factor < 1:
+            raise XWAMError(f"PixelCodec factors must be >= 1, got {spatial_factor} and {temporal_factor}")
+        self.spatial_factor = spatial_factor
+        self.temporal_factor = temporal_factor
+        self.latent_channels = 3 * temporal_factor * spatial_factor**2
+
+    def encode(self, frames: torch.Tensor) -> torch.Tensor:
+        self._check_frames(frames)
+        b, c, num_frames, height, width = frames.shape
+        t, s = self.temporal_factor, self.spatial_factor
+        first = frames[:, :, :1].expand(-1, -1, t, -1, -1)  # (B, 3, t, H, W)
+        x = torch.cat([first, frames[:, :, 1:]], dim=2)  # (B, 3, F*t, H, W)
+        f = x.shape[2] // t
+        x = x.reshape(b, c, f, t, height // s, s, width // s, s)
+        x = x.permute(0, 1, 3, 5, 7, 2, 4, 6)  # (B, 3, t, s, s, F, h, w)
+        return x.reshape(b, self.latent_channels, f, height // s, width // s)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        if latents.ndim != 5 or latents.shape[1] != self.latent_channels:
+            raise XWAMError(f"latents must be (B, {self.latent_channels}, F, h, w), got {tuple(latents.shape)}")
+        b, _, f, h, w = latents.shape
+        t, s = self.temporal_factor, self.spatial_factor
+        x = latents.reshape(b, 3, t, s, s, f, h, w).permute(0, 1, 5, 2, 6, 3, 7, 4)  # (B, 3, F, t, h, s, w, s)
+        x = x.reshape(b, 3, f, t, h * s, w * s)
+        return torch.cat([x[:, :, :1, 0], x[:, :, 1:].flatten(2, 3)], dim=2)  # (B, 3, 1 + (F-1)t, H, W)
+
+
+class WanVAECodec(Codec):
+    """The frozen Wan VAE (diffusers AutoencoderKLWan) with its per-channel latent normalisation.
+
+    encode: posterior mode, then (z - latents_mean) / latents_std, as the Wan pipelines do.
+    """
+
+    def __init__(self, vae: nn.Module) -> None:
+        super().__init__()
+        self.vae = vae.eval().requires_grad_(False)
+        cfg = vae.config
+        self.latent_channels = int(cfg.z_dim)
+        self.spatial_factor = int(cfg.scale_factor_spatial)
+        self.temporal_factor = int(cfg.scale_factor_temporal)
+        shape = (1, self.latent_channels, 1, 1, 1)
+        self.register_buffer("latents_mean", torch.tensor(cfg.latents_mean).view(shape), persistent=False)
+        self.register_buffer("latents_std", torch.tensor(cfg.latents_std).view(shape), persistent=False)
+
+    @classmethod
+    def from_pretrained(cls, path_or_hub_id: str | Path = WAN_VAE_HUB_ID, torch_dtype: torch.dtype | None = None):
+        """Load from a pipeline folder with `vae/`, the VAE folder itself, or a hub id (subfolder `vae`)."""
+        from diffusers import AutoencoderKLWan
+
+        path = Path(str(path_or_hub_id)).expanduser()
+        if path.is_dir():
+            subfolder = "vae" if (path / "vae" / "config.json").is_file() else None
+            if subfolder is None and not (path / "config.json").is_file():
+                raise XWAMError(f"{path}: no config.json here or in vae/; expected a diffusers Wan VAE")
+        else:
+            subfolder = "vae"
+        try:
+            vae = AutoencoderKLWan.from_pretrained(str(path_or_hub_id), subfolder=subfolder, torch_dtype=torch_dtype)
+        except (OSError, ValueError) as err:
+            raise XWAMError(f"cannot load a Wan VAE from '{path_or_hub_id}': {str(err).strip().splitlines()[0]}") from err
+        return cls(vae)
+
+    def train(self, mode: bool = True) -> WanVAECodec:
+        super().train(mode)
+        self.vae.eval()  # always frozen
+        return self
+
+    @torch.no_grad()
+    def encode(self, frames: torch.Tensor) -> torch.Tensor:
+        self._check_frames(frames)
+        dtype = self.vae.dtype
+        z = self.vae.encode(frames.to(dtype)).latent_dist.mode()
+        return (z - self.latents_mean.to(z)) / self.latents_std.to(z)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        z = latents.to(self.vae.dtype) * self.latents_std.to(self.vae.dtype) + self.latents_mean.to(self.vae.dtype)
+        return self.vae.decode(z).sample.clamp(-1.0, 1.0)
