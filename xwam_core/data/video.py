@@ -1,0 +1,267 @@
+"""PyAV helpers: sequential video decoding (for sources) and encoding (for tests / fixtures).
+
+Decoding is streaming: a `VideoReader` keeps one container open and decodes forward, handing out
+the frames nearest to the requested timestamps. Several consecutive requests on one file (e.g. the
+episodes of a LeRobot v3 mp4, which holds many episodes back to back) never reopen the file; a
+request that lies behind the decoder reopens it, a request far ahead seeks to the keyframe before it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from fractions import Fraction
+
+import av
+import numpy as np
+
+from xwam_core.errors import DataError
+
+# Output formats of VideoReader.read: RGB uint8 (H, W, 3), luma uint8 (H, W), 16-bit luma (H, W).
+RGB = "rgb24"
+GRAY = "gray"
+GRAY16 = "gray16le"
+
+_PREFERRED_CODECS = ("libx264", "mpeg4")
+_SEEK_AHEAD_S = 2.0  # forward jumps longer than this seek instead of decoding every frame
+
+
+def available_codec(preferred: tuple[str, ...] = _PREFERRED_CODECS) -> str:
+    """The first encoder in `preferred` that this PyAV build has (libx264, else mpeg4)."""
+    for name in preferred:
+        try:
+            av.codec.Codec(name, "w")
+            return name
+        except Exception:  # PyAV raises several types for an unknown codec
+            continue
+    raise DataError(f"PyAV has none of the video encoders {list(preferred)}; expected at least one")
+
+
+def pix_fmt_bits(pix_fmt: str | None) -> int:
+    """Bits per component of an ffmpeg pixel format name (8 when unknown)."""
+    if not pix_fmt:
+        return 8
+    try:
+        fmt = av.VideoFormat(pix_fmt)
+        return max(int(c.bits) for c in fmt.components)
+    except Exception:
+        return 8
+
+
+def encode_video(
+    path: str | os.PathLike,
+    frames: np.ndarray,
+    fps: float,
+    codec: str | None = None,
+    pix_fmt: str | None = None,
+    options: dict[str, str] | None = None,
+    gop: int = 10,
+) -> str:
+    """Write frames to a video file and return the codec used (a keyframe every `gop` frames).
+
+    frames: uint8 (T, H, W, 3) RGB, uint8 (T, H, W) grey (stored in the luma plane) or uint16
+    (T, H, W) grey (needs a lossless high-bit codec such as ffv1 with pix_fmt gray16le).
+    H and W must be even for yuv420p.
+    """
+    frames = np.asarray(frames)
+    if frames.ndim == 4 and frames.shape[-1] == 3 and frames.dtype == np.uint8:
+        in_fmt = RGB
+    elif frames.ndim == 3 and frames.dtype == np.uint8:
+        in_fmt = GRAY
+    elif frames.ndim == 3 and frames.dtype == np.uint16:
+        in_fmt = GRAY16
+    else:
+        raise DataError(
+            f"{path}: cannot encode frames {frames.dtype} {frames.shape}; expected uint8 (T,H,W,3) or (T,H,W)"
+        )
+    h, w = frames.shape[1:3]
+    if in_fmt == GRAY16:
+        codec = codec or "ffv1"
+        pix_fmt = pix_fmt or "gray16le"
+    else:
+        codec = codec or available_codec()
+        pix_fmt = pix_fmt or "yuv420p"
+    if pix_fmt.startswith("yuv420") and (h % 2 or w % 2):
+        raise DataError(f"{path}: {pix_fmt} needs even image sizes, got {h}x{w}")
+    if options is None:
+        if codec in ("libx264", "libx265"):
+            options = {"crf": "16", "preset": "veryfast"}
+        elif codec == "mpeg4":
+            options = {"qmin": "1", "qmax": "2"}
+        else:
+            options = {}
+    rate = Fraction(fps).limit_denominator(1001)
+    os.makedirs(os.path.dirname(os.fspath(path)) or ".", exist_ok=True)
+    with av.open(os.fspath(path), mode="w") as container:
+        stream = container.add_stream(codec, rate=rate, options=options)
+        assert isinstance(stream, av.video.stream.VideoStream)
+        stream.width, stream.height, stream.pix_fmt = w, h, pix_fmt
+        if codec == "mpeg4":  # near-lossless: quantiser pinned low, bit rate unconstrained
+            stream.codec_context.bit_rate = 20_000_000
+        stream.codec_context.time_base = 1 / rate
+        stream.codec_context.gop_size = gop
+        for i, arr in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(arr), format=in_fmt)
+            frame.pts = i
+            frame.time_base = 1 / rate
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return codec
+
+
+class VideoReader:
+    """One open video file, decoded forward. `read(times)` returns the frames at those timestamps."""
+
+    def __init__(self, path: str | os.PathLike, fps: float):
+        self.path = os.fspath(path)
+        self.fps = float(fps)
+        self._tol = 0.5 / self.fps  # a frame belongs to a timestamp if within half a frame period
+        self._container: av.container.InputContainer | None = None
+        self._frames: Iterator[av.VideoFrame] | None = None
+        self._pending: tuple[float, av.VideoFrame] | None = None
+        self._last_time = -np.inf  # time of the last frame handed out or skipped
+        self._count = 0
+        self._open()
+
+    # -- container management -------------------------------------------------------------
+    def _open(self) -> None:
+        self.close()
+        if not os.path.isfile(self.path):
+            raise DataError(f"{self.path}: video file not found")
+        try:
+            self._container = av.open(self.path)
+            if not self._container.streams.video:
+                raise DataError(f"{self.path}: has no video stream")
+            self._stream = self._container.streams.video[0]
+            self._stream.thread_type = "AUTO"
+            tb = self._stream.time_base
+            self._time_base = float(tb) if tb else 1.0 / self.fps
+        except DataError:
+            self.close()
+            raise
+        except Exception as exc:  # av.error.* / OSError for corrupt files
+            self.close()
+            raise DataError(f"{self.path}: cannot open video ({type(exc).__name__}: {exc})") from None
+        self._frames = self._container.decode(self._stream)
+        self._pending = None
+        self._last_time = -np.inf
+        self._count = 0
+
+    def _seek(self, t: float) -> None:
+        assert self._container is not None
+        target = int(max(t - 1.0 / self.fps, 0.0) / self._time_base)
+        try:
+            self._container.seek(target, stream=self._stream, backward=True, any_frame=False)
+        except Exception:  # fall back to decoding from the start
+            self._open()
+            return
+        self._frames = self._container.decode(self._stream)
+        self._pending = None
+        self._last_time = -np.inf
+        self._count = -1  # frame counting is meaningless after a seek; pts are required
+
+    def close(self) -> None:
+        if self._container is not None:
+            try:
+                self._container.close()
+            finally:
+                self._container = None
+                self._frames = None
+                self._pending = None
+
+    def __enter__(self) -> VideoReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- decoding ---------------------------------------------------------------------------
+    def _peek(self) -> tuple[float, av.VideoFrame] | None:
+        if self._pending is None:
+            assert self._frames is not None
+            try:
+                frame = next(self._frames)
+            except StopIteration:
+                return None
+            except Exception as exc:  # av.error.InvalidDataError etc.
+                raise DataError(f"{self.path}: cannot decode video ({type(exc).__name__}: {exc})") from None
+            if frame.pts is not None:
+                t = frame.pts * self._time_base
+            elif self._count >= 0:
+                t = self._count / self.fps
+            else:
+                raise DataError(
+                    f"{self.path}: video frames have no timestamps; cannot locate frames after a seek"
+                )
+            if self._count >= 0:
+                self._count += 1
+            self._pending = (t, frame)
+        return self._pending
+
+    def read(self, times: np.ndarray | list[float], fmt: str = RGB) -> np.ndarray:
+        """Frames at the given ascending timestamps (seconds), stacked: (N, H, W[, 3])."""
+        times = np.asarray(times, dtype=np.float64)
+        if times.size == 0:
+            raise DataError(f"{self.path}: no timestamps requested")
+        if self._container is None:
+            self._open()
+        first = float(times[0])
+        if first < self._last_time + self._tol:
+            self._open()  # behind the decoder: start over (episodes requested out of order)
+        elif first - max(self._last_time, 0.0) > _SEEK_AHEAD_S:
+            self._seek(first)  # far ahead: jump to the keyframe before it, then decode forward
+            try:
+                return self._read_forward(times, fmt)
+            except DataError:
+                self._open()  # the seek landed badly (odd keyframe index): decode from the start
+        return self._read_forward(times, fmt)
+
+    def _read_forward(self, times: np.ndarray, fmt: str) -> np.ndarray:
+        out: list[np.ndarray] = []
+        for q in times:
+            while True:
+                item = self._peek()
+                if item is None:
+                    raise DataError(
+                        f"{self.path}: video ends at {max(self._last_time, 0.0):.3f}s, expected a frame at {q:.3f}s"
+                    )
+                t, frame = item
+                if t < q - self._tol:  # before the requested time: skip
+                    self._pending = None
+                    self._last_time = t
+                    continue
+                if t > q + self._tol:
+                    raise DataError(f"{self.path}: no frame at {q:.3f}s (next frame is at {t:.3f}s)")
+                try:
+                    out.append(frame.to_ndarray(format=fmt))
+                except Exception as exc:
+                    raise DataError(
+                        f"{self.path}: cannot convert frame at {t:.3f}s to {fmt} ({exc})"
+                    ) from None
+                self._pending = None
+                self._last_time = t
+                break
+        return np.stack(out)
+
+    @property
+    def pix_fmt(self) -> str | None:
+        if self._container is None:
+            return None
+        return self._stream.codec_context.pix_fmt
+
+
+def decode_video(path: str | os.PathLike, fmt: str = RGB) -> np.ndarray:
+    """Every frame of a video file, in order (for tests and small files)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: video file not found")
+    try:
+        with av.open(path) as container:
+            stream = container.streams.video[0]
+            return np.stack([f.to_ndarray(format=fmt) for f in container.decode(stream)])
+    except DataError:
+        raise
+    except Exception as exc:
+        raise DataError(f"{path}: cannot decode video ({type(exc).__name__}: {exc})") from None
