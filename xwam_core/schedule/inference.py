@@ -1,0 +1,301 @@
+"""Asynchronous denoising (METHOD.md section 4): policy mode and world mode.
+
+One diffusers `UniPCMultistepScheduler` per stream (video, actions, states), configured for flow
+matching: `prediction_type="flow_prediction"`, `use_flow_sigmas=True`, `flow_shift=5`, order 2.
+Its sigmas run from ~1 (noise) to 0 (clean) with x_sigma = (1 - sigma) x_0 + sigma eps, and it
+takes the model's velocity eps - x_0 as is (x0_pred = x - sigma v): no sign flip needed.
+
+Async schedule: steps 1..T_action advance video, actions and states in the same denoiser call; then
+actions and states are clean and frozen (t_action = 0) and the video continues alone to T_video.
+Policy mode stops after T_action steps without depth; world mode runs everything and asks for
+depth on the last call only. The sync schedule gives every stream T_video steps (the baseline).
+
+Latent frame 0 of the video and state 0 are the clean condition: they are never noised or stepped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from diffusers.schedulers.scheduling_unipc_multistep import UniPCMultistepScheduler
+
+from xwam_core.errors import RecipeError
+from xwam_core.schedule.flow import NUM_TRAIN_TIMESTEPS
+
+SCHEDULES = ("async", "sync")
+MODES = ("policy", "world")
+
+
+class Denoiser(Protocol):
+    """What the loop needs from a model: velocities for every stream, depth when asked.
+
+    video (B, V, C, F, h, w) latents with frame 0 clean; actions (B, K, Da); states (B, S, Ds) with
+    state 0 clean; t_video, t_action (B,) model timesteps (t * 1000). Returns (v_video, v_actions,
+    v_states, depth or None) with the input shapes (depth: (B, V, C, F, h, w) latents).
+    """
+
+    def __call__(
+        self,
+        video: torch.Tensor,
+        actions: torch.Tensor,
+        states: torch.Tensor,
+        t_video: torch.Tensor,
+        t_action: torch.Tensor,
+        run_depth: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]: ...
+
+
+@dataclass
+class InferenceScheduleConfig:
+    """Recipe section for inference. Defaults are the paper's."""
+
+    schedule: str = "async"  # "async" (ANS inference) | "sync" (every stream takes num_steps_video)
+    num_steps_video: int = 50  # T_video
+    num_steps_action: int = 10  # T_action (actions and states); async only
+    shift: float = 5.0  # flow shift of every stream's sigmas
+    solver_order: int = 2  # UniPC order
+    guidance_scale: float = 1.0  # classifier-free guidance; 1 = one pass, no null-prompt call
+
+    def validate(self) -> None:
+        """Raise RecipeError naming the first field outside its range."""
+        if self.schedule not in SCHEDULES:
+            raise RecipeError(
+                f"inference.schedule: expected one of {', '.join(SCHEDULES)}, got {self.schedule!r}"
+            )
+        if self.num_steps_video < 1:
+            raise RecipeError(
+                f"inference.num_steps_video: expected an integer >= 1, got {self.num_steps_video}"
+            )
+        if not 1 <= self.num_steps_action <= self.num_steps_video:
+            raise RecipeError(
+                f"inference.num_steps_action: expected an integer in [1, num_steps_video={self.num_steps_video}],"
+                f" got {self.num_steps_action}"
+            )
+        if not self.shift > 0:
+            raise RecipeError(f"inference.shift: expected a number > 0, got {self.shift}")
+        if self.solver_order not in (1, 2, 3):
+            raise RecipeError(f"inference.solver_order: expected 1, 2 or 3, got {self.solver_order}")
+        if not self.guidance_scale >= 1.0:
+            raise RecipeError(f"inference.guidance_scale: expected a number >= 1, got {self.guidance_scale}")
+
+
+@dataclass
+class DenoiseResult:
+    """Output of one denoising run. Video and depth are None in policy mode."""
+
+    actions: torch.Tensor  # (B, K, Da) clean
+    states: torch.Tensor  # (B, S, Ds) clean; state 0 is the given condition
+    video: torch.Tensor | None  # (B, V, C, F, h, w) latents; frame 0 is the given condition
+    depth: torch.Tensor | None  # (B, V, C, F, h, w) depth latents from the last denoiser call
+    num_denoiser_calls: int
+
+
+StepCallback = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
+
+
+def make_flow_unipc(num_steps: int, shift: float = 5.0, solver_order: int = 2) -> UniPCMultistepScheduler:
+    """A UniPC scheduler doing flow matching with `num_steps` steps; sigmas 1 -> 0, shifted."""
+    scheduler = UniPCMultistepScheduler(
+        num_train_timesteps=NUM_TRAIN_TIMESTEPS,
+        solver_order=solver_order,
+        prediction_type="flow_prediction",
+        use_flow_sigmas=True,
+        flow_shift=shift,
+        final_sigmas_type="zero",
+    )
+    scheduler.set_timesteps(num_steps)
+    return scheduler
+
+
+class _Stream:
+    """One stream's scheduler plus the model timesteps of each step, built once per config."""
+
+    def __init__(self, num_steps: int, config: InferenceScheduleConfig):
+        self.num_steps = num_steps
+        self.scheduler = make_flow_unipc(num_steps, config.shift, config.solver_order)
+        self.sigmas = self.scheduler.sigmas.clone()  # (num_steps + 1,) float32, last = 0
+
+    def reset(self) -> None:
+        """Forget the previous run's history; begin_index 0 avoids the timestep lookup (and its sync)."""
+        self.scheduler.set_timesteps(self.num_steps)
+        self.scheduler.set_begin_index(0)
+
+    def step(self, index: int, velocity: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+        """Advance `sample` from sigma[index] to sigma[index + 1] with the model's velocity."""
+        return self.scheduler.step(velocity, self.scheduler.timesteps[index], sample, return_dict=False)[0]
+
+
+class DenoisingSchedule:
+    """The asynchronous (or synchronous) denoising loop for one config. Build once, call per query."""
+
+    def __init__(self, config: InferenceScheduleConfig | None = None):
+        config = config or InferenceScheduleConfig()
+        config.validate()
+        self.config = config
+        self.num_steps_video = config.num_steps_video
+        self.num_steps_action = (
+            config.num_steps_action if config.schedule == "async" else config.num_steps_video
+        )
+        self.video = _Stream(self.num_steps_video, config)
+        self.actions = _Stream(self.num_steps_action, config)
+        self.states = _Stream(self.num_steps_action, config)
+        # Model timesteps per denoiser call; t_action is 0 once actions are clean.
+        t_video = self.video.sigmas[:-1] * NUM_TRAIN_TIMESTEPS  # (T_video,)
+        t_action = torch.zeros(self.num_steps_video)
+        t_action[: self.num_steps_action] = self.actions.sigmas[:-1] * NUM_TRAIN_TIMESTEPS
+        self._timesteps = torch.stack([t_video, t_action])  # (2, T_video)
+        self._timesteps_on: dict[tuple[torch.device, torch.dtype, int], torch.Tensor] = {}
+
+    def num_denoiser_calls(self, mode: str) -> int:
+        """Forward passes per query (without guidance): T_action in policy mode, T_video in world mode."""
+        return self.num_steps_action if mode == "policy" else self.num_steps_video
+
+    def _timesteps_for(self, device: torch.device, dtype: torch.dtype, batch_size: int) -> torch.Tensor:
+        key = (device, dtype, batch_size)
+        if key not in self._timesteps_on:  # (2, T_video, B), made once per device/batch size
+            self._timesteps_on[key] = (
+                self._timesteps.to(device=device, dtype=dtype)[:, :, None]
+                .expand(-1, -1, batch_size)
+                .contiguous()
+            )
+        return self._timesteps_on[key]
+
+    @torch.inference_mode()
+    def __call__(
+        self,
+        denoiser: Denoiser,
+        video: torch.Tensor,
+        actions: torch.Tensor,
+        states: torch.Tensor,
+        *,
+        mode: str = "world",
+        uncond_denoiser: Denoiser | None = None,
+        on_step: StepCallback | None = None,
+    ) -> DenoiseResult:
+        """Denoise from the initial tensors (see `initial_latents`) and return the clean streams.
+
+        video (B, V, C, F, h, w): frame 0 the clean condition, frames 1.. the starting noise;
+        actions (B, K, Da): starting noise; states (B, S, Ds): state 0 the clean condition, 1.. noise.
+        `uncond_denoiser` (null prompt) is required when guidance_scale != 1. `on_step(step, video,
+        actions, states)` sees the model inputs after each step (1-based); clone what you keep.
+        """
+        if mode not in MODES:
+            raise ValueError(f"mode: expected one of {', '.join(MODES)}, got {mode!r}")
+        guidance = self.config.guidance_scale
+        if guidance != 1.0 and uncond_denoiser is None:
+            raise ValueError("guidance_scale != 1 needs an uncond_denoiser (the null-prompt model)")
+        for stream in (self.video, self.actions, self.states):
+            stream.reset()
+
+        batch_size = video.shape[0]
+        timesteps = self._timesteps_for(video.device, video.dtype, batch_size)  # (2, T_video, B)
+        # Model-input buffers hold the clean condition in frame 0 / state 0; the schedulers own the
+        # noisy parts (they keep references to past samples, so those are never written in place).
+        video_in = video.clone()  # (B, V, C, F, h, w)
+        states_in = states.clone()  # (B, S, Ds)
+        video_noisy = video[:, :, :, 1:].clone()  # (B, V, C, F-1, h, w)
+        states_noisy = states[:, 1:].clone()  # (B, S-1, Ds)
+        actions_now = actions
+
+        num_calls = self.num_denoiser_calls(mode)
+        depth = None
+        calls = 0
+        for step in range(num_calls):
+            run_depth = mode == "world" and step == num_calls - 1
+            t_video, t_action = timesteps[0, step], timesteps[1, step]  # (B,), (B,)
+            v_video, v_actions, v_states, depth = denoiser(
+                video_in, actions_now, states_in, t_video, t_action, run_depth
+            )
+            calls += 1
+            if guidance != 1.0:
+                assert uncond_denoiser is not None
+                u_video, u_actions, u_states, _ = uncond_denoiser(
+                    video_in, actions_now, states_in, t_video, t_action, False
+                )
+                calls += 1
+                v_video = torch.lerp(u_video, v_video, guidance)
+                v_actions = torch.lerp(u_actions, v_actions, guidance)
+                v_states = torch.lerp(u_states, v_states, guidance)
+
+            if step < self.num_steps_action:
+                actions_now = self.actions.step(step, v_actions, actions_now)
+                states_noisy = self.states.step(step, v_states[:, 1:], states_noisy)
+                states_in[:, 1:].copy_(states_noisy)
+            if mode == "world" or step < num_calls - 1 or on_step is not None:
+                video_noisy = self.video.step(step, v_video[:, :, :, 1:], video_noisy)
+                video_in[:, :, :, 1:].copy_(video_noisy)
+            if on_step is not None:
+                on_step(step + 1, video_in, actions_now, states_in)
+
+        return DenoiseResult(
+            actions=actions_now,
+            states=states_in,
+            video=video_in if mode == "world" else None,
+            depth=depth if mode == "world" else None,
+            num_denoiser_calls=calls,
+        )
+
+
+def initial_latents(
+    video_context: torch.Tensor,
+    state_context: torch.Tensor,
+    num_latent_frames: int,
+    num_actions: int,
+    action_dim: int,
+    num_states: int,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Starting tensors for `DenoisingSchedule`: the clean condition followed by Gaussian noise.
+
+    video_context (B, V, C, 1, h, w) is the current frame's latent, state_context (B, Ds) the
+    current state; num_latent_frames and num_states count the condition too.
+    """
+    b, v, c, _, h, w = video_context.shape
+    device, dtype = video_context.device, video_context.dtype
+    noise_video = torch.randn(
+        b, v, c, num_latent_frames - 1, h, w, generator=generator, device=device, dtype=dtype
+    )
+    actions = torch.randn(b, num_actions, action_dim, generator=generator, device=device, dtype=dtype)
+    noise_states = torch.randn(
+        b, num_states - 1, state_context.shape[-1], generator=generator, device=device, dtype=dtype
+    )
+    video = torch.cat([video_context, noise_video], dim=3)  # (B, V, C, F, h, w)
+    states = torch.cat([state_context[:, None].to(dtype), noise_states], dim=1)  # (B, S, Ds)
+    return video, actions, states
+
+
+def model_denoiser(model: Any, text: Any, cache: Any = None) -> Denoiser:
+    """Adapt `XWAMTransformer` to the `Denoiser` protocol for a fixed prompt.
+
+    The step cache (RoPE tables, text keys/values: everything step-invariant) is built once, on the
+    first call from its shapes unless given, and reused by every later step and query of that shape.
+    Inputs are cast to the model's dtype and velocities back to the latents' dtype.
+    """
+    state: dict[str, Any] = {"cache": cache, "key": None}
+    model_dtype = getattr(model, "dtype", None)
+
+    def denoise(video, actions, states, t_video, t_action, run_depth):
+        key = (tuple(video.shape), actions.shape[1], states.shape[1])
+        if state["cache"] is None or (state["key"] is not None and state["key"] != key):
+            state["cache"] = model.build_step_cache(
+                text, tuple(video.shape), actions.shape[1], states.shape[1]
+            )
+        state["key"] = key
+        dtype = model_dtype or video.dtype
+        out = model(
+            video.to(dtype),
+            actions.to(dtype),
+            states.to(dtype),
+            t_video,
+            t_action,
+            text,
+            run_depth=run_depth,
+            cache=state["cache"],
+        )
+        depth = out.depth.to(video.dtype) if run_depth and out.depth is not None else None
+        return out.video.to(video.dtype), out.actions.to(actions.dtype), out.states.to(states.dtype), depth
+
+    return denoise
