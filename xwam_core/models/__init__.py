@@ -1,44 +1,44 @@
-"""The X-WAM model: transformer (Wan2.2 trunk + views, actions/states, depth branch), codecs, text, presets."""
+"""The X-WAM model: transformer (Wan2.2 trunk + views, actions/states, depth branch), codecs, text, presets.
 
-from xwam_core.models.codecs import (
-    Codec,
-    DepthRange,
-    PixelCodec,
-    WanVAECodec,
-    depth_to_image,
-    image_to_depth,
-)
-from xwam_core.models.presets import PRESETS, build_model, preset_codec, preset_config
-from xwam_core.models.text import (
-    PrecomputedText,
-    TaskEmbeddingText,
-    TextConditioner,
-    encode_prompts_umt5,
-)
-from xwam_core.models.transformer import (
-    WanInitReport,
-    XWAMOutput,
-    XWAMStepCache,
-    XWAMTransformer,
-)
+Names resolve lazily, so `from xwam_core.models.codecs import PixelCodec` does not pay for importing
+diffusers' transformer stack (several seconds on a small CPU).
+"""
 
-__all__ = [
-    "PRESETS",
-    "Codec",
-    "DepthRange",
-    "PixelCodec",
-    "PrecomputedText",
-    "TaskEmbeddingText",
-    "TextConditioner",
-    "WanInitReport",
-    "WanVAECodec",
-    "XWAMOutput",
-    "XWAMStepCache",
-    "XWAMTransformer",
-    "build_model",
-    "depth_to_image",
-    "encode_prompts_umt5",
-    "image_to_depth",
-    "preset_codec",
-    "preset_config",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "Codec": "codecs",
+    "DepthRange": "codecs",
+    "PixelCodec": "codecs",
+    "WanVAECodec": "codecs",
+    "depth_to_image": "codecs",
+    "image_to_depth": "codecs",
+    "PRESETS": "presets",
+    "build_model": "presets",
+    "preset_codec": "presets",
+    "preset_config": "presets",
+    "PrecomputedText": "text",
+    "TaskEmbeddingText": "text",
+    "TextConditioner": "text",
+    "encode_prompts_umt5": "text",
+    "WAN_HUB_ID": "transformer",
+    "WanInitReport": "transformer",
+    "XWAMOutput": "transformer",
+    "XWAMStepCache": "transformer",
+    "XWAMTransformer": "transformer",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -1,0 +1,85 @@
+"""Text conditioners and UMT5 prompt encoding (on a tiny random UMT5 saved locally)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from xwam_core.errors import XWAMError
+from xwam_core.models.text import PrecomputedText, TaskEmbeddingText, encode_prompts_umt5
+
+TASKS = ["pick up the cube", "open the drawer"]
+
+
+@pytest.fixture(scope="module")
+def umt5_dir(tmp_path_factory):
+    """A pipeline-style folder: tokenizer/ (word-level, built offline) and text_encoder/ (random UMT5)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
+
+    root = tmp_path_factory.mktemp("umt5")
+    words = ["<pad>", "</s>", "<unk>", "pick", "up", "the", "cube", "open", "drawer"]
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
+    ).save_pretrained(root / "tokenizer")
+    torch.manual_seed(0)
+    config = UMT5Config(
+        vocab_size=16, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2, relative_attention_num_buckets=8
+    )
+    UMT5EncoderModel(config).save_pretrained(root / "text_encoder")
+    return root
+
+
+def test_encode_prompts_umt5_matches_the_wan_pipeline_layout(umt5_dir):
+    from transformers import AutoTokenizer, UMT5EncoderModel
+
+    embeddings = encode_prompts_umt5([*TASKS, "  open   the drawer "], umt5_dir, max_length=10, batch_size=2)
+    assert embeddings.shape == (3, 10, 16)
+    # Zeros after each prompt (4 words + </s> = 5 tokens; 3 + 1 = 4), as Wan's pipeline pads.
+    assert embeddings[0, :5].abs().sum(-1).gt(0).all() and embeddings[0, 5:].abs().sum() == 0
+    assert embeddings[1, :4].abs().sum(-1).gt(0).all() and embeddings[1, 4:].abs().sum() == 0
+    torch.testing.assert_close(embeddings[2], embeddings[1])  # whitespace cleaned like the pipeline
+
+    tokenizer = AutoTokenizer.from_pretrained(umt5_dir / "tokenizer")
+    encoder = UMT5EncoderModel.from_pretrained(umt5_dir / "text_encoder").eval()
+    tokens = tokenizer(TASKS[:1], padding="max_length", max_length=10, return_tensors="pt")
+    with torch.no_grad():
+        direct = encoder(tokens.input_ids, tokens.attention_mask).last_hidden_state
+    torch.testing.assert_close(embeddings[0, :5], direct[0, :5])
+
+
+def test_precomputed_text_round_trips_and_selects_rows(umt5_dir, tmp_path):
+    text = PrecomputedText.from_prompts(TASKS, umt5_dir, max_length=10)
+    assert (text.num_tasks, text.seq_len, text.text_dim) == (2, 10, 16)
+    assert len(list(text.parameters())) == 0 and text.state_dict() == {}  # frozen, never saved with a model
+    text.save(tmp_path / "text.safetensors")
+    again = PrecomputedText.load(tmp_path / "text.safetensors")
+    assert again.tasks == TASKS and torch.equal(again.table(), text.table())
+
+    out = again(torch.tensor([1, 0, 1]), drop=torch.tensor([False, False, True]))
+    assert out.shape == (3, 10, 16)
+    assert torch.equal(out[0], text.table()[1]) and torch.equal(out[1], text.table()[0])
+    assert torch.equal(out[2], again.empty()[0])
+    with pytest.raises(XWAMError, match="task index 2 out of range"):
+        again(torch.tensor([2]))
+    with pytest.raises(XWAMError, match="no such text-embedding cache"):
+        PrecomputedText.load(tmp_path / "missing.safetensors")
+
+
+def test_task_embedding_text_is_learned():
+    text = TaskEmbeddingText(num_tasks=3, text_dim=8, seq_len=4)
+    out = text(torch.tensor([0, 2]), drop=torch.tensor([False, True]))
+    assert out.shape == (2, 4, 8)
+    assert torch.equal(out[1], text.empty()[0])
+    out.sum().backward()
+    assert text.embedding.grad[[0, 3]].abs().sum() > 0 and text.embedding.grad[[1, 2]].abs().sum() == 0
+    with pytest.raises(XWAMError, match="out of range"):
+        text(torch.tensor([-1]))
+
+
+def test_encode_prompts_umt5_bad_folder(tmp_path):
+    with pytest.raises(XWAMError, match="UMT5"):
+        encode_prompts_umt5(["x"], tmp_path)
