@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from xwam_cli import prepare
+from xwam_cli import prepare, train
 
 app = typer.Typer(
     name="xwam",
@@ -22,6 +22,8 @@ def main() -> None:
 
 
 app.command(name="prepare", epilog=prepare.EXAMPLES)(prepare.prepare)
+app.command(name="pretrain", epilog=train.EXAMPLES)(train.pretrain)
+app.command(name="finetune", epilog=train.FINETUNE_EXAMPLES)(train.finetune)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,10 @@ from typing import Any, TypeVar
 
 import tomli_w
 
+from xwam_core.data.augment import AugmentConfig
 from xwam_core.errors import RecipeError
+from xwam_core.schedule.inference import InferenceScheduleConfig
+from xwam_core.schedule.sampler import NoiseSamplerConfig
 
 T = TypeVar("T")
 
@@ -74,7 +77,49 @@ class DataConfig:
     episodes: list[int] = field(default_factory=list)  # empty: all
     val_episodes: int = 1  # the last N episodes are held out for validation
     num_workers: int = 2
-    batch_size: int = 4
+    batch_size: int = 4  # the GLOBAL batch: split evenly over the processes
+
+
+@dataclass
+class ModelConfig:
+    """The model: a preset, its starting weights, the text conditioning and the depth range."""
+
+    preset: str = "tiny"  # "tiny" (CPU, pixel codec) or "base" (Wan2.2-TI2V-5B geometry)
+    init: str = ""  # a Wan2.2 diffusers folder or hub id to start from (from_wan_pretrained); "": random
+    vae: str = ""  # base: the Wan2.2 VAE folder or hub id ("" = the official hub id)
+    text: str = "task"  # "task": a learned embedding per task; "umt5": precomputed UMT5 embeddings
+    text_cache: str = ""  # umt5: safetensors file written by PrecomputedText.save
+    text_seq_len: int = 8  # task embeddings: tokens per prompt
+    action_dim: int = 0  # 0: the store's action dimension; larger: pad and mask (e.g. 14 for dual-arm)
+    state_dim: int = 0  # 0: the store's state dimension
+    depth_near: float = 0.05  # metres: the inverse-depth image range
+    depth_far: float = 5.0
+    # any other XWAMTransformer argument, e.g. {num_layers = 8, attention_head_dim = 64}
+    overrides: dict[str, int | float | bool | str] = field(default_factory=dict)
+
+
+@dataclass
+class TrainConfig:
+    """Training: optimiser, schedule, precision, checkpoints, validation."""
+
+    out: str = "runs/xwam"  # run folder: checkpoints/, logs/, loss_curve.png, summary.json
+    max_steps: int = 1000
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
+    grad_clip: float = 1.0
+    mixed_precision: str = "auto"  # "auto" (bf16 where the hardware has it), "no", "bf16", "fp16"
+    gradient_checkpointing: bool = False
+    ema_decay: float = 0.0  # 0: no EMA
+    val_every: int = 100
+    val_batches: int = 4
+    checkpoint_every: int = 200
+    keep_last: int = 3
+    log_every: int = 10
+    lora_rank: int = 0  # finetune: >0 trains LoRA adapters on the trunk (peft) plus the new parts
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
 @dataclass
@@ -85,6 +130,10 @@ class Recipe:
     seed: int = 0
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    noise: NoiseSamplerConfig = field(default_factory=NoiseSamplerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    inference: InferenceScheduleConfig = field(default_factory=InferenceScheduleConfig)
 
 
 # ------------------------------------------------------------------------------------ type checking

@@ -33,14 +33,14 @@ def _grayscale(rgb: torch.Tensor) -> torch.Tensor:
 
 
 def _shift_hue(rgb: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """Rotate hue by `shift` (fraction of a turn, broadcastable to (..., 1, 1, 1)), RGB in [0, 1]."""
+    """Rotate hue by shift[i] (fraction of a turn) for every image of sample i; rgb (B, ..., 3, H, W)."""
     from torchvision.transforms.v2 import functional as TF
 
-    lead = rgb.shape[:-3]
-    flat = rgb.reshape(-1, *rgb.shape[-3:])
-    shifts = shift.expand(*lead, 1, 1, 1).reshape(-1)
-    out = torch.stack([TF.adjust_hue(img, float(s)) for img, s in zip(flat, shifts)])
-    return out.reshape(rgb.shape)
+    out = torch.empty_like(rgb)
+    for i in range(rgb.shape[0]):  # one call per sample: all its views and frames share the shift
+        images = rgb[i].reshape(-1, *rgb.shape[-3:])  # (V*T, 3, H, W)
+        out[i] = TF.adjust_hue(images, float(shift[i])).reshape(rgb.shape[1:])
+    return out
 
 
 def augment_batch(
@@ -86,7 +86,7 @@ def augment_batch(
     brightness = (1 + config.brightness * jitter[:, 0]).view(shape)
     contrast = (1 + config.contrast * jitter[:, 1]).view(shape)
     saturation = (1 + config.saturation * jitter[:, 2]).view(shape)
-    hue = (config.hue * jitter[:, 3]).view(shape)
+    hue = config.hue * jitter[:, 3]  # (B,)
     x = (out_rgb * brightness).clamp(0, 1)
     mean = _grayscale(x).mean(dim=(-3, -2, -1), keepdim=True)
     x = ((x - mean) * contrast + mean).clamp(0, 1)

@@ -1,0 +1,107 @@
+"""`xwam pretrain RECIPE` and `xwam finetune RECIPE --init CKPT`: one training loop, two entry points."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from xwam_cli.common import console, err_console, recipe_with, user_errors
+
+EXAMPLES = """
+[bold]Examples[/]
+
+  xwam pretrain recipes/tiny_cpu.toml
+  xwam pretrain recipes/tiny_cpu.toml --set train.max_steps=200 --set train.out=runs/quick
+  xwam pretrain recipes/tiny_cpu.toml --resume latest
+  accelerate launch --multi_gpu --num_processes 8 -m xwam_cli.main pretrain recipes/base.toml
+"""
+
+FINETUNE_EXAMPLES = """
+[bold]Examples[/]
+
+  xwam finetune recipes/finetune_metaworld.toml --init runs/tiny/checkpoints/step-00002000
+  xwam finetune recipes/finetune_metaworld.toml --init CKPT --set train.lora_rank=16
+"""
+
+RecipeArg = Annotated[Path, typer.Argument(help="Recipe TOML (see recipes/).", exists=False)]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe key: section.key=value.")]
+ResumeOpt = Annotated[
+    Optional[str], typer.Option(help="Continue a run: 'latest' (newest checkpoint in train.out) or a checkpoint path.")
+]
+
+
+def _run(recipe_path: Path, set_: list[str] | None, init: str | None, resume: str | None) -> None:
+    recipe = recipe_with(recipe_path, set_, {})
+    from xwam_core.data.reader import EpisodeStore
+    from xwam_core.finetune import check_checkpoint
+    from xwam_core.train import train
+
+    EpisodeStore(recipe.data.store)  # fail early, before any model is built
+    if init is not None:
+        check_checkpoint(Path(init))
+    progress = Progress(
+        TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
+        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=err_console,
+    )
+    state: dict[str, Any] = {}
+
+    def on_start(info: dict[str, Any]) -> None:
+        console.print(
+            f"[bold]{recipe.name}[/]: {info['parameters'] / 1e6:.2f} M trainable parameters, "
+            f"{info['train_windows']} training / {info['val_windows']} held-out windows, "
+            f"{info['processes']} process(es) on {info['device']}, precision {info['mixed_precision']}\n"
+            f"model: {info['init']}"
+        )
+        progress.start()
+        state["task"] = progress.add_task("train", total=info["max_steps"], completed=info["start_step"], stats="")
+        state["t0"], state["s0"] = __import__("time").perf_counter(), info["start_step"]
+
+    def on_step(step: int, logs: dict[str, float]) -> None:
+        import time
+
+        rate = (step - state["s0"]) / max(time.perf_counter() - state["t0"], 1e-9)
+        val = f" val {logs['val_loss']:.4f}" if "val_loss" in logs else ""
+        stats = f"loss {logs['loss']:.4f}{val} lr {logs['lr']:.2e} {rate:.2f} it/s"
+        progress.update(state["task"], completed=step, stats=stats)
+
+    try:
+        result = train(recipe, init_checkpoint=init, resume=resume, on_start=on_start, on_step=on_step)
+    finally:
+        progress.stop()
+    table = Table(title=f"run {result.run_dir}", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    last = result.history[-1] if result.history else {}
+    table.add_row("steps", str(result.steps))
+    for term in ("loss", "video", "action", "state", "depth"):
+        if term in last:
+            table.add_row(f"final {term} loss", f"{last[term]:.5f}")
+    if result.final_val_loss is not None:
+        table.add_row("held-out loss", f"{result.final_val_loss:.5f}")
+    table.add_row("seconds", f"{result.seconds:.1f}")
+    table.add_row("samples/s", f"{result.samples_per_s:.2f}")
+    table.add_row("checkpoint", str(result.checkpoint))
+    table.add_row("loss curve", str(result.run_dir / "loss_curve.png"))
+    table.add_row("tensorboard", f"tensorboard --logdir {result.run_dir / 'logs'}")
+    console.print(table)
+
+
+@user_errors
+def pretrain(recipe: RecipeArg, set_: SetOpt = None, resume: ResumeOpt = None) -> None:
+    """Train a world-action model from a video prior (model.init) or from scratch (tiny recipes)."""
+    _run(recipe, set_, None, resume)
+
+
+@user_errors
+def finetune(
+    recipe: RecipeArg,
+    init: Annotated[str, typer.Option(help="Checkpoint folder to start from (…/checkpoints/step-N).")],
+    set_: SetOpt = None,
+    resume: ResumeOpt = None,
+) -> None:
+    """Adapt a checkpoint to new data; mismatched heads/embeddings are re-initialised and listed."""
+    _run(recipe, set_, init, resume)

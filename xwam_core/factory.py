@@ -1,0 +1,138 @@
+"""Build the model, text conditioner and codec a recipe asks for, fitted to a store's layout.
+
+Used by training (pretrain / finetune) and by inference, so both agree on every dimension.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from xwam_core.data.reader import EpisodeStore
+from xwam_core.data.windows import WindowLayout
+from xwam_core.errors import XWAMError
+from xwam_core.models.codecs import Codec, DepthRange
+from xwam_core.models.presets import preset_codec, preset_config
+from xwam_core.models.text import PrecomputedText, TaskEmbeddingText, TextConditioner
+from xwam_core.models.transformer import XWAMTransformer
+from xwam_core.recipe import ModelConfig
+
+
+@dataclass
+class Layout:
+    """Everything the model's shape depends on, derived from the store and the window layout."""
+
+    views: list[str]
+    image_size: tuple[int, int]
+    window: WindowLayout
+    store_action_dim: int
+    store_state_dim: int
+    action_dim: int
+    state_dim: int
+    tasks: list[str]
+
+    def action_valid(self) -> torch.Tensor:
+        """(action_dim,) bool: the store's dimensions fill the first slots, the rest is masked."""
+        return torch.arange(self.action_dim) < self.store_action_dim
+
+    def state_valid(self) -> torch.Tensor:
+        return torch.arange(self.state_dim) < self.store_state_dim
+
+
+def layout_for(store: EpisodeStore, window: WindowLayout, model: ModelConfig, views: list[str] | None) -> Layout:
+    a_dim, s_dim = len(store.action_names), len(store.state_names)
+    action_dim = model.action_dim or a_dim
+    state_dim = model.state_dim or s_dim
+    if action_dim < a_dim or state_dim < s_dim:
+        raise XWAMError(
+            f"model.action_dim={action_dim}/state_dim={state_dim} are smaller than the store's "
+            f"{a_dim}/{s_dim} ({store.path})"
+        )
+    return Layout(
+        views=list(views or store.views),
+        image_size=store.image_size,
+        window=window,
+        store_action_dim=a_dim,
+        store_state_dim=s_dim,
+        action_dim=action_dim,
+        state_dim=state_dim,
+        tasks=list(store.tasks),
+    )
+
+
+def model_kwargs(cfg: ModelConfig, layout: Layout) -> dict[str, Any]:
+    """XWAMTransformer arguments: the preset, the recipe's overrides, then the data layout."""
+    return preset_config(
+        cfg.preset,
+        **{
+            **cfg.overrides,
+            "num_views": len(layout.views),
+            "action_dim": layout.action_dim,
+            "state_dim": layout.state_dim,
+            "num_actions": layout.window.num_actions,
+            "num_states": layout.window.num_frames,
+            "depth_near": cfg.depth_near,
+            "depth_far": cfg.depth_far,
+        },
+    )
+
+
+def build_model(cfg: ModelConfig, layout: Layout) -> tuple[XWAMTransformer, str]:
+    """A new model for the layout: random, or the Wan2.2 prior when `cfg.init` is set. Returns a report."""
+    kwargs = model_kwargs(cfg, layout)
+    if cfg.init:
+        model, report = XWAMTransformer.from_wan_pretrained(cfg.init, **{
+            k: v for k, v in kwargs.items() if k in _XWAM_ONLY_KEYS
+        })
+        return model, report.summary()
+    return XWAMTransformer(**kwargs), "random initialisation"
+
+
+_XWAM_ONLY_KEYS = {"num_views", "action_dim", "state_dim", "num_actions", "num_states", "num_depth_blocks",
+                   "depth_near", "depth_far"}
+
+
+def build_text(cfg: ModelConfig, layout: Layout, text_dim: int) -> TextConditioner:
+    if cfg.text == "task":
+        return TaskEmbeddingText(len(layout.tasks), text_dim, cfg.text_seq_len)
+    if cfg.text == "umt5":
+        if not cfg.text_cache:
+            raise XWAMError("model.text = 'umt5' needs model.text_cache (embeddings made by `xwam prepare`)")
+        text = PrecomputedText.load(cfg.text_cache)
+        missing = [t for t in layout.tasks if t not in (text.tasks or [])]
+        if missing:
+            raise XWAMError(f"{cfg.text_cache}: has no embedding for task(s) {missing[:3]}")
+        return text
+    raise XWAMError(f"model.text = {cfg.text!r}: expected 'task' or 'umt5'")
+
+
+def build_codec(cfg: ModelConfig) -> Codec:
+    codec = preset_codec(cfg.preset, cfg.vae or None)
+    codec.requires_grad_(False)
+    return codec.eval()
+
+
+def text_meta(cfg: ModelConfig, layout: Layout) -> dict[str, Any]:
+    return {"kind": cfg.text, "tasks": layout.tasks, "seq_len": cfg.text_seq_len, "cache": cfg.text_cache}
+
+
+def depth_range(model: XWAMTransformer) -> DepthRange:
+    return DepthRange(float(model.config.depth_near), float(model.config.depth_far))
+
+
+def load_text_from_checkpoint(ckpt: Path, text_dim: int) -> tuple[TextConditioner, list[str]]:
+    """The text conditioner saved with a checkpoint, and the task list it was trained on."""
+    from safetensors.torch import load_file
+
+    meta = json.loads((ckpt / "text.json").read_text())
+    tasks = list(meta["tasks"])
+    if meta["kind"] == "task":
+        text: TextConditioner = TaskEmbeddingText(len(tasks), text_dim, int(meta["seq_len"]))
+        text.load_state_dict(load_file(ckpt / "text.safetensors"))
+    else:  # frozen UMT5 embeddings are not trained: they come from their cache file
+        text = PrecomputedText.load(meta["cache"])
+    return text, tasks

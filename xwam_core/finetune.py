@@ -1,0 +1,117 @@
+"""Fine-tuning: start from a checkpoint, adapt to a new embodiment / views / tasks, optional LoRA.
+
+Weights whose shapes still fit are loaded; heads and embeddings that no longer fit (action/state
+encoders and decoders for another action dimension, view embeddings for another number of views,
+task embeddings for new tasks) are re-initialised, and the report lists them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from xwam_core.errors import XWAMError
+from xwam_core.factory import Layout, build_text, load_text_from_checkpoint, model_kwargs
+from xwam_core.models.text import TaskEmbeddingText, TextConditioner
+from xwam_core.models.transformer import XWAMTransformer
+from xwam_core.recipe import ModelConfig
+
+# which trunk weights LoRA adapts: Wan's attention projections
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+def check_checkpoint(path: Path) -> None:
+    """One clear line if `path` is not a checkpoint this version can load."""
+    if not path.exists():
+        raise XWAMError(f"{path}: checkpoint not found")
+    config = path / "model" / "config.json"
+    if not config.is_file():
+        raise XWAMError(f"{path}: not an xwam checkpoint (expected model/config.json inside)")
+    try:
+        data = json.loads(config.read_text())
+    except json.JSONDecodeError as e:
+        raise XWAMError(f"{config}: not valid JSON ({e.msg})") from None
+    if data.get("_class_name") != XWAMTransformer.__name__:
+        raise XWAMError(f"{config}: holds a {data.get('_class_name')!r}, expected an XWAMTransformer checkpoint")
+    if not (path / "text.json").is_file():
+        raise XWAMError(f"{path}: checkpoint lacks text.json")
+
+
+def init_from_checkpoint(path: Path, cfg: ModelConfig, layout: Layout) -> tuple[XWAMTransformer, TextConditioner, str]:
+    """A model for `layout` initialised from the checkpoint at `path`; returns (model, text, report)."""
+    check_checkpoint(path)
+    try:
+        source = XWAMTransformer.from_pretrained(path / "model")
+    except Exception as e:  # diffusers raises many kinds for a broken folder
+        raise XWAMError(f"{path / 'model'}: cannot load the model ({type(e).__name__}: {e})") from None
+    src_cfg = dict(source.config)
+    kwargs = model_kwargs(cfg, layout)
+    trunk_keys = ("num_attention_heads", "attention_head_dim", "num_layers", "in_channels", "text_dim", "ffn_dim",
+                  "patch_size", "freq_dim")
+    mismatched = [k for k in trunk_keys if tuple(_tuple(src_cfg[k])) != tuple(_tuple(kwargs[k]))]
+    if mismatched:
+        k = mismatched[0]
+        raise XWAMError(
+            f"{path}: incompatible checkpoint: its {k}={src_cfg[k]} but the recipe's model needs {kwargs[k]} "
+            f"(fine-tuning keeps the trunk; use the same model preset)"
+        )
+    model = XWAMTransformer(**kwargs)
+    own = model.state_dict()
+    loaded, reinit = {}, []
+    for name, tensor in source.state_dict().items():
+        if name in own and own[name].shape == tensor.shape:
+            loaded[name] = tensor
+        elif name in own:
+            reinit.append(name)
+    reinit += [n for n in own if n not in loaded and n not in reinit]
+    model.load_state_dict(loaded, strict=False)
+
+    text_dim = int(model.config.text_dim)
+    old_text, old_tasks = load_text_from_checkpoint(path, text_dim)
+    text = build_text(cfg, layout, text_dim)
+    new_tasks = []
+    if isinstance(text, TaskEmbeddingText) and isinstance(old_text, TaskEmbeddingText):
+        with torch.no_grad():
+            for i, task in enumerate(layout.tasks):
+                if task in old_tasks and old_text.seq_len == text.seq_len:
+                    text.embedding[i] = old_text.embedding[old_tasks.index(task)]
+                else:
+                    new_tasks.append(task)
+            if old_text.seq_len == text.seq_len:
+                text.embedding[-1] = old_text.embedding[-1]  # the empty prompt
+    report = f"initialised from {path}: {len(loaded)} tensors loaded"
+    if reinit:
+        report += f"; re-initialised (shape changed): {', '.join(_group(reinit))}"
+    if new_tasks:
+        report += f"; new task embeddings: {', '.join(new_tasks)}"
+    return model, text, report
+
+
+def add_lora(model: XWAMTransformer, rank: int) -> Any:
+    """Freeze the trunk and train LoRA adapters on its attention projections (peft); new parts train fully."""
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+    except ImportError as e:
+        raise XWAMError(f"train.lora_rank > 0 needs peft: pip install 'xwam[train]' ({e})") from None
+    for p in model.wan.parameters():
+        p.requires_grad_(False)
+    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=LORA_TARGETS, lora_dropout=0.0)
+    model.wan = inject_adapter_in_model(config, model.wan)
+    return model
+
+
+def _tuple(x: Any) -> tuple:
+    return tuple(x) if isinstance(x, (list, tuple)) else (x,)
+
+
+def _group(names: list[str]) -> list[str]:
+    """Parameter names grouped by module for a readable report."""
+    seen: list[str] = []
+    for n in names:
+        module = n.rsplit(".", 2)[0] if n.count(".") >= 2 else n
+        if module not in seen:
+            seen.append(module)
+    return seen

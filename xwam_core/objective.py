@@ -1,0 +1,165 @@
+"""The X-WAM training objective (METHOD.md sections 3-5) as one module, so DDP/FSDP wrap it whole.
+
+batch (from xwam_core.data.windows) -> augmentation -> codec latents (RGB and inverse depth) -> ANS
+timesteps -> noised video/actions/states -> the transformer -> per-sample losses:
+    video   flow matching on the future latent frames
+    action  flow matching, masked where t_action = 0 (ANS's action-conditioned half) or the dimension
+            is padding for this embodiment
+    state   the same on future states
+    depth   MSE of the depth branch's clean depth latent, masked where the store has no depth
+Noise, timesteps, prompt dropping and augmentation are drawn per sample from generators seeded by
+(seed, step, global sample index), so a batch split over 2 processes sees exactly what 1 process sees,
+and a resumed run draws what the uninterrupted run drew.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from xwam_core.data.augment import AugmentConfig, augment_batch
+from xwam_core.models.codecs import Codec, DepthRange, depth_to_image
+from xwam_core.models.text import TextConditioner
+from xwam_core.models.transformer import XWAMTransformer
+from xwam_core.schedule.flow import add_noise, model_timestep, velocity_target
+from xwam_core.schedule.sampler import NoiseSamplerConfig, sample_noise_levels
+
+LOSS_TERMS = ("video", "action", "state", "depth")
+
+
+def sample_generator(seed: int, step: int, index: int) -> torch.Generator:
+    """A generator for one sample of one step; independent of batch split and process count."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_000_033 + index)
+
+
+@dataclass
+class Inputs:
+    """A batch encoded for the transformer (clean latents and normalized vectors)."""
+
+    video: torch.Tensor  # (B, V, C, F, h, w) clean RGB latents
+    depth: torch.Tensor  # (B, V, C, F, h, w) clean inverse-depth latents
+    actions: torch.Tensor  # (B, K, action_dim), padded to the model's dimension
+    states: torch.Tensor  # (B, S, state_dim)
+    has_depth: torch.Tensor  # (B,) bool
+    task_index: torch.Tensor  # (B,)
+
+
+def pad_last(x: torch.Tensor, size: int) -> torch.Tensor:
+    return x if x.shape[-1] == size else torch.nn.functional.pad(x, (0, size - x.shape[-1]))
+
+
+def encode_batch(
+    batch: dict[str, torch.Tensor],
+    codec: Codec,
+    depth_range: DepthRange,
+    action_dim: int,
+    state_dim: int,
+    device: torch.device | str = "cpu",
+    augment: AugmentConfig | None = None,
+    generators: list[torch.Generator] | None = None,
+) -> Inputs:
+    """Loader batch -> model inputs. Augments per sample (own generator) when `augment` is given."""
+    rgb = batch["rgb"].to(device).permute(0, 1, 2, 5, 3, 4).float() / 255.0  # (B, V, T, 3, H, W)
+    depth = batch["depth"].to(device).float()  # (B, V, T, H, W)
+    if augment is not None and augment.enabled:
+        k = batch["intrinsics"].to(device)
+        parts = [
+            augment_batch(rgb[i : i + 1], depth[i : i + 1], k[i : i + 1], augment, generators[i] if generators else None)
+            for i in range(rgb.shape[0])
+        ]
+        rgb = torch.cat([p[0] for p in parts])
+        depth = torch.cat([p[1] for p in parts])
+    frames = (rgb * 2.0 - 1.0).permute(0, 1, 3, 2, 4, 5)  # (B, V, 3, T, H, W) in [-1, 1]
+    with torch.no_grad():
+        video = codec.encode_views(frames)
+        depth_latents = codec.encode_views(depth_to_image(depth, depth_range))
+    return Inputs(
+        video=video,
+        depth=depth_latents,
+        actions=pad_last(batch["actions"].to(device).float(), action_dim),
+        states=pad_last(batch["states"].to(device).float(), state_dim),
+        has_depth=batch["has_depth"].to(device).bool(),
+        task_index=batch["task_index"].to(device),
+    )
+
+
+class TrainingObjective(nn.Module):
+    """Holds the trainable parts (transformer + text conditioner) and computes per-sample losses."""
+
+    def __init__(
+        self,
+        model: XWAMTransformer,
+        text: TextConditioner,
+        codec: Codec,
+        sampler: NoiseSamplerConfig,
+        action_valid: torch.Tensor,
+        state_valid: torch.Tensor,
+        augment: AugmentConfig | None = None,
+    ):
+        super().__init__()
+        self.model = model
+        self.text = text
+        self.codec = codec
+        self.sampler = sampler
+        self.augment = augment
+        self.register_buffer("action_valid", action_valid.float(), persistent=False)
+        self.register_buffer("state_valid", state_valid.float(), persistent=False)
+        self.depth_range = DepthRange(float(model.config.depth_near), float(model.config.depth_far))
+
+    def forward(
+        self, batch: dict[str, torch.Tensor], seed: int, step: int, first_index: int, train: bool = True
+    ) -> dict[str, torch.Tensor]:
+        """Per-sample losses {term: (B,)} and their masks {term_mask: (B,)} for one (local) batch.
+
+        `first_index` is the global index of this process's first sample in the global batch.
+        """
+        b = batch["actions"].shape[0]
+        gens = [sample_generator(seed, step, first_index + i) for i in range(b)]
+        cfg = self.model.config
+        x = encode_batch(
+            batch, self.codec, self.depth_range, cfg.action_dim, cfg.state_dim,
+            self.action_valid.device, self.augment if train else None, gens,
+        )
+        device = x.video.device
+        levels = [sample_noise_levels(self.sampler, 1, generator=g) for g in gens]
+        t_video = torch.cat([lv.t_video for lv in levels]).to(device)  # (B,)
+        t_action = torch.cat([lv.t_action for lv in levels]).to(device)
+        action_on = torch.cat([lv.action_loss_on for lv in levels]).to(device)
+        drop_text = torch.cat([lv.drop_text for lv in levels]).to(device) if train else None
+        eps_video = torch.stack([torch.randn(x.video.shape[1:], generator=g) for g in gens]).to(device)
+        eps_action = torch.stack([torch.randn(x.actions.shape[1:], generator=g) for g in gens]).to(device)
+        eps_state = torch.stack([torch.randn(x.states.shape[1:], generator=g) for g in gens]).to(device)
+
+        # the current frame and the current state are the clean condition (t = 0)
+        noisy_video = add_noise(x.video, eps_video, t_video)
+        noisy_video[:, :, :, :1] = x.video[:, :, :, :1]
+        noisy_actions = add_noise(x.actions, eps_action, t_action)
+        noisy_states = add_noise(x.states, eps_state, t_action)
+        noisy_states[:, :1] = x.states[:, :1]
+
+        text = self.text(x.task_index, drop_text)
+        run_depth = bool(x.has_depth.any())
+        out = self.model(
+            noisy_video, noisy_actions, noisy_states,
+            model_timestep(t_video), model_timestep(t_action), text, run_depth=run_depth,
+        )
+
+        future = slice(1, None)
+        v_err = (out.video[:, :, :, future].float() - velocity_target(x.video, eps_video)[:, :, :, future]) ** 2
+        losses = {"video": v_err.flatten(1).mean(1), "video_mask": torch.ones(b, device=device)}
+        a_err = (out.actions.float() - velocity_target(x.actions, eps_action)) ** 2  # (B, K, Da)
+        a_w = self.action_valid.view(1, 1, -1)
+        losses["action"] = (a_err * a_w).sum((1, 2)) / (a_w.sum() * a_err.shape[1])
+        losses["action_mask"] = action_on.float()
+        s_err = (out.states[:, future].float() - velocity_target(x.states, eps_state)[:, future]) ** 2
+        s_w = self.state_valid.view(1, 1, -1)
+        losses["state"] = (s_err * s_w).sum((1, 2)) / (s_w.sum() * s_err.shape[1])
+        losses["state_mask"] = action_on.float()
+        if run_depth and out.depth is not None:
+            losses["depth"] = ((out.depth.float() - x.depth) ** 2).flatten(1).mean(1)
+        else:
+            losses["depth"] = torch.zeros(b, device=device)
+        losses["depth_mask"] = x.has_depth.float()
+        return losses
