@@ -115,5 +115,5 @@ def test_wan_vae_codec_normalises_and_stays_frozen(tiny_vae, tmp_path):
 
 
 def test_wan_vae_codec_bad_folder(tmp_path):
-    with pytest.raises(XWAMError, match="no config.json"):
+    with pytest.raises(XWAMError, match=r"no config\.json"):
         WanVAECodec.from_pretrained(tmp_path)

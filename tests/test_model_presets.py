@@ -24,9 +24,25 @@ def test_base_preset_parameter_count_on_meta():
     assert 1.6e9 < depth < 1.7e9
     assert total - trunk - depth < 0.1e9  # view embedding, action/state MLPs, depth head
     cfg = model.config
-    assert (cfg.num_layers, cfg.num_attention_heads, cfg.attention_head_dim, cfg.ffn_dim) == (30, 24, 128, 14336)
-    assert (cfg.in_channels, tuple(cfg.patch_size), cfg.text_dim, cfg.num_depth_blocks) == (48, (1, 2, 2), 4096, 10)
-    assert (cfg.num_views, cfg.num_actions, cfg.num_states, cfg.action_dim, cfg.state_dim) == (3, 32, 9, 14, 16)
+    assert (cfg.num_layers, cfg.num_attention_heads, cfg.attention_head_dim, cfg.ffn_dim) == (
+        30,
+        24,
+        128,
+        14336,
+    )
+    assert (cfg.in_channels, tuple(cfg.patch_size), cfg.text_dim, cfg.num_depth_blocks) == (
+        48,
+        (1, 2, 2),
+        4096,
+        10,
+    )
+    assert (cfg.num_views, cfg.num_actions, cfg.num_states, cfg.action_dim, cfg.state_dim) == (
+        3,
+        32,
+        9,
+        14,
+        16,
+    )
 
 
 def test_tiny_preset_runs_the_issue_workload():

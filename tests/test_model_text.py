@@ -27,7 +27,13 @@ def umt5_dir(tmp_path_factory):
     ).save_pretrained(root / "tokenizer")
     torch.manual_seed(0)
     config = UMT5Config(
-        vocab_size=16, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2, relative_attention_num_buckets=8
+        vocab_size=16,
+        d_model=16,
+        d_kv=8,
+        d_ff=32,
+        num_layers=1,
+        num_heads=2,
+        relative_attention_num_buckets=8,
     )
     UMT5EncoderModel(config).save_pretrained(root / "text_encoder")
     return root

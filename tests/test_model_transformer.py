@@ -139,7 +139,9 @@ def test_per_token_timesteps_are_wired(model, monkeypatch):
     clean[n_video + K] = True
     assert torch.equal(temb_base[:, clean], temb_changed[:, clean])  # the condition does not move
     assert torch.equal(temb_base[:, :n_video], temb_changed[:, :n_video])
-    assert not torch.allclose(temb_base[:, n_video:][:, ~clean[n_video:]], temb_changed[:, n_video:][:, ~clean[n_video:]])
+    assert not torch.allclose(
+        temb_base[:, n_video:][:, ~clean[n_video:]], temb_changed[:, n_video:][:, ~clean[n_video:]]
+    )
 
 
 def test_t_action_does_not_touch_video_only_inputs(model):
@@ -197,7 +199,9 @@ def test_one_prompt_broadcasts_over_the_batch(model):
     with torch.no_grad():
         one = model(**{**inputs, "text": text})
         full = model(**{**inputs, "text": text.expand(B, -1, -1)})
-        cached = model(**{**inputs, "text": None}, cache=model.build_step_cache(text, inputs["video"].shape, K, S))
+        cached = model(
+            **{**inputs, "text": None}, cache=model.build_step_cache(text, inputs["video"].shape, K, S)
+        )
     torch.testing.assert_close(one.video, full.video)
     assert torch.equal(one.video, cached.video)
 
@@ -229,7 +233,9 @@ def test_video_only_and_empty_chunks(model):
     inputs = make_inputs()
     empty_actions = inputs["actions"][:, :0]
     with torch.no_grad():
-        out = model(inputs["video"], empty_actions, None, inputs["t_video"], inputs["t_action"], inputs["text"])
+        out = model(
+            inputs["video"], empty_actions, None, inputs["t_video"], inputs["t_action"], inputs["text"]
+        )
     assert out.actions.shape == (B, 0, CONFIG["action_dim"]) and out.states is None
     with torch.no_grad():
         one_view = model(inputs["video"][:, :1], None, None, 500.0, None, inputs["text"], run_depth=False)

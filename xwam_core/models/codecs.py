@@ -11,6 +11,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -118,7 +119,7 @@ class PixelCodec(Codec):
 
     def encode(self, frames: torch.Tensor) -> torch.Tensor:
         self._check_frames(frames)
-        b, c, num_frames, height, width = frames.shape
+        b, c, _, height, width = frames.shape
         t, s = self.temporal_factor, self.spatial_factor
         first = frames[:, :, :1].expand(-1, -1, t, -1, -1)  # (B, 3, t, H, W)
         x = torch.cat([first, frames[:, :, 1:]], dim=2)  # (B, 3, F*t, H, W)
@@ -129,10 +130,14 @@ class PixelCodec(Codec):
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         if latents.ndim != 5 or latents.shape[1] != self.latent_channels:
-            raise XWAMError(f"latents must be (B, {self.latent_channels}, F, h, w), got {tuple(latents.shape)}")
+            raise XWAMError(
+                f"latents must be (B, {self.latent_channels}, F, h, w), got {tuple(latents.shape)}"
+            )
         b, _, f, h, w = latents.shape
         t, s = self.temporal_factor, self.spatial_factor
-        x = latents.reshape(b, 3, t, s, s, f, h, w).permute(0, 1, 5, 2, 6, 3, 7, 4)  # (B, 3, F, t, h, s, w, s)
+        x = latents.reshape(b, 3, t, s, s, f, h, w).permute(
+            0, 1, 5, 2, 6, 3, 7, 4
+        )  # (B, 3, F, t, h, s, w, s)
         x = x.reshape(b, 3, f, t, h * s, w * s)
         return torch.cat([x[:, :, :1, 0], x[:, :, 1:].flatten(2, 3)], dim=2)  # (B, 3, 1 + (F-1)t, H, W)
 
@@ -143,9 +148,12 @@ class WanVAECodec(Codec):
     encode: posterior mode, then (z - latents_mean) / latents_std, as the Wan pipelines do.
     """
 
-    def __init__(self, vae: nn.Module) -> None:
+    latents_mean: torch.Tensor
+    latents_std: torch.Tensor
+
+    def __init__(self, vae: Any) -> None:  # diffusers AutoencoderKLWan
         super().__init__()
-        self.vae = vae.eval().requires_grad_(False)
+        self.vae: Any = vae.eval().requires_grad_(False)
         cfg = vae.config
         self.latent_channels = int(cfg.z_dim)
         self.spatial_factor = int(cfg.scale_factor_spatial)
@@ -155,7 +163,9 @@ class WanVAECodec(Codec):
         self.register_buffer("latents_std", torch.tensor(cfg.latents_std).view(shape), persistent=False)
 
     @classmethod
-    def from_pretrained(cls, path_or_hub_id: str | Path = WAN_VAE_HUB_ID, torch_dtype: torch.dtype | None = None):
+    def from_pretrained(
+        cls, path_or_hub_id: str | Path = WAN_VAE_HUB_ID, torch_dtype: torch.dtype | None = None
+    ):
         """Load from a pipeline folder with `vae/`, the VAE folder itself, or a hub id (subfolder `vae`)."""
         from diffusers import AutoencoderKLWan
 
@@ -167,9 +177,13 @@ class WanVAECodec(Codec):
         else:
             subfolder = "vae"
         try:
-            vae = AutoencoderKLWan.from_pretrained(str(path_or_hub_id), subfolder=subfolder, torch_dtype=torch_dtype)
+            vae = AutoencoderKLWan.from_pretrained(
+                str(path_or_hub_id), subfolder=subfolder, torch_dtype=torch_dtype
+            )
         except (OSError, ValueError) as err:
-            raise XWAMError(f"cannot load a Wan VAE from '{path_or_hub_id}': {str(err).strip().splitlines()[0]}") from err
+            raise XWAMError(
+                f"cannot load a Wan VAE from '{path_or_hub_id}': {str(err).strip().splitlines()[0]}"
+            ) from err
         return cls(vae)
 
     def train(self, mode: bool = True) -> WanVAECodec:
@@ -186,5 +200,7 @@ class WanVAECodec(Codec):
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        z = latents.to(self.vae.dtype) * self.latents_std.to(self.vae.dtype) + self.latents_mean.to(self.vae.dtype)
+        z = latents.to(self.vae.dtype) * self.latents_std.to(self.vae.dtype) + self.latents_mean.to(
+            self.vae.dtype
+        )
         return self.vae.decode(z).sample.clamp(-1.0, 1.0)

@@ -13,6 +13,7 @@ import json
 import re
 from abc import ABC, abstractmethod
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 import torch.nn as nn
@@ -37,7 +38,9 @@ class TextConditioner(nn.Module, ABC):
         task_index = torch.as_tensor(task_index, dtype=torch.long).reshape(-1)
         if task_index.numel() and (task_index.min() < 0 or task_index.max() >= self.num_tasks):
             bad = task_index[(task_index < 0) | (task_index >= self.num_tasks)][0].item()
-            raise XWAMError(f"task index {bad} out of range: this text conditioner knows {self.num_tasks} tasks")
+            raise XWAMError(
+                f"task index {bad} out of range: this text conditioner knows {self.num_tasks} tasks"
+            )
         table = self.table()
         task_index = task_index.to(table.device)
         if drop is not None:
@@ -55,9 +58,13 @@ class TaskEmbeddingText(TextConditioner):
     def __init__(self, num_tasks: int, text_dim: int, seq_len: int = 8) -> None:
         super().__init__()
         if num_tasks < 1 or text_dim < 1 or seq_len < 1:
-            raise XWAMError(f"TaskEmbeddingText needs num_tasks, text_dim, seq_len >= 1, got {num_tasks}, {text_dim}, {seq_len}")
+            raise XWAMError(
+                f"TaskEmbeddingText needs num_tasks, text_dim, seq_len >= 1, got {num_tasks}, {text_dim}, {seq_len}"
+            )
         self.num_tasks, self.seq_len, self.text_dim = num_tasks, seq_len, text_dim
-        self.embedding = nn.Parameter(torch.randn(num_tasks + 1, seq_len, text_dim))  # unit scale like UMT5 output
+        self.embedding = nn.Parameter(
+            torch.randn(num_tasks + 1, seq_len, text_dim)
+        )  # unit scale like UMT5 output
 
     def table(self) -> torch.Tensor:
         return self.embedding
@@ -65,6 +72,8 @@ class TaskEmbeddingText(TextConditioner):
 
 class PrecomputedText(TextConditioner):
     """Frozen per-task UMT5 embeddings (a buffer, not saved with a model) loaded from a cache file."""
+
+    _table: torch.Tensor
 
     def __init__(self, embeddings: torch.Tensor, empty: torch.Tensor, tasks: list[str] | None = None) -> None:
         super().__init__()
@@ -83,7 +92,9 @@ class PrecomputedText(TextConditioner):
         return self._table
 
     @classmethod
-    def from_prompts(cls, tasks: list[str], path_or_hub_id: str | Path = UMT5_HUB_ID, **kwargs) -> PrecomputedText:
+    def from_prompts(
+        cls, tasks: list[str], path_or_hub_id: str | Path = UMT5_HUB_ID, **kwargs
+    ) -> PrecomputedText:
         """Encode every task (and the empty prompt) with UMT5; kwargs go to `encode_prompts_umt5`."""
         embeddings = encode_prompts_umt5([*tasks, ""], path_or_hub_id, **kwargs)
         return cls(embeddings[:-1], embeddings[-1], tasks)
@@ -147,10 +158,12 @@ def encode_prompts_umt5(
         split = True
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, subfolder="tokenizer" if split else "")
-        encoder = UMT5EncoderModel.from_pretrained(source, subfolder="text_encoder" if split else "", torch_dtype=dtype)
+        encoder = UMT5EncoderModel.from_pretrained(
+            source, subfolder="text_encoder" if split else "", torch_dtype=dtype
+        )
     except (OSError, ValueError) as err:
         raise XWAMError(f"cannot load UMT5 from '{source}': {str(err).strip().splitlines()[0]}") from err
-    encoder = encoder.to(device).eval()
+    encoder = cast(Any, encoder).to(device).eval()
 
     out = []
     for start in range(0, len(texts), batch_size):

@@ -18,7 +18,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 import torch.nn as nn
@@ -29,7 +29,6 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.transformers.transformer_wan import (
     WanAttention,
     WanTransformer3DModel,
-    WanTransformerBlock,
 )
 from diffusers.utils import BaseOutput
 
@@ -142,7 +141,11 @@ class XWAMAttnProcessor:
             if getattr(attn, "fused_projections", False):
                 query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
             else:
-                query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+                query, key, value = (
+                    attn.to_q(hidden_states),
+                    attn.to_k(hidden_states),
+                    attn.to_v(hidden_states),
+                )
             query = attn.norm_q(query).unflatten(2, (attn.heads, -1))  # (B, N, H, d)
             key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
             value = value.unflatten(2, (attn.heads, -1))
@@ -163,7 +166,7 @@ class XWAMAttnProcessor:
             if isinstance(encoder_hidden_states, CrossKV):
                 key, value = encoder_hidden_states
             else:
-                key, value = text_kv(attn, encoder_hidden_states)
+                key, value = text_kv(attn, cast(torch.Tensor, encoder_hidden_states))
             if key.shape[0] != query.shape[0]:  # one prompt for the whole batch
                 key = key.expand(query.shape[0], -1, -1, -1)
                 value = value.expand(query.shape[0], -1, -1, -1)
@@ -268,12 +271,22 @@ class _Layout:
 
     @property
     def key(self) -> tuple[int, ...]:
-        return (self.views, self.channels, self.frames, self.height, self.width, self.num_actions, self.num_states)
+        return (
+            self.views,
+            self.channels,
+            self.frames,
+            self.height,
+            self.width,
+            self.num_actions,
+            self.num_states,
+        )
 
 
 def _mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
     """The action/state encoder and decoder shape: Linear, GELU-tanh, Linear."""
-    return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(approximate="tanh"), nn.Linear(hidden_dim, out_dim))
+    return nn.Sequential(
+        nn.Linear(in_dim, hidden_dim), nn.GELU(approximate="tanh"), nn.Linear(hidden_dim, out_dim)
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -281,7 +294,7 @@ def _mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
 # --------------------------------------------------------------------------------------------------
 
 
-class XWAMTransformer(ModelMixin, ConfigMixin):
+class XWAMTransformer(ModelMixin, ConfigMixin):  # type: ignore[misc]
     r"""Wan2.2 DiT over [multi-view video | actions | states] with per-token timesteps and a depth branch.
 
     The first block of arguments is `WanTransformer3DModel`'s (defaults: Wan2.2-TI2V-5B); the rest is X-WAM's:
@@ -290,10 +303,11 @@ class XWAMTransformer(ModelMixin, ConfigMixin):
     """
 
     _supports_gradient_checkpointing = True
-    _no_split_modules = ["WanTransformerBlock"]
-    _repeated_blocks = ["WanTransformerBlock"]
-    _keep_in_fp32_modules = ["rope", "time_embedder", "scale_shift_table", "norm1", "norm2", "norm3"]
-    _skip_layerwise_casting_patterns = ["patch_embedding", "condition_embedder", "norm"]
+    # diffusers reads these class attributes (FSDP wrap units, fp32 islands); typed None on ModelMixin.
+    _no_split_modules = ["WanTransformerBlock"]  # type: ignore[assignment]  # noqa: RUF012
+    _repeated_blocks = ["WanTransformerBlock"]  # type: ignore[assignment]  # noqa: RUF012
+    _keep_in_fp32_modules = ["rope", "time_embedder", "scale_shift_table", "norm1", "norm2", "norm3"]  # type: ignore[assignment]  # noqa: RUF012
+    _skip_layerwise_casting_patterns = ["patch_embedding", "condition_embedder", "norm"]  # type: ignore[assignment]  # noqa: RUF012
 
     @register_to_config
     def __init__(
@@ -324,9 +338,13 @@ class XWAMTransformer(ModelMixin, ConfigMixin):
         if not 0 <= num_depth_blocks <= num_layers:
             raise XWAMError(f"num_depth_blocks={num_depth_blocks}: expected 0..num_layers ({num_layers})")
         if num_views < 1 or action_dim < 1 or state_dim < 1:
-            raise XWAMError(f"num_views/action_dim/state_dim must be >= 1, got {num_views}/{action_dim}/{state_dim}")
+            raise XWAMError(
+                f"num_views/action_dim/state_dim must be >= 1, got {num_views}/{action_dim}/{state_dim}"
+            )
         if out_channels != in_channels:
-            raise XWAMError(f"out_channels={out_channels} must equal in_channels={in_channels} (velocity = latent)")
+            raise XWAMError(
+                f"out_channels={out_channels} must equal in_channels={in_channels} (velocity = latent)"
+            )
         DepthRange(depth_near, depth_far)  # validates the range
 
         self.wan = WanTransformer3DModel(
@@ -376,7 +394,7 @@ class XWAMTransformer(ModelMixin, ConfigMixin):
         self.depth_scale_shift_table.normal_(std=self.inner_dim**-0.5)
         self.depth_proj_out.reset_parameters()
         if copy_depth_blocks:
-            first = self.config.num_layers - self.config.num_depth_blocks
+            first = self.cfg.num_layers - self.cfg.num_depth_blocks
             for j, block in enumerate(self.depth_blocks):
                 block.load_state_dict(self.wan.blocks[first + j].state_dict())
 
@@ -384,17 +402,24 @@ class XWAMTransformer(ModelMixin, ConfigMixin):
         for module in self.modules():
             if isinstance(module, WanAttention) and not isinstance(module.processor, XWAMAttnProcessor):
                 if module.add_k_proj is not None:
-                    raise XWAMError("Wan I2V checkpoints with an image cross-attention branch are not supported")
-                module.set_processor(XWAMAttnProcessor())
+                    raise XWAMError(
+                        "Wan I2V checkpoints with an image cross-attention branch are not supported"
+                    )
+                module.set_processor(XWAMAttnProcessor())  # type: ignore[arg-type]
+
+    @property
+    def cfg(self) -> Any:
+        """`self.config` with attribute access typed loosely (diffusers' FrozenDict supports it)."""
+        return self.config
 
     @property
     def inner_dim(self) -> int:
-        return self.config.num_attention_heads * self.config.attention_head_dim
+        return self.cfg.num_attention_heads * self.cfg.attention_head_dim
 
     @property
     def depth_range(self) -> DepthRange:
         """The inverse-depth range the depth latents were encoded with (recovers metric depth)."""
-        return DepthRange(self.config.depth_near, self.config.depth_far)
+        return DepthRange(self.cfg.depth_near, self.cfg.depth_far)
 
     # ---- loading Wan weights -------------------------------------------------------------------
 
@@ -414,21 +439,27 @@ class XWAMTransformer(ModelMixin, ConfigMixin):
         """
         wan_keys = set(_WAN_CONFIG_KEYS) & set(xwam_kwargs)
         if wan_keys:
-            raise XWAMError(f"from_wan_pretrained: {sorted(wan_keys)} come from the checkpoint and cannot be set")
+            raise XWAMError(
+                f"from_wan_pretrained: {sorted(wan_keys)} come from the checkpoint and cannot be set"
+            )
         pretrained, subfolder = _resolve_wan_source(path_or_hub_id)
         try:
-            wan = WanTransformer3DModel.from_pretrained(pretrained, subfolder=subfolder, torch_dtype=torch_dtype)
+            wan = WanTransformer3DModel.from_pretrained(
+                pretrained, subfolder=subfolder, torch_dtype=torch_dtype
+            )
         except (OSError, ValueError) as err:
             first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise XWAMError(f"cannot load a Wan transformer from '{path_or_hub_id}': {first_line}") from err
         if wan.config.image_dim is not None or wan.config.added_kv_proj_dim is not None:
-            raise XWAMError(f"{path_or_hub_id}: Wan I2V checkpoints with image cross-attention are not supported")
+            raise XWAMError(
+                f"{path_or_hub_id}: Wan I2V checkpoints with image cross-attention are not supported"
+            )
 
         config = {k: wan.config[k] for k in _WAN_CONFIG_KEYS} | xwam_kwargs
         with torch.device("meta"):
             model = cls(**config)
         model.wan = wan
-        num_layers, num_depth = model.config.num_layers, model.config.num_depth_blocks
+        num_layers, num_depth = model.cfg.num_layers, model.cfg.num_depth_blocks
         first = num_layers - num_depth
         model.depth_blocks = nn.ModuleList(copy.deepcopy(wan.blocks[i]) for i in range(first, num_layers))
         model._materialize_new_parameters(device=wan.device, dtype=torch_dtype or torch.float32)
@@ -440,7 +471,9 @@ class XWAMTransformer(ModelMixin, ConfigMixin):
             loaded_parameters=sum(p.numel() for p in wan.parameters()),
             copied_blocks={f"depth_blocks.{j}": f"wan.blocks.{first + j}" for j in range(num_depth)},
             copied_parameters=sum(p.numel() for p in model.depth_blocks.parameters()),
-            new_parameters={n: p.numel() for n, p in model.named_parameters() if n in model._new_parameter_names()},
+            new_parameters={
+                n: p.numel() for n, p in model.named_parameters() if n in model._new_parameter_names()
+            },
         )
         return model, report
 
@@ -462,17 +495,21 @@ class XWAMTransformer(ModelMixin, ConfigMixin):
         actions: torch.Tensor | None,
         states: torch.Tensor | None,
     ) -> _Layout:
-        cfg = self.config
+        cfg = self.cfg
         if video.ndim != 6:
             raise XWAMError(f"video must be latents (B, V, C, F, h, w), got shape {tuple(video.shape)}")
         batch, views, channels, frames, height, width = video.shape
         patch = tuple(cfg.patch_size)
         if channels != cfg.in_channels:
-            raise XWAMError(f"video has {channels} latent channels, the model expects in_channels={cfg.in_channels}")
+            raise XWAMError(
+                f"video has {channels} latent channels, the model expects in_channels={cfg.in_channels}"
+            )
         if not 1 <= views <= cfg.num_views:
             raise XWAMError(f"video has {views} views, the model has {cfg.num_views} view slots")
         if frames % patch[0] or height % patch[1] or width % patch[2]:
-            raise XWAMError(f"video latents (F, h, w)={(frames, height, width)} not divisible by patch {patch}")
+            raise XWAMError(
+                f"video latents (F, h, w)={(frames, height, width)} not divisible by patch {patch}"
+            )
         counts = []
         for name, x, dim in (("actions", actions, cfg.action_dim), ("states", states, cfg.state_dim)):
             if x is None:
@@ -490,7 +527,9 @@ class XWAMTransformer(ModelMixin, ConfigMixin):
         cos_v, sin_v = rope(torch.empty(1, 0, layout.frames, layout.height, layout.width, device="meta"))
         # Same positions for every view; tokens are (frame, view, h, w).
         cos_v, sin_v = (
-            x.view(1, f, 1, h * w, 1, -1).expand(1, f, layout.views, h * w, 1, -1).reshape(1, -1, 1, x.shape[-1])
+            x.view(1, f, 1, h * w, 1, -1)
+            .expand(1, f, layout.views, h * w, 1, -1)
+            .reshape(1, -1, 1, x.shape[-1])
             for x in (cos_v, sin_v)
         )
         # Actions and states sit on the time axis of the latent frames they cover: the future spans
@@ -519,7 +558,7 @@ class XWAMTransformer(ModelMixin, ConfigMixin):
         freqs_dtype = torch.float32 if torch.backends.mps.is_available() else torch.float64
         cos_t, sin_t = get_1d_rotary_pos_embed(
             rope.t_dim,
-            positions.to(freqs_dtype),
+            positions.to(freqs_dtype),  # type: ignore[arg-type]  # tensors are accepted
             _ROPE_THETA,
             use_real=True,
             repeat_interleave_real=True,
@@ -543,8 +582,10 @@ class XWAMTransformer(ModelMixin, ConfigMixin):
         return torch.cat([video, actions, states]).to(device)
 
     def _embed_text(self, text: torch.Tensor) -> torch.Tensor:
-        if text.ndim != 3 or text.shape[-1] != self.config.text_dim:
-            raise XWAMError(f"text must be (B, L, {self.config.text_dim}) embeddings, got shape {tuple(text.shape)}")
+        if text.ndim != 3 or text.shape[-1] != self.cfg.text_dim:
+            raise XWAMError(
+                f"text must be (B, L, {self.cfg.text_dim}) embeddings, got shape {tuple(text.shape)}"
+            )
         return self.wan.condition_embedder.text_embedder(text)  # (B, L, D)
 
     def _embed_timesteps(
@@ -588,7 +629,7 @@ class XWAMTransformer(ModelMixin, ConfigMixin):
         shape = tuple(video_shape)
         if len(shape) == 5:
             shape = (1, *shape)
-        cfg = self.config
+        cfg = self.cfg
         k = cfg.num_actions if num_actions is None else num_actions
         s = cfg.num_states if num_states is None else num_states
         dummy = torch.empty(shape, device="meta")
@@ -606,8 +647,10 @@ class XWAMTransformer(ModelMixin, ConfigMixin):
             freqs_sin=sin,
             timestep_class=self._timestep_class(layout, device),
             text_hidden=text_hidden,
-            cross_kv=[text_kv(block.attn2, text_hidden) for block in self.wan.blocks],
-            depth_cross_kv=[text_kv(block.attn2, text_hidden) for block in self.depth_blocks],
+            cross_kv=[text_kv(cast(WanAttention, block.attn2), text_hidden) for block in self.wan.blocks],
+            depth_cross_kv=[
+                text_kv(cast(WanAttention, block.attn2), text_hidden) for block in self.depth_blocks
+            ],
         )
 
     # ---- forward ---------------------------------------------------------------------------------
@@ -649,7 +692,6 @@ class XWAMTransformer(ModelMixin, ConfigMixin):
         text (B or 1, L, text_dim), ignored when `cache` is given. `run_depth=False` skips the depth branch.
         """
         layout = self._layout(video, actions, states)
-        cfg = self.config
         batch, n_video = layout.batch, layout.num_video_tokens
         device = video.device
         dtype = self.wan.patch_embedding.weight.dtype
@@ -684,7 +726,6 @@ class XWAMTransformer(ModelMixin, ConfigMixin):
         temb, proj = self._embed_timesteps(t_video, t_action, timestep_class, text_hidden.dtype)
 
         # Tokens: each view patchified alone, plus its view embedding; frame-major order.
-        f, h, w = layout.grid
         x = self.wan.patch_embedding(video.flatten(0, 1).to(dtype))  # (B*V, D, F', h', w')
         x = x.unflatten(0, (batch, layout.views)).permute(0, 3, 1, 4, 5, 2)  # (B, F', V, h', w', D)
         x = x + self.view_embedding[: layout.views].view(1, 1, layout.views, 1, 1, -1).to(x.dtype)
@@ -745,7 +786,9 @@ def _resolve_wan_source(path_or_hub_id: str | Path) -> tuple[str, str | None]:
                 if class_name not in (None, "WanTransformer3DModel"):
                     raise XWAMError(f"{config}: is a {class_name} config, expected WanTransformer3DModel")
                 return str(path), subfolder
-        raise XWAMError(f"{path}: no config.json here or in transformer/; expected a diffusers Wan2.2 checkpoint")
+        raise XWAMError(
+            f"{path}: no config.json here or in transformer/; expected a diffusers Wan2.2 checkpoint"
+        )
     if path.exists() or text.startswith((".", "/", "~")) or text.count("/") != 1:
         raise XWAMError(f"{text}: no such checkpoint folder (or hub id 'owner/name')")
     return text, "transformer"
