@@ -11,7 +11,7 @@ from xwam_core.data.augment import AugmentConfig, augment_batch
 def test_crop_moves_intrinsics_with_the_image():
     b, v, t, h, w = 2, 3, 2, 40, 48
     rgb = torch.zeros(b, v, t, 3, h, w)
-    u, vv = 30, 12  # bright 2x2 block whose centre sits at continuous coordinate (31, 13)
+    u, vv = 30, 12  # bright 2x2 block: pixel centres at integers, so its centre is at (30.5, 12.5)
     rgb[..., u : u + 2] = 0
     rgb[:, :, :, :, vv : vv + 2, u : u + 2] = 1.0
     k = torch.tensor([[50.0, 0, w / 2], [0, 50.0, h / 2], [0, 0, 1]]).expand(b, v, t, 3, 3).clone()
@@ -19,14 +19,14 @@ def test_crop_moves_intrinsics_with_the_image():
     cfg = AugmentConfig(crop_scale=0.8, brightness=0, contrast=0, saturation=0, hue=0)
     out, out_depth, out_k = augment_batch(rgb, depth, k, cfg, torch.Generator().manual_seed(0))
     # the 3-D point that projects to the block centre (31, 13) under K, re-projected with K'
-    x = (31 - k[..., 0, 2]) / k[..., 0, 0]
-    y = (13 - k[..., 1, 2]) / k[..., 1, 1]
+    x = (30.5 - k[..., 0, 2]) / k[..., 0, 0]
+    y = (12.5 - k[..., 1, 2]) / k[..., 1, 1]
     u2 = out_k[..., 0, 0] * x + out_k[..., 0, 2]
     v2 = out_k[..., 1, 1] * y + out_k[..., 1, 2]
     for i in range(b):
         for j in range(v):
             img = out[i, j, 0, 0]
-            ys, xs = torch.meshgrid(torch.arange(h) + 0.5, torch.arange(w) + 0.5, indexing="ij")
+            ys, xs = torch.meshgrid(torch.arange(h).float(), torch.arange(w).float(), indexing="ij")
             cu, cv = (img * xs).sum() / img.sum(), (img * ys).sum() / img.sum()  # block centroid
             assert abs(float(cu - u2[i, j, 0])) < 0.3 and abs(float(cv - v2[i, j, 0])) < 0.3
     # different views got different crops; every frame of a view the same crop

@@ -128,12 +128,16 @@ def train(
         mixed = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     if mixed not in ("no", "bf16", "fp16"):
         raise XWAMError(f"train.mixed_precision={cfg.mixed_precision!r}: expected auto, no, bf16 or fp16")
-    accelerator = Accelerator(mixed_precision=mixed)
+    # ---- data (first: a missing store fails before anything is built or written)
+    store = EpisodeStore(recipe.data.store)
+    # DDP must be told when some parameters get no gradient: the depth branch on a store without depth
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=not store.has_depth or cfg.lora_rank > 0)
+    accelerator = Accelerator(mixed_precision=mixed, kwargs_handlers=[ddp])
     world, rank = accelerator.num_processes, accelerator.process_index
     set_seed(recipe.seed)
 
-    # ---- data
-    store = EpisodeStore(recipe.data.store)
     window = WindowLayout(recipe.data.future_frames, recipe.data.frame_stride)
     train_eps, val_eps = split_episodes(store, recipe.data.val_episodes)
     train_set = WindowDataset(store, window, views=recipe.data.views or None, episodes=train_eps)

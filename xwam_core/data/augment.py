@@ -73,12 +73,13 @@ def augment_batch(
             out_rgb[i, j] = F.interpolate(crop, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
             dcrop = depth[i, j, :, None, y0 : y0 + ch, x0 : x0 + cw]  # (T, 1, ch, cw)
             out_depth[i, j] = F.interpolate(dcrop, size=(h, w), mode="nearest")[:, 0]
-    # pixel-centre convention: u' = (u - x0) * w / cw for pixel edges; K follows the same map
+    # Pixel centres sit at integer coordinates (xwam_core.geometry). Resizing maps pixel-edge
+    # coordinates e' = (e - x0) * w / cw, and e = u + 0.5, so u' = (u + 0.5 - x0) * w / cw - 0.5.
     sx, sy = w / cw, h / ch
     out_k[..., 0, 0] *= sx
-    out_k[..., 0, 2] = (out_k[..., 0, 2] - left[:, :, None].to(out_k.dtype)) * sx
+    out_k[..., 0, 2] = (out_k[..., 0, 2] + 0.5 - left[:, :, None].to(out_k.dtype)) * sx - 0.5
     out_k[..., 1, 1] *= sy
-    out_k[..., 1, 2] = (out_k[..., 1, 2] - top[:, :, None].to(out_k.dtype)) * sy
+    out_k[..., 1, 2] = (out_k[..., 1, 2] + 0.5 - top[:, :, None].to(out_k.dtype)) * sy - 0.5
 
     # colour jitter: one set of factors per sample, shared by all views and frames
     jitter = torch.rand(b, 4, generator=generator).to(dev) * 2 - 1  # (B, 4) in [-1, 1]
