@@ -193,6 +193,25 @@ def test_step_cache_gives_the_same_result(model):
         model(**{**inputs, "actions": inputs["actions"][:, :4]}, cache=cache)
 
 
+def test_step_cache_skips_the_text_work(model):
+    inputs = make_inputs()
+    cache = model.build_step_cache(inputs["text"], inputs["video"].shape, K, S)
+    calls = []
+    watched = [model.wan.condition_embedder.text_embedder]
+    watched += [block.attn2.to_k for block in [*model.wan.blocks, *model.depth_blocks]]
+    watched += [block.attn2.to_v for block in [*model.wan.blocks, *model.depth_blocks]]
+    handles = [m.register_forward_hook(lambda *_: calls.append(1)) for m in watched]
+    try:
+        with torch.no_grad():
+            model(**{**inputs, "text": None}, cache=cache)
+            assert calls == []
+            model(**inputs)
+            assert len(calls) == len(watched)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def test_one_prompt_broadcasts_over_the_batch(model):
     inputs = make_inputs()
     text = inputs["text"][:1]
