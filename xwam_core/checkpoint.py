@@ -5,9 +5,12 @@ A checkpoint is a folder `RUN/checkpoints/step-NNNNNNNN/`:
     text.safetensors       the text conditioner's weights (+ text.json: its kind and task list)
     ema.safetensors        EMA weights of the model, when EMA is on
     optimizer.safetensors  every tensor of the optimizer state; optimizer.json: the rest (param groups)
-    trainer.json           step, epoch, position in the epoch, LR scheduler state, numpy/python RNG state
+    trainer.json           step, loss history, LR scheduler state, numpy/python RNG state (the data
+                           position follows from the step: see GlobalBatchSampler)
     rng.safetensors        torch CPU (and CUDA) RNG states
     recipe.toml            the resolved recipe
+    layout.json            views, tasks, window and the store's dimensions the model was trained on
+    stats.json             the training store's statistics (the normalization inference undoes)
 It is written under a temporary name and renamed when complete, so `latest` is always readable; only
 `keep_last` checkpoints are kept. Nothing is ever unpickled: tensors are safetensors, the rest JSON.
 """
@@ -124,6 +127,7 @@ def save_checkpoint(
     recipe_toml: str,
     ema: torch.nn.Module | None = None,
     keep_last: int = 3,
+    extra_json: dict[str, Any] | None = None,
 ) -> Path:
     """Write checkpoint `step-NNNNNNNN` atomically and prune old ones. Call on the main process."""
     root = Path(run_dir) / "checkpoints"
@@ -145,6 +149,8 @@ def save_checkpoint(
         state = {**trainer_state, "step": step, "scheduler": scheduler.state_dict(), "rng": rng_meta}
         (tmp / "trainer.json").write_text(json.dumps(state, indent=2))
         (tmp / "recipe.toml").write_text(recipe_toml)
+        for name, content in (extra_json or {}).items():
+            (tmp / name).write_text(json.dumps(content, indent=2))
         _fsync_tree(tmp)
         if final.exists():  # re-saving the same step (e.g. the end of a resumed run)
             shutil.rmtree(final)

@@ -134,7 +134,8 @@ def train(
     from accelerate.utils import DistributedDataParallelKwargs
 
     ddp = DistributedDataParallelKwargs(find_unused_parameters=not store.has_depth or cfg.lora_rank > 0)
-    accelerator = Accelerator(mixed_precision=mixed, kwargs_handlers=[ddp])
+    # cpu=True lets accelerate form a gloo process group when launched on machines without a GPU
+    accelerator = Accelerator(mixed_precision=mixed, kwargs_handlers=[ddp], cpu=not torch.cuda.is_available())
     world, rank = accelerator.num_processes, accelerator.process_index
     set_seed(recipe.seed)
 
@@ -236,7 +237,7 @@ def train(
             on_step(done, logs)
         if (cfg.checkpoint_every > 0 and done % cfg.checkpoint_every == 0) or done == cfg.max_steps:
             last_ckpt = _save(run_dir, done, objective, optimizer, scheduler, ema, accelerator, recipe_toml,
-                              cfg.keep_last, history, recipe, layout)
+                              cfg.keep_last, history, recipe, layout, store)
     seconds = time.perf_counter() - t0
     steps_run = max(0, cfg.max_steps - start_step)
     if tracker is not None:
@@ -268,12 +269,13 @@ def validate(objective: Any, val_set: WindowDataset, recipe: Any, accelerator: A
     masks = {t: 0.0 for t in LOSS_TERMS}
     for first in range(0, n, g):
         ids = list(range(first, min(first + g, n)))
-        mine = ids[rank::world]
+        share = math.ceil(len(ids) / world)
+        mine = ids[rank * share : (rank + 1) * share]  # contiguous: noise is seeded by the sample's index
         if not mine:
             continue
         batch = collate_windows([val_set[i] for i in mine])
         with accelerator.autocast():
-            losses = objective(batch, recipe.seed + 1, first, 0, train=False)
+            losses = objective(batch, recipe.seed + 1, 0, mine[0], train=False)
         for t in LOSS_TERMS:
             totals[t] += float((losses[t] * losses[f"{t}_mask"]).sum())
             masks[t] += float(losses[f"{t}_mask"].sum())
@@ -285,7 +287,9 @@ def validate(objective: Any, val_set: WindowDataset, recipe: Any, accelerator: A
 
 
 def _save(run_dir, step, objective, optimizer, scheduler, ema, accelerator, recipe_toml, keep_last, history,
-          recipe, layout) -> Path:
+          recipe, layout, store) -> Path:
+    from xwam_core.infer import CheckpointLayout
+
     accelerator.wait_for_everyone()
     path = run_dir / "checkpoints" / f"step-{step:08d}"
     unwrapped = accelerator.unwrap_model(objective)
@@ -294,10 +298,15 @@ def _save(run_dir, step, objective, optimizer, scheduler, ema, accelerator, reci
         if ema is not None:
             ema_module = _EMAHolder(ema)
         trainer_state = {"history": history, "processes": accelerator.num_processes}
+        ckpt_layout = CheckpointLayout(
+            views=layout.views, tasks=layout.tasks, window=layout.window, action_dim=layout.store_action_dim,
+            state_dim=layout.store_state_dim, image_size=layout.image_size, store=str(store.path),
+        )
         path = ckpt_io.save_checkpoint(
             run_dir, step, unwrapped.model, unwrapped.text, text_meta(recipe.model, layout), optimizer.optimizer
             if hasattr(optimizer, "optimizer") else optimizer, scheduler, trainer_state, recipe_toml,
             ema=ema_module, keep_last=keep_last,
+            extra_json={"layout.json": ckpt_layout.to_json(), "stats.json": store.stats},
         )
     accelerator.wait_for_everyone()
     return path
