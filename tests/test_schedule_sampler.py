@@ -7,6 +7,7 @@ import pytest
 import torch
 from scipy import integrate, stats
 
+from xwam_core.errors import RecipeError
 from xwam_core.schedule.flow import add_noise, masked_mse, shift_timesteps, unshift_timesteps, velocity_target
 from xwam_core.schedule.sampler import (
     NoiseSamplerConfig,
@@ -149,3 +150,29 @@ def test_loss_weights_mask_clean_actions_invalid_dims_and_missing_depth():
     assert masked_mse(pred, target, torch.zeros(8, 1, 3)) == 0
     depth_weight = depth_loss_weight(torch.tensor([[True, False], [True, True]]))
     assert depth_weight.shape == (2, 2, 1, 1, 1, 1) and depth_weight.sum() == 3
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        ({"mode": "joint"}, "mode"),
+        ({"p_clean_action": 1.5}, "p_clean_action"),
+        ({"p_clean_action": -0.1}, "p_clean_action"),
+        ({"p_drop_text": 2.0}, "p_drop_text"),
+        ({"lag_beta_a": 0.0}, "lag_beta_a"),
+        ({"lag_beta_b": -1.0}, "lag_beta_b"),
+        ({"shift": 0.0}, "shift"),
+        ({"shift": float("inf")}, "shift"),
+    ],
+)
+def test_sampler_config_errors_name_the_field(overrides, field):
+    config = NoiseSamplerConfig(**overrides)
+    with pytest.raises(RecipeError, match=rf"^noise\.{field}: expected") as error:
+        config.validate()
+    assert "\n" not in str(error.value)
+
+
+def test_default_sampler_config_is_valid():
+    NoiseSamplerConfig().validate()
+    for mode in ("sync", "decoupled"):
+        NoiseSamplerConfig(mode=mode).validate()

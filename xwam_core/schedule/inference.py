@@ -1,9 +1,11 @@
 """Asynchronous denoising (METHOD.md section 4): policy mode and world mode.
 
-One diffusers `UniPCMultistepScheduler` per stream (video, actions, states), configured for flow
-matching: `prediction_type="flow_prediction"`, `use_flow_sigmas=True`, `flow_shift=5`, order 2.
-Its sigmas run from ~1 (noise) to 0 (clean) with x_sigma = (1 - sigma) x_0 + sigma eps, and it
-takes the model's velocity eps - x_0 as is (x0_pred = x - sigma v): no sign flip needed.
+One multistep UniPC solver per stream (video, actions, states), with the schedule of diffusers'
+`UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=5,
+solver_order=2)`. Its sigmas run from ~1 (noise) to 0 (clean) with x_sigma = (1 - sigma) x_0 +
+sigma eps, and it takes the model's velocity eps - x_0 as is (x0_pred = x - sigma v): no sign flip.
+By default each step is applied by `FlowUniPC` (unipc.py: the same arithmetic with coefficients
+computed once, in place); `unipc_impl="diffusers"` calls the scheduler's own `step` instead.
 
 Async schedule: steps 1..T_action advance video, actions and states in the same denoiser call; then
 actions and states are clean and frozen (t_action = 0) and the video continues alone to T_video.
@@ -24,9 +26,11 @@ from diffusers.schedulers.scheduling_unipc_multistep import UniPCMultistepSchedu
 
 from xwam_core.errors import RecipeError
 from xwam_core.schedule.flow import NUM_TRAIN_TIMESTEPS
+from xwam_core.schedule.unipc import FlowUniPC
 
 SCHEDULES = ("async", "sync")
 MODES = ("policy", "world")
+UNIPC_IMPLS = ("precomputed", "diffusers")
 
 
 class Denoiser(Protocol):
@@ -57,6 +61,7 @@ class InferenceScheduleConfig:
     num_steps_action: int = 10  # T_action (actions and states); async only
     shift: float = 5.0  # flow shift of every stream's sigmas
     solver_order: int = 2  # UniPC order
+    unipc_impl: str = "precomputed"  # "precomputed" (FlowUniPC, same arithmetic) | "diffusers" (reference)
     guidance_scale: float = 1.0  # classifier-free guidance; 1 = one pass, no null-prompt call
 
     def validate(self) -> None:
@@ -73,6 +78,10 @@ class InferenceScheduleConfig:
             raise RecipeError(
                 f"inference.num_steps_action: expected an integer in [1, num_steps_video={self.num_steps_video}],"
                 f" got {self.num_steps_action}"
+            )
+        if self.unipc_impl not in UNIPC_IMPLS:
+            raise RecipeError(
+                f"inference.unipc_impl: expected one of {', '.join(UNIPC_IMPLS)}, got {self.unipc_impl!r}"
             )
         if not self.shift > 0:
             raise RecipeError(f"inference.shift: expected a number > 0, got {self.shift}")
@@ -110,22 +119,36 @@ def make_flow_unipc(num_steps: int, shift: float = 5.0, solver_order: int = 2) -
     return scheduler
 
 
-class _Stream:
-    """One stream's scheduler plus the model timesteps of each step, built once per config."""
+class _DiffusersStepper:
+    """Steps with `UniPCMultistepScheduler.step` itself: the reference, ~20x the per-step overhead."""
 
-    def __init__(self, num_steps: int, config: InferenceScheduleConfig):
-        self.num_steps = num_steps
-        self.scheduler = make_flow_unipc(num_steps, config.shift, config.solver_order)
-        self.sigmas = self.scheduler.sigmas.clone()  # (num_steps + 1,) float32, last = 0
+    def __init__(self, scheduler: UniPCMultistepScheduler):
+        self.scheduler = scheduler
+        self.num_steps = len(scheduler.timesteps)
 
-    def reset(self) -> None:
-        """Forget the previous run's history; begin_index 0 avoids the timestep lookup (and its sync)."""
+    def start(self, like: torch.Tensor) -> None:
+        """Forget the previous trajectory; begin_index 0 skips the timestep lookup (and its .item())."""
         self.scheduler.set_timesteps(self.num_steps)
         self.scheduler.set_begin_index(0)
 
-    def step(self, index: int, velocity: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
-        """Advance `sample` from sigma[index] to sigma[index + 1] with the model's velocity."""
-        return self.scheduler.step(velocity, self.scheduler.timesteps[index], sample, return_dict=False)[0]
+    def step(self, i: int, velocity: torch.Tensor, sample: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        # The scheduler keeps a reference to `sample` for its corrector: hand it a copy, since `out`
+        # may be `sample` and is overwritten below.
+        prev = self.scheduler.step(velocity, self.scheduler.timesteps[i], sample.clone(), return_dict=False)[
+            0
+        ]
+        return out.copy_(prev)
+
+
+def _make_stepper(
+    num_steps: int, config: InferenceScheduleConfig
+) -> tuple[FlowUniPC | _DiffusersStepper, torch.Tensor]:
+    """A stream's stepper and its sigmas (num_steps + 1,), both from diffusers' flow UniPC schedule."""
+    scheduler = make_flow_unipc(num_steps, config.shift, config.solver_order)
+    sigmas = scheduler.sigmas.clone()
+    if config.unipc_impl == "diffusers":
+        return _DiffusersStepper(scheduler), sigmas
+    return FlowUniPC(sigmas, config.solver_order), sigmas
 
 
 class DenoisingSchedule:
@@ -139,25 +162,26 @@ class DenoisingSchedule:
         self.num_steps_action = (
             config.num_steps_action if config.schedule == "async" else config.num_steps_video
         )
-        self.video = _Stream(self.num_steps_video, config)
-        self.actions = _Stream(self.num_steps_action, config)
-        self.states = _Stream(self.num_steps_action, config)
-        # Model timesteps per denoiser call; t_action is 0 once actions are clean.
-        t_video = self.video.sigmas[:-1] * NUM_TRAIN_TIMESTEPS  # (T_video,)
+        self.video, video_sigmas = _make_stepper(self.num_steps_video, config)
+        self.actions, action_sigmas = _make_stepper(self.num_steps_action, config)
+        self.states, _ = _make_stepper(self.num_steps_action, config)
+        # Model timesteps per denoiser call: sigma * 1000 exactly (diffusers' .timesteps are truncated
+        # to integers); t_action is 0 once actions are clean.
+        t_video = video_sigmas[:-1] * NUM_TRAIN_TIMESTEPS  # (T_video,)
         t_action = torch.zeros(self.num_steps_video)
-        t_action[: self.num_steps_action] = self.actions.sigmas[:-1] * NUM_TRAIN_TIMESTEPS
+        t_action[: self.num_steps_action] = action_sigmas[:-1] * NUM_TRAIN_TIMESTEPS
         self._timesteps = torch.stack([t_video, t_action])  # (2, T_video)
-        self._timesteps_on: dict[tuple[torch.device, torch.dtype, int], torch.Tensor] = {}
+        self._timesteps_on: dict[tuple[torch.device, int], torch.Tensor] = {}
 
     def num_denoiser_calls(self, mode: str) -> int:
         """Forward passes per query (without guidance): T_action in policy mode, T_video in world mode."""
         return self.num_steps_action if mode == "policy" else self.num_steps_video
 
-    def _timesteps_for(self, device: torch.device, dtype: torch.dtype, batch_size: int) -> torch.Tensor:
-        key = (device, dtype, batch_size)
+    def _timesteps_for(self, device: torch.device, batch_size: int) -> torch.Tensor:
+        key = (device, batch_size)
         if key not in self._timesteps_on:  # (2, T_video, B), made once per device/batch size
             self._timesteps_on[key] = (
-                self._timesteps.to(device=device, dtype=dtype)[:, :, None]
+                self._timesteps.to(device=device, dtype=torch.float32)[:, :, None]
                 .expand(-1, -1, batch_size)
                 .contiguous()
             )
@@ -187,18 +211,17 @@ class DenoisingSchedule:
         guidance = self.config.guidance_scale
         if guidance != 1.0 and uncond_denoiser is None:
             raise ValueError("guidance_scale != 1 needs an uncond_denoiser (the null-prompt model)")
-        for stream in (self.video, self.actions, self.states):
-            stream.reset()
-
         batch_size = video.shape[0]
-        timesteps = self._timesteps_for(video.device, video.dtype, batch_size)  # (2, T_video, B)
-        # Model-input buffers hold the clean condition in frame 0 / state 0; the schedulers own the
-        # noisy parts (they keep references to past samples, so those are never written in place).
+        timesteps = self._timesteps_for(video.device, batch_size)  # (2, T_video, B) float32
+        # The model-input buffers are stepped in place; frame 0 / state 0 (the condition) are never written.
         video_in = video.clone()  # (B, V, C, F, h, w)
+        actions_in = actions.clone()  # (B, K, Da)
         states_in = states.clone()  # (B, S, Ds)
-        video_noisy = video[:, :, :, 1:].clone()  # (B, V, C, F-1, h, w)
-        states_noisy = states[:, 1:].clone()  # (B, S-1, Ds)
-        actions_now = actions
+        video_noisy = video_in[:, :, :, 1:]  # (B, V, C, F-1, h, w) view
+        states_noisy = states_in[:, 1:]  # (B, S-1, Ds) view
+        self.video.start(video_noisy)
+        self.actions.start(actions_in)
+        self.states.start(states_noisy)
 
         num_calls = self.num_denoiser_calls(mode)
         depth = None
@@ -207,13 +230,13 @@ class DenoisingSchedule:
             run_depth = mode == "world" and step == num_calls - 1
             t_video, t_action = timesteps[0, step], timesteps[1, step]  # (B,), (B,)
             v_video, v_actions, v_states, depth = denoiser(
-                video_in, actions_now, states_in, t_video, t_action, run_depth
+                video_in, actions_in, states_in, t_video, t_action, run_depth
             )
             calls += 1
             if guidance != 1.0:
                 assert uncond_denoiser is not None
                 u_video, u_actions, u_states, _ = uncond_denoiser(
-                    video_in, actions_now, states_in, t_video, t_action, False
+                    video_in, actions_in, states_in, t_video, t_action, False
                 )
                 calls += 1
                 v_video = torch.lerp(u_video, v_video, guidance)
@@ -221,17 +244,15 @@ class DenoisingSchedule:
                 v_states = torch.lerp(u_states, v_states, guidance)
 
             if step < self.num_steps_action:
-                actions_now = self.actions.step(step, v_actions, actions_now)
-                states_noisy = self.states.step(step, v_states[:, 1:], states_noisy)
-                states_in[:, 1:].copy_(states_noisy)
+                self.actions.step(step, v_actions, actions_in, out=actions_in)
+                self.states.step(step, v_states[:, 1:], states_noisy, out=states_noisy)
             if mode == "world" or step < num_calls - 1 or on_step is not None:
-                video_noisy = self.video.step(step, v_video[:, :, :, 1:], video_noisy)
-                video_in[:, :, :, 1:].copy_(video_noisy)
+                self.video.step(step, v_video[:, :, :, 1:], video_noisy, out=video_noisy)
             if on_step is not None:
-                on_step(step + 1, video_in, actions_now, states_in)
+                on_step(step + 1, video_in, actions_in, states_in)
 
         return DenoiseResult(
-            actions=actions_now,
+            actions=actions_in,
             states=states_in,
             video=video_in if mode == "world" else None,
             depth=depth if mode == "world" else None,

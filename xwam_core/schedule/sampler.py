@@ -36,17 +36,15 @@ class NoiseSamplerConfig:
     def validate(self) -> None:
         """Raise RecipeError naming the first field outside its range."""
         if self.mode not in SAMPLER_MODES:
-            raise RecipeError(
-                f"noise_sampler.mode: expected one of {', '.join(SAMPLER_MODES)}, got {self.mode!r}"
-            )
+            raise RecipeError(f"noise.mode: expected one of {', '.join(SAMPLER_MODES)}, got {self.mode!r}")
         for name in ("p_clean_action", "p_drop_text"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
-                raise RecipeError(f"noise_sampler.{name}: expected a probability in [0, 1], got {value}")
+                raise RecipeError(f"noise.{name}: expected a probability in [0, 1], got {value}")
         for name in ("lag_beta_a", "lag_beta_b", "shift"):
             value = getattr(self, name)
             if not (value > 0.0 and math.isfinite(value)):
-                raise RecipeError(f"noise_sampler.{name}: expected a finite number > 0, got {value}")
+                raise RecipeError(f"noise.{name}: expected a finite number > 0, got {value}")
 
 
 @dataclass
@@ -81,9 +79,7 @@ def sample_noise_levels(
     elif config.mode == "decoupled":
         t_action, t_video = uniform[1], uniform[2]
     else:
-        raise RecipeError(
-            f"noise_sampler.mode: expected one of {', '.join(SAMPLER_MODES)}, got {config.mode!r}"
-        )
+        raise RecipeError(f"noise.mode: expected one of {', '.join(SAMPLER_MODES)}, got {config.mode!r}")
     t_video = shift_timesteps(t_video, config.shift)
     t_action = shift_timesteps(t_action, config.shift)
     return NoiseSample(
