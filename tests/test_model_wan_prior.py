@@ -156,3 +156,5 @@ def test_bad_sources_raise_one_line_errors(tmp_path, wan_dir):
         XWAMTransformer.from_wan_pretrained(tmp_path / "vae")
     with pytest.raises(XWAMError, match="come from the checkpoint"):
         XWAMTransformer.from_wan_pretrained(wan_dir, num_layers=2)
+    with pytest.raises(XWAMError, match="unknown XWAMTransformer setting"):
+        XWAMTransformer.from_wan_pretrained(wan_dir, num_view=2)

@@ -374,7 +374,7 @@ class XWAMTransformer(ModelMixin, ConfigMixin):  # type: ignore[misc]
         self.depth_proj_out = nn.Linear(inner_dim, out_channels * math.prod(patch_size))
 
         self.gradient_checkpointing = False
-        self._init_new_parameters(copy_depth_blocks=False)  # deepcopy above already copied them
+        self._init_new_parameters()  # the depth blocks are deep copies of the last M blocks
         self._install_processors()
 
     # ---- construction helpers ------------------------------------------------------------------
@@ -384,7 +384,7 @@ class XWAMTransformer(ModelMixin, ConfigMixin):  # type: ignore[misc]
         return [n for n, _ in self.named_parameters() if not n.startswith(("wan.", "depth_blocks."))]
 
     @torch.no_grad()
-    def _init_new_parameters(self, copy_depth_blocks: bool = True) -> None:
+    def _init_new_parameters(self) -> None:
         """Explicit init of the X-WAM additions: zero view embedding, default Linear init, Wan-style head table."""
         self.view_embedding.zero_()
         for mlp in (self.action_encoder, self.action_decoder, self.state_encoder, self.state_decoder):
@@ -393,10 +393,6 @@ class XWAMTransformer(ModelMixin, ConfigMixin):  # type: ignore[misc]
                     layer.reset_parameters()
         self.depth_scale_shift_table.normal_(std=self.inner_dim**-0.5)
         self.depth_proj_out.reset_parameters()
-        if copy_depth_blocks:
-            first = self.cfg.num_layers - self.cfg.num_depth_blocks
-            for j, block in enumerate(self.depth_blocks):
-                block.load_state_dict(self.wan.blocks[first + j].state_dict())
 
     def _install_processors(self) -> None:
         for module in self.modules():
@@ -437,6 +433,9 @@ class XWAMTransformer(ModelMixin, ConfigMixin):  # type: ignore[misc]
         (`Wan-AI/Wan2.2-TI2V-5B-Diffusers`). `xwam_kwargs`: the X-WAM arguments (num_views, action_dim, ...).
         Returns (model, report); the report lists every new parameter.
         """
+        unknown = sorted(set(xwam_kwargs) - set(cls._get_init_keys(cls)))
+        if unknown:
+            raise XWAMError(f"from_wan_pretrained: unknown XWAMTransformer setting(s) {unknown}")
         wan_keys = set(_WAN_CONFIG_KEYS) & set(xwam_kwargs)
         if wan_keys:
             raise XWAMError(
@@ -463,7 +462,7 @@ class XWAMTransformer(ModelMixin, ConfigMixin):  # type: ignore[misc]
         first = num_layers - num_depth
         model.depth_blocks = nn.ModuleList(copy.deepcopy(wan.blocks[i]) for i in range(first, num_layers))
         model._materialize_new_parameters(device=wan.device, dtype=torch_dtype or torch.float32)
-        model._init_new_parameters(copy_depth_blocks=False)
+        model._init_new_parameters()
         model._install_processors()
 
         report = WanInitReport(
