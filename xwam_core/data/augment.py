@@ -4,6 +4,9 @@
   for RGB, nearest for depth so no depth is invented at edges). The same crop for every frame of a
   view (the video stays consistent) and the intrinsics follow the crop, so geometry stays right.
 - Colour jitter shared across views and frames of a sample: brightness, contrast, saturation, hue.
+  Hue turns the chroma plane of YIQ colour space by 2*pi*h (one 3x3 matrix per sample), a linear
+  stand-in for HSV hue rotation that runs on the whole batch at once.
+Everything is batched: one grid_sample per modality, one matrix product for hue.
 """
 
 from __future__ import annotations
@@ -32,15 +35,32 @@ def _grayscale(rgb: torch.Tensor) -> torch.Tensor:
     return (0.299 * r + 0.587 * g + 0.114 * b).unsqueeze(-3)
 
 
-def _shift_hue(rgb: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """Rotate hue by shift[i] (fraction of a turn) for every image of sample i; rgb (B, ..., 3, H, W)."""
-    from torchvision.transforms.v2 import functional as TF
+_RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
 
-    out = torch.empty_like(rgb)
-    for i in range(rgb.shape[0]):  # one call per sample: all its views and frames share the shift
-        images = rgb[i].reshape(-1, *rgb.shape[-3:])  # (V*T, 3, H, W)
-        out[i] = TF.adjust_hue(images, float(shift[i])).reshape(rgb.shape[1:])
-    return out
+
+def _hue_matrices(turns: torch.Tensor) -> torch.Tensor:
+    """(B,) hue shifts in turns -> (B, 3, 3) RGB matrices rotating the YIQ chroma plane."""
+    angle = turns * 2 * torch.pi
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    rot = torch.zeros(turns.shape[0], 3, 3, dtype=torch.float32)
+    rot[:, 0, 0] = 1
+    rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = cos, -sin, sin, cos
+    yiq = _RGB_TO_YIQ
+    return torch.linalg.inv(yiq) @ rot @ yiq
+
+
+def _crop_grid(top: torch.Tensor, left: torch.Tensor, ch: int, cw: int, h: int, w: int) -> torch.Tensor:
+    """(N,) crop corners -> (N, h, w, 2) grid_sample coordinates resizing the crop to (h, w).
+
+    Pixel centres are integers: output pixel i samples input y = top + (i + 0.5) ch / h - 0.5;
+    grid_sample (align_corners=False) wants 2 (y + 0.5) / H - 1.
+    """
+    ys = (torch.arange(h, dtype=torch.float32) + 0.5) * ch / h  # (h,) = y + 0.5 - top
+    xs = (torch.arange(w, dtype=torch.float32) + 0.5) * cw / w
+    gy = 2 * (top[:, None].float() + ys[None]) / h - 1  # (N, h)
+    gx = 2 * (left[:, None].float() + xs[None]) / w - 1  # (N, w)
+    n = top.shape[0]
+    return torch.stack([gx[:, None, :].expand(n, h, w), gy[:, :, None].expand(n, h, w)], dim=-1)
 
 
 def augment_batch(
@@ -59,27 +79,24 @@ def augment_batch(
         return rgb, depth, intrinsics
     b, v, t, _, h, w = rgb.shape
     dev = rgb.device
-    rand = torch.rand(b, v, 2, generator=generator).to(dev)  # crop offsets per view
+    rand = torch.rand(b, v, 2, generator=generator)  # crop offsets per view
     ch, cw = max(1, round(h * config.crop_scale)), max(1, round(w * config.crop_scale))
     top = (rand[..., 0] * (h - ch + 1)).long().clamp(max=h - ch)  # (B, V)
     left = (rand[..., 1] * (w - cw + 1)).long().clamp(max=w - cw)
-    out_rgb = torch.empty_like(rgb)
-    out_depth = torch.empty_like(depth)
-    out_k = intrinsics.clone()
-    for i in range(b):
-        for j in range(v):
-            y0, x0 = int(top[i, j]), int(left[i, j])
-            crop = rgb[i, j, :, :, y0 : y0 + ch, x0 : x0 + cw]  # (T, 3, ch, cw)
-            out_rgb[i, j] = F.interpolate(crop, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
-            dcrop = depth[i, j, :, None, y0 : y0 + ch, x0 : x0 + cw]  # (T, 1, ch, cw)
-            out_depth[i, j] = F.interpolate(dcrop, size=(h, w), mode="nearest")[:, 0]
+    grid = _crop_grid(top.flatten(), left.flatten(), ch, cw, h, w).to(dev)  # (B*V, h, w, 2)
+    grid = grid[:, None].expand(b * v, t, h, w, 2).reshape(b * v * t, h, w, 2)
+    out_rgb = F.grid_sample(rgb.reshape(b * v * t, 3, h, w), grid, mode="bilinear", padding_mode="border",
+                            align_corners=False).reshape(rgb.shape)
+    out_depth = F.grid_sample(depth.reshape(b * v * t, 1, h, w), grid, mode="nearest", padding_mode="border",
+                              align_corners=False).reshape(depth.shape)
     # Pixel centres sit at integer coordinates (xwam_core.geometry). Resizing maps pixel-edge
     # coordinates e' = (e - x0) * w / cw, and e = u + 0.5, so u' = (u + 0.5 - x0) * w / cw - 0.5.
+    out_k = intrinsics.clone()
     sx, sy = w / cw, h / ch
     out_k[..., 0, 0] *= sx
-    out_k[..., 0, 2] = (out_k[..., 0, 2] + 0.5 - left[:, :, None].to(out_k.dtype)) * sx - 0.5
+    out_k[..., 0, 2] = (out_k[..., 0, 2] + 0.5 - left[:, :, None].to(dev, out_k.dtype)) * sx - 0.5
     out_k[..., 1, 1] *= sy
-    out_k[..., 1, 2] = (out_k[..., 1, 2] + 0.5 - top[:, :, None].to(out_k.dtype)) * sy - 0.5
+    out_k[..., 1, 2] = (out_k[..., 1, 2] + 0.5 - top[:, :, None].to(dev, out_k.dtype)) * sy - 0.5
 
     # colour jitter: one set of factors per sample, shared by all views and frames
     jitter = torch.rand(b, 4, generator=generator).to(dev) * 2 - 1  # (B, 4) in [-1, 1]
@@ -87,12 +104,12 @@ def augment_batch(
     brightness = (1 + config.brightness * jitter[:, 0]).view(shape)
     contrast = (1 + config.contrast * jitter[:, 1]).view(shape)
     saturation = (1 + config.saturation * jitter[:, 2]).view(shape)
-    hue = config.hue * jitter[:, 3]  # (B,)
     x = (out_rgb * brightness).clamp(0, 1)
     mean = _grayscale(x).mean(dim=(-3, -2, -1), keepdim=True)
     x = ((x - mean) * contrast + mean).clamp(0, 1)
     gray = _grayscale(x)
     x = ((x - gray) * saturation + gray).clamp(0, 1)
     if config.hue > 0:
-        x = _shift_hue(x, hue)
+        m = _hue_matrices(config.hue * jitter[:, 3].cpu()).to(dev, x.dtype)  # (B, 3, 3)
+        x = torch.einsum("bij,bvtjhw->bvtihw", m, x).clamp(0, 1)
     return x, out_depth, out_k
