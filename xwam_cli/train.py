@@ -67,6 +67,9 @@ def _run(recipe_path: Path, set_: list[str] | None, init: str | None, resume: st
         val = f" val {logs['val_loss']:.4f}" if "val_loss" in logs else ""
         stats = f"loss {logs['loss']:.4f}{val} lr {logs['lr']:.2e} {rate:.2f} it/s"
         progress.update(state["task"], completed=step, stats=stats)
+        if not err_console.is_terminal and (step % recipe.train.log_every == 0 or val):
+            # no live bar in logs and CI: a plain line every log_every steps instead
+            err_console.print(f"step {step}/{recipe.train.max_steps} {stats}", highlight=False)
 
     try:
         result = train(recipe, init_checkpoint=init, resume=resume, on_start=on_start, on_step=on_step)
