@@ -212,6 +212,13 @@ class _TaskSim:
                 np.array([[focal, 0, (width - 1) / 2], [0, focal, (height - 1) / 2], [0, 0, 1]], np.float32)
             )
 
+    def reset(self, seed: int) -> Any:
+        """Start the episode of simulator seed `seed`; returns the first observation."""
+        self.env.seed(seed)
+        obs, _ = self.env.reset()
+        self.sim.mujoco.mj_forward(self.model, self.data)  # reset moves the goal site last
+        return obs
+
     def extrinsics(self, camera: _Camera) -> np.ndarray:
         """Camera-to-world (4, 4) in OpenCV axes at the current instant."""
         pose = np.eye(4)
@@ -356,9 +363,7 @@ class MetaWorldSource(EpisodeSource):
         """Run the expert for one episode from its own seed."""
         env, n_views = task_sim.env, len(self.views)
         seed = self.episode_seed(task_sim.task, episode_index)
-        env.seed(seed)
-        obs, _ = env.reset()
-        task_sim.sim.mujoco.mj_forward(task_sim.model, task_sim.data)  # reset moves the goal site last
+        obs = task_sim.reset(seed)
         max_t, height, width = self.max_steps, self.height, self.width
         rgb = np.empty((n_views, max_t, height, width, 3), np.uint8)  # (V, T, H, W, 3)
         depth = np.empty((n_views, max_t, height, width), np.float32)  # (V, T, H, W)
@@ -405,6 +410,11 @@ class MetaWorldSource(EpisodeSource):
             success=success_frame >= 0,
             extra={"episode_seed": seed, "success_frame": success_frame, "episode_index": episode_index},
         )
+
+
+# Closed-loop evaluation (xwam_core.sim.metaworld) drives the same simulator, cameras and renderer.
+TaskSim = _TaskSim
+gl_context = _gl_context
 
 
 @cache
