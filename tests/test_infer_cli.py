@@ -1,0 +1,202 @@
+"""`xwam infer`: complete, atomic run folders; truth taken from the store; reproducible; bad input refused."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.run_fixtures import (
+    app,
+    no_temporaries,
+    one_line_error,
+    other_store,
+    runner,
+    tiny_checkpoint,
+    world_run,
+)
+from xwam_core.data.reader import EpisodeStore
+from xwam_core.data.video import decode_video
+from xwam_core.infer_run import evenly_spaced, hand_poses, parse_episodes, predicted_cameras
+from xwam_core.runs import load_run, store_fingerprint
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return tiny_checkpoint(tmp_path_factory)
+
+
+def test_world_run_is_complete_and_matches_the_store(ckpt, tmp_path_factory):
+    store_path, checkpoint = ckpt
+    run = load_run(world_run(tmp_path_factory))
+    m = run.manifest
+    assert m["command"].startswith("xwam infer --ckpt")
+    assert m["checkpoint"] == str(checkpoint.resolve())
+    assert m["store"] == str(store_path.resolve()) and m["store_fingerprint"] == store_fingerprint(store_path)
+    assert m["episodes"] == [2] and "held out" in m["episodes_reason"]  # data.val_episodes=1 of 3
+    assert m["recipe"]["inference"]["num_steps_video"] == 2 and m["recipe"]["data"]["future_frames"] == 4
+    assert m["latency_ms"]["mean"] > 0 and m["latency_ms"]["median"] > 0
+    assert m["cameras"] == {"a": "fixed: recorded pose", "b": "fixed: recorded pose"}
+    n, v, t, k = 2, 2, 5, 8
+    assert run["pred_rgb"].shape == run["true_rgb"].shape == (n, v, t, 32, 32, 3)
+    assert run["pred_rgb"].dtype == np.uint8
+    assert run["pred_depth"].shape == run["true_depth"].shape == (n, v, t, 32, 32)
+    assert run["pred_actions"].shape == run["true_actions"].shape == (n, k, 4)
+    assert run["intrinsics"].shape == (n, v, t, 3, 3) and run["pred_extrinsics"].shape == (n, v, t, 4, 4)
+    np.testing.assert_array_equal(run["pred_extrinsics"], run["extrinsics"])  # fixed views keep their pose
+    # windows evenly spaced over the 14 - 9 + 1 = 6 starts; truth in dataset units, straight from the store
+    assert run["frame_index"].tolist() == [0, 5] and run["episode_index"].tolist() == [2, 2]
+    episode = EpisodeStore(store_path).read_episode(2)
+    for w, start in enumerate(run["frame_index"]):
+        np.testing.assert_allclose(run["true_actions"][w], episode.action[start : start + k], rtol=1e-6)
+        np.testing.assert_allclose(run["true_states"][w], episode.state[start : start + 9 : 2], rtol=1e-6)
+        np.testing.assert_array_equal(run["true_rgb"][w, 1], episode.views["b"].rgb[start : start + 9 : 2])
+        np.testing.assert_allclose(
+            run["true_depth"][w, 0], episode.views["a"].depth[start : start + 9 : 2], atol=1e-3
+        )
+    stats = json.loads((checkpoint / "stats.json").read_text())
+    np.testing.assert_allclose(run["mean_action"], stats["action"]["mean"], rtol=1e-6)
+    for view in ("a", "b"):  # truth | prediction over depth, every frame of every window
+        frames = decode_video(run.path / "videos" / f"{view}.mp4")
+        assert frames.shape[0] == n * t and frames.shape[1] >= 192
+    assert sorted(p.name for p in run.path.iterdir()) == ["manifest.json", "predictions.npz", "videos"]
+    no_temporaries(run.path.parent)
+
+
+def test_policy_mode_is_reproducible_and_fast(ckpt, tmp_path):
+    store, checkpoint = ckpt
+    outs = []
+    for name in ("one", "two"):
+        out = tmp_path / name
+        args = [
+            "infer",
+            "--ckpt",
+            str(checkpoint),
+            "--data",
+            str(store),
+            "--out",
+            str(out),
+            "--mode",
+            "policy",
+            "--episodes",
+            "0,2",
+            "--windows-per-episode",
+            "1",
+            "--seed",
+            "3",
+        ]
+        result = runner.invoke(app(), args)
+        assert result.exit_code == 0, result.output
+        assert "latency per window" in result.output
+        outs.append(load_run(out))
+    a, b = outs
+    assert a.manifest["episodes_reason"] == "chosen with --episodes" and a["episode_index"].tolist() == [0, 2]
+    np.testing.assert_array_equal(a["pred_actions"], b["pred_actions"])
+    assert "pred_rgb" not in a.arrays and not (a.path / "videos").exists()
+    assert a.manifest["num_denoiser_calls"] == 2  # num_steps_action from the checkpoint's recipe
+
+
+def test_existing_run_needs_overwrite_and_is_replaced_whole(ckpt, tmp_path):
+    store, checkpoint = ckpt
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    base = [
+        "infer",
+        "--ckpt",
+        str(checkpoint),
+        "--data",
+        str(store),
+        "--out",
+        str(out),
+        "--mode",
+        "policy",
+        "--windows-per-episode",
+        "1",
+    ]
+    one_line_error(runner.invoke(app(), base), "already exists", "--overwrite")
+    assert (out / "stale.txt").exists()
+    result = runner.invoke(app(), [*base, "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert not (out / "stale.txt").exists() and (out / "manifest.json").exists()
+    no_temporaries(tmp_path)
+
+
+def test_a_crash_leaves_nothing(ckpt, tmp_path, monkeypatch):
+    store, checkpoint = ckpt
+    import xwam_core.data.video as video
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(video, "encode_video", broken)
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="disk full"):
+        from xwam_core.infer_run import InferOptions, infer_run
+
+        infer_run(InferOptions(checkpoint, store, out, episodes=[2], windows_per_episode=1))
+    assert not out.exists()
+    no_temporaries(tmp_path)
+
+
+def test_bad_input_one_line_nothing_written(ckpt, tmp_path, tmp_path_factory):
+    store, checkpoint = ckpt
+    out = tmp_path / "run"
+
+    def infer(*extra: str, data: Path = store, ck: Path = checkpoint):
+        return runner.invoke(
+            app(), ["infer", "--ckpt", str(ck), "--data", str(data), "--out", str(out), *extra]
+        )
+
+    one_line_error(infer(ck=tmp_path / "nope"), "checkpoint not found")
+    not_ckpt = tmp_path / "not_ckpt"
+    not_ckpt.mkdir()
+    one_line_error(infer(ck=not_ckpt), "not an xwam checkpoint")
+    one_line_error(infer(data=tmp_path / "nostore"), "store not found")
+    wrong_views = other_store(tmp_path_factory, "views-cd", views=("c", "d"))
+    one_line_error(infer(data=wrong_views), "incompatible checkpoint", "view(s) ['a', 'b']")
+    wrong_size = other_store(tmp_path_factory, "size-48", size=(48, 48))
+    one_line_error(infer(data=wrong_size), "incompatible checkpoint", "32x32")
+    new_task = other_store(tmp_path_factory, "task-open", tasks=("open",))
+    one_line_error(infer(data=new_task), "task 'open'", "unseen in training")
+    one_line_error(infer("--episodes", "9"), "no episode(s) [9]")
+    one_line_error(infer("--episodes", "x"), "--episodes")
+    one_line_error(infer("--mode", "dream"), "--mode")
+    one_line_error(infer("--num-steps-action", "9", "--num-steps-video", "4"), "num_steps_action")
+    assert not out.exists()
+    no_temporaries(tmp_path)
+
+
+def test_helpers():
+    assert parse_episodes("3,4") == [3, 4] and parse_episodes("0-2,7,2") == [0, 1, 2, 7]
+    assert parse_episodes(None) is None
+    assert (
+        evenly_spaced(6, 2) == [0, 5]
+        and evenly_spaced(3, 5) == [0, 1, 2]
+        and evenly_spaced(9, 3) == [0, 4, 8]
+    )
+
+
+def test_wrist_camera_follows_the_predicted_hand():
+    """A camera rigidly on the hand: predicted hand poses give back exactly the cameras they imply."""
+    rng = np.random.default_rng(0)
+    t = 4
+    quats = rng.normal(size=(1, t, 4))
+    quats /= np.linalg.norm(quats, axis=-1, keepdims=True)
+    states = np.concatenate([rng.normal(size=(1, t, 3)), quats, rng.uniform(size=(1, t, 1))], axis=-1)
+    hand = hand_poses(states, list(range(7)))  # (1, T, 4, 4)
+    mount = np.eye(4)
+    mount[:3, 3] = [0.0, 0.05, -0.1]
+    cams = hand @ mount  # the camera's true path
+    fixed = np.repeat(np.eye(4)[None, None, None], t, axis=2)
+    extrinsics = np.concatenate([fixed, cams[:, None]], axis=1)  # (1, V=2, T, 4, 4)
+    out = predicted_cameras(extrinsics, [False, True], states, states[:, 0], list(range(7)))
+    np.testing.assert_allclose(out, extrinsics, atol=1e-5)
+    # with another predicted path the wrist camera moves with it, the fixed one does not
+    moved = states.copy()
+    moved[..., 0] += 0.1
+    out = predicted_cameras(extrinsics, [False, True], moved, states[:, 0], list(range(7)))
+    np.testing.assert_allclose(out[:, 1, 1:, 0, 3], cams[:, 1:, 0, 3] + 0.1, atol=1e-5)
+    np.testing.assert_allclose(out[:, 0], extrinsics[:, 0])
