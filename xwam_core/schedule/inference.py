@@ -152,7 +152,10 @@ def _make_stepper(
 
 
 class DenoisingSchedule:
-    """The asynchronous (or synchronous) denoising loop for one config. Build once, call per query."""
+    """The asynchronous (or synchronous) denoising loop for one config. Build once, call per query.
+
+    Holds its solvers' buffers between calls: use one instance per concurrent caller.
+    """
 
     def __init__(self, config: InferenceScheduleConfig | None = None):
         config = config or InferenceScheduleConfig()
