@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from xwam_cli import prepare, train
+from xwam_cli import evaluate, infer, prepare, reconstruct, train
 
 app = typer.Typer(
     name="xwam",
@@ -24,6 +24,9 @@ def main() -> None:
 app.command(name="prepare", epilog=prepare.EXAMPLES)(prepare.prepare)
 app.command(name="pretrain", epilog=train.EXAMPLES)(train.pretrain)
 app.command(name="finetune", epilog=train.FINETUNE_EXAMPLES)(train.finetune)
+app.command(name="infer", epilog=infer.EXAMPLES)(infer.infer)
+app.command(name="reconstruct", epilog=reconstruct.EXAMPLES)(reconstruct.reconstruct)
+app.command(name="evaluate", epilog=evaluate.EXAMPLES)(evaluate.evaluate)
 
 
 if __name__ == "__main__":

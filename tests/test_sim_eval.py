@@ -1,0 +1,115 @@
+"""`xwam evaluate --sim metaworld`: same seeds give the same result, the starts are held out, the policy sees
+what the store records, and bad input is one line."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("metaworld")
+
+from tests.run_fixtures import app, metaworld_checkpoint, one_line_error, runner, tiny_checkpoint
+from xwam_core.data.video import decode_video
+
+pytestmark = pytest.mark.sim
+
+
+@pytest.fixture(scope="module")
+def predictor(tmp_path_factory):
+    from xwam_core.infer import Predictor
+
+    return Predictor.from_checkpoint(metaworld_checkpoint(tmp_path_factory))
+
+
+def test_same_seeds_same_result(predictor):
+    from xwam_core.sim.metaworld import eval_episode_seed, evaluate_metaworld
+
+    runs = [evaluate_metaworld(predictor, ["reach-v3"], 1, seed=5, max_steps=10) for _ in range(2)]
+    a, b = (r.to_json()["rollouts"] for r in runs)
+    for r in a:
+        r.pop("latency_ms")
+    for r in b:
+        r.pop("latency_ms")
+    assert a == b
+    assert [r["policy"] for r in a] == ["model", "expert", "random"]
+    assert {r["seed"] for r in a} == {eval_episode_seed(5, "reach-v3", 0)}
+    model = a[0]
+    assert model["queries"] == 2 and model["steps"] == 10  # 8-action chunks: 8 + 2 steps
+    assert a[0]["final_state"] != a[2]["final_state"]  # the policies really drove the robot differently
+
+
+def test_evaluation_starts_are_held_out(tmp_path):
+    from xwam_core.data.sources.metaworld import MetaWorldSource
+    from xwam_core.sim.metaworld import eval_episode_seed, training_seeds
+
+    for seed in range(3):
+        source = MetaWorldSource(["reach-v3", "push-v3"], 1, ["corner2"], seed=seed)
+        for task in ("reach-v3", "push-v3"):
+            train = {source.episode_seed(task, i) for i in range(50)}
+            evaluation = {eval_episode_seed(s, task, i) for s in range(3) for i in range(50)}
+            assert not train & evaluation
+    info = {"xwam": {"source": "metaworld", "source_extra": {"seed": 2, "episodes_per_task": 4}}}
+    (tmp_path / "meta").mkdir()
+    (tmp_path / "meta" / "info.json").write_text(json.dumps(info))
+    source = MetaWorldSource(["push-v3"], 4, ["corner2"], seed=2)
+    assert training_seeds(tmp_path, "push-v3") == {source.episode_seed("push-v3", i) for i in range(4)}
+
+
+def test_the_policy_sees_what_the_store_records():
+    """Same seed: the closed loop's first observation equals the recorded episode's frame 0, bit for bit."""
+    from xwam_core.data.sources import metaworld as mw
+    from xwam_core.sim.metaworld import observe
+
+    views = ["corner2", "gripperPOV"]
+    episode = next(mw.MetaWorldSource(["reach-v3"], 1, views, size=64, max_steps=1).episodes())
+    gl = mw.gl_context(64, 64)
+    try:
+        gl.make_current()
+        task_sim = mw.TaskSim(mw._sim(), "reach-v3", views, 64, 64, "fast")
+        try:
+            task_sim.reset(int(episode.extra["episode_seed"]))
+            rgb, state = observe(task_sim, gl)
+        finally:
+            task_sim.free()
+    finally:
+        gl.free()
+    for v, view in enumerate(views):
+        np.testing.assert_array_equal(rgb[v], episode.views[view].rgb[0])
+    np.testing.assert_array_equal(state, episode.state[0])
+
+
+def test_cli_video_json_and_bad_input(tmp_path, tmp_path_factory):
+    ckpt = metaworld_checkpoint(tmp_path_factory)
+    out, video = tmp_path / "sim.json", tmp_path / "videos"
+    base = ["evaluate", "--sim", "metaworld", "--ckpt", str(ckpt), "--episodes", "1", "--max-steps", "4"]
+    result = runner.invoke(
+        app(), [*base, "--tasks", "reach-v3", "--no-baselines", "--video", str(video), "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    assert "reach-v3" in result.output and "ms per query" in result.output
+    data = json.loads(out.read_text())
+    assert data["success_rate"]["per_task"]["reach-v3"].keys() == {"model"}
+    assert data["max_steps"] == 4 and data["notes"]["render_quality"] == "fast"
+    frames = decode_video(video / "reach-v3_ep000_model.mp4")
+    assert (
+        frames.shape[0] == 5 and frames.shape[2] == 2 * frames.shape[1]
+    )  # start + 4 steps, 2 views side by side
+    one_line_error(runner.invoke(app(), [*base, "--tasks", "reach-v9"]), "unknown Meta-World task 'reach-v9'")
+    one_line_error(runner.invoke(app(), [*base, "--tasks", "push-v3"]), "'push-v3' was not seen in training")
+    one_line_error(runner.invoke(app(), [*base]), "--tasks")
+    one_line_error(runner.invoke(app(), [*base, "--tasks", "reach-v3", "--max-steps", "0"]), "--max-steps")
+    _, synthetic = tiny_checkpoint(tmp_path_factory)
+    bad = ["evaluate", "--sim", "metaworld", "--ckpt", str(synthetic), "--tasks", "reach-v3"]
+    one_line_error(runner.invoke(app(), bad), "not Meta-World cameras")
+    one_line_error(
+        runner.invoke(app(), ["evaluate", "--sim", "robocasa", "--ckpt", str(ckpt)]), "--sim 'robocasa'"
+    )
+    one_line_error(
+        runner.invoke(app(), ["evaluate", "--sim", "metaworld", "--ckpt", str(tmp_path / "no")]),
+        "checkpoint not found",
+    )
+    one_line_error(
+        runner.invoke(app(), ["evaluate", str(tmp_path), "--sim", "metaworld"]), "drop the run folder"
+    )

@@ -1,0 +1,300 @@
+"""`xwam evaluate RUN --metrics ...` (offline, beside trivial baselines) and `xwam evaluate --sim metaworld`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from xwam_cli.common import console, err_console, fail, split_csv, user_errors
+
+EXAMPLES = """
+[bold]Examples[/]
+
+  xwam evaluate out/demo/infer --metrics psnr,ssim,absrel,delta1,chamfer,action_mse,action_l1
+  xwam evaluate out/demo/infer --metrics psnr,lpips --lpips-weights ~/weights/alexnet.safetensors
+  xwam evaluate --sim metaworld --ckpt CKPT --tasks reach-v3,push-v3 --episodes 10 --video out/demo/rollouts
+"""
+
+BASELINE_TITLES = {"repeat_frame": "repeat frame", "zero_action": "zero act.", "mean_action": "mean act."}
+
+
+def _fmt(x: float | None, unit: str) -> str:
+    if x is None:
+        return "—"
+    if unit == "m":
+        return f"{1000 * x:.2f}"
+    if abs(x) >= 100 or unit == "dB":
+        return f"{x:.2f}"
+    return f"{x:.4f}"
+
+
+def _pick(values: dict[str, Any], key: str) -> float | None:
+    return values.get("overall") if key == "overall" else values.get("per_view", {}).get(key)
+
+
+def offline_table(report: dict[str, Any]) -> Table:
+    """Rows: each metric overall (with its direction), then its views dimmed; columns: model, baselines."""
+    from xwam_core.evaluate import model_ahead
+
+    table = Table(
+        title=f"{report['windows']} windows of episodes {report['episodes']} ({report['episodes_reason']}); "
+        "future frames only",
+        caption="ahead: the model beats every baseline; chamfer in mm; psnr capped at 100 dB",
+    )
+    table.add_column("metric", style="bold", no_wrap=True)
+    table.add_column("model", justify="right", no_wrap=True)
+    used = [b for b in BASELINE_TITLES if any(b in e["baselines"] for e in report["metrics"].values())]
+    for b in used:
+        table.add_column(BASELINE_TITLES[b], justify="right", no_wrap=True)
+    table.add_column("ahead", justify="center", no_wrap=True)
+    for name, entry in report["metrics"].items():
+        unit = entry["unit"]
+        arrow = "↑" if entry["higher_is_better"] else "↓"
+        for key in ["overall", *(entry["model"].get("per_view") or {})]:
+            ahead = model_ahead(
+                {
+                    "model": {"v": _pick(entry["model"], key)},
+                    "higher_is_better": entry["higher_is_better"],
+                    "baselines": {b: {"v": _pick(v, key)} for b, v in entry["baselines"].items()},
+                },
+                "v",
+            )
+            mark = "—" if ahead is None else ("[green]yes[/]" if ahead else "[red]no[/]")
+            label = f"{name} {arrow}" if key == "overall" else f"  {key}"
+            row = [label, _fmt(_pick(entry["model"], key), unit)]
+            row += [
+                _fmt(_pick(entry["baselines"][b], key), unit) if b in entry["baselines"] else "" for b in used
+            ]
+            table.add_row(*row, mark, style=None if key == "overall" else "dim")
+    return table
+
+
+def sim_table(result: Any) -> Table:
+    data = result.to_json()
+    policies = list(data["success_rate"]["mean"])
+    table = Table(
+        title=f"Meta-World closed loop: {result.episodes} held-out episodes per task, seed {result.seed}, "
+        f"<= {result.max_steps} steps"
+    )
+    table.add_column("task", style="bold")
+    for p in policies:
+        table.add_column(
+            {"model": "model", "expert": "scripted expert", "random": "random"}[p], justify="right"
+        )
+
+    def cell(rate: float | None, n: int) -> str:
+        return "—" if rate is None else f"{100 * rate:.0f}% ({round(rate * n)}/{n})"
+
+    for task, rates in data["success_rate"]["per_task"].items():
+        table.add_row(task, *[cell(rates[p], result.episodes) for p in policies])
+    total = result.episodes * len(result.tasks)
+    table.add_row("mean", *[cell(data["success_rate"]["mean"][p], total) for p in policies], style="bold")
+    return table
+
+
+@user_errors
+def evaluate(
+    run: Annotated[
+        Path | None, typer.Argument(help="Run folder written by `xwam infer` (not with --sim).")
+    ] = None,
+    metrics: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated: psnr,ssim,lpips,absrel,delta1,chamfer,action_mse,action_l1. "
+            "Default: every metric the run allows (lpips only with weights)."
+        ),
+    ] = None,
+    lpips_weights: Annotated[
+        Path | None, typer.Option(help="Local AlexNet weights for LPIPS (or $XWAM_LPIPS_WEIGHTS).")
+    ] = None,
+    data: Annotated[
+        Path | None, typer.Option(help="The run's episode store, if it moved (its fingerprint must match).")
+    ] = None,
+    max_depth: Annotated[
+        float | None,
+        typer.Option(help="Metres: depth/cloud pixels beyond are left out (default: the run's)."),
+    ] = None,
+    voxel_size: Annotated[
+        float | None, typer.Option(help="Metres: voxel-downsample clouds before Chamfer.")
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="JSON to write (default RUN/metrics.json; --sim: none)."),
+    ] = None,
+    sim: Annotated[str | None, typer.Option(help="Closed loop in a simulator: 'metaworld'.")] = None,
+    ckpt: Annotated[Path | None, typer.Option(help="--sim: checkpoint folder.")] = None,
+    tasks: Annotated[
+        str | None, typer.Option(help="--sim: comma-separated tasks, e.g. reach-v3,push-v3.")
+    ] = None,
+    episodes: Annotated[int, typer.Option(help="--sim: episodes per task.")] = 10,
+    seed: Annotated[
+        int, typer.Option(help="--sim: seed of the held-out starts (same seed, same result).")
+    ] = 0,
+    max_steps: Annotated[int, typer.Option(help="--sim: step limit per episode.")] = 150,
+    video: Annotated[Path | None, typer.Option(help="--sim: folder for the model's rollout mp4s.")] = None,
+    baselines: Annotated[
+        bool,
+        typer.Option(help="--sim: also roll out the scripted expert and a random policy on the same seeds."),
+    ] = True,
+    render_quality: Annotated[
+        str | None, typer.Option(help="--sim: 'fast' or 'default' (default: the training store's).")
+    ] = None,
+) -> None:
+    """Report metrics with trivial baselines beside the model: offline on a run folder (RGB, depth, point
+    clouds, actions; future frames only), or closed-loop success in a simulator with --sim.
+
+    Offline: a table and RUN/metrics.json (written atomically). Baselines: repeat-the-current-frame for video, depth and clouds; zero and mean action for actions.
+    """
+    if sim is not None:
+        if run is not None:
+            fail(f"--sim evaluates a checkpoint in the simulator; drop the run folder {run} (or drop --sim)")
+        _evaluate_sim(sim, ckpt, tasks, episodes, seed, max_steps, video, baselines, render_quality, out)
+        return
+    if run is None:
+        fail("give a run folder (xwam evaluate RUN) or --sim metaworld --ckpt CKPT")
+    assert run is not None
+    _evaluate_offline(run, metrics, lpips_weights, data, max_depth, voxel_size, out)
+
+
+def _evaluate_offline(
+    run_path: Path,
+    metrics: str | None,
+    lpips_weights: Path | None,
+    data: Path | None,
+    max_depth: float | None,
+    voxel_size: float | None,
+    out: Path | None,
+) -> None:
+    import os
+
+    from xwam_core.errors import XWAMError
+    from xwam_core.evaluate import applicable_metrics, check_metrics, default_out, evaluate_run
+    from xwam_core.metrics import LPIPS_WEIGHTS_ENV, LPIPSMetric, parse_metrics
+    from xwam_core.runs import check_store, load_run, write_json_atomic
+
+    specs = parse_metrics(metrics) if metrics is not None else None
+    run = load_run(run_path)
+    check_store(run, data)
+    if max_depth is not None and max_depth <= 0:
+        raise XWAMError(f"--max-depth {max_depth}: expected a depth > 0 in metres")
+    if voxel_size is not None and voxel_size <= 0:
+        raise XWAMError(f"--voxel-size {voxel_size}: expected a length > 0 in metres")
+    if specs is None:
+        specs = applicable_metrics(run, with_lpips=bool(lpips_weights or os.environ.get(LPIPS_WEIGHTS_ENV)))
+    check_metrics(run, specs)
+    lpips = LPIPSMetric(lpips_weights) if any(s.name == "lpips" for s in specs) else None
+    progress = Progress(
+        TextColumn("[bold]evaluate {task.fields[metric]}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=True,
+    )
+    with progress:
+        task = progress.add_task("metrics", total=len(specs), metric="")
+        done = [0]
+
+        def on_metric(name: str) -> None:
+            progress.update(task, completed=done[0], metric=name)
+            done[0] += 1
+
+        report = evaluate_run(
+            run, specs, lpips=lpips, max_depth=max_depth, voxel_size=voxel_size, on_metric=on_metric
+        )
+    path = write_json_atomic(out or default_out(run), report)
+    console.print(offline_table(report))
+    console.print(f"metrics: {path}")
+
+
+def _evaluate_sim(
+    sim: str,
+    ckpt: Path | None,
+    tasks: str | None,
+    episodes: int,
+    seed: int,
+    max_steps: int,
+    video: Path | None,
+    baselines: bool,
+    render_quality: str | None,
+    out: Path | None,
+) -> None:
+    from xwam_core.errors import XWAMError
+
+    if sim != "metaworld":
+        raise XWAMError(f"--sim {sim!r}: the simulators are: metaworld")
+    if ckpt is None:
+        raise XWAMError("--sim metaworld needs --ckpt CKPT (the checkpoint to roll out)")
+    from xwam_core.infer import Predictor
+    from xwam_core.runs import write_json_atomic
+    from xwam_core.sim.metaworld import evaluate_metaworld
+
+    try:
+        predictor = Predictor.from_checkpoint(ckpt)
+    except XWAMError:
+        raise
+    except Exception as e:
+        raise XWAMError(f"{ckpt}: cannot load the checkpoint ({type(e).__name__}: {e})") from None
+    task_list = split_csv(tasks) or []
+    if not task_list:
+        raise XWAMError("--sim metaworld needs --tasks, e.g. --tasks reach-v3,push-v3")
+    progress = Progress(
+        TextColumn("[bold]closed loop"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[last]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=err_console,
+    )
+    state: dict[str, Any] = {}
+
+    def on_start(total: int) -> None:
+        progress.start()
+        state["task"] = progress.add_task("rollouts", total=total, last="")
+
+    def on_rollout(r: Any) -> None:
+        progress.update(
+            state["task"],
+            advance=1,
+            last=f"{r.task} #{r.episode} {r.policy}: {'success' if r.success else 'fail'} ({r.steps} steps)",
+        )
+
+    try:
+        result = evaluate_metaworld(
+            predictor,
+            task_list,
+            episodes,
+            seed=seed,
+            max_steps=max_steps,
+            render_quality=render_quality,
+            video_dir=video,
+            baselines=baselines,
+            on_start=on_start,
+            on_rollout=on_rollout,
+        )
+    finally:
+        progress.stop()
+    console.print(sim_table(result))
+    data = result.to_json()
+    if data["model_latency_ms_mean"] is not None:
+        console.print(
+            f"model: {data['model_latency_ms_mean']:.1f} ms per query (policy mode, "
+            f"{predictor.layout.window.num_actions} actions executed per query)"
+        )
+    if video is not None:
+        console.print(f"rollout videos: {video}")
+    if out is not None:
+        data["checkpoint"] = str(Path(ckpt).resolve())
+        console.print(f"results: {write_json_atomic(out, data)}")

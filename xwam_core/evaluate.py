@@ -1,0 +1,231 @@
+"""`xwam evaluate RUN`: offline metrics of a run folder, the model beside trivial baselines.
+
+Only FUTURE frames count (window frames 1..F; frame 0 is the observed one the model is given).
+Baselines, computed on the same windows, frames and pixels:
+    repeat_frame   the observed frame repeated for every future frame: its RGB and depth, and so its
+                   point cloud (frame 0's cloud for every step: a world where nothing moves)
+    zero_action    all-zero actions (dataset units)
+    mean_action    the checkpoint's training mean action, for every step
+Aggregation: RGB and depth metrics give one value per (window, view, future frame); a view's value is
+their mean and `overall` the mean over every view. Chamfer compares the fused clouds of all views, one
+value per (window, future step). Action metrics average every element of every chunk.
+PSNR of identical images is +inf; each value is capped at PSNR_CAP_DB (100 dB, an MSE of 6.5e-6 grey
+levels^2) before averaging, and the number of capped values is reported.
+Depth metrics use the pixels with 0 < true depth <= max_depth (the run's, 0.9 x the model's far plane):
+beyond it the truth is background the model cannot represent. NaN values (no valid pixel, empty cloud)
+are left out of the means and counted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from xwam_core.errors import XWAMError
+from xwam_core.geometry import chamfer_distance
+from xwam_core.metrics import METRICS, MetricSpec
+from xwam_core.reconstruct import step_cloud
+from xwam_core.runs import RunData, json_number
+
+PSNR_CAP_DB = 100.0
+RGB_BASELINES = ("repeat_frame",)
+ACTION_BASELINES = ("zero_action", "mean_action")
+
+
+def applicable_metrics(run: RunData, with_lpips: bool) -> list[MetricSpec]:
+    """The default metric list of a run: every metric its data allows (LPIPS only with weights)."""
+    out = []
+    for spec in METRICS.values():
+        if spec.needs_weights and not with_lpips:
+            continue
+        if _missing(run, spec) is None:
+            out.append(spec)
+    return out
+
+
+def _missing(run: RunData, spec: MetricSpec) -> str | None:
+    """Why `spec` cannot be computed on this run, or None."""
+    if spec.kind == "action":
+        return None
+    if run.mode != "world":
+        return "a policy-mode run has actions only; rerun `xwam infer --mode world`"
+    if spec.kind in ("depth", "points") and not run.has_depth:
+        return f"the run's store {run.manifest['store']} has no depth"
+    if spec.kind == "points" and not run.has_cameras:
+        return f"the run's store {run.manifest['store']} has no cameras"
+    return None
+
+
+def check_metrics(run: RunData, specs: list[MetricSpec]) -> None:
+    """One line naming the first metric this run cannot give, and why."""
+    for spec in specs:
+        reason = _missing(run, spec)
+        if reason is not None:
+            raise XWAMError(f"{run.path}: cannot compute {spec.name} ({spec.kind}): {reason}")
+
+
+def _mean(values: np.ndarray) -> float | None:
+    values = np.asarray(values, dtype=np.float64)
+    finite = values[np.isfinite(values)]
+    return float(finite.mean()) if finite.size else None
+
+
+def _summarise(values: np.ndarray, views: list[str] | None) -> dict[str, Any]:
+    """values (N, V, F) or (N, F) -> overall, per view, per future step (means, NaN left out)."""
+    out: dict[str, Any] = {"overall": _mean(values)}
+    if views is not None:
+        out["per_view"] = {v: _mean(values[:, i]) for i, v in enumerate(views)}
+        per_step = values.transpose(2, 0, 1).reshape(values.shape[2], -1)
+    else:
+        per_step = values.T
+    out["per_step"] = [_mean(s) for s in per_step]
+    return out
+
+
+def image_values(
+    run: RunData, spec: MetricSpec, lpips: Any = None, max_depth: float | None = None
+) -> dict[str, np.ndarray]:
+    """Per (window, view, future frame) values (N, V, F) of the model and of the repeat-frame baseline."""
+    limit = run.max_depth if max_depth is None else max_depth
+    if spec.kind == "rgb":
+        pred, true = run["pred_rgb"][:, :, 1:], run["true_rgb"][:, :, 1:]
+        repeat = np.repeat(run["true_rgb"][:, :, :1], true.shape[2], axis=2)
+        if spec.name == "lpips":
+            if lpips is None:
+                raise XWAMError("lpips: no LPIPSMetric given (it needs local AlexNet weights)")
+            return {"model": lpips(pred, true), "repeat_frame": lpips(repeat, true)}
+        out = {
+            "model": spec.fn(pred, true, data_range=255.0),
+            "repeat_frame": spec.fn(repeat, true, data_range=255.0),
+        }
+        if spec.name == "psnr":
+            out = {k: np.minimum(v, PSNR_CAP_DB) for k, v in out.items()}
+        return out
+    if spec.kind == "depth":
+        pred, true = run["pred_depth"][:, :, 1:], run["true_depth"][:, :, 1:]
+        repeat = np.repeat(run["true_depth"][:, :, :1], true.shape[2], axis=2)
+        valid = true <= limit
+        return {"model": spec.fn(pred, true, valid=valid), "repeat_frame": spec.fn(repeat, true, valid=valid)}
+    raise XWAMError(f"image_values: {spec.name} is not an image metric")
+
+
+def chamfer_values(
+    run: RunData,
+    max_depth: float | None = None,
+    voxel_size: float | None = None,
+    on_item: Callable[[], None] | None = None,
+) -> dict[str, np.ndarray]:
+    """Chamfer distances (N, F) of the model's and the repeat-frame baseline's fused clouds to the truth's."""
+    n, steps = run.num_windows, run["pred_depth"].shape[2] - 1
+    out = {"model": np.full((n, steps), np.nan), "repeat_frame": np.full((n, steps), np.nan)}
+    for w in range(n):
+        repeat, _ = step_cloud(run, w, 0, "repeat", max_depth, voxel_size)
+        for t in range(1, steps + 1):
+            true, _ = step_cloud(run, w, t, "true", max_depth, voxel_size)
+            if len(true):
+                pred, _ = step_cloud(run, w, t, "pred", max_depth, voxel_size)
+                if len(pred):
+                    out["model"][w, t - 1] = chamfer_distance(pred, true)
+                if len(repeat):
+                    out["repeat_frame"][w, t - 1] = chamfer_distance(repeat, true)
+            if on_item is not None:
+                on_item()
+    return out
+
+
+def action_values(run: RunData, spec: MetricSpec) -> dict[str, float]:
+    true = run["true_actions"]
+    return {
+        "model": spec.fn(run["pred_actions"], true),
+        "zero_action": spec.fn(np.zeros_like(true), true),
+        "mean_action": spec.fn(np.broadcast_to(run["mean_action"], true.shape).copy(), true),
+    }
+
+
+def evaluate_run(
+    run: RunData,
+    specs: list[MetricSpec],
+    lpips: Any = None,
+    max_depth: float | None = None,
+    voxel_size: float | None = None,
+    on_metric: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """metrics.json's content: every metric of `specs` for the model and its baselines."""
+    check_metrics(run, specs)
+    limit = run.max_depth if max_depth is None else max_depth
+    result: dict[str, Any] = {}
+    for spec in specs:
+        if on_metric is not None:
+            on_metric(spec.name)
+        entry: dict[str, Any] = {
+            "kind": spec.kind,
+            "unit": spec.unit,
+            "higher_is_better": spec.higher_is_better,
+            "baselines": {},
+        }
+        if spec.kind in ("rgb", "depth"):
+            values = image_values(run, spec, lpips, limit)
+            entry["model"] = _summarise(values["model"], run.views)
+            entry["baselines"]["repeat_frame"] = _summarise(values["repeat_frame"], run.views)
+            entry["count"] = int(values["model"].size)
+            entry["nan"] = int(np.isnan(values["model"]).sum())
+            if spec.name == "psnr":
+                entry["capped_at_db"] = PSNR_CAP_DB
+                entry["capped"] = {k: int((v >= PSNR_CAP_DB).sum()) for k, v in values.items()}
+        elif spec.kind == "points":
+            values = chamfer_values(run, limit, voxel_size)
+            entry["model"] = _summarise(values["model"], None)
+            entry["baselines"]["repeat_frame"] = _summarise(values["repeat_frame"], None)
+            entry["count"] = int(values["model"].size)
+            entry["nan"] = int(np.isnan(values["model"]).sum())
+            entry["voxel_size"] = voxel_size
+        else:
+            scalars = action_values(run, spec)
+            entry["model"] = {"overall": json_number(scalars["model"])}
+            for name in ACTION_BASELINES:
+                entry["baselines"][name] = {"overall": json_number(scalars[name])}
+            entry["count"] = int(run["true_actions"].size)
+        result[spec.name] = entry
+    m = run.manifest
+    return {
+        "run": str(run.path.resolve()),
+        "checkpoint": m.get("checkpoint"),
+        "store": m["store"],
+        "store_fingerprint": m.get("store_fingerprint"),
+        "mode": run.mode,
+        "windows": run.num_windows,
+        "episodes": m["episodes"],
+        "episodes_reason": m.get("episodes_reason"),
+        "future_frames": m["future_frames"],
+        "views": run.views,
+        "max_depth": limit,
+        "metrics": result,
+        "conventions": {
+            "frames": "future frames 1..F only",
+            "aggregation": "per (window, view, future frame) for RGB/depth, per (window, step) for chamfer; "
+            "means leave NaN out; overall = mean over all views",
+            "psnr": f"each value capped at {PSNR_CAP_DB} dB (identical images give +inf)",
+            "depth_valid": "0 < true depth <= max_depth",
+            "clouds": "all views fused; pixels with 0 < depth <= max_depth",
+            "baselines": "repeat_frame: observed frame for every future frame; zero_action: zeros; "
+            "mean_action: the checkpoint's training mean",
+        },
+    }
+
+
+def model_ahead(entry: dict[str, Any], key: str = "overall") -> bool | None:
+    """Whether the model beats every baseline on this metric (None if a number is missing)."""
+    model = entry["model"].get(key)
+    others = [b.get(key) for b in entry["baselines"].values()]
+    if model is None or any(o is None for o in others):
+        return None
+    if entry["higher_is_better"]:
+        return all(model > o for o in others)
+    return all(model < o for o in others)
+
+
+def default_out(run: RunData) -> Path:
+    return run.path / "metrics.json"

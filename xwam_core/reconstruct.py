@@ -1,0 +1,258 @@
+"""`xwam reconstruct`: a run's predicted RGB-D -> one world-frame point cloud per window and future step.
+
+For window w and future step t (1..F), every view's depth is unprojected with its intrinsics and
+camera-to-world pose and the views are concatenated (geometry.fuse_views), coloured by the RGB:
+    prediction   pred_depth / pred_rgb with pred_extrinsics (see infer_run: fixed views keep their
+                 pose, wrist views follow the predicted end-effector pose)
+    truth        true_depth / true_rgb with the recorded extrinsics
+    repeat       the observed frame's truth (frame 0) with frame 0's cameras: the repeat-the-current-frame
+                 baseline, a world where nothing moves
+A pixel takes part when 0 < depth <= max_depth (default 0.9 x the model's far plane, in the manifest):
+the model is trained to put missing depth (background) at the far plane, and truth beyond its range
+cannot be predicted. The same rule builds all three clouds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from xwam_core.errors import XWAMError
+from xwam_core.geometry import fuse_views
+from xwam_core.runs import RunData, atomic_folder, load_run, write_json_atomic
+
+WHICH = ("pred", "true", "repeat")
+PREVIEW_SIZE = (360, 480)  # (H, W) of each panel of a side-by-side preview
+OVERVIEW_SIZE = (180, 240)
+
+
+def require_geometry(run: RunData, command: str) -> None:
+    """One line unless the run has predicted depth, recorded depth and cameras."""
+    run.require_world(command)
+    if not run.has_cameras:
+        raise XWAMError(
+            f"{run.path}: the run's store {run.manifest['store']} has no cameras (intrinsics/extrinsics), "
+            f"so its depth cannot be unprojected for {command}"
+        )
+    if not run.has_depth:
+        raise XWAMError(
+            f"{run.path}: the run's store {run.manifest['store']} has no depth: there is no true geometry "
+            f"to compare with, and the depth branch was never trained, for {command}"
+        )
+
+
+def cloud_depth(depth: np.ndarray, max_depth: float) -> np.ndarray:
+    """Depth with the pixels that do not take part (<= 0, non-finite, beyond max_depth) set to 0."""
+    depth = np.asarray(depth, dtype=np.float32)
+    keep = np.isfinite(depth) & (depth > 0) & (depth <= max_depth)
+    return np.where(keep, depth, np.float32(0))
+
+
+def step_cloud(
+    run: RunData,
+    window: int,
+    step: int,
+    which: str,
+    max_depth: float | None = None,
+    voxel_size: float | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The fused world-frame cloud (N, 3) and its colours (N, 3) uint8 of one window and step."""
+    if which not in WHICH:
+        raise XWAMError(f"step_cloud: which={which!r}, expected one of {WHICH}")
+    limit = run.max_depth if max_depth is None else max_depth
+    frame = 0 if which == "repeat" else step
+    prefix = "pred" if which == "pred" else "true"
+    depths = run[f"{prefix}_depth"][window, :, frame]  # (V, H, W)
+    rgbs = run[f"{prefix}_rgb"][window, :, frame]  # (V, H, W, 3)
+    poses = run["pred_extrinsics" if which == "pred" else "extrinsics"][window, :, frame]  # (V, 4, 4)
+    Ks = run["intrinsics"][window, :, frame]  # (V, 3, 3)
+    points, colors = fuse_views(
+        [cloud_depth(d, limit) for d in depths], list(Ks), list(poses), list(rgbs), voxel_size=voxel_size
+    )
+    assert colors is not None
+    return points, colors
+
+
+@dataclass
+class ReconstructSummary:
+    out_dir: Path
+    windows: int
+    steps: int
+    files: int
+    points_pred: list[int] = field(default_factory=list)
+    points_true: list[int] = field(default_factory=list)
+    meshes: bool = False
+
+
+def _overview(panels: list[list[np.ndarray]], titles: list[str], path: Path) -> None:
+    """A grid: one column per step, prediction above truth."""
+    from PIL import Image, ImageDraw
+
+    h, w = OVERVIEW_SIZE
+    gap, banner = 4, 16
+    cols, rows = len(panels), 2
+    canvas = Image.new("RGB", (cols * (w + gap), rows * (h + banner)), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for c, (pred, true) in enumerate(panels):
+        for r, (img, label) in enumerate(((pred, "prediction"), (true, "truth"))):
+            x, y = c * (w + gap), r * (h + banner)
+            canvas.paste(Image.fromarray(img), (x, y + banner))
+            draw.text((x + 4, y + 2), f"{titles[c]} {label}", fill=(0, 0, 0))
+    canvas.save(path, format="PNG")
+
+
+def reconstruct_run(
+    run_path: str | Path,
+    tsdf: bool = False,
+    voxel_size: float | None = None,
+    max_depth: float | None = None,
+    overwrite: bool = False,
+    on_start: Callable[[int], None] | None = None,
+    on_step: Callable[[int], None] | None = None,
+) -> ReconstructSummary:
+    """Write RUN/points/: per window a folder with PLY clouds, previews and (tsdf) meshes; index.json."""
+    from xwam_core.geometry import (
+        RenderView,
+        auto_view,
+        render_points,
+        side_by_side_png,
+        tsdf_mesh,
+        write_ply,
+    )
+
+    run = load_run(run_path)
+    require_geometry(run, "reconstruction")
+    if voxel_size is not None and voxel_size <= 0:
+        raise XWAMError(f"--voxel-size {voxel_size}: expected a length > 0 in metres")
+    if max_depth is not None and max_depth <= 0:
+        raise XWAMError(f"--max-depth {max_depth}: expected a depth > 0 in metres")
+    limit = run.max_depth if max_depth is None else max_depth
+    out = run.path / "points"
+    if out.exists() and not overwrite:
+        raise XWAMError(f"{out}: already exists; pass --overwrite to replace it")
+    n_windows = run.num_windows
+    steps = list(range(1, run["pred_depth"].shape[2]))
+    if on_start is not None:
+        on_start(n_windows * len(steps))
+    index: dict[str, Any] = {
+        "max_depth": limit,
+        "voxel_size": voxel_size,
+        "views": run.views,
+        "note": "clouds fuse every view; pixels with 0 < depth <= max_depth; colours from the RGB",
+        "windows": [],
+    }
+    summary = ReconstructSummary(out, n_windows, len(steps), 0, meshes=tsdf)
+    with atomic_folder(out, overwrite=overwrite) as tmp:
+        for w in range(n_windows):
+            folder = f"window-{w:03d}"
+            (tmp / folder).mkdir()
+            entry: dict[str, Any] = {
+                "folder": folder,
+                "episode": int(run["episode_index"][w]),
+                "frame": int(run["frame_index"][w]),
+                "steps": [],
+            }
+            clouds = {
+                t: (
+                    step_cloud(run, w, t, "pred", limit, voxel_size),
+                    step_cloud(run, w, t, "true", limit, voxel_size),
+                )
+                for t in steps
+            }
+            framing = next((c[1][0] for c in clouds.values() if len(c[1][0])), None)
+            if framing is None:
+                framing = next((c[0][0] for c in clouds.values() if len(c[0][0])), np.zeros((1, 3)))
+            view = auto_view(framing, *PREVIEW_SIZE)  # one camera for every step of the window
+            small = RenderView(
+                np.array(
+                    [
+                        [view.K[0, 0] / 2, 0, (OVERVIEW_SIZE[1] - 1) / 2],
+                        [0, view.K[1, 1] / 2, (OVERVIEW_SIZE[0] - 1) / 2],
+                        [0, 0, 1],
+                    ]
+                ),
+                view.cam_to_world,
+                *OVERVIEW_SIZE,
+            )
+            panels = []
+            for t in steps:
+                (pp, pc), (tp, tc) = clouds[t]
+                files = {}
+                for name, pts, col in (("pred", pp, pc), ("true", tp, tc)):
+                    if len(pts):
+                        write_ply(tmp / folder / f"t{t}_{name}.ply", pts, col)
+                        files[name] = f"{folder}/t{t}_{name}.ply"
+                side_by_side_png(
+                    tmp / folder / f"t{t}.png",
+                    pp,
+                    pc,
+                    tp,
+                    tc,
+                    titles=(f"prediction t+{t}", f"truth t+{t}"),
+                    view=view,
+                )
+                files["preview"] = f"{folder}/t{t}.png"
+                panels.append([render_points(pp, pc, small), render_points(tp, tc, small)])
+                if tsdf:
+                    files.update(
+                        _meshes(run, w, t, limit, voxel_size, framing, tmp / folder, folder, tsdf_mesh)
+                    )
+                entry["steps"].append(
+                    {"step": t, "points_pred": len(pp), "points_true": len(tp), "files": files}
+                )
+                summary.points_pred.append(len(pp))
+                summary.points_true.append(len(tp))
+                summary.files += len(files)
+                if on_step is not None:
+                    on_step(1)
+            _overview(panels, [f"t+{t}" for t in steps], tmp / folder / "overview.png")
+            entry["overview"] = f"{folder}/overview.png"
+            summary.files += 1
+            index["windows"].append(entry)
+        write_json_atomic(tmp / "index.json", index)
+    return summary
+
+
+def _meshes(
+    run: RunData,
+    w: int,
+    t: int,
+    limit: float,
+    voxel_size: float | None,
+    framing: np.ndarray,
+    folder_path: Path,
+    folder: str,
+    tsdf_mesh: Any,
+) -> dict[str, str]:
+    """TSDF meshes of prediction and truth (voxel: --voxel-size, else the larger of 1/100 of the truth's
+    extent and 1.5 pixel footprints at its median depth)."""
+    from xwam_core.geometry import _open3d
+
+    lo, hi = np.percentile(framing, 1, axis=0), np.percentile(framing, 99, axis=0)
+    # A voxel finer than a pixel's footprint leaves holes that TSDF fusion cannot close: take the larger.
+    true_depth = run["true_depth"][w, :, t]
+    valid = true_depth[(true_depth > 0) & (true_depth <= limit)]
+    focal = float(np.median(run["intrinsics"][w, :, t, 0, 0]))
+    footprint = 1.5 * float(np.median(valid)) / focal if valid.size and focal > 0 else 0.0
+    voxel = voxel_size or max(float(np.max(hi - lo)) / 100.0, footprint, 1e-3)
+    files = {}
+    for name, prefix, poses_key in (("pred", "pred", "pred_extrinsics"), ("true", "true", "extrinsics")):
+        depths = [cloud_depth(d, limit) for d in run[f"{prefix}_depth"][w, :, t]]
+        mesh = tsdf_mesh(
+            depths,
+            list(run["intrinsics"][w, :, t]),
+            list(run[poses_key][w, :, t]),
+            list(run[f"{prefix}_rgb"][w, :, t]),
+            voxel_size=voxel,
+            trunc=4 * voxel,
+        )
+        if len(mesh.vertices):
+            path = folder_path / f"t{t}_{name}_mesh.ply"
+            if not _open3d().io.write_triangle_mesh(str(path), mesh):
+                raise XWAMError(f"tsdf: open3d could not write {path}")
+            files[f"{name}_mesh"] = f"{folder}/t{t}_{name}_mesh.ply"
+    return files

@@ -1,0 +1,1 @@
+"""Closed-loop evaluation in simulators (`xwam evaluate --sim NAME`)."""
