@@ -299,7 +299,9 @@ class XWAMTransformer(ModelMixin, ConfigMixin):  # type: ignore[misc]
 
     The first block of arguments is `WanTransformer3DModel`'s (defaults: Wan2.2-TI2V-5B); the rest is X-WAM's:
     `num_views` view-embedding slots, the action/state layout, `num_depth_blocks` (M, the depth branch copies
-    the last M blocks) and the depth range the depth latents were encoded with.
+    the last M blocks), the depth range the depth latents were encoded with, and `video_prediction`:
+    "velocity" (Wan's own output, the default) or "sample" (the video head predicts the clean latent and the
+    returned velocity is derived from it; for presets whose tokens hold more values than the model is wide).
     """
 
     _supports_gradient_checkpointing = True
@@ -333,8 +335,11 @@ class XWAMTransformer(ModelMixin, ConfigMixin):  # type: ignore[misc]
         num_depth_blocks: int = 10,
         depth_near: float = 0.1,
         depth_far: float = 10.0,
+        video_prediction: str = "velocity",
     ) -> None:
         super().__init__()
+        if video_prediction not in VIDEO_PREDICTIONS:
+            raise XWAMError(f"video_prediction={video_prediction!r}: expected one of {VIDEO_PREDICTIONS}")
         if not 0 <= num_depth_blocks <= num_layers:
             raise XWAMError(f"num_depth_blocks={num_depth_blocks}: expected 0..num_layers ({num_layers})")
         if num_views < 1 or action_dim < 1 or state_dim < 1:
@@ -748,6 +753,8 @@ class XWAMTransformer(ModelMixin, ConfigMixin):  # type: ignore[misc]
 
         out = self._final_norm(hidden, temb, self.wan.scale_shift_table)  # (B, N, D)
         video_out = self._unpatchify(self.wan.proj_out(out[:, :n_video]), layout)
+        if self.config.video_prediction == "sample":
+            video_out = _sample_to_velocity(video, video_out, t_video)
         k_end = n_video + layout.num_actions
         actions_out = self.action_decoder(out[:, n_video:k_end]) if actions is not None else None
         states_out = self.state_decoder(out[:, k_end:]) if states is not None else None
@@ -763,6 +770,19 @@ class XWAMTransformer(ModelMixin, ConfigMixin):  # type: ignore[misc]
             depth_out = self._unpatchify(self.depth_proj_out(depth_hidden), layout)
 
         return XWAMOutput(video=video_out, actions=actions_out, states=states_out, depth=depth_out)
+
+
+VIDEO_PREDICTIONS = ("velocity", "sample")
+MIN_SAMPLE_T = 0.05  # x-prediction: velocity = (x_t - x0) / max(t, 0.05), as in JiT (Li & He, 2025)
+
+
+def _sample_to_velocity(noisy: torch.Tensor, clean: torch.Tensor, t_video: torch.Tensor) -> torch.Tensor:
+    """Turn a predicted clean latent into the flow velocity: x_t = (1 - t) x0 + t eps gives
+    eps - x0 = (x_t - x0) / t. Used when a token holds more latent values than the model is wide
+    (the tiny pixel-codec preset): the model cannot carry the noise through its width, but it can
+    predict the clean image, so it predicts the sample and the velocity is derived (JiT, 2025)."""
+    t = (t_video.float() / 1000.0).clamp_min(MIN_SAMPLE_T).view(-1, 1, 1, 1, 1, 1)
+    return ((noisy.float() - clean.float()) / t).to(clean.dtype)
 
 
 def _per_sample(t: torch.Tensor | float, batch: int, device: torch.device, name: str) -> torch.Tensor:
