@@ -151,8 +151,9 @@ def evaluate(
         str | None, typer.Option(help="--sim: 'fast' or 'default' (default: the training store's).")
     ] = None,
 ) -> None:
-    """Report metrics with trivial baselines beside the model: offline on a run folder (RGB, depth, point
-    clouds, actions; future frames only), or closed-loop success in a simulator with --sim.
+    """Metrics with trivial baselines beside the model: offline on a run folder, or closed loop with --sim.
+
+    Offline: RGB, depth, point clouds and actions, future frames only. --sim metaworld: success rate of the checkpoint in policy mode, beside the scripted expert and a random policy on the same held-out starts.
 
     Offline: a table and RUN/metrics.json (written atomically). Baselines: repeat-the-current-frame for video, depth and clouds; zero and mean action for actions.
     """

@@ -99,8 +99,9 @@ def infer(
     videos: Annotated[bool, typer.Option(help="Write the side-by-side mp4 per view (world mode).")] = True,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run folder.")] = False,
 ) -> None:
-    """Predict action chunks (and in world mode the future RGB and depth of every view) for windows of
-    recorded episodes, beside the ground truth, with the latency per window.
+    """Predict action chunks (world mode: also every view's future RGB and depth) for recorded episodes.
+
+    Each prediction sits beside the ground truth, with the latency per window.
 
     RUN gets predictions.npz, videos/VIEW.mp4 (truth | prediction) and manifest.json. It is written under a temporary name and renamed when complete.
     """

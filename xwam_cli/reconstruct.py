@@ -42,8 +42,9 @@ def reconstruct(
     ] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing RUN/points.")] = False,
 ) -> None:
-    """For each window and future step, fuse every view's predicted depth into one world-frame point cloud
-    coloured by the predicted RGB, and the same for the ground truth.
+    """Fuse predicted RGB-D into one world-frame point cloud per future step, beside the truth's.
+
+    For each window and future step, every view's predicted depth is unprojected with its camera and coloured by the predicted RGB; the same for the ground truth.
 
     Writes RUN/points/window-NNN/: tK_pred.ply, tK_true.ply, tK.png (prediction beside truth, same camera), overview.png, and with --tsdf tK_pred_mesh.ply / tK_true_mesh.ply; RUN/points/index.json lists them.
     """

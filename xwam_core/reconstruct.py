@@ -88,6 +88,16 @@ class ReconstructSummary:
     meshes: bool = False
 
 
+def _core(points: np.ndarray, low: float = 3.0, high: float = 97.0) -> np.ndarray:
+    """The points inside the per-axis 3rd-97th percentile box: previews frame the scene, not stray far
+    surfaces (a floor seen at the edge of one view)."""
+    if len(points) < 10:
+        return points
+    lo, hi = np.percentile(points, low, axis=0), np.percentile(points, high, axis=0)
+    inside = np.all((points >= lo) & (points <= hi), axis=1)
+    return points[inside] if inside.sum() >= 10 else points
+
+
 def _overview(panels: list[list[np.ndarray]], titles: list[str], path: Path) -> None:
     """A grid: one column per step, prediction above truth."""
     from PIL import Image, ImageDraw
@@ -166,7 +176,7 @@ def reconstruct_run(
             framing = next((c[1][0] for c in clouds.values() if len(c[1][0])), None)
             if framing is None:
                 framing = next((c[0][0] for c in clouds.values() if len(c[0][0])), np.zeros((1, 3)))
-            view = auto_view(framing, *PREVIEW_SIZE)  # one camera for every step of the window
+            view = auto_view(_core(framing), *PREVIEW_SIZE)  # one camera for every step of the window
             small = RenderView(
                 np.array(
                     [
