@@ -28,9 +28,15 @@ def test_sample_prediction_derives_velocity_from_the_same_head():
     torch.testing.assert_close(out.actions, raw.actions)  # only the video head changes meaning
     torch.testing.assert_close(out.depth, raw.depth)
 
+    residual = build_model("tiny", **kwargs, video_prediction="residual").eval()
+    residual.load_state_dict(velocity.state_dict())
+    with torch.no_grad():
+        res = residual(video, actions, states, t_video, t_action, text, run_depth=False)
+    torch.testing.assert_close(res.video, (video - (raw.video + video[:, :, :, :1])) / t)
+
 
 def test_tiny_preset_predicts_samples_base_predicts_velocity():
     from xwam_core.models.presets import PRESETS
 
-    assert PRESETS["tiny"]["video_prediction"] == "sample"
+    assert PRESETS["tiny"]["video_prediction"] == "residual"
     assert PRESETS["base"].get("video_prediction", "velocity") == "velocity"

@@ -43,6 +43,17 @@ def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name))
 
 
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder, or a run folder (its newest checkpoint)."""
+    path = Path(path)
+    if not (path / "trainer.json").is_file() and (path / "checkpoints").is_dir():
+        dirs = checkpoint_dirs(path)
+        if not dirs:
+            raise XWAMError(f"{path}: run folder has no complete checkpoint yet")
+        return dirs[-1]
+    return path
+
+
 def resolve_resume(run_dir: str | Path, resume: str) -> Path | None:
     """`latest` -> the newest complete checkpoint of the run (None if there is none); else a path."""
     if resume == "latest":

@@ -23,8 +23,13 @@ from xwam_core.recipe import ModelConfig
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
-def check_checkpoint(path: Path) -> None:
-    """One clear line if `path` is not a checkpoint this version can load."""
+def check_checkpoint(path: Path) -> Path:
+    """The checkpoint folder `path` names (a run folder means its newest checkpoint); one clear line
+    if it is not a checkpoint this version can load."""
+    from xwam_core.checkpoint import resolve_checkpoint
+
+    if path.exists():
+        path = resolve_checkpoint(path)
     if not path.exists():
         raise XWAMError(f"{path}: checkpoint not found")
     config = path / "model" / "config.json"
@@ -38,11 +43,12 @@ def check_checkpoint(path: Path) -> None:
         raise XWAMError(f"{config}: holds a {data.get('_class_name')!r}, expected an XWAMTransformer checkpoint")
     if not (path / "text.json").is_file():
         raise XWAMError(f"{path}: checkpoint lacks text.json")
+    return path
 
 
 def init_from_checkpoint(path: Path, cfg: ModelConfig, layout: Layout) -> tuple[XWAMTransformer, TextConditioner, str]:
     """A model for `layout` initialised from the checkpoint at `path`; returns (model, text, report)."""
-    check_checkpoint(path)
+    path = check_checkpoint(path)
     try:
         source = XWAMTransformer.from_pretrained(path / "model")
     except Exception as e:  # diffusers raises many kinds for a broken folder

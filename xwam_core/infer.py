@@ -105,8 +105,7 @@ class Predictor:
         device: str | torch.device = "cpu",
         vae: str | None = None,
     ) -> Predictor:
-        path = Path(path)
-        check_checkpoint(path)
+        path = check_checkpoint(Path(path))  # a run folder means its newest checkpoint
         for name in ("layout.json", "stats.json", "recipe.toml"):
             if not (path / name).is_file():
                 raise XWAMError(f"{path}: checkpoint lacks {name} (was it written by `xwam pretrain`?)")

@@ -300,8 +300,10 @@ class XWAMTransformer(ModelMixin, ConfigMixin):  # type: ignore[misc]
     The first block of arguments is `WanTransformer3DModel`'s (defaults: Wan2.2-TI2V-5B); the rest is X-WAM's:
     `num_views` view-embedding slots, the action/state layout, `num_depth_blocks` (M, the depth branch copies
     the last M blocks), the depth range the depth latents were encoded with, and `video_prediction`:
-    "velocity" (Wan's own output, the default) or "sample" (the video head predicts the clean latent and the
-    returned velocity is derived from it; for presets whose tokens hold more values than the model is wide).
+    "velocity" (Wan's own output, the default), "sample" (the video head predicts the clean latent and the
+    returned velocity is derived from it; for presets whose tokens hold more values than the model is wide) or
+    "residual" (like "sample", but the head predicts the change from the current frame's latent: a still
+    scene costs nothing; meaningful for the pixel codec, whose latent frames all hold frames the same way).
     """
 
     _supports_gradient_checkpointing = True
@@ -753,7 +755,9 @@ class XWAMTransformer(ModelMixin, ConfigMixin):  # type: ignore[misc]
 
         out = self._final_norm(hidden, temb, self.wan.scale_shift_table)  # (B, N, D)
         video_out = self._unpatchify(self.wan.proj_out(out[:, :n_video]), layout)
-        if self.config.video_prediction == "sample":
+        if self.config.video_prediction == "residual":  # clean future = current frame's latent + output
+            video_out = video_out + video[:, :, :, :1].to(video_out.dtype)
+        if self.config.video_prediction in ("sample", "residual"):
             video_out = _sample_to_velocity(video, video_out, t_video)
         k_end = n_video + layout.num_actions
         actions_out = self.action_decoder(out[:, n_video:k_end]) if actions is not None else None
@@ -772,7 +776,7 @@ class XWAMTransformer(ModelMixin, ConfigMixin):  # type: ignore[misc]
         return XWAMOutput(video=video_out, actions=actions_out, states=states_out, depth=depth_out)
 
 
-VIDEO_PREDICTIONS = ("velocity", "sample")
+VIDEO_PREDICTIONS = ("velocity", "sample", "residual")
 MIN_SAMPLE_T = 0.05  # x-prediction: velocity = (x_t - x0) / max(t, 0.05), as in JiT (Li & He, 2025)
 
 
