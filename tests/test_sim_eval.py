@@ -113,3 +113,9 @@ def test_cli_video_json_and_bad_input(tmp_path, tmp_path_factory):
     one_line_error(
         runner.invoke(app(), ["evaluate", str(tmp_path), "--sim", "metaworld"]), "drop the run folder"
     )
+    one_line_error(
+        runner.invoke(app(), [*base, "--tasks", "reach-v3", "--metrics", "psnr"]), "--metrics is for"
+    )
+    one_line_error(
+        runner.invoke(app(), ["evaluate", str(tmp_path), "--tasks", "reach-v3"]), "add --sim metaworld"
+    )

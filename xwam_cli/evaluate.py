@@ -157,13 +157,27 @@ def evaluate(
 
     Offline: a table and RUN/metrics.json (written atomically). Baselines: repeat-the-current-frame for video, depth and clouds; zero and mean action for actions.
     """
+    offline_only = {
+        "--metrics": metrics,
+        "--lpips-weights": lpips_weights,
+        "--data": data,
+        "--max-depth": max_depth,
+        "--voxel-size": voxel_size,
+    }
+    sim_only = {"--ckpt": ckpt, "--tasks": tasks, "--video": video, "--render-quality": render_quality}
     if sim is not None:
         if run is not None:
             fail(f"--sim evaluates a checkpoint in the simulator; drop the run folder {run} (or drop --sim)")
+        for name, value in offline_only.items():
+            if value is not None:
+                fail(f"{name} is for evaluating a run folder offline, not for --sim")
         _evaluate_sim(sim, ckpt, tasks, episodes, seed, max_steps, video, baselines, render_quality, out)
         return
     if run is None:
         fail("give a run folder (xwam evaluate RUN) or --sim metaworld --ckpt CKPT")
+    for name, value in sim_only.items():
+        if value is not None:
+            fail(f"{name} is for closed-loop evaluation: add --sim metaworld (and drop the run folder)")
     assert run is not None
     _evaluate_offline(run, metrics, lpips_weights, data, max_depth, voxel_size, out)
 

@@ -225,14 +225,17 @@ def side_by_side_frames(
 
 
 # ------------------------------------------------------------------------------------ the run
-def _load_predictor(opts: InferOptions) -> tuple[Any, Any]:
+def _load_predictor(opts: InferOptions) -> tuple[Any, Any, Path]:
+    """(predictor, its recipe with the CLI's inference steps, the checkpoint folder it came from)."""
+    from xwam_core.finetune import check_checkpoint
     from xwam_core.infer import Predictor
     from xwam_core.recipe import load_recipe
 
     ckpt = Path(opts.checkpoint)
-    from xwam_core.finetune import check_checkpoint
-
-    check_checkpoint(ckpt)
+    resolved = check_checkpoint(
+        ckpt
+    )  # newer versions return the folder (a run folder -> its newest checkpoint)
+    ckpt = resolved if isinstance(resolved, Path) else ckpt
     for name in ("layout.json", "stats.json", "recipe.toml"):
         if not (ckpt / name).is_file():
             raise XWAMError(f"{ckpt}: checkpoint lacks {name} (was it written by `xwam pretrain`?)")
@@ -248,7 +251,7 @@ def _load_predictor(opts: InferOptions) -> tuple[Any, Any]:
         raise
     except Exception as e:  # diffusers / safetensors raise many kinds for a broken folder
         raise XWAMError(f"{ckpt}: cannot load the checkpoint ({type(e).__name__}: {e})") from None
-    return predictor, recipe
+    return predictor, recipe, ckpt
 
 
 def check_compatible(layout: Any, store: EpisodeStore, where: str) -> None:
@@ -329,9 +332,9 @@ def infer_run(
     if out.exists() and not opts.overwrite:
         raise XWAMError(f"{out}: already exists; pass --overwrite to replace it")
     store = EpisodeStore(opts.store)
-    predictor, recipe = _load_predictor(opts)
+    predictor, recipe, ckpt = _load_predictor(opts)
     layout = predictor.layout
-    check_compatible(layout, store, str(opts.checkpoint))
+    check_compatible(layout, store, str(ckpt))
     episodes, reason = choose_episodes(
         store, layout, predictor.stats, recipe.data.val_episodes, opts.episodes
     )
@@ -351,7 +354,7 @@ def infer_run(
         task = store.episodes[e].task
         if task not in layout.tasks:
             raise XWAMError(
-                f"incompatible checkpoint {opts.checkpoint}: episode {e} has task {task!r}, "
+                f"incompatible checkpoint {ckpt}: episode {e} has task {task!r}, "
                 f"unseen in training (the checkpoint knows {layout.tasks})"
             )
         task_map[store.tasks.index(task)] = layout.tasks.index(task)
@@ -439,7 +442,7 @@ def infer_run(
         "xwam_run": RUN_FORMAT,
         "command": opts.command,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "checkpoint": str(Path(opts.checkpoint).resolve()),
+        "checkpoint": str(ckpt.resolve()),
         "store": str(store.path.resolve()),
         "store_fingerprint": store_fingerprint(store.path),
         "store_has_depth": store.has_depth,
