@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import tomllib
@@ -232,9 +232,8 @@ def _load_predictor(opts: InferOptions) -> tuple[Any, Any, Path]:
     from xwam_core.recipe import load_recipe
 
     ckpt = Path(opts.checkpoint)
-    resolved = check_checkpoint(
-        ckpt
-    )  # newer versions return the folder (a run folder -> its newest checkpoint)
+    # check_checkpoint may return the folder it resolved (a run folder -> its newest checkpoint)
+    resolved = cast(Any, check_checkpoint)(ckpt)
     ckpt = resolved if isinstance(resolved, Path) else ckpt
     for name in ("layout.json", "stats.json", "recipe.toml"):
         if not (ckpt / name).is_file():
