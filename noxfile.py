@@ -65,11 +65,12 @@ def demo(session: nox.Session) -> None:
     )
     session.run(
         "xwam", "evaluate", "--sim", "metaworld", "--ckpt", f"{out}/run", "--tasks", "reach-v3,push-v3",
-        "--episodes", "5", "--seed", "1000", env=env,
+        "--episodes", "5", "--seed", "1000", "--out", f"{out}/sim.json", "--video", f"{out}/rollouts", env=env,
     )
     session.log(
         f"Done. Videos: {out}/infer/videos/  point clouds + previews: {out}/infer/points/  "
-        f"metrics: {out}/infer/metrics.json  loss curve: {out}/run/loss_curve.png"
+        f"metrics: {out}/infer/metrics.json  closed loop: {out}/sim.json, {out}/rollouts/  "
+        f"loss curve: {out}/run/loss_curve.png"
     )
 
 

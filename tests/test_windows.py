@@ -85,6 +85,8 @@ def test_window_errors(synthetic_store):
         split_episodes(EpisodeStore(path), 3)
     train, val = split_episodes(EpisodeStore(path), 1)
     assert train == [0, 1] and val == [2]
+    train, val = split_episodes(EpisodeStore(path), 2)  # tasks reach, push, reach: one of each held out
+    assert train == [0] and val == [1, 2]
 
 
 def test_frame_cache_is_built_once_and_atomically(synthetic_store):

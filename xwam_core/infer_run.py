@@ -5,7 +5,7 @@
 
 Windows: `windows_per_episode` windows per chosen episode, evenly spaced over its valid start frames
 (the first and the last included), in the checkpoint's window layout (views, F future frames, stride).
-Episodes: by default the checkpoint's held-out ones (the last `data.val_episodes`) when the store is
+Episodes: by default the checkpoint's held-out ones (`data.val_episodes`, spread over tasks) when the store is
 its training store, else every episode.
 
 Inputs are normalized with the CHECKPOINT's statistics (not the store's), so a store other than the
@@ -299,7 +299,7 @@ def choose_episodes(
                 "(data.val_episodes=0); choose episodes with --episodes"
             )
         held_out = split_episodes(store, val_episodes)[1]
-        return held_out, f"held out in training (the last data.val_episodes={val_episodes})"
+        return held_out, f"held out in training (data.val_episodes={val_episodes}, spread over tasks)"
     return list(range(n)), "all (not the checkpoint's training store)"
 
 

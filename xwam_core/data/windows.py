@@ -138,11 +138,22 @@ class WindowDataset(Dataset):
 
 
 def split_episodes(store: EpisodeStore, val_episodes: int) -> tuple[list[int], list[int]]:
-    """The last `val_episodes` episodes are held out; the rest train."""
+    """Hold out `val_episodes` episodes, spread over the tasks: each task in turn gives up its last
+    episode (tasks whose last episode is newest first), so every task is evaluated when N >= tasks."""
     n = len(store.episodes)
     if not 0 <= val_episodes < n:
         raise DataError(f"{store.path}: val_episodes={val_episodes} but the store has {n} episodes")
-    return list(range(n - val_episodes)), list(range(n - val_episodes, n))
+    by_task: dict[str, list[int]] = {}
+    for e in store.episodes:
+        by_task.setdefault(e.task, []).append(e.index)
+    queues = sorted(by_task.values(), key=lambda eps: -eps[-1])
+    held: list[int] = []
+    while len(held) < val_episodes:
+        for queue in queues:
+            if queue and len(held) < val_episodes:
+                held.append(queue.pop())
+    held_set = set(held)
+    return [e for e in range(n) if e not in held_set], sorted(held)
 
 
 def collate_windows(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
