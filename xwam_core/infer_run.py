@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import tomllib
@@ -231,10 +231,7 @@ def _load_predictor(opts: InferOptions) -> tuple[Any, Any, Path]:
     from xwam_core.infer import Predictor
     from xwam_core.recipe import load_recipe
 
-    ckpt = Path(opts.checkpoint)
-    # check_checkpoint may return the folder it resolved (a run folder -> its newest checkpoint)
-    resolved = cast(Any, check_checkpoint)(ckpt)
-    ckpt = resolved if isinstance(resolved, Path) else ckpt
+    ckpt = check_checkpoint(Path(opts.checkpoint))  # a run folder means its newest checkpoint
     for name in ("layout.json", "stats.json", "recipe.toml"):
         if not (ckpt / name).is_file():
             raise XWAMError(f"{ckpt}: checkpoint lacks {name} (was it written by `xwam pretrain`?)")
