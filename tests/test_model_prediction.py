@@ -29,6 +29,9 @@ def test_sample_prediction_derives_velocity_from_the_same_head():
     torch.testing.assert_close(out.depth, raw.depth)
 
     residual = build_model("tiny", **kwargs, video_prediction="residual").eval()
+    with torch.no_grad():  # a new residual model predicts "nothing moves": the current frame
+        fresh = residual(video, actions, states, t_video, t_action, text, run_depth=False)
+    torch.testing.assert_close(fresh.video, (video - video[:, :, :, :1]) / t)
     residual.load_state_dict(velocity.state_dict())
     with torch.no_grad():
         res = residual(video, actions, states, t_video, t_action, text, run_depth=False)

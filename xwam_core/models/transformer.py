@@ -382,6 +382,11 @@ class XWAMTransformer(ModelMixin, ConfigMixin):  # type: ignore[misc]
 
         self.gradient_checkpointing = False
         self._init_new_parameters()  # the depth blocks are deep copies of the last M blocks
+        if video_prediction == "residual":
+            # start as "nothing moves" (the future equals the current frame), as DiT zero-inits its output
+            with torch.no_grad():
+                self.wan.proj_out.weight.zero_()
+                self.wan.proj_out.bias.zero_()
         self._install_processors()
 
     # ---- construction helpers ------------------------------------------------------------------
