@@ -13,7 +13,11 @@ nox.options.sessions = ["tests"]
 # Installed first in every environment: this exact CPU-capable build lies on the local disk here;
 # any newer torch would be a multi-gigabyte download.
 TORCH = ["torch==2.14.1", "torchvision==0.29.1"]
-ENV = {"MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl"), "PYOPENGL_PLATFORM": "egl", "TOKENIZERS_PARALLELISM": "false"}
+ENV = {
+    "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl"),
+    "PYOPENGL_PLATFORM": "egl",
+    "TOKENIZERS_PARALLELISM": "false",
+}
 
 
 def install(session: nox.Session, extras: str) -> None:
@@ -46,26 +50,75 @@ def demo(session: nox.Session) -> None:
     out = os.environ.get("XWAM_DEMO_OUT", "out/demo")
     env = {**ENV, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     session.run(
-        "xwam", "prepare", "metaworld", "--tasks", "reach-v3,push-v3", "--episodes", "10",
-        "--views", "corner2,topview,gripperPOV", "--size", "64", "--seed", "0",
-        "--out", f"{out}/store", "--overwrite", env=env,
-    )
-    session.run(
-        "xwam", "pretrain", "recipes/tiny_cpu.toml", "--set", f"data.store={out}/store",
-        "--set", f"train.out={out}/run", env=env,
-    )
-    session.run(
-        "xwam", "infer", "--ckpt", f"{out}/run", "--data", f"{out}/store", "--mode", "world",
-        "--out", f"{out}/infer", "--overwrite", env=env,
-    )
-    session.run("xwam", "reconstruct", f"{out}/infer", "--overwrite", env=env)
-    session.run(
-        "xwam", "evaluate", f"{out}/infer", "--metrics", "psnr,ssim,absrel,delta1,chamfer,action_mse,action_l1",
+        "xwam",
+        "prepare",
+        "metaworld",
+        "--tasks",
+        "reach-v3,push-v3",
+        "--episodes",
+        "10",
+        "--views",
+        "corner2,topview,gripperPOV",
+        "--size",
+        "64",
+        "--seed",
+        "0",
+        "--out",
+        f"{out}/store",
+        "--overwrite",
         env=env,
     )
     session.run(
-        "xwam", "evaluate", "--sim", "metaworld", "--ckpt", f"{out}/run", "--tasks", "reach-v3,push-v3",
-        "--episodes", "5", "--seed", "1000", "--out", f"{out}/sim.json", "--video", f"{out}/rollouts", env=env,
+        "xwam",
+        "pretrain",
+        "recipes/tiny_cpu.toml",
+        "--set",
+        f"data.store={out}/store",
+        "--set",
+        f"train.out={out}/run",
+        env=env,
+    )
+    session.run(
+        "xwam",
+        "infer",
+        "--ckpt",
+        f"{out}/run",
+        "--data",
+        f"{out}/store",
+        "--mode",
+        "world",
+        "--out",
+        f"{out}/infer",
+        "--overwrite",
+        env=env,
+    )
+    session.run("xwam", "reconstruct", f"{out}/infer", "--overwrite", env=env)
+    session.run(
+        "xwam",
+        "evaluate",
+        f"{out}/infer",
+        "--metrics",
+        "psnr,ssim,absrel,delta1,chamfer,action_mse,action_l1",
+        env=env,
+    )
+    session.run(
+        "xwam",
+        "evaluate",
+        "--sim",
+        "metaworld",
+        "--ckpt",
+        f"{out}/run",
+        "--tasks",
+        "reach-v3,push-v3",
+        "--episodes",
+        "5",
+        "--seed",
+        "1000",
+        "--out",
+        f"{out}/sim.json",
+        "--video",
+        f"{out}/rollouts",
+        env=env,
     )
     session.log(
         f"Done. Videos: {out}/infer/videos/  point clouds + previews: {out}/infer/points/  "
@@ -78,5 +131,7 @@ def demo(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """Benchmarks: readable tables (pass --json after -- for JSON lines)."""
     install(session, "sim,eval,train")
-    for script in sorted(p for p in os.listdir("bench") if p.endswith(".py") and p not in ("__init__.py", "report.py")):
+    for script in sorted(
+        p for p in os.listdir("bench") if p.endswith(".py") and p not in ("__init__.py", "report.py")
+    ):
         session.run("python", f"bench/{script}", *session.posargs, env=ENV)

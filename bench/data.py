@@ -19,7 +19,7 @@ from pathlib import Path
 os.environ.setdefault("MUJOCO_GL", "egl")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.report import Report, bench_argparser  # noqa: E402
+from bench.report import Report, bench_argparser
 
 
 def main() -> None:
@@ -38,8 +38,12 @@ def main() -> None:
         store_path = Path(tmp) / "store"
         tasks = ["reach-v3", "push-v3"]
         source = MetaWorldSource(
-            tasks=tasks, episodes=max(1, args.episodes // len(tasks)),
-            views=["corner2", "topview", "gripperPOV"], size=128, seed=0, render_quality="fast",
+            tasks=tasks,
+            episodes=max(1, args.episodes // len(tasks)),
+            views=["corner2", "topview", "gripperPOV"],
+            size=128,
+            seed=0,
+            render_quality="fast",
         )
         t0 = time.perf_counter()
         with StoreWriter(store_path, source.info()) as writer:
@@ -47,8 +51,12 @@ def main() -> None:
                 writer.add(episode)
         sim_s = time.perf_counter() - t0
         n_eps = source.info().num_episodes
-        report.add("sim_episodes_per_min", 60 * n_eps / sim_s, "episodes/min",
-                   f"{n_eps} episodes, 128x128, 3 views, incl. PNG encoding and store writing")
+        report.add(
+            "sim_episodes_per_min",
+            60 * n_eps / sim_s,
+            "episodes/min",
+            f"{n_eps} episodes, 128x128, 3 views, incl. PNG encoding and store writing",
+        )
 
         store = EpisodeStore(store_path)
         t0 = time.perf_counter()
@@ -70,8 +78,12 @@ def main() -> None:
                     continue
                 count += 1
             rate = count * batch / (time.perf_counter() - t0)
-            report.add(f"loader_windows_per_s_workers{workers}", rate, "windows/s",
-                       f"{len(dataset)} windows, 9 frames x 3 views, batch {batch}")
+            report.add(
+                f"loader_windows_per_s_workers{workers}",
+                rate,
+                "windows/s",
+                f"{len(dataset)} windows, 9 frames x 3 views, batch {batch}",
+            )
             del it, loader
     report.emit(args.json)
 

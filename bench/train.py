@@ -33,8 +33,14 @@ PRESETS = {
     "medium": {
         "size": 128,
         "batch": 2,
-        "overrides": {"num_attention_heads": 8, "attention_head_dim": 64, "ffn_dim": 2048, "num_layers": 8,
-                      "num_depth_blocks": 2, "text_dim": 256},
+        "overrides": {
+            "num_attention_heads": 8,
+            "attention_head_dim": 64,
+            "ffn_dim": 2048,
+            "num_layers": 8,
+            "num_depth_blocks": 2,
+            "text_dim": 256,
+        },
     },
 }
 
@@ -60,8 +66,15 @@ def measure(preset: str, grad_ckpt: bool, steps: int) -> dict[str, float]:
     if grad_ckpt:
         model.enable_gradient_checkpointing()
     text = TaskEmbeddingText(2, model.config.text_dim)
-    obj = TrainingObjective(model, text, PixelCodec(8, 4), NoiseSamplerConfig(), torch.ones(4, dtype=torch.bool),
-                            torch.ones(8, dtype=torch.bool), AugmentConfig())
+    obj = TrainingObjective(
+        model,
+        text,
+        PixelCodec(8, 4),
+        NoiseSamplerConfig(),
+        torch.ones(4, dtype=torch.bool),
+        torch.ones(8, dtype=torch.bool),
+        AugmentConfig(),
+    )
     opt = torch.optim.AdamW([p for p in obj.parameters() if p.requires_grad], lr=1e-4)
     b, s = spec["batch"], spec["size"]
     rng = np.random.default_rng(0)
@@ -100,14 +113,23 @@ def measure(preset: str, grad_ckpt: bool, steps: int) -> dict[str, float]:
         x @ y
     matmul_flops = 2 * n**3 * reps / (time.perf_counter() - t0)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"samples_per_s": b / seconds, "flops_fraction": flops / seconds / matmul_flops,
-            "model_gflop_per_step": flops / 1e9, "matmul_gflops": matmul_flops / 1e9, "peak_rss_mb": peak_mb,
-            "step_s": seconds}
+    return {
+        "samples_per_s": b / seconds,
+        "flops_fraction": flops / seconds / matmul_flops,
+        "model_gflop_per_step": flops / 1e9,
+        "matmul_gflops": matmul_flops / 1e9,
+        "peak_rss_mb": peak_mb,
+        "step_s": seconds,
+    }
 
 
 def run_child(preset: str, grad_ckpt: bool, steps: int) -> dict[str, float]:
-    cmd = [sys.executable, __file__, "--child", preset, "--steps", str(steps)] + (["--grad-ckpt"] if grad_ckpt else [])
-    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=False)
+    cmd = [sys.executable, __file__, "--child", preset, "--steps", str(steps)] + (
+        ["--grad-ckpt"] if grad_ckpt else []
+    )
+    out = subprocess.run(
+        cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=False
+    )
     if out.returncode != 0:
         raise SystemExit(f"bench child failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -127,10 +149,18 @@ def main() -> None:
     for preset in args.presets.split(","):
         plain = run_child(preset, False, args.steps)
         ckpt = run_child(preset, True, max(2, args.steps // 2))
-        report.add(f"{preset}_train_samples_per_s", plain["samples_per_s"], "samples/s",
-                   f"{plain['step_s']:.2f} s/step, {plain['model_gflop_per_step']:.1f} GFLOP/step")
-        report.add(f"{preset}_train_flops_fraction_of_matmul", plain["flops_fraction"], "ratio",
-                   f"matmul {plain['matmul_gflops']:.1f} GFLOP/s fp32")
+        report.add(
+            f"{preset}_train_samples_per_s",
+            plain["samples_per_s"],
+            "samples/s",
+            f"{plain['step_s']:.2f} s/step, {plain['model_gflop_per_step']:.1f} GFLOP/step",
+        )
+        report.add(
+            f"{preset}_train_flops_fraction_of_matmul",
+            plain["flops_fraction"],
+            "ratio",
+            f"matmul {plain['matmul_gflops']:.1f} GFLOP/s fp32",
+        )
         report.add(f"{preset}_peak_rss_mb", plain["peak_rss_mb"], "MB", "no gradient checkpointing")
         report.add(f"{preset}_peak_rss_mb_grad_ckpt", ckpt["peak_rss_mb"], "MB", "gradient checkpointing")
     report.emit(args.json)

@@ -11,14 +11,22 @@ import pytest
 
 os.environ.setdefault("MUJOCO_GL", "egl")
 
-from xwam_core.data.episode import Episode, ViewFrames  # noqa: E402
-from xwam_core.data.sources.base import EpisodeSource, SourceInfo  # noqa: E402
-from xwam_core.data.store import StoreWriter  # noqa: E402
+from xwam_core.data.episode import Episode, ViewFrames
+from xwam_core.data.sources.base import EpisodeSource, SourceInfo
+from xwam_core.data.store import StoreWriter
 
 
-def synthetic_episode(rng: np.random.Generator, length: int, size: tuple[int, int], views: list[str],
-                      task: str, state_dim: int = 8, action_dim: int = 4, cameras: bool = True,
-                      depth: bool = True) -> Episode:
+def synthetic_episode(
+    rng: np.random.Generator,
+    length: int,
+    size: tuple[int, int],
+    views: list[str],
+    task: str,
+    state_dim: int = 8,
+    action_dim: int = 4,
+    cameras: bool = True,
+    depth: bool = True,
+) -> Episode:
     h, w = size
     yy, xx = np.mgrid[0:h, 0:w]
     frames = {}
@@ -41,31 +49,54 @@ def synthetic_episode(rng: np.random.Generator, length: int, size: tuple[int, in
         )
     state = np.cumsum(rng.normal(0, 0.01, (length, state_dim)), axis=0).astype(np.float32)
     action = rng.uniform(-1, 1, (length, action_dim)).astype(np.float32)
-    return Episode(task=task, views=frames, state=state, action=action, fps=20.0,
-                   success=bool(rng.uniform() > 0.3))
+    return Episode(
+        task=task, views=frames, state=state, action=action, fps=20.0, success=bool(rng.uniform() > 0.3)
+    )
 
 
 class SyntheticSource(EpisodeSource):
     """Deterministic smooth images, depth and cameras; for tests of the store and the loader."""
 
-    def __init__(self, episodes: int = 3, length: int = 20, size: tuple[int, int] = (32, 40),
-                 views: tuple[str, ...] = ("front", "side"), seed: int = 0, depth: bool = True,
-                 cameras: bool = True, tasks: tuple[str, ...] = ("reach", "push")):
+    def __init__(
+        self,
+        episodes: int = 3,
+        length: int = 20,
+        size: tuple[int, int] = (32, 40),
+        views: tuple[str, ...] = ("front", "side"),
+        seed: int = 0,
+        depth: bool = True,
+        cameras: bool = True,
+        tasks: tuple[str, ...] = ("reach", "push"),
+    ):
         self.n, self.length, self.size, self.views = episodes, length, size, list(views)
         self.seed, self.depth, self.cameras, self.tasks = seed, depth, cameras, tasks
 
     def info(self) -> SourceInfo:
         return SourceInfo(
-            name="synthetic", robot_type="test", fps=20.0, views=self.views, image_size=self.size,
-            state_names=[f"s{i}" for i in range(8)], action_names=[f"a{i}" for i in range(4)],
-            num_episodes=self.n, has_depth=self.depth, has_cameras=self.cameras,
+            name="synthetic",
+            robot_type="test",
+            fps=20.0,
+            views=self.views,
+            image_size=self.size,
+            state_names=[f"s{i}" for i in range(8)],
+            action_names=[f"a{i}" for i in range(4)],
+            num_episodes=self.n,
+            has_depth=self.depth,
+            has_cameras=self.cameras,
         )
 
     def episodes(self) -> Iterator[Episode]:
         rng = np.random.default_rng(self.seed)
         for i in range(self.n):
-            yield synthetic_episode(rng, self.length, self.size, self.views, self.tasks[i % len(self.tasks)],
-                                    cameras=self.cameras, depth=self.depth)
+            yield synthetic_episode(
+                rng,
+                self.length,
+                self.size,
+                self.views,
+                self.tasks[i % len(self.tasks)],
+                cameras=self.cameras,
+                depth=self.depth,
+            )
 
 
 def write_store(path: Path, source: EpisodeSource) -> list[Episode]:

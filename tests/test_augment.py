@@ -53,6 +53,10 @@ def test_colour_jitter_shared_across_views_and_frames():
 
 
 def test_disabled_is_identity():
-    rgb, depth, k = torch.rand(1, 1, 1, 3, 8, 8), torch.rand(1, 1, 1, 8, 8), torch.eye(3).expand(1, 1, 1, 3, 3)
+    rgb, depth, k = (
+        torch.rand(1, 1, 1, 3, 8, 8),
+        torch.rand(1, 1, 1, 8, 8),
+        torch.eye(3).expand(1, 1, 1, 3, 3),
+    )
     a, d, kk = augment_batch(rgb, depth, k, AugmentConfig(enabled=False))
     assert a is rgb and d is depth and kk is k

@@ -41,7 +41,15 @@ def test_prepare_synthetic_writes_store_and_summary(tmp_path, synthetic_source):
     out = tmp_path / "store"
     result = runner.invoke(app, ["prepare", "synthetic", "--out", str(out)])
     assert result.exit_code == 0, result.output
-    for word in ("episodes", "frames", "expert success rate", "views", "image size", "bytes on disk", "seconds"):
+    for word in (
+        "episodes",
+        "frames",
+        "expert success rate",
+        "views",
+        "image size",
+        "bytes on disk",
+        "seconds",
+    ):
         assert word in result.output
     store = EpisodeStore(out)
     assert len(store.episodes) == 2
@@ -61,20 +69,27 @@ def test_existing_output_needs_overwrite(tmp_path, synthetic_source):
 def test_recipe_errors_are_one_line(tmp_path):
     bad_key = tmp_path / "bad_key.toml"
     bad_key.write_text("[prepare.metaworld]\nsizee = 64\n")
-    result = runner.invoke(app, ["prepare", "metaworld", "--recipe", str(bad_key), "--out", str(tmp_path / "o")])
+    result = runner.invoke(
+        app, ["prepare", "metaworld", "--recipe", str(bad_key), "--out", str(tmp_path / "o")]
+    )
     assert_one_line_error(result, "bad_key.toml", "prepare.metaworld.sizee")
     bad_type = tmp_path / "bad_type.toml"
     bad_type.write_text("[prepare.metaworld]\nepisodes = 'four'\n")
-    result = runner.invoke(app, ["prepare", "metaworld", "--recipe", str(bad_type), "--out", str(tmp_path / "o")])
+    result = runner.invoke(
+        app, ["prepare", "metaworld", "--recipe", str(bad_type), "--out", str(tmp_path / "o")]
+    )
     assert_one_line_error(result, "prepare.metaworld.episodes", "integer")
-    result = runner.invoke(app, ["prepare", "synthetic", "--set", "prepare.nope=1", "--out", str(tmp_path / "o")])
+    result = runner.invoke(
+        app, ["prepare", "synthetic", "--set", "prepare.nope=1", "--out", str(tmp_path / "o")]
+    )
     assert_one_line_error(result, "prepare.nope")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad_key.toml", "bad_type.toml"]
 
 
 def test_unknown_source_and_missing_out(tmp_path):
-    assert_one_line_error(runner.invoke(app, ["prepare", "carla", "--out", str(tmp_path / "o")]),
-                          "unknown source 'carla'")
+    assert_one_line_error(
+        runner.invoke(app, ["prepare", "carla", "--out", str(tmp_path / "o")]), "unknown source 'carla'"
+    )
     assert_one_line_error(runner.invoke(app, ["prepare", "metaworld"]), "--out")
     assert list(tmp_path.iterdir()) == []
 
@@ -113,8 +128,25 @@ def test_issue_command_produces_valid_store(tmp_path):
     """The exact form from the issue; the scripted experts succeed on these tasks."""
     pytest.importorskip("metaworld")
     out = tmp_path / "mw"
-    result = runner.invoke(app, ["prepare", "metaworld", "--tasks", "reach-v3,push-v3", "--episodes", "4",
-                                 "--views", "corner2,topview", "--size", "64", "--seed", "0", "--out", str(out)])
+    result = runner.invoke(
+        app,
+        [
+            "prepare",
+            "metaworld",
+            "--tasks",
+            "reach-v3,push-v3",
+            "--episodes",
+            "4",
+            "--views",
+            "corner2,topview",
+            "--size",
+            "64",
+            "--seed",
+            "0",
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "expert success rate" in result.output and "100.0%" in result.output
     store = EpisodeStore(out)
@@ -127,7 +159,24 @@ def test_issue_command_produces_valid_store(tmp_path):
     ep.validate()
     # reproducible: the same command gives the same data
     out2 = tmp_path / "mw2"
-    runner.invoke(app, ["prepare", "metaworld", "--tasks", "reach-v3,push-v3", "--episodes", "4",
-                        "--views", "corner2,topview", "--size", "64", "--seed", "0", "--out", str(out2)])
+    runner.invoke(
+        app,
+        [
+            "prepare",
+            "metaworld",
+            "--tasks",
+            "reach-v3,push-v3",
+            "--episodes",
+            "4",
+            "--views",
+            "corner2,topview",
+            "--size",
+            "64",
+            "--seed",
+            "0",
+            "--out",
+            str(out2),
+        ],
+    )
     ep2 = EpisodeStore(out2).read_episode(0)
     assert (ep.views["corner2"].rgb == ep2.views["corner2"].rgb).all() and (ep.action == ep2.action).all()

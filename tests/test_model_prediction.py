@@ -10,8 +10,17 @@ from xwam_core.models.transformer import MIN_SAMPLE_T
 
 def test_sample_prediction_derives_velocity_from_the_same_head():
     torch.manual_seed(0)
-    kwargs = dict(num_layers=2, num_depth_blocks=1, in_channels=48, out_channels=48, num_views=2,
-                  action_dim=4, state_dim=8, num_actions=8, num_states=3)
+    kwargs = dict(
+        num_layers=2,
+        num_depth_blocks=1,
+        in_channels=48,
+        out_channels=48,
+        num_views=2,
+        action_dim=4,
+        state_dim=8,
+        num_actions=8,
+        num_states=3,
+    )
     velocity = build_model("tiny", **kwargs, video_prediction="velocity").eval()
     sample = build_model("tiny", **kwargs, video_prediction="sample").eval()
     sample.load_state_dict(velocity.state_dict())

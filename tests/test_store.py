@@ -19,9 +19,19 @@ def test_layout_is_lerobot_v3(synthetic_store):
     info = json.loads((path / "meta" / "info.json").read_text())
     assert info["codebase_version"] == "v3.0"
     assert info["total_episodes"] == 3 and info["total_frames"] == 60 and info["total_tasks"] == 2
-    for key in ("observation.images.front", "observation.depth.side", "observation.cameras.front.intrinsics",
-                "observation.cameras.side.extrinsics", "observation.state", "action", "timestamp",
-                "frame_index", "episode_index", "index", "task_index"):
+    for key in (
+        "observation.images.front",
+        "observation.depth.side",
+        "observation.cameras.front.intrinsics",
+        "observation.cameras.side.extrinsics",
+        "observation.state",
+        "action",
+        "timestamp",
+        "frame_index",
+        "episode_index",
+        "index",
+        "task_index",
+    ):
         assert key in info["features"], key
     assert (path / "meta" / "tasks.parquet").is_file()
     assert (path / "meta" / "episodes" / "chunk-000" / "file-000.parquet").is_file()
@@ -56,9 +66,14 @@ def test_stats_match_numpy(synthetic_store):
     path, episodes = synthetic_store
     stats = EpisodeStore(path).stats
     actions = np.concatenate([e.action for e in episodes])
-    for name, ref in (("min", actions.min(0)), ("max", actions.max(0)), ("mean", actions.mean(0)),
-                      ("std", actions.std(0)), ("q01", np.quantile(actions, 0.01, axis=0)),
-                      ("q99", np.quantile(actions, 0.99, axis=0))):
+    for name, ref in (
+        ("min", actions.min(0)),
+        ("max", actions.max(0)),
+        ("mean", actions.mean(0)),
+        ("std", actions.std(0)),
+        ("q01", np.quantile(actions, 0.01, axis=0)),
+        ("q99", np.quantile(actions, 0.99, axis=0)),
+    ):
         np.testing.assert_allclose(stats["action"][name], ref, rtol=1e-5, atol=1e-6, err_msg=name)
     assert "observation.state" in stats and "observation.images.front" in stats
     assert np.asarray(stats["observation.images.front"]["mean"]).shape == (3, 1, 1)

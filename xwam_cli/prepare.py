@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from xwam_cli.common import console, err_console, fail, human_bytes, recipe_with, split_csv, user_errors
@@ -24,25 +31,33 @@ EXAMPLES = """
 @user_errors
 def prepare(
     source: Annotated[
-        Optional[list[str]],
+        list[str] | None,
         typer.Argument(help="'metaworld', or 'lerobot PATH' (a LeRobot v2.1/v3.0 dataset folder)."),
     ] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Store folder to create.")] = None,
-    tasks: Annotated[Optional[str], typer.Option(help="metaworld: comma-separated tasks, e.g. reach-v3,push-v3.")] = None,
-    episodes: Annotated[Optional[int], typer.Option(help="metaworld: episodes per task.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Store folder to create.")] = None,
+    tasks: Annotated[
+        str | None, typer.Option(help="metaworld: comma-separated tasks, e.g. reach-v3,push-v3.")
+    ] = None,
+    episodes: Annotated[int | None, typer.Option(help="metaworld: episodes per task.")] = None,
     views: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(help="metaworld: cameras, e.g. corner2,topview,gripperPOV. lerobot: key=view pairs."),
     ] = None,
-    size: Annotated[Optional[int], typer.Option(help="metaworld: image size in pixels (64-256).")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="metaworld: seed; the same seed gives the same store.")] = None,
-    max_steps: Annotated[Optional[int], typer.Option(help="metaworld: step limit per episode.")] = None,
+    size: Annotated[int | None, typer.Option(help="metaworld: image size in pixels (64-256).")] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="metaworld: seed; the same seed gives the same store.")
+    ] = None,
+    max_steps: Annotated[int | None, typer.Option(help="metaworld: step limit per episode.")] = None,
     render_quality: Annotated[
-        Optional[str], typer.Option(help="metaworld: 'fast' (no shadows/reflections) or 'default'.")
+        str | None, typer.Option(help="metaworld: 'fast' (no shadows/reflections) or 'default'.")
     ] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing store.")] = False,
-    recipe: Annotated[Optional[Path], typer.Option(help="Recipe TOML; its \\[prepare] section gives defaults.")] = None,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe key: section.key=value.")] = None,
+    recipe: Annotated[
+        Path | None, typer.Option(help="Recipe TOML; its \\[prepare] section gives defaults.")
+    ] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a recipe key: section.key=value.")
+    ] = None,
 ) -> None:
     """Turn robot episodes into the episode store that every later command reads.
 
@@ -114,7 +129,9 @@ def print_summary(s: StoreSummary) -> None:
     table.add_row("expert success rate", f"{100 * s.success_rate:.1f}%")
     table.add_row("views", ", ".join(s.views))
     table.add_row("image size", f"{s.image_size[0]}x{s.image_size[1]}")
-    table.add_row("depth / cameras", f"{'yes' if s.has_depth else 'missing'} / {'yes' if s.has_cameras else 'missing'}")
+    table.add_row(
+        "depth / cameras", f"{'yes' if s.has_depth else 'missing'} / {'yes' if s.has_cameras else 'missing'}"
+    )
     table.add_row("bytes on disk", human_bytes(s.bytes_on_disk))
     table.add_row("seconds", f"{s.seconds:.1f}")
     console.print(table)

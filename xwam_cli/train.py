@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from xwam_cli.common import console, err_console, recipe_with, user_errors
@@ -28,9 +35,10 @@ FINETUNE_EXAMPLES = """
 """
 
 RecipeArg = Annotated[Path, typer.Argument(help="Recipe TOML (see recipes/).", exists=False)]
-SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe key: section.key=value.")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a recipe key: section.key=value.")]
 ResumeOpt = Annotated[
-    Optional[str], typer.Option(help="Continue a run: 'latest' (newest checkpoint in train.out) or a checkpoint path.")
+    str | None,
+    typer.Option(help="Continue a run: 'latest' (newest checkpoint in train.out) or a checkpoint path."),
 ]
 
 
@@ -44,8 +52,14 @@ def _run(recipe_path: Path, set_: list[str] | None, init: str | None, resume: st
     if init is not None:
         check_checkpoint(Path(init))
     progress = Progress(
-        TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
-        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=err_console,
+        TextColumn("[bold]train"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[stats]}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=err_console,
     )
     state: dict[str, Any] = {}
 
@@ -57,7 +71,9 @@ def _run(recipe_path: Path, set_: list[str] | None, init: str | None, resume: st
             f"model: {info['init']}"
         )
         progress.start()
-        state["task"] = progress.add_task("train", total=info["max_steps"], completed=info["start_step"], stats="")
+        state["task"] = progress.add_task(
+            "train", total=info["max_steps"], completed=info["start_step"], stats=""
+        )
         state["t0"], state["s0"] = __import__("time").perf_counter(), info["start_step"]
 
     def on_step(step: int, logs: dict[str, float]) -> None:

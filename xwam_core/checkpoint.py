@@ -97,7 +97,7 @@ def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"torch_cuda_{i}"] = s
-    np_state = np.random.get_state()
+    np_state: Any = np.random.get_state()
     py_state = random.getstate()
     meta = {
         "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
@@ -183,7 +183,9 @@ def load_trainer_state(path: str | Path) -> dict[str, Any]:
 
 def load_optimizer_state(path: str | Path) -> dict[str, Any]:
     path = Path(path)
-    return _unflatten_optimizer(load_file(path / "optimizer.safetensors"), json.loads((path / "optimizer.json").read_text()))
+    return _unflatten_optimizer(
+        load_file(path / "optimizer.safetensors"), json.loads((path / "optimizer.json").read_text())
+    )
 
 
 def restore_rng(path: str | Path, trainer_state: dict[str, Any]) -> None:

@@ -43,7 +43,9 @@ class Layout:
         return torch.arange(self.state_dim) < self.store_state_dim
 
 
-def layout_for(store: EpisodeStore, window: WindowLayout, model: ModelConfig, views: list[str] | None) -> Layout:
+def layout_for(
+    store: EpisodeStore, window: WindowLayout, model: ModelConfig, views: list[str] | None
+) -> Layout:
     a_dim, s_dim = len(store.action_names), len(store.state_names)
     action_dim = model.action_dim or a_dim
     state_dim = model.state_dim or s_dim
@@ -85,15 +87,23 @@ def build_model(cfg: ModelConfig, layout: Layout) -> tuple[XWAMTransformer, str]
     """A new model for the layout: random, or the Wan2.2 prior when `cfg.init` is set. Returns a report."""
     kwargs = model_kwargs(cfg, layout)
     if cfg.init:
-        model, report = XWAMTransformer.from_wan_pretrained(cfg.init, **{
-            k: v for k, v in kwargs.items() if k in _XWAM_ONLY_KEYS
-        })
+        model, report = XWAMTransformer.from_wan_pretrained(
+            cfg.init, **{k: v for k, v in kwargs.items() if k in _XWAM_ONLY_KEYS}
+        )
         return model, report.summary()
     return XWAMTransformer(**kwargs), "random initialisation"
 
 
-_XWAM_ONLY_KEYS = {"num_views", "action_dim", "state_dim", "num_actions", "num_states", "num_depth_blocks",
-                   "depth_near", "depth_far"}
+_XWAM_ONLY_KEYS = {
+    "num_views",
+    "action_dim",
+    "state_dim",
+    "num_actions",
+    "num_states",
+    "num_depth_blocks",
+    "depth_near",
+    "depth_far",
+}
 
 
 def build_text(cfg: ModelConfig, layout: Layout, text_dim: int) -> TextConditioner:
@@ -121,7 +131,7 @@ def text_meta(cfg: ModelConfig, layout: Layout) -> dict[str, Any]:
 
 
 def depth_range(model: XWAMTransformer) -> DepthRange:
-    return DepthRange(float(model.config.depth_near), float(model.config.depth_far))
+    return DepthRange(float(model.config["depth_near"]), float(model.config["depth_far"]))
 
 
 def load_text_from_checkpoint(ckpt: Path, text_dim: int) -> tuple[TextConditioner, list[str]]:

@@ -40,13 +40,17 @@ def check_checkpoint(path: Path) -> Path:
     except json.JSONDecodeError as e:
         raise XWAMError(f"{config}: not valid JSON ({e.msg})") from None
     if data.get("_class_name") != XWAMTransformer.__name__:
-        raise XWAMError(f"{config}: holds a {data.get('_class_name')!r}, expected an XWAMTransformer checkpoint")
+        raise XWAMError(
+            f"{config}: holds a {data.get('_class_name')!r}, expected an XWAMTransformer checkpoint"
+        )
     if not (path / "text.json").is_file():
         raise XWAMError(f"{path}: checkpoint lacks text.json")
     return path
 
 
-def init_from_checkpoint(path: Path, cfg: ModelConfig, layout: Layout) -> tuple[XWAMTransformer, TextConditioner, str]:
+def init_from_checkpoint(
+    path: Path, cfg: ModelConfig, layout: Layout
+) -> tuple[XWAMTransformer, TextConditioner, str]:
     """A model for `layout` initialised from the checkpoint at `path`; returns (model, text, report)."""
     path = check_checkpoint(path)
     try:
@@ -55,8 +59,16 @@ def init_from_checkpoint(path: Path, cfg: ModelConfig, layout: Layout) -> tuple[
         raise XWAMError(f"{path / 'model'}: cannot load the model ({type(e).__name__}: {e})") from None
     src_cfg = dict(source.config)
     kwargs = model_kwargs(cfg, layout)
-    trunk_keys = ("num_attention_heads", "attention_head_dim", "num_layers", "in_channels", "text_dim", "ffn_dim",
-                  "patch_size", "freq_dim")
+    trunk_keys = (
+        "num_attention_heads",
+        "attention_head_dim",
+        "num_layers",
+        "in_channels",
+        "text_dim",
+        "ffn_dim",
+        "patch_size",
+        "freq_dim",
+    )
     mismatched = [k for k in trunk_keys if tuple(_tuple(src_cfg[k])) != tuple(_tuple(kwargs[k]))]
     if mismatched:
         k = mismatched[0]

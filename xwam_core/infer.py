@@ -31,7 +31,12 @@ from xwam_core.models.presets import preset_codec
 from xwam_core.models.text import TextConditioner
 from xwam_core.models.transformer import XWAMTransformer
 from xwam_core.objective import pad_last
-from xwam_core.schedule.inference import DenoisingSchedule, InferenceScheduleConfig, initial_latents, model_denoiser
+from xwam_core.schedule.inference import (
+    DenoisingSchedule,
+    InferenceScheduleConfig,
+    initial_latents,
+    model_denoiser,
+)
 
 
 @dataclass
@@ -58,17 +63,26 @@ class CheckpointLayout:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "views": self.views, "tasks": self.tasks, "future_frames": self.window.future_frames,
-            "frame_stride": self.window.frame_stride, "action_dim": self.action_dim, "state_dim": self.state_dim,
-            "image_size": list(self.image_size), "store": self.store,
+            "views": self.views,
+            "tasks": self.tasks,
+            "future_frames": self.window.future_frames,
+            "frame_stride": self.window.frame_stride,
+            "action_dim": self.action_dim,
+            "state_dim": self.state_dim,
+            "image_size": list(self.image_size),
+            "store": self.store,
         }
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> CheckpointLayout:
         return cls(
-            views=list(d["views"]), tasks=list(d["tasks"]), window=WindowLayout(d["future_frames"], d["frame_stride"]),
-            action_dim=int(d["action_dim"]), state_dim=int(d["state_dim"]),
-            image_size=(int(d["image_size"][0]), int(d["image_size"][1])), store=str(d["store"]),
+            views=list(d["views"]),
+            tasks=list(d["tasks"]),
+            window=WindowLayout(d["future_frames"], d["frame_stride"]),
+            action_dim=int(d["action_dim"]),
+            state_dim=int(d["state_dim"]),
+            image_size=(int(d["image_size"][0]), int(d["image_size"][1])),
+            store=str(d["store"]),
         )
 
 
@@ -86,14 +100,14 @@ class Predictor:
         device: str | torch.device = "cpu",
     ):
         self.device = torch.device(device)
-        self.model = model.to(self.device).eval()
+        self.model = model.to(self.device).eval()  # type: ignore[arg-type]
         self.text = text.to(self.device).eval()
         self.codec = codec.to(self.device).eval()
         self.layout = layout
         self.stats = stats
         self.action_norm = QuantileNormalizer.from_stats(stats, "action")
         self.state_norm = QuantileNormalizer.from_stats(stats, "observation.state")
-        self.depth_range = DepthRange(float(model.config.depth_near), float(model.config.depth_far))
+        self.depth_range = DepthRange(float(model.config["depth_near"]), float(model.config["depth_far"]))
         self.schedule_config = schedule or InferenceScheduleConfig()
         self.schedule = DenoisingSchedule(self.schedule_config)
 
@@ -110,7 +124,7 @@ class Predictor:
             if not (path / name).is_file():
                 raise XWAMError(f"{path}: checkpoint lacks {name} (was it written by `xwam pretrain`?)")
         model = XWAMTransformer.from_pretrained(path / "model")
-        text, _ = load_text_from_checkpoint(path, int(model.config.text_dim))
+        text, _ = load_text_from_checkpoint(path, int(model.config["text_dim"]))
         layout = CheckpointLayout.from_json(json.loads((path / "layout.json").read_text()))
         stats = json.loads((path / "stats.json").read_text())
         from xwam_core.recipe import load_recipe
@@ -126,7 +140,9 @@ class Predictor:
         mapping = []
         for t in store_tasks:
             if t not in self.layout.tasks:
-                raise XWAMError(f"task {t!r} was not seen in training (the checkpoint knows {self.layout.tasks})")
+                raise XWAMError(
+                    f"task {t!r} was not seen in training (the checkpoint knows {self.layout.tasks})"
+                )
             mapping.append(self.layout.tasks.index(t))
         return torch.as_tensor(mapping, dtype=torch.long)[task_index.long().cpu()]
 
@@ -146,7 +162,9 @@ class Predictor:
             raise XWAMError(f"mode {mode!r}: expected 'policy' or 'world'")
         dev = self.device
         cfg = self.model.config
-        rgb0 = batch["rgb"][:, :, :1].to(dev).permute(0, 1, 5, 2, 3, 4).float() / 127.5 - 1.0  # (B, V, 3, 1, H, W)
+        rgb0 = (
+            batch["rgb"][:, :, :1].to(dev).permute(0, 1, 5, 2, 3, 4).float() / 127.5 - 1.0
+        )  # (B, V, 3, 1, H, W)
         state0 = torch.as_tensor(batch["states"][:, 0]).to(dev).float()  # (B, Ds) normalized
         tasks = (task_index if task_index is not None else batch["task_index"]).to(dev)
         window = self.layout.window
@@ -155,8 +173,13 @@ class Predictor:
         start = time.perf_counter()
         context = self.codec.encode_views(rgb0)  # (B, V, C, 1, h, w)
         video, actions, states = initial_latents(
-            context, pad_last(state0, cfg.state_dim), num_latent, window.num_actions, cfg.action_dim,
-            window.num_frames, generator=generator,
+            context,
+            pad_last(state0, cfg.state_dim),
+            num_latent,
+            window.num_actions,
+            cfg.action_dim,
+            window.num_frames,
+            generator=generator,
         )
         text = self.text(tasks)
         denoiser = model_denoiser(self.model, text)

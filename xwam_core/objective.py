@@ -15,6 +15,7 @@ and a resumed run draws what the uninterrupted run drew.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -66,7 +67,9 @@ def encode_batch(
     if augment is not None and augment.enabled:
         k = batch["intrinsics"].to(device)
         parts = [
-            augment_batch(rgb[i : i + 1], depth[i : i + 1], k[i : i + 1], augment, generators[i] if generators else None)
+            augment_batch(
+                rgb[i : i + 1], depth[i : i + 1], k[i : i + 1], augment, generators[i] if generators else None
+            )
             for i in range(rgb.shape[0])
         ]
         rgb = torch.cat([p[0] for p in parts])
@@ -88,6 +91,9 @@ def encode_batch(
 class TrainingObjective(nn.Module):
     """Holds the trainable parts (transformer + text conditioner) and computes per-sample losses."""
 
+    action_valid: torch.Tensor  # (action_dim,) float buffer: 1 where the dimension is the store's
+    state_valid: torch.Tensor
+
     def __init__(
         self,
         model: XWAMTransformer,
@@ -106,7 +112,7 @@ class TrainingObjective(nn.Module):
         self.augment = augment
         self.register_buffer("action_valid", action_valid.float(), persistent=False)
         self.register_buffer("state_valid", state_valid.float(), persistent=False)
-        self.depth_range = DepthRange(float(model.config.depth_near), float(model.config.depth_far))
+        self.depth_range = DepthRange(float(model.config["depth_near"]), float(model.config["depth_far"]))
 
     def forward(
         self, batch: dict[str, torch.Tensor], seed: int, step: int, first_index: int, train: bool = True
@@ -117,10 +123,16 @@ class TrainingObjective(nn.Module):
         """
         b = batch["actions"].shape[0]
         gens = [sample_generator(seed, step, first_index + i) for i in range(b)]
-        cfg = self.model.config
+        cfg: Any = self.model.config
         x = encode_batch(
-            batch, self.codec, self.depth_range, cfg.action_dim, cfg.state_dim,
-            self.action_valid.device, self.augment if train else None, gens,
+            batch,
+            self.codec,
+            self.depth_range,
+            cfg.action_dim,
+            cfg.state_dim,
+            self.action_valid.device,
+            self.augment if train else None,
+            gens,
         )
         device = x.video.device
         levels = [sample_noise_levels(self.sampler, 1, generator=g) for g in gens]
@@ -142,12 +154,19 @@ class TrainingObjective(nn.Module):
         text = self.text(x.task_index, drop_text)
         run_depth = bool(x.has_depth.any())
         out = self.model(
-            noisy_video, noisy_actions, noisy_states,
-            model_timestep(t_video), model_timestep(t_action), text, run_depth=run_depth,
+            noisy_video,
+            noisy_actions,
+            noisy_states,
+            model_timestep(t_video),
+            model_timestep(t_action),
+            text,
+            run_depth=run_depth,
         )
 
         future = slice(1, None)
-        v_err = (out.video[:, :, :, future].float() - velocity_target(x.video, eps_video)[:, :, :, future]) ** 2
+        v_err = (
+            out.video[:, :, :, future].float() - velocity_target(x.video, eps_video)[:, :, :, future]
+        ) ** 2
         losses = {"video": v_err.flatten(1).mean(1), "video_mask": torch.ones(b, device=device)}
         a_err = (out.actions.float() - velocity_target(x.actions, eps_action)) ** 2  # (B, K, Da)
         a_w = self.action_valid.view(1, 1, -1)

@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import tomli_w
+import tomllib
 
 from xwam_core.data.augment import AugmentConfig
 from xwam_core.errors import RecipeError
@@ -176,7 +176,7 @@ def _convert(value: Any, tp: Any, key: str, where: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise fail()
-        return _build(tp, value, key, where)
+        return _build(tp, value, key, where)  # type: ignore[arg-type]
     if origin is list:
         if not isinstance(value, list):
             raise fail()

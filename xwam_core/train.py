@@ -90,10 +90,12 @@ class TrainResult:
     init_report: str
 
 
-def _reduce_losses(losses: dict[str, torch.Tensor], accelerator: Any, world: int) -> tuple[torch.Tensor, dict[str, float]]:
+def _reduce_losses(
+    losses: dict[str, torch.Tensor], accelerator: Any, world: int
+) -> tuple[torch.Tensor, dict[str, float]]:
     """Masked means over the GLOBAL batch: sum_local(m*l) * world / sum_global(m); DDP's gradient
     averaging over processes then gives exactly the single-process gradient."""
-    total = 0.0
+    total: Any = 0.0
     logs: dict[str, float] = {}
     for term in LOSS_TERMS:
         value, mask = losses[term], losses[f"{term}_mask"]
@@ -142,7 +144,9 @@ def train(
     window = WindowLayout(recipe.data.future_frames, recipe.data.frame_stride)
     train_eps, val_eps = split_episodes(store, recipe.data.val_episodes)
     train_set = WindowDataset(store, window, views=recipe.data.views or None, episodes=train_eps)
-    val_set = WindowDataset(store, window, views=recipe.data.views or None, episodes=val_eps) if val_eps else None
+    val_set = (
+        WindowDataset(store, window, views=recipe.data.views or None, episodes=val_eps) if val_eps else None
+    )
 
     # ---- model
     layout = layout_for(store, window, recipe.model, recipe.data.views or None)
@@ -153,7 +157,7 @@ def train(
         model, text, init_report = init_from_checkpoint(Path(init_checkpoint), recipe.model, layout)
     else:
         model, init_report = build_model(recipe.model, layout)
-        text = build_text(recipe.model, layout, int(model.config.text_dim))
+        text = build_text(recipe.model, layout, int(model.config["text_dim"]))
     if resume_path is not None:
         model, text = _load_weights(resume_path, model, text)
     if cfg.lora_rank > 0:
@@ -170,7 +174,9 @@ def train(
 
     params = [p for p in objective.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)  # type: ignore[arg-type]
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
+    )
     ema = None
     if cfg.ema_decay > 0:
         from diffusers.training_utils import EMAModel
@@ -190,8 +196,12 @@ def train(
     objective, optimizer = accelerator.prepare(objective, optimizer)
     sampler = GlobalBatchSampler(len(train_set), recipe.data.batch_size, rank, world, recipe.seed, start_step)
     loader = DataLoader(
-        train_set, batch_sampler=sampler, num_workers=recipe.data.num_workers, collate_fn=collate_windows,
-        persistent_workers=recipe.data.num_workers > 0, prefetch_factor=4 if recipe.data.num_workers > 0 else None,
+        train_set,
+        batch_sampler=sampler,
+        num_workers=recipe.data.num_workers,
+        collate_fn=collate_windows,
+        persistent_workers=recipe.data.num_workers > 0,
+        prefetch_factor=4 if recipe.data.num_workers > 0 else None,
     )
     local = sampler.local
     recipe_toml = recipe_to_toml(recipe)
@@ -200,10 +210,19 @@ def train(
         (run_dir / "recipe.toml").write_text(recipe_toml)
     tracker = _Tracker(run_dir / "logs") if accelerator.is_main_process else None
     if on_start and accelerator.is_main_process:
-        on_start({"start_step": start_step, "max_steps": cfg.max_steps, "processes": world,
-                  "train_windows": len(train_set), "val_windows": len(val_set) if val_set else 0,
-                  "parameters": sum(p.numel() for p in params), "init": init_report, "device": str(accelerator.device),
-                  "mixed_precision": mixed})
+        on_start(
+            {
+                "start_step": start_step,
+                "max_steps": cfg.max_steps,
+                "processes": world,
+                "train_windows": len(train_set),
+                "val_windows": len(val_set) if val_set else 0,
+                "parameters": sum(p.numel() for p in params),
+                "init": init_report,
+                "device": str(accelerator.device),
+                "mixed_precision": mixed,
+            }
+        )
 
     t0 = time.perf_counter()
     logs: dict[str, float] = {}
@@ -225,7 +244,7 @@ def train(
         optimizer.zero_grad(set_to_none=True)
         if ema is not None:
             ema.step(accelerator.unwrap_model(objective).model.parameters())
-        logs["lr"] = scheduler.get_last_lr()[0]
+        logs["lr"] = float(scheduler.get_last_lr()[0])
         done = step + 1
         if val_set is not None and cfg.val_every > 0 and (done % cfg.val_every == 0 or done == cfg.max_steps):
             val_loss = validate(objective, val_set, recipe, accelerator, cfg.val_batches)
@@ -236,25 +255,49 @@ def train(
         if on_step and accelerator.is_main_process:
             on_step(done, logs)
         if (cfg.checkpoint_every > 0 and done % cfg.checkpoint_every == 0) or done == cfg.max_steps:
-            last_ckpt = _save(run_dir, done, objective, optimizer, scheduler, ema, accelerator, recipe_toml,
-                              cfg.keep_last, history, recipe, layout, store)
+            last_ckpt = _save(
+                run_dir,
+                done,
+                objective,
+                optimizer,
+                scheduler,
+                ema,
+                accelerator,
+                recipe_toml,
+                cfg.keep_last,
+                history,
+                recipe,
+                layout,
+                store,
+            )
     seconds = time.perf_counter() - t0
     steps_run = max(0, cfg.max_steps - start_step)
     if tracker is not None:
         tracker.close()
     if accelerator.is_main_process:
         _plot_losses(history, run_dir / "loss_curve.png")
-        summary = {"steps": cfg.max_steps, "final": history[-1] if history else {}, "seconds": seconds,
-                   "samples_per_s": steps_run * recipe.data.batch_size / max(seconds, 1e-9),
-                   "checkpoint": str(last_ckpt), "init": init_report}
+        summary = {
+            "steps": cfg.max_steps,
+            "final": history[-1] if history else {},
+            "seconds": seconds,
+            "samples_per_s": steps_run * recipe.data.batch_size / max(seconds, 1e-9),
+            "checkpoint": str(last_ckpt),
+            "init": init_report,
+        }
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     accelerator.wait_for_everyone()
     if last_ckpt is None:
         last_ckpt = ckpt_io.checkpoint_dirs(run_dir)[-1]
     return TrainResult(
-        run_dir=run_dir, steps=cfg.max_steps, final_loss=float(history[-1]["loss"]) if history else float("nan"),
-        final_val_loss=val_loss, seconds=seconds, samples_per_s=steps_run * recipe.data.batch_size / max(seconds, 1e-9),
-        checkpoint=last_ckpt, history=history, init_report=init_report,
+        run_dir=run_dir,
+        steps=cfg.max_steps,
+        final_loss=float(history[-1]["loss"]) if history else float("nan"),
+        final_val_loss=val_loss,
+        seconds=seconds,
+        samples_per_s=steps_run * recipe.data.batch_size / max(seconds, 1e-9),
+        checkpoint=last_ckpt,
+        history=history,
+        init_report=init_report,
     )
 
 
@@ -279,15 +322,30 @@ def validate(objective: Any, val_set: WindowDataset, recipe: Any, accelerator: A
         for t in LOSS_TERMS:
             totals[t] += float((losses[t] * losses[f"{t}_mask"]).sum())
             masks[t] += float(losses[f"{t}_mask"].sum())
-    values = torch.tensor([totals[t] for t in LOSS_TERMS] + [masks[t] for t in LOSS_TERMS], device=accelerator.device)
+    values = torch.tensor(
+        [totals[t] for t in LOSS_TERMS] + [masks[t] for t in LOSS_TERMS], device=accelerator.device
+    )
     if world > 1:
         values = accelerator.reduce(values, reduction="sum")
     k = len(LOSS_TERMS)
     return float(sum(values[i] / values[k + i].clamp_min(1.0) for i in range(k)))
 
 
-def _save(run_dir, step, objective, optimizer, scheduler, ema, accelerator, recipe_toml, keep_last, history,
-          recipe, layout, store) -> Path:
+def _save(
+    run_dir,
+    step,
+    objective,
+    optimizer,
+    scheduler,
+    ema,
+    accelerator,
+    recipe_toml,
+    keep_last,
+    history,
+    recipe,
+    layout,
+    store,
+) -> Path:
     from xwam_core.infer import CheckpointLayout
 
     accelerator.wait_for_everyone()
@@ -299,13 +357,26 @@ def _save(run_dir, step, objective, optimizer, scheduler, ema, accelerator, reci
             ema_module = _EMAHolder(ema)
         trainer_state = {"history": history, "processes": accelerator.num_processes}
         ckpt_layout = CheckpointLayout(
-            views=layout.views, tasks=layout.tasks, window=layout.window, action_dim=layout.store_action_dim,
-            state_dim=layout.store_state_dim, image_size=layout.image_size, store=str(store.path),
+            views=layout.views,
+            tasks=layout.tasks,
+            window=layout.window,
+            action_dim=layout.store_action_dim,
+            state_dim=layout.store_state_dim,
+            image_size=layout.image_size,
+            store=str(store.path),
         )
         path = ckpt_io.save_checkpoint(
-            run_dir, step, unwrapped.model, unwrapped.text, text_meta(recipe.model, layout), optimizer.optimizer
-            if hasattr(optimizer, "optimizer") else optimizer, scheduler, trainer_state, recipe_toml,
-            ema=ema_module, keep_last=keep_last,
+            run_dir,
+            step,
+            unwrapped.model,
+            unwrapped.text,
+            text_meta(recipe.model, layout),
+            optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
+            scheduler,
+            trainer_state,
+            recipe_toml,
+            ema=ema_module,
+            keep_last=keep_last,
             extra_json={"layout.json": ckpt_layout.to_json(), "stats.json": store.stats},
         )
     accelerator.wait_for_everyone()
@@ -384,7 +455,7 @@ def _plot_losses(history: list[dict[str, float]], path: Path) -> None:
         ax.plot(steps, values, label=term, lw=2 if term == "loss" else 1)
     val = [(h["step"], h["val_loss"]) for h in history if "val_loss" in h]
     if val:
-        ax.plot(*zip(*val), "o-", label="val loss", color="black")
+        ax.plot(*zip(*val, strict=True), "o-", label="val loss", color="black")
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")

@@ -85,10 +85,12 @@ def augment_batch(
     left = (rand[..., 1] * (w - cw + 1)).long().clamp(max=w - cw)
     grid = _crop_grid(top.flatten(), left.flatten(), ch, cw, h, w).to(dev)  # (B*V, h, w, 2)
     grid = grid[:, None].expand(b * v, t, h, w, 2).reshape(b * v * t, h, w, 2)
-    out_rgb = F.grid_sample(rgb.reshape(b * v * t, 3, h, w), grid, mode="bilinear", padding_mode="border",
-                            align_corners=False).reshape(rgb.shape)
-    out_depth = F.grid_sample(depth.reshape(b * v * t, 1, h, w), grid, mode="nearest", padding_mode="border",
-                              align_corners=False).reshape(depth.shape)
+    out_rgb = F.grid_sample(
+        rgb.reshape(b * v * t, 3, h, w), grid, mode="bilinear", padding_mode="border", align_corners=False
+    ).reshape(rgb.shape)
+    out_depth = F.grid_sample(
+        depth.reshape(b * v * t, 1, h, w), grid, mode="nearest", padding_mode="border", align_corners=False
+    ).reshape(depth.shape)
     # Pixel centres sit at integer coordinates (xwam_core.geometry). Resizing maps pixel-edge
     # coordinates e' = (e - x0) * w / cw, and e = u + 0.5, so u' = (u + 0.5 - x0) * w / cw - 0.5.
     out_k = intrinsics.clone()

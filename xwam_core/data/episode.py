@@ -54,7 +54,9 @@ class Episode:
         if n < 1:
             raise DataError(f"{where}: has no frames")
         if self.action.ndim != 2 or self.action.shape[0] != n:
-            raise DataError(f"{where}: action has shape {self.action.shape}, expected ({n}, D) to match state")
+            raise DataError(
+                f"{where}: action has shape {self.action.shape}, expected ({n}, D) to match state"
+            )
         if self.state.ndim != 2:
             raise DataError(f"{where}: observation.state has shape {self.state.shape}, expected (T, D)")
         for key, arr in (("action", self.action), ("observation.state", self.state)):
@@ -67,11 +69,15 @@ class Episode:
         for name, view in self.views.items():
             vw = f"{where}: view '{name}'"
             if view.rgb.dtype != np.uint8 or view.rgb.ndim != 4 or view.rgb.shape[-1] != 3:
-                raise DataError(f"{vw} rgb has {view.rgb.dtype} {view.rgb.shape}, expected uint8 (T, H, W, 3)")
+                raise DataError(
+                    f"{vw} rgb has {view.rgb.dtype} {view.rgb.shape}, expected uint8 (T, H, W, 3)"
+                )
             if view.rgb.shape[0] != n:
                 raise DataError(f"{vw} has {view.rgb.shape[0]} frames, expected {n} like observation.state")
             if tuple(view.rgb.shape[1:3]) != size:
-                raise DataError(f"{vw} images are {tuple(view.rgb.shape[1:3])}, expected {size} like the other views")
+                raise DataError(
+                    f"{vw} images are {tuple(view.rgb.shape[1:3])}, expected {size} like the other views"
+                )
             if view.depth is not None and view.depth.shape != (n, *size):
                 raise DataError(f"{vw} depth has shape {view.depth.shape}, expected {(n, *size)}")
             if view.depth is not None and not np.isfinite(view.depth).all():

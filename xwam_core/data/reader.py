@@ -133,7 +133,9 @@ class EpisodeStore:
     def read_episode(self, index: int) -> Episode:
         """Decode one whole episode (for inspection and evaluation; training uses the frame cache)."""
         meta = self.episodes[index]
-        path = self.path / self.info["data_path"].format(chunk_index=meta.chunk_index, file_index=meta.file_index)
+        path = self.path / self.info["data_path"].format(
+            chunk_index=meta.chunk_index, file_index=meta.file_index
+        )
         table = pq.read_table(path, filters=[("episode_index", "=", index)])
         views = {}
         for v in self.views:
@@ -172,7 +174,9 @@ class EpisodeStore:
             h, w = self.image_size
             arrays: dict[str, np.memmap] = {}
             for v in self.views:
-                arrays[rgb_key(v)] = np.lib.format.open_memmap(tmp / f"rgb.{v}.npy", "w+", np.uint8, (n, h, w, 3))
+                arrays[rgb_key(v)] = np.lib.format.open_memmap(
+                    tmp / f"rgb.{v}.npy", "w+", np.uint8, (n, h, w, 3)
+                )
                 if self.has_depth:
                     arrays[depth_key(v)] = np.lib.format.open_memmap(
                         tmp / f"depth_mm.{v}.npy", "w+", np.uint16, (n, h, w)
@@ -199,8 +203,14 @@ class EpisodeStore:
             np.save(tmp / "episode_index.npy", np.asarray(cols["episode_index"].to_pylist(), np.int64))
             if self.has_cameras:
                 for v in self.views:
-                    np.save(tmp / f"intrinsics.{v}.npy", np.asarray(cols[intrinsics_key(v)].to_pylist(), np.float32))
-                    np.save(tmp / f"extrinsics.{v}.npy", np.asarray(cols[extrinsics_key(v)].to_pylist(), np.float32))
+                    np.save(
+                        tmp / f"intrinsics.{v}.npy",
+                        np.asarray(cols[intrinsics_key(v)].to_pylist(), np.float32),
+                    )
+                    np.save(
+                        tmp / f"extrinsics.{v}.npy",
+                        np.asarray(cols[extrinsics_key(v)].to_pylist(), np.float32),
+                    )
             (tmp / "done.json").write_text(json.dumps({"frames": n}))
             try:
                 os.replace(tmp, cache_path)

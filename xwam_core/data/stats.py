@@ -49,7 +49,9 @@ class RunningStats:
             sub = view.rgb[::IMAGE_FRAME_STRIDE, ::IMAGE_PIXEL_STRIDE, ::IMAGE_PIXEL_STRIDE]
             self._add(f"observation.images.{name}", sub.reshape(-1, 3).astype(np.float32) / 255.0)
             if info.has_depth and view.depth is not None:
-                d = view.depth[::IMAGE_FRAME_STRIDE, ::IMAGE_PIXEL_STRIDE, ::IMAGE_PIXEL_STRIDE].reshape(-1, 1)
+                d = view.depth[::IMAGE_FRAME_STRIDE, ::IMAGE_PIXEL_STRIDE, ::IMAGE_PIXEL_STRIDE].reshape(
+                    -1, 1
+                )
                 self._add(f"observation.depth.{name}", d[d[:, 0] > 0])
 
     def result(self) -> dict[str, dict[str, Any]]:

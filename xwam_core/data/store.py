@@ -108,7 +108,11 @@ def _features(info: SourceInfo) -> dict[str, dict[str, Any]]:
         "shape": [len(info.state_names)],
         "names": list(info.state_names),
     }
-    feats["action"] = {"dtype": "float32", "shape": [len(info.action_names)], "names": list(info.action_names)}
+    feats["action"] = {
+        "dtype": "float32",
+        "shape": [len(info.action_names)],
+        "names": list(info.action_names),
+    }
     for key, dtype in (
         ("timestamp", "float32"),
         ("frame_index", "int64"),
@@ -166,7 +170,9 @@ class StoreWriter:
     >>> summary = writer.summary
     """
 
-    def __init__(self, out: str | Path, info: SourceInfo, overwrite: bool = False, source_options: dict | None = None):
+    def __init__(
+        self, out: str | Path, info: SourceInfo, overwrite: bool = False, source_options: dict | None = None
+    ):
         self.out = Path(out)
         self.info = info
         self.source_options = source_options or {}
@@ -253,7 +259,9 @@ class StoreWriter:
         if missing:
             raise DataError(f"{where}: lacks view(s) {missing}; expected views {self.info.views}")
         if episode.image_size != tuple(self.info.image_size):
-            raise DataError(f"{where}: images are {episode.image_size}, expected {tuple(self.info.image_size)}")
+            raise DataError(
+                f"{where}: images are {episode.image_size}, expected {tuple(self.info.image_size)}"
+            )
         for key, arr, names in (
             ("observation.state", episode.state, self.info.state_names),
             ("action", episode.action, self.info.action_names),

@@ -94,9 +94,7 @@ class WindowDataset(Dataset):
         self.action_norm = QuantileNormalizer.from_stats(stats, "action")
         self.state_norm = QuantileNormalizer.from_stats(stats, "observation.state")
         self._frame_offsets = np.arange(layout.num_frames) * layout.frame_stride
-        self._task_of_episode = {
-            e.index: self.store.tasks.index(e.task) for e in self.store.episodes
-        }
+        self._task_of_episode = {e.index: self.store.tasks.index(e.task) for e in self.store.episodes}
 
     def __len__(self) -> int:
         return len(self.windows)

@@ -760,9 +760,9 @@ class XWAMTransformer(ModelMixin, ConfigMixin):  # type: ignore[misc]
 
         out = self._final_norm(hidden, temb, self.wan.scale_shift_table)  # (B, N, D)
         video_out = self._unpatchify(self.wan.proj_out(out[:, :n_video]), layout)
-        if self.config.video_prediction == "residual":  # clean future = current frame's latent + output
+        if self.config["video_prediction"] == "residual":  # clean future = current frame's latent + output
             video_out = video_out + video[:, :, :, :1].to(video_out.dtype)
-        if self.config.video_prediction in ("sample", "residual"):
+        if self.config["video_prediction"] in ("sample", "residual"):
             video_out = _sample_to_velocity(video, video_out, t_video)
         k_end = n_video + layout.num_actions
         actions_out = self.action_decoder(out[:, n_video:k_end]) if actions is not None else None

@@ -19,7 +19,9 @@ def _metaworld(cfg: PrepareConfig) -> EpisodeSource:
     try:
         from xwam_core.data.sources.metaworld import MetaWorldSource
     except ImportError as e:
-        raise DataError(f"source 'metaworld' needs the simulator extra: pip install 'xwam[sim]' ({e})") from None
+        raise DataError(
+            f"source 'metaworld' needs the simulator extra: pip install 'xwam[sim]' ({e})"
+        ) from None
     m = cfg.metaworld
     return MetaWorldSource(
         tasks=m.tasks,
