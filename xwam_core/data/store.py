@@ -5,7 +5,7 @@ Layout (LeRobot's own reader opens it):
     meta/stats.json                     per key: min, max, mean, std, count, q01, q99
     meta/tasks.parquet                  task text (index) -> task_index
     meta/episodes/chunk-000/file-000.parquet   per episode: length, tasks, success, row range
-    data/chunk-XXX/file-XXX.parquet     one row per frame
+    data/chunk-NNN/file-NNN.parquet     one row per frame
 Per frame: index, episode_index, frame_index, timestamp, task_index, observation.state, action, and per
 view `observation.images.<view>` (PNG), `observation.depth.<view>` (16-bit PNG, millimetres, 0 =
 invalid), `observation.cameras.<view>.intrinsics` (3x3), `observation.cameras.<view>.extrinsics`
