@@ -10,6 +10,14 @@ from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from xwam_core.errors import XWAMError
 from xwam_core.recipe import Recipe, load_recipe
@@ -63,6 +71,23 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, dict):
         return "{" + ", ".join(f"{json.dumps(str(k))} = {_toml_value(v)}" for k, v in value.items()) + "}"
     return json.dumps(str(value))
+
+
+def progress_bar(title: str) -> Progress:
+    """The one progress-bar layout of every command: title, bar, n/total, an `info` field, time, ETA.
+
+    Tasks must be added with `info=""`; `title` may use `{task.description}` or `{task.fields[...]}`.
+    """
+    return Progress(
+        TextColumn(f"[bold]{title}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=err_console,
+    )
 
 
 def split_csv(text: str | None) -> list[str] | None:

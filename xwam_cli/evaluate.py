@@ -6,17 +6,9 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from rich.table import Table
 
-from xwam_cli.common import console, err_console, fail, split_csv, user_errors
+from xwam_cli.common import console, fail, progress_bar, split_csv, user_errors
 
 EXAMPLES = """
 [bold]Examples[/]
@@ -209,20 +201,12 @@ def _evaluate_offline(
         specs = applicable_metrics(run, with_lpips=bool(lpips_weights or os.environ.get(LPIPS_WEIGHTS_ENV)))
     check_metrics(run, specs)
     lpips = LPIPSMetric(lpips_weights) if any(s.name == "lpips" for s in specs) else None
-    progress = Progress(
-        TextColumn("[bold]evaluate {task.fields[metric]}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err_console,
-        transient=True,
-    )
-    with progress:
-        task = progress.add_task("metrics", total=len(specs), metric="")
+    with progress_bar("evaluate") as progress:
+        task = progress.add_task("metrics", total=len(specs), info="")
         done = [0]
 
         def on_metric(name: str) -> None:
-            progress.update(task, completed=done[0], metric=name)
+            progress.update(task, completed=done[0], info=name)
             done[0] += 1
 
         report = evaluate_run(
@@ -264,26 +248,18 @@ def _evaluate_sim(
     task_list = split_csv(tasks) or []
     if not task_list:
         raise XWAMError("--sim metaworld needs --tasks, e.g. --tasks reach-v3,push-v3")
-    progress = Progress(
-        TextColumn("[bold]closed loop"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[last]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=err_console,
-    )
+    progress = progress_bar("closed loop")
     state: dict[str, Any] = {}
 
     def on_start(total: int) -> None:
         progress.start()
-        state["task"] = progress.add_task("rollouts", total=total, last="")
+        state["task"] = progress.add_task("rollouts", total=total, info="")
 
     def on_rollout(r: Any) -> None:
         progress.update(
             state["task"],
             advance=1,
-            last=f"{r.task} #{r.episode} {r.policy}: {'success' if r.success else 'fail'} ({r.steps} steps)",
+            info=f"{r.task} #{r.episode} {r.policy}: {'success' if r.success else 'fail'} ({r.steps} steps)",
         )
 
     try:

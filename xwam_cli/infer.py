@@ -7,17 +7,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from rich.table import Table
 
-from xwam_cli.common import console, err_console, user_errors
+from xwam_cli.common import console, progress_bar, user_errors
 
 EXAMPLES = """
 [bold]Examples[/]
@@ -135,23 +127,15 @@ def infer(
             overwrite,
         ),
     )
-    progress = Progress(
-        TextColumn(f"[bold]infer ({mode})"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[last]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=err_console,
-    )
+    progress = progress_bar(f"infer ({mode})")
     state: dict[str, int] = {}
 
     def on_start(total: int) -> None:
         progress.start()
-        state["task"] = progress.add_task("windows", total=total, last="")
+        state["task"] = progress.add_task("windows", total=total, info="")
 
     def on_window(n: int, latency_s: float) -> None:
-        progress.update(state["task"], advance=n, last=f"{1000 * latency_s:.0f} ms/window")
+        progress.update(state["task"], advance=n, info=f"{1000 * latency_s:.0f} ms/window")
 
     try:
         summary = infer_run(opts, on_start=on_start, on_window=on_window)

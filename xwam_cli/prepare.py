@@ -6,17 +6,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from rich.table import Table
 
-from xwam_cli.common import console, err_console, fail, human_bytes, recipe_with, split_csv, user_errors
+from xwam_cli.common import console, fail, human_bytes, progress_bar, recipe_with, split_csv, user_errors
 from xwam_core.data.store import StoreSummary
 
 EXAMPLES = """
@@ -97,24 +89,15 @@ def prepare(
 
     from xwam_core.data.prepare import prepare_store
 
-    with Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[last]}"),
-        console=err_console,
-        transient=False,
-    ) as progress:
-        task_id = progress.add_task(f"{resolved.prepare.source} episodes", total=None, last="")
+    with progress_bar("{task.description}") as progress:
+        task_id = progress.add_task(f"{resolved.prepare.source} episodes", total=None, info="")
 
         def on_start(total: int) -> None:
             progress.update(task_id, total=total)
 
         def on_episode(ep: object) -> None:
             ok = "success" if getattr(ep, "success", False) else "no success"
-            progress.update(task_id, advance=1, last=f"{getattr(ep, 'task', '')} ({ok})")
+            progress.update(task_id, advance=1, info=f"{getattr(ep, 'task', '')} ({ok})")
 
         summary = prepare_store(resolved, on_start=on_start, on_episode=on_episode)
     print_summary(summary)

@@ -6,17 +6,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from rich.table import Table
 
-from xwam_cli.common import console, err_console, user_errors
+from xwam_cli.common import console, progress_bar, user_errors
 
 EXAMPLES = """
 [bold]Examples[/]
@@ -50,19 +42,12 @@ def reconstruct(
     """
     from xwam_core.reconstruct import reconstruct_run
 
-    progress = Progress(
-        TextColumn("[bold]reconstruct"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=err_console,
-    )
+    progress = progress_bar("reconstruct")
     state: dict[str, int] = {}
 
     def on_start(total: int) -> None:
         progress.start()
-        state["task"] = progress.add_task("steps", total=total)
+        state["task"] = progress.add_task("steps", total=total, info="")
 
     def on_step(n: int) -> None:
         progress.update(state["task"], advance=n)

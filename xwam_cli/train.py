@@ -6,17 +6,9 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from rich.table import Table
 
-from xwam_cli.common import console, err_console, recipe_with, user_errors
+from xwam_cli.common import console, err_console, progress_bar, recipe_with, user_errors
 
 EXAMPLES = """
 [bold]Examples[/]
@@ -51,16 +43,7 @@ def _run(recipe_path: Path, set_: list[str] | None, init: str | None, resume: st
     EpisodeStore(recipe.data.store)  # fail early, before any model is built
     if init is not None:
         check_checkpoint(Path(init))
-    progress = Progress(
-        TextColumn("[bold]train"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[stats]}"),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        console=err_console,
-    )
+    progress = progress_bar("train")
     state: dict[str, Any] = {}
 
     def on_start(info: dict[str, Any]) -> None:
@@ -72,7 +55,7 @@ def _run(recipe_path: Path, set_: list[str] | None, init: str | None, resume: st
         )
         progress.start()
         state["task"] = progress.add_task(
-            "train", total=info["max_steps"], completed=info["start_step"], stats=""
+            "train", total=info["max_steps"], completed=info["start_step"], info=""
         )
         state["t0"], state["s0"] = __import__("time").perf_counter(), info["start_step"]
 
@@ -82,7 +65,7 @@ def _run(recipe_path: Path, set_: list[str] | None, init: str | None, resume: st
         rate = (step - state["s0"]) / max(time.perf_counter() - state["t0"], 1e-9)
         val = f" val {logs['val_loss']:.4f}" if "val_loss" in logs else ""
         stats = f"loss {logs['loss']:.4f}{val} lr {logs['lr']:.2e} {rate:.2f} it/s"
-        progress.update(state["task"], completed=step, stats=stats)
+        progress.update(state["task"], completed=step, info=stats)
         if not err_console.is_terminal and (step % recipe.train.log_every == 0 or val):
             # no live bar in logs and CI: a plain line every log_every steps instead
             err_console.print(f"step {step}/{recipe.train.max_steps} {stats}", highlight=False)
