@@ -89,17 +89,21 @@ def prepare(
 
     from xwam_core.data.prepare import prepare_store
 
-    with progress_bar("{task.description}") as progress:
-        task_id = progress.add_task(f"{resolved.prepare.source} episodes", total=None, info="")
+    progress = progress_bar("{task.description}")
+    state: dict[str, object] = {}
 
-        def on_start(total: int) -> None:
-            progress.update(task_id, total=total)
+    def on_start(total: int) -> None:  # called once the options are checked: no bar before an error
+        progress.start()
+        state["task"] = progress.add_task(f"{resolved.prepare.source} episodes", total=total, info="")
 
-        def on_episode(ep: object) -> None:
-            ok = "success" if getattr(ep, "success", False) else "no success"
-            progress.update(task_id, advance=1, info=f"{getattr(ep, 'task', '')} ({ok})")
+    def on_episode(ep: object) -> None:
+        ok = "success" if getattr(ep, "success", False) else "no success"
+        progress.update(state["task"], advance=1, info=f"{getattr(ep, 'task', '')} ({ok})")  # type: ignore[arg-type]
 
+    try:
         summary = prepare_store(resolved, on_start=on_start, on_episode=on_episode)
+    finally:
+        progress.stop()
     print_summary(summary)
 
 
