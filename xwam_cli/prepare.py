@@ -103,7 +103,8 @@ def prepare(
     try:
         summary = prepare_store(resolved, on_start=on_start, on_episode=on_episode)
     finally:
-        progress.stop()
+        if state:
+            progress.stop()
     print_summary(summary)
 
 
