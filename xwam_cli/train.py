@@ -81,7 +81,7 @@ def _run(recipe_path: Path, set_: list[str] | None, init: str | None, resume: st
     table.add_row("steps", str(result.steps))
     for term in ("loss", "video", "action", "state", "depth"):
         if term in last:
-            table.add_row(f"final {term} loss", f"{last[term]:.5f}")
+            table.add_row("final loss" if term == "loss" else f"final {term} loss", f"{last[term]:.5f}")
     if result.final_val_loss is not None:
         table.add_row("held-out loss", f"{result.final_val_loss:.5f}")
     table.add_row("seconds", f"{result.seconds:.1f}")
