@@ -119,6 +119,16 @@ def test_bad_episode_leaves_nothing(tmp_path, defect):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_missing_parent_folders_are_made_and_removed_on_failure(tmp_path):
+    out = tmp_path / "a" / "b" / "store"
+    write_store(out, SyntheticSource(episodes=1))
+    assert EpisodeStore(out).info["total_episodes"] == 1
+    failed = tmp_path / "c" / "d" / "store"
+    with pytest.raises(KeyboardInterrupt), StoreWriter(failed, SyntheticSource().info()):
+        raise KeyboardInterrupt
+    assert not (tmp_path / "c").exists()
+
+
 def test_interrupt_leaves_nothing(tmp_path):
     source = SyntheticSource(episodes=3)
     out = tmp_path / "store"

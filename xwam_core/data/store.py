@@ -180,8 +180,8 @@ class StoreWriter:
             raise DataError(f"{self.out}: already exists; pass --overwrite to replace it")
         if self.out.exists() and not self.out.is_dir():
             raise DataError(f"{self.out}: exists and is not a folder")
-        if not self.out.parent.exists():
-            raise DataError(f"{self.out.parent}: parent folder does not exist")
+        # parent folders are made as needed and removed again if the store is not written
+        self._made_parents = [p for p in reversed(self.out.parents) if not p.exists()]
         self.tmp = self.out.parent / f".{self.out.name}.tmp-{uuid.uuid4().hex[:8]}"
         self.features = _features(info)
         self.schema = _arrow_schema(self.features)
@@ -203,9 +203,17 @@ class StoreWriter:
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if exc_type is not None:
             self._close_parquet()
-            shutil.rmtree(self.tmp, ignore_errors=True)
+            self._discard()
             return
         self.finish()
+
+    def _discard(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        for parent in reversed(self._made_parents):  # deepest first; only if still empty
+            try:
+                parent.rmdir()
+            except OSError:
+                break
 
     # -------------------------------------------------------------------------------- episodes
     def add(self, episode: Episode) -> None:
@@ -302,7 +310,7 @@ class StoreWriter:
             self._write_meta()
             self._replace_target()
         except BaseException:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+            self._discard()
             raise
         successes = sum(e["success"] for e in self._episodes)
         self.summary = StoreSummary(
