@@ -13,6 +13,8 @@ from xwam_core.data import sources
 from xwam_core.data.reader import EpisodeStore
 
 runner = CliRunner()
+# the exact form the issue asks for (without --out)
+ISSUE_COMMAND = ["prepare", "metaworld", "--tasks", "reach-v3,push-v3", "--episodes", "4", "--views", "corner2,topview", "--size", "64", "--seed", "0"]
 
 
 @pytest.fixture
@@ -128,25 +130,7 @@ def test_issue_command_produces_valid_store(tmp_path):
     """The exact form from the issue; the scripted experts succeed on these tasks."""
     pytest.importorskip("metaworld")
     out = tmp_path / "mw"
-    result = runner.invoke(
-        app,
-        [
-            "prepare",
-            "metaworld",
-            "--tasks",
-            "reach-v3,push-v3",
-            "--episodes",
-            "4",
-            "--views",
-            "corner2,topview",
-            "--size",
-            "64",
-            "--seed",
-            "0",
-            "--out",
-            str(out),
-        ],
-    )
+    result = runner.invoke(app, [*ISSUE_COMMAND, "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert "expert success rate" in result.output and "100.0%" in result.output
     store = EpisodeStore(out)
@@ -159,24 +143,6 @@ def test_issue_command_produces_valid_store(tmp_path):
     ep.validate()
     # reproducible: the same command gives the same data
     out2 = tmp_path / "mw2"
-    runner.invoke(
-        app,
-        [
-            "prepare",
-            "metaworld",
-            "--tasks",
-            "reach-v3,push-v3",
-            "--episodes",
-            "4",
-            "--views",
-            "corner2,topview",
-            "--size",
-            "64",
-            "--seed",
-            "0",
-            "--out",
-            str(out2),
-        ],
-    )
+    runner.invoke(app, [*ISSUE_COMMAND, "--out", str(out2)])
     ep2 = EpisodeStore(out2).read_episode(0)
     assert (ep.views["corner2"].rgb == ep2.views["corner2"].rgb).all() and (ep.action == ep2.action).all()
