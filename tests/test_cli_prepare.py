@@ -14,7 +14,20 @@ from xwam_core.data.reader import EpisodeStore
 
 runner = CliRunner()
 # the exact form the issue asks for (without --out)
-ISSUE_COMMAND = ["prepare", "metaworld", "--tasks", "reach-v3,push-v3", "--episodes", "4", "--views", "corner2,topview", "--size", "64", "--seed", "0"]
+ISSUE_COMMAND = [
+    "prepare",
+    "metaworld",
+    "--tasks",
+    "reach-v3,push-v3",
+    "--episodes",
+    "4",
+    "--views",
+    "corner2,topview",
+    "--size",
+    "64",
+    "--seed",
+    "0",
+]
 
 
 @pytest.fixture
