@@ -71,6 +71,35 @@ def test_depth_mapping_clamps_and_marks_invalid_as_far():
         DepthRange(1.0, 0.5)
 
 
+def test_per_view_depth_ranges_map_each_view_with_its_own_range():
+    # a wrist camera (2-40 cm) beside a fixed one (1-3 m): each view round-trips within its own range
+    depth_range = DepthRange(near=(1.0, 0.02), far=(3.0, 0.4))
+    wrist = torch.linspace(0.03, 0.35, 60).view(1, 6, 10)
+    fixed = torch.linspace(1.1, 2.9, 60).view(1, 6, 10)
+    depth = torch.stack([fixed, wrist]).unsqueeze(0)  # (B=1, V=2, T=1, H=6, W=10)
+    image = depth_to_image(depth, depth_range)  # (1, 2, 3, 1, 6, 10)
+    assert image.shape == (1, 2, 3, 1, 6, 10)
+    for v in range(2):  # the same as mapping the view alone with its range
+        alone = depth_to_image(depth[:, v], depth_range.view(v))
+        torch.testing.assert_close(image[:, v], alone)
+    for v in range(2):  # both views spread over most of [-1, 1]
+        assert image[0, v, 0].max() - image[0, v, 0].min() > 1.0
+    recovered = image_to_depth(image, depth_range)
+    assert ((recovered - depth).abs() / depth).max() < 1e-4
+    # one shared range would clamp the wrist view to its near plane
+    shared = image_to_depth(depth_to_image(depth, DepthRange(0.2, 3.0)), DepthRange(0.2, 3.0))
+    assert ((shared - depth).abs() / depth)[:, 1].max() > 1.0
+    assert depth_range.max_far == 3.0 and depth_range.to_json() == [[1.0, 0.02], [3.0, 0.4]]
+    assert DepthRange.from_config([1.0, 0.02], [3.0, 0.4]) == depth_range
+    assert DepthRange.from_config(0.1, 10) == DepthRange(0.1, 10.0)
+    with pytest.raises(XWAMError, match="2 views, the depth has 3"):
+        depth_to_image(torch.ones(1, 3, 1, 4, 4), depth_range)
+    with pytest.raises(XWAMError, match="same length"):
+        DepthRange((0.1, 0.2), (1.0,))
+    with pytest.raises(XWAMError, match=r"near=0\.5, far=0\.4"):
+        DepthRange((0.1, 0.5), (1.0, 0.4))
+
+
 @pytest.fixture(scope="module")
 def tiny_vae():
     # Wan2.2 VAE layout (residual, patch 2, spatial 16, temporal 4) at toy width.

@@ -75,3 +75,22 @@ def test_overrides_and_errors():
         preset_config("huge")
     with pytest.raises(XWAMError, match="unknown model setting"):
         preset_config("tiny", num_layer=3)
+
+
+def test_depth_ranges_per_view_from_the_recipe():
+    from xwam_core.errors import XWAMError
+    from xwam_core.factory import depth_bounds
+    from xwam_core.recipe import ModelConfig
+
+    cfg = ModelConfig(depth_near=0.2, depth_far=3.0, depth_ranges={"wrist": [0.02, 0.4], "gone": [1.0, 2.0]})
+    assert depth_bounds(cfg, ["front", "wrist"]) == ([0.2, 0.02], [3.0, 0.4])  # unnamed: the default
+    assert depth_bounds(cfg, ["front"]) == (0.2, 3.0)  # no named view among the data's: one range
+    bad = ModelConfig(depth_ranges={"wrist": [0.4, 0.02]})
+    with pytest.raises(XWAMError, match=r"model.depth_ranges.wrist = \[0.4, 0.02\]: expected \[near, far\]"):
+        depth_bounds(bad, ["wrist"])
+    model = build_model("tiny", num_layers=1, num_depth_blocks=1, num_views=2, depth_near=[0.2, 0.02],
+                        depth_far=[3.0, 0.4])  # fmt: skip
+    assert model.depth_range.per_view and model.depth_range.view(1).far == 0.4
+    with pytest.raises(XWAMError, match="one range per view"):
+        build_model("tiny", num_layers=1, num_depth_blocks=1, num_views=3, depth_near=[0.2, 0.02],
+                    depth_far=[3.0, 0.4])  # fmt: skip

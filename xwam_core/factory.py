@@ -68,6 +68,7 @@ def layout_for(
 
 def model_kwargs(cfg: ModelConfig, layout: Layout) -> dict[str, Any]:
     """XWAMTransformer arguments: the preset, the recipe's overrides, then the data layout."""
+    near, far = depth_bounds(cfg, layout.views)
     return preset_config(
         cfg.preset,
         **{
@@ -77,8 +78,8 @@ def model_kwargs(cfg: ModelConfig, layout: Layout) -> dict[str, Any]:
             "state_dim": layout.state_dim,
             "num_actions": layout.window.num_actions,
             "num_states": layout.window.num_frames,
-            "depth_near": cfg.depth_near,
-            "depth_far": cfg.depth_far,
+            "depth_near": near,
+            "depth_far": far,
         },
     )
 
@@ -130,8 +131,21 @@ def text_meta(cfg: ModelConfig, layout: Layout) -> dict[str, Any]:
     return {"kind": cfg.text, "tasks": layout.tasks, "seq_len": cfg.text_seq_len, "cache": cfg.text_cache}
 
 
-def depth_range(model: XWAMTransformer) -> DepthRange:
-    return DepthRange(float(model.config["depth_near"]), float(model.config["depth_far"]))
+def depth_bounds(cfg: ModelConfig, views: list[str]) -> tuple[float | list[float], float | list[float]]:
+    """The model's depth_near/depth_far: the recipe's numbers, or one per view when model.depth_ranges names
+    any of the views (views it does not name take depth_near/depth_far; names of views the data does not
+    use are ignored, so one recipe serves stores with fewer views)."""
+    for view, pair in cfg.depth_ranges.items():
+        if len(pair) != 2 or not 0 < pair[0] < pair[1] < float("inf"):
+            raise XWAMError(
+                f"model.depth_ranges.{view} = {pair}: expected [near, far] in metres with 0 < near < far"
+            )
+    if not set(cfg.depth_ranges) & set(views):
+        DepthRange(cfg.depth_near, cfg.depth_far)
+        return cfg.depth_near, cfg.depth_far
+    pairs = [cfg.depth_ranges.get(v, [cfg.depth_near, cfg.depth_far]) for v in views]
+    DepthRange(tuple(p[0] for p in pairs), tuple(p[1] for p in pairs))  # validates every range
+    return [float(p[0]) for p in pairs], [float(p[1]) for p in pairs]
 
 
 def load_text_from_checkpoint(ckpt: Path, text_dim: int) -> tuple[TextConditioner, list[str]]:

@@ -107,7 +107,7 @@ class Predictor:
         self.stats = stats
         self.action_norm = QuantileNormalizer.from_stats(stats, "action")
         self.state_norm = QuantileNormalizer.from_stats(stats, "observation.state")
-        self.depth_range = DepthRange(float(model.config["depth_near"]), float(model.config["depth_far"]))
+        self.depth_range = model.depth_range
         self.schedule_config = schedule or InferenceScheduleConfig()
         self.schedule = DenoisingSchedule(self.schedule_config)
 

@@ -47,7 +47,7 @@ from xwam_core.runs import (
 
 MODES = ("policy", "world")
 EE_POSE_NAMES = ("ee_x", "ee_y", "ee_z", "ee_qw", "ee_qx", "ee_qy", "ee_qz")
-MAX_DEPTH_FRACTION = 0.9  # clouds keep depth <= 0.9 x the model's far plane (beyond: background)
+MAX_DEPTH_FRACTION = 0.9  # clouds keep depth <= 0.9 x the model's (farthest) far plane (beyond: background)
 VIDEO_FPS = 4.0
 VIDEO_MIN_HEIGHT = 192  # small frames are enlarged (nearest neighbour) to at least this many rows
 _FIXED_TOLERANCE = 1e-5  # a view is fixed if its recorded pose never moves more than this
@@ -359,8 +359,7 @@ def infer_run(
     moving = moving_views(store, layout.views) if world else [False] * len(layout.views)
     names = store.state_names
     pose_indices = [names.index(n) for n in EE_POSE_NAMES] if all(n in names for n in EE_POSE_NAMES) else None
-    near, far = predictor.depth_range.near, predictor.depth_range.far
-    max_depth = MAX_DEPTH_FRACTION * far
+    max_depth = MAX_DEPTH_FRACTION * predictor.depth_range.max_far
     if on_start is not None:
         on_start(len(chosen))
 
@@ -458,7 +457,7 @@ def infer_run(
         "fps": store.fps,
         "seed": opts.seed,
         "batch_size": opts.batch_size,
-        "depth_range": [near, far],
+        "depth_range": predictor.depth_range.to_json(),  # [near, far]: numbers, or lists of one per view
         "max_depth": max_depth,
         "cameras": cameras,
         "latency_ms": {

@@ -28,34 +28,105 @@ WAN_VAE_HUB_ID = "Wan-AI/Wan2.2-TI2V-5B-Diffusers"
 
 @dataclass(frozen=True)
 class DepthRange:
-    """Metric depth range (metres) mapped onto [-1, 1] as inverse depth: near -> +1, far -> -1."""
+    """Metric depth range (metres) mapped onto [-1, 1] as inverse depth: near -> +1, far -> -1.
 
-    near: float
-    far: float
+    `near`/`far` are one number for every view, or one per view (tuples of equal length): a wrist camera
+    that sees 2-30 cm and a fixed camera that sees 1-6 m cannot share one inverse-depth range without
+    losing all precision on one of them. Per-view ranges need the view axis at dim -4 of depth
+    (..., V, T, H, W) and at dim -5 of depth images (..., V, 3, T, H, W).
+    """
+
+    near: float | tuple[float, ...]
+    far: float | tuple[float, ...]
 
     def __post_init__(self) -> None:
-        if not (0 < self.near < self.far < float("inf")):
-            raise XWAMError(f"depth range near={self.near}, far={self.far}: expected 0 < near < far (metres)")
+        nears, fars = _as_tuple(self.near), _as_tuple(self.far)
+        if (
+            isinstance(self.near, tuple) != isinstance(self.far, tuple)
+            or len(nears) != len(fars)
+            or not nears
+        ):
+            raise XWAMError(
+                f"depth range near={self.near}, far={self.far}: expected two numbers or two lists of one "
+                "number per view, of the same length"
+            )
+        for n, f in zip(nears, fars, strict=True):
+            if not (0 < n < f < float("inf")):
+                raise XWAMError(f"depth range near={n}, far={f}: expected 0 < near < far (metres)")
+
+    @classmethod
+    def from_config(cls, near: Any, far: Any) -> DepthRange:
+        """From a model config's depth_near/depth_far: numbers, or lists (JSON) of one per view."""
+        if isinstance(near, (list, tuple)) or isinstance(far, (list, tuple)):
+            return cls(tuple(float(x) for x in _as_list(near)), tuple(float(x) for x in _as_list(far)))
+        return cls(float(near), float(far))
+
+    @property
+    def per_view(self) -> bool:
+        return isinstance(self.near, tuple)
+
+    @property
+    def max_far(self) -> float:
+        return max(_as_tuple(self.far))
+
+    def view(self, index: int) -> DepthRange:
+        """The range of one view slot."""
+        if not self.per_view:
+            return self
+        return DepthRange(_as_tuple(self.near)[index], _as_tuple(self.far)[index])
+
+    def to_json(self) -> list[Any]:
+        return [
+            list(self.near) if self.per_view else self.near,
+            list(self.far) if self.per_view else self.far,
+        ]
+
+    def bounds(self, like: torch.Tensor, view_dim: int) -> tuple[torch.Tensor | float, torch.Tensor | float]:
+        """(near, far) as numbers, or per view as tensors that broadcast over `like` along `view_dim`."""
+        if not self.per_view:
+            return float(self.near), float(self.far)  # type: ignore[arg-type]
+        views = like.shape[view_dim]
+        nears, fars = _as_tuple(self.near), _as_tuple(self.far)
+        if views != len(nears):
+            raise XWAMError(f"depth range has {len(nears)} views, the depth has {views} (dim {view_dim})")
+        shape = [1] * (like.ndim + view_dim) + [views] + [1] * (-view_dim - 1)
+        return (
+            torch.tensor(nears, dtype=torch.float32, device=like.device).view(shape),
+            torch.tensor(fars, dtype=torch.float32, device=like.device).view(shape),
+        )
+
+
+def _as_tuple(x: float | tuple[float, ...]) -> tuple[float, ...]:
+    return x if isinstance(x, tuple) else (x,)
+
+
+def _as_list(x: Any) -> list[Any]:
+    return list(x) if isinstance(x, (list, tuple)) else [x]
 
 
 def depth_to_image(depth: torch.Tensor, depth_range: DepthRange) -> torch.Tensor:
     """Metric depth (..., T, H, W) -> 3-channel image (..., 3, T, H, W) in [-1, 1].
 
     Depth is clamped to [near, far]; invalid depth (<= 0 or not finite, the store's 0) maps to far (-1).
+    A per-view range reads the view axis at dim -4: (..., V, T, H, W).
     """
-    near, far = depth_range.near, depth_range.far
     depth = depth.float()
+    near, far = depth_range.bounds(depth, -4)
     valid = torch.isfinite(depth) & (depth > 0)
-    depth = torch.where(valid, depth, torch.full_like(depth, far)).clamp(near, far)
+    depth = torch.where(valid, depth, torch.zeros_like(depth) + far)
+    depth = torch.minimum(torch.maximum(depth, torch.zeros_like(depth) + near), torch.zeros_like(depth) + far)
     inverse = (1.0 / depth - 1.0 / far) / (1.0 / near - 1.0 / far)  # 0 at far, 1 at near
     image = inverse * 2.0 - 1.0
     return image.unsqueeze(-4).expand(*image.shape[:-3], 3, *image.shape[-3:]).contiguous()
 
 
 def image_to_depth(image: torch.Tensor, depth_range: DepthRange) -> torch.Tensor:
-    """3-channel depth image (..., 3, T, H, W) in [-1, 1] -> metric depth (..., T, H, W) (channel mean)."""
-    near, far = depth_range.near, depth_range.far
+    """3-channel depth image (..., 3, T, H, W) in [-1, 1] -> metric depth (..., T, H, W) (channel mean).
+
+    A per-view range reads the view axis at dim -5: (..., V, 3, T, H, W).
+    """
     x = image.float().mean(dim=-4).clamp(-1.0, 1.0)
+    near, far = depth_range.bounds(x, -4)
     inverse = (x + 1.0) / 2.0 * (1.0 / near - 1.0 / far) + 1.0 / far
     return 1.0 / inverse
 
