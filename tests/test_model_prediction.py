@@ -47,8 +47,81 @@ def test_sample_prediction_derives_velocity_from_the_same_head():
     torch.testing.assert_close(res.video, (video - (raw.video + video[:, :, :, :1])) / t)
 
 
+def test_gated_prediction_keeps_the_current_frame_where_the_gate_is_closed():
+    torch.manual_seed(0)
+    kwargs = dict(
+        num_layers=2, num_depth_blocks=1, in_channels=48, out_channels=48, num_views=2,
+        action_dim=4, state_dim=8, num_actions=8, num_states=3,
+    )  # fmt: skip
+    sample = build_model("tiny", **kwargs, video_prediction="sample").eval()
+    gated = build_model("tiny", **kwargs, video_prediction="gated").eval()
+    missing, _ = gated.load_state_dict(sample.state_dict(), strict=False)
+    assert sorted(missing) == ["gate_proj.bias", "gate_proj.weight"]
+    video = torch.randn(2, 2, 48, 3, 4, 4)
+    actions, states = torch.randn(2, 8, 4), torch.randn(2, 3, 8)
+    t_video, t_action = torch.tensor([700.0, 300.0]), torch.tensor([300.0, 10.0])
+    text = torch.randn(2, 4, sample.config.text_dim)
+    t = (t_video / 1000).view(-1, 1, 1, 1, 1, 1)
+
+    def clean(model):  # the clean latent the model predicts, from its velocity
+        with torch.no_grad():
+            return video - t * model(video, actions, states, t_video, t_action, text, run_depth=False).video
+
+    head, current = clean(sample), video[:, :, :, :1]
+    g = torch.sigmoid(torch.tensor(-4.0))  # a new model: closed gates, ~2% of the head
+    torch.testing.assert_close(clean(gated), current + g * (head - current), rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        gated.gate_proj.bias.fill_(30.0)  # open: the head alone, as with video_prediction="sample"
+    torch.testing.assert_close(clean(gated), head, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        gated.gate_proj.bias.fill_(-30.0)  # shut: exactly the current frame
+    torch.testing.assert_close(clean(gated), current.expand_as(video), rtol=1e-4, atol=1e-4)
+
+
 def test_tiny_preset_predicts_samples_base_predicts_velocity():
     from xwam_core.models.presets import PRESETS
 
-    assert PRESETS["tiny"]["video_prediction"] == "residual"
+    assert PRESETS["tiny"]["video_prediction"] == "gated"
+    assert PRESETS["tiny"]["condition_broadcast"] is True
     assert PRESETS["base"].get("video_prediction", "velocity") == "velocity"
+    assert not PRESETS["base"].get("condition_broadcast", False)  # the paper's Wan2.2 token layout
+
+
+def test_condition_broadcast_starts_as_a_no_op_and_feeds_the_current_frame_forward():
+    torch.manual_seed(0)
+    kwargs = dict(
+        num_layers=2, num_depth_blocks=1, in_channels=48, out_channels=48, num_views=2,
+        action_dim=4, state_dim=8, num_actions=8, num_states=3, video_prediction="velocity",
+    )  # fmt: skip
+    plain = build_model("tiny", **kwargs, condition_broadcast=False).eval()
+    broadcast = build_model("tiny", **kwargs, condition_broadcast=True).eval()
+    missing, unexpected = broadcast.load_state_dict(plain.state_dict(), strict=False)
+    assert sorted(missing) == ["condition_proj.bias", "condition_proj.weight"] and not unexpected
+    assert broadcast.condition_proj is not None
+    assert not broadcast.condition_proj.weight.any() and not broadcast.condition_proj.bias.any()
+    video = torch.randn(2, 2, 48, 3, 4, 4)
+    actions, states = torch.randn(2, 8, 4), torch.randn(2, 3, 8)
+    t_video, t_action = torch.tensor([700.0, 200.0]), torch.tensor([300.0, 10.0])
+    text = torch.randn(2, 4, plain.config.text_dim)
+
+    def run(model, v):
+        with torch.no_grad():
+            return model(v, actions, states, t_video, t_action, text, run_depth=True)
+
+    torch.testing.assert_close(run(broadcast, video).video, run(plain, video).video)  # zero-initialised
+    with torch.no_grad():
+        broadcast.condition_proj.weight.copy_(torch.eye(broadcast.inner_dim))
+    # a model without attention between frames (first block's attention zeroed) still sees the current
+    # frame in its future tokens only through the broadcast
+    for model in (plain, broadcast):
+        for block in model.wan.blocks:
+            torch.nn.init.zeros_(block.attn1.to_out[0].weight)
+            torch.nn.init.zeros_(block.attn1.to_out[0].bias)
+    changed = video.clone()
+    changed[:, :, :, :1] += 1.0  # only the current frame differs
+    future = slice(1, None)
+    torch.testing.assert_close(
+        run(plain, changed).video[:, :, :, future], run(plain, video).video[:, :, :, future]
+    )
+    delta = (run(broadcast, changed).video - run(broadcast, video).video)[:, :, :, future]
+    assert delta.abs().mean() > 1e-3

@@ -21,13 +21,15 @@ import torch
 import torch.nn as nn
 
 from xwam_core.data.augment import AugmentConfig, augment_batch
+from xwam_core.errors import XWAMError
 from xwam_core.models.codecs import Codec, DepthRange, depth_to_image
 from xwam_core.models.text import TextConditioner
-from xwam_core.models.transformer import XWAMTransformer
+from xwam_core.models.transformer import MIN_SAMPLE_T, XWAMTransformer
 from xwam_core.schedule.flow import add_noise, model_timestep, velocity_target
 from xwam_core.schedule.sampler import NoiseSamplerConfig, sample_noise_levels
 
 LOSS_TERMS = ("video", "action", "state", "depth")
+VIDEO_LOSSES = ("velocity", "sample")
 
 
 def sample_generator(seed: int, step: int, index: int) -> torch.Generator:
@@ -103,8 +105,12 @@ class TrainingObjective(nn.Module):
         action_valid: torch.Tensor,
         state_valid: torch.Tensor,
         augment: AugmentConfig | None = None,
+        video_loss: str = "velocity",
     ):
         super().__init__()
+        if video_loss not in VIDEO_LOSSES:
+            raise XWAMError(f"train.video_loss = {video_loss!r}: expected one of {', '.join(VIDEO_LOSSES)}")
+        self.video_loss = video_loss
         self.model = model
         self.text = text
         self.codec = codec
@@ -112,7 +118,7 @@ class TrainingObjective(nn.Module):
         self.augment = augment
         self.register_buffer("action_valid", action_valid.float(), persistent=False)
         self.register_buffer("state_valid", state_valid.float(), persistent=False)
-        self.depth_range = DepthRange(float(model.config["depth_near"]), float(model.config["depth_far"]))
+        self.depth_range = model.depth_range
 
     def forward(
         self, batch: dict[str, torch.Tensor], seed: int, step: int, first_index: int, train: bool = True
@@ -167,6 +173,10 @@ class TrainingObjective(nn.Module):
         v_err = (
             out.video[:, :, :, future].float() - velocity_target(x.video, eps_video)[:, :, :, future]
         ) ** 2
+        if (
+            self.video_loss == "sample"
+        ):  # (v_pred - v) t = x0 - x0_pred, t clamped as the x-prediction heads do
+            v_err = v_err * t_video.float().clamp_min(MIN_SAMPLE_T).view(-1, 1, 1, 1, 1, 1) ** 2
         losses = {"video": v_err.flatten(1).mean(1), "video_mask": torch.ones(b, device=device)}
         a_err = (out.actions.float() - velocity_target(x.actions, eps_action)) ** 2  # (B, K, Da)
         a_w = self.action_valid.view(1, 1, -1)

@@ -94,6 +94,8 @@ class ModelConfig:
     state_dim: int = 0  # 0: the store's state dimension
     depth_near: float = 0.05  # metres: the inverse-depth image range
     depth_far: float = 5.0
+    # per view, by name: [near, far] in metres (views not named use depth_near/depth_far)
+    depth_ranges: dict[str, list[float]] = field(default_factory=dict)
     # any other XWAMTransformer argument, e.g. {num_layers = 8, attention_head_dim = 64}
     overrides: dict[str, int | float | bool | str] = field(default_factory=dict)
 
@@ -118,6 +120,9 @@ class TrainConfig:
     checkpoint_every: int = 200
     keep_last: int = 3
     log_every: int = 10
+    # "velocity": flow matching on the velocity (the paper's); "sample": the same error measured on the clean
+    # latent (velocity error x t^2), for x-predicting heads (model.video_prediction sample/residual/gated)
+    video_loss: str = "velocity"
     lora_rank: int = 0  # finetune: >0 trains LoRA adapters on the trunk (peft) plus the new parts
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 

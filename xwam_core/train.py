@@ -169,7 +169,14 @@ def train(
     codec = build_codec(recipe.model).to(accelerator.device)
     recipe.noise.validate()
     objective = TrainingObjective(
-        model, text, codec, recipe.noise, layout.action_valid(), layout.state_valid(), cfg.augment
+        model,
+        text,
+        codec,
+        recipe.noise,
+        layout.action_valid(),
+        layout.state_valid(),
+        cfg.augment,
+        video_loss=cfg.video_loss,
     ).to(accelerator.device)
 
     params = [p for p in objective.parameters() if p.requires_grad]

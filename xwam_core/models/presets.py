@@ -29,9 +29,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         "ffn_dim": 256,
         "num_layers": 4,
         "num_depth_blocks": 2,
-        # a token holds 4 x 768 pixel values but the model is 128 wide: predict the clean sample as a
-        # change from the current frame, derive the velocity (see XWAMTransformer.video_prediction)
-        "video_prediction": "residual",
+        # a token holds 4 x 768 pixel values but the model is 128 wide: predict the clean sample, gated
+        # against the current frame, derive the velocity (see XWAMTransformer.video_prediction); and hand
+        # every future token its current-frame token (a from-scratch model finds it by attention too slowly)
+        "video_prediction": "gated",
+        "condition_broadcast": True,
         **_LAYOUT,
     },
     # Wan2.2-TI2V-5B geometry (METHOD.md section 1) plus the depth copy of its last 10 blocks.

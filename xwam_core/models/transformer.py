@@ -303,7 +303,13 @@ class XWAMTransformer(ModelMixin, ConfigMixin):  # type: ignore[misc]
     "velocity" (Wan's own output, the default), "sample" (the video head predicts the clean latent and the
     returned velocity is derived from it; for presets whose tokens hold more values than the model is wide) or
     "residual" (like "sample", but the head predicts the change from the current frame's latent: a still
-    scene costs nothing; meaningful for the pixel codec, whose latent frames all hold frames the same way).
+    scene costs nothing; meaningful for the pixel codec, whose latent frames all hold frames the same way) or
+    "gated" (clean future = current + g * (head - current), g = sigmoid of a second head, per latent value,
+    starting near 0: still regions keep the current frame exactly while moving ones are drawn anew; a
+    residual head must cancel the moving object's old appearance, which a narrow model cannot carry).
+    `condition_broadcast` (off in Wan2.2 and the paper) adds to every future video token the current frame's
+    token of the same view and position through a zero-initialised linear map: a pretrained Wan finds the
+    condition frame by attention, a small model trained from scratch learns that far too slowly.
     """
 
     _supports_gradient_checkpointing = True
@@ -335,9 +341,10 @@ class XWAMTransformer(ModelMixin, ConfigMixin):  # type: ignore[misc]
         num_actions: int = 32,
         num_states: int = 9,
         num_depth_blocks: int = 10,
-        depth_near: float = 0.1,
-        depth_far: float = 10.0,
+        depth_near: float | list[float] = 0.1,
+        depth_far: float | list[float] = 10.0,
         video_prediction: str = "velocity",
+        condition_broadcast: bool = False,
     ) -> None:
         super().__init__()
         if video_prediction not in VIDEO_PREDICTIONS:
@@ -352,7 +359,11 @@ class XWAMTransformer(ModelMixin, ConfigMixin):  # type: ignore[misc]
             raise XWAMError(
                 f"out_channels={out_channels} must equal in_channels={in_channels} (velocity = latent)"
             )
-        DepthRange(depth_near, depth_far)  # validates the range
+        depth_range = DepthRange.from_config(depth_near, depth_far)  # validates the range
+        if depth_range.per_view and len(depth_range.near) != num_views:  # type: ignore[arg-type]
+            raise XWAMError(
+                f"depth_near/depth_far list one range per view: expected {num_views}, got {depth_near}"
+            )
 
         self.wan = WanTransformer3DModel(
             patch_size=tuple(patch_size),
@@ -380,6 +391,14 @@ class XWAMTransformer(ModelMixin, ConfigMixin):  # type: ignore[misc]
         self.depth_scale_shift_table = nn.Parameter(torch.randn(1, 2, inner_dim) / inner_dim**0.5)
         self.depth_proj_out = nn.Linear(inner_dim, out_channels * math.prod(patch_size))
 
+        # video_prediction="gated": where the prediction leaves the current frame (sigmoid; starts ~0.02)
+        self.gate_proj = (
+            nn.Linear(inner_dim, out_channels * math.prod(patch_size))
+            if video_prediction == "gated"
+            else None
+        )
+        # condition_broadcast: every future token also gets the current frame's token of its view and position
+        self.condition_proj = nn.Linear(inner_dim, inner_dim) if condition_broadcast else None
         self.gradient_checkpointing = False
         self._init_new_parameters()  # the depth blocks are deep copies of the last M blocks
         if video_prediction == "residual":
@@ -405,6 +424,12 @@ class XWAMTransformer(ModelMixin, ConfigMixin):  # type: ignore[misc]
                     layer.reset_parameters()
         self.depth_scale_shift_table.normal_(std=self.inner_dim**-0.5)
         self.depth_proj_out.reset_parameters()
+        if self.gate_proj is not None:  # closed gates: a new model predicts (almost) the current frame
+            self.gate_proj.weight.zero_()
+            self.gate_proj.bias.fill_(GATE_INIT_LOGIT)
+        if self.condition_proj is not None:  # zero: a new broadcast changes nothing until trained
+            self.condition_proj.weight.zero_()
+            self.condition_proj.bias.zero_()
 
     def _install_processors(self) -> None:
         for module in self.modules():
@@ -427,7 +452,7 @@ class XWAMTransformer(ModelMixin, ConfigMixin):  # type: ignore[misc]
     @property
     def depth_range(self) -> DepthRange:
         """The inverse-depth range the depth latents were encoded with (recovers metric depth)."""
-        return DepthRange(self.cfg.depth_near, self.cfg.depth_far)
+        return DepthRange.from_config(self.cfg.depth_near, self.cfg.depth_far)
 
     # ---- loading Wan weights -------------------------------------------------------------------
 
@@ -740,6 +765,9 @@ class XWAMTransformer(ModelMixin, ConfigMixin):  # type: ignore[misc]
         x = self.wan.patch_embedding(video.flatten(0, 1).to(dtype))  # (B*V, D, F', h', w')
         x = x.unflatten(0, (batch, layout.views)).permute(0, 3, 1, 4, 5, 2)  # (B, F', V, h', w', D)
         x = x + self.view_embedding[: layout.views].view(1, 1, layout.views, 1, 1, -1).to(x.dtype)
+        if self.condition_proj is not None and x.shape[1] > 1:
+            # the current frame (latent frame 0) of each view and position, mapped, added to its future tokens
+            x = torch.cat([x[:, :1], x[:, 1:] + self.condition_proj(x[:, :1])], dim=1)
         tokens = [x.flatten(1, 4)]  # (B, N_video, D)
         if actions is not None:
             tokens.append(self.action_encoder(actions.to(dtype)))  # (B, K, D)
@@ -762,7 +790,11 @@ class XWAMTransformer(ModelMixin, ConfigMixin):  # type: ignore[misc]
         video_out = self._unpatchify(self.wan.proj_out(out[:, :n_video]), layout)
         if self.config["video_prediction"] == "residual":  # clean future = current frame's latent + output
             video_out = video_out + video[:, :, :, :1].to(video_out.dtype)
-        if self.config["video_prediction"] in ("sample", "residual"):
+        elif self.gate_proj is not None:  # gated: current + g * (output - current)
+            gate = torch.sigmoid(self._unpatchify(self.gate_proj(out[:, :n_video]), layout).float())
+            current = video[:, :, :, :1].float()
+            video_out = (current + gate * (video_out.float() - current)).to(video_out.dtype)
+        if self.config["video_prediction"] in ("sample", "residual", "gated"):
             video_out = _sample_to_velocity(video, video_out, t_video)
         k_end = n_video + layout.num_actions
         actions_out = self.action_decoder(out[:, n_video:k_end]) if actions is not None else None
@@ -781,7 +813,8 @@ class XWAMTransformer(ModelMixin, ConfigMixin):  # type: ignore[misc]
         return XWAMOutput(video=video_out, actions=actions_out, states=states_out, depth=depth_out)
 
 
-VIDEO_PREDICTIONS = ("velocity", "sample", "residual")
+VIDEO_PREDICTIONS = ("velocity", "sample", "residual", "gated")
+GATE_INIT_LOGIT = -4.0  # sigmoid(-4) ~ 0.018: a new gated head keeps ~98% of the current frame
 MIN_SAMPLE_T = 0.05  # x-prediction: velocity = (x_t - x0) / max(t, 0.05), as in JiT (Li & He, 2025)
 
 
