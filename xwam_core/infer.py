@@ -6,8 +6,8 @@
     out.rgb          (B, V, T, H, W, 3) uint8, frame 0 is the observed frame
     out.depth        (B, V, T, H, W) metres
 
-Only the current frame, the current state and the task of each window are read from the batch: the
-future is the model's.
+Only the current frame, the current state and the task of each window are read from the batch (and,
+for a depth_condition checkpoint in world mode, the current frame's depth): the future is the model's.
 """
 
 from __future__ import annotations
@@ -182,10 +182,21 @@ class Predictor:
             generator=generator,
         )
         text = self.text(tasks)
-        denoiser = model_denoiser(self.model, text)
+        depth_context = None
+        if mode == "world" and cfg.get("depth_condition", False):  # RGB-D input: the observed depth
+            if batch.get("depth") is None:
+                raise XWAMError(
+                    "this checkpoint's depth branch reads the observed current depth (depth_condition): "
+                    "world mode needs batch['depth'], and the data has none"
+                )
+            depth0 = torch.as_tensor(batch["depth"][:, :, :1]).to(dev).float()  # (B, V, 1, H, W) metres
+            depth_context = self.codec.encode_views(depth_to_image(depth0, self.depth_range))
+        denoiser = model_denoiser(self.model, text, depth_context=depth_context)
         uncond = None
         if self.schedule_config.guidance_scale != 1.0:
-            uncond = model_denoiser(self.model, self.text.empty(tasks.shape[0]).to(dev))
+            uncond = model_denoiser(
+                self.model, self.text.empty(tasks.shape[0]).to(dev), depth_context=depth_context
+            )
         result = self.schedule(denoiser, video, actions, states, mode=mode, uncond_denoiser=uncond)
         rgb = depth = None
         if mode == "world":

@@ -376,6 +376,7 @@ def infer_run(
             "rgb": batch["rgb"],
             "states": torch.from_numpy(predictor.state_norm.normalize(true_states)),
             "task_index": torch.tensor([task_map[int(t)] for t in batch["task_index"]]),
+            "depth": batch["depth"][:, :, :1],  # the observed frame only (read by depth_condition models)
         }
         if not warmed:  # the first call pays one-off costs (allocations, kernels): keep it out of the latency
             predictor.predict(model_batch, mode="policy", generator=torch.Generator().manual_seed(0))

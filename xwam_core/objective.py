@@ -167,6 +167,7 @@ class TrainingObjective(nn.Module):
             model_timestep(t_action),
             text,
             run_depth=run_depth,
+            depth_context=x.depth[:, :, :, :1] if cfg.get("depth_condition", False) else None,
         )
 
         future = slice(1, None)

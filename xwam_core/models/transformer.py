@@ -310,6 +310,11 @@ class XWAMTransformer(ModelMixin, ConfigMixin):  # type: ignore[misc]
     `condition_broadcast` (off in Wan2.2 and the paper) adds to every future video token the current frame's
     token of the same view and position through a zero-initialised linear map: a pretrained Wan finds the
     condition frame by attention, a small model trained from scratch learns that far too slowly.
+    `depth_condition` (off in the paper) gives the depth branch the observed current depth (RGB-D input):
+    its latent is patch-embedded (zero-initialised) into every depth token of its view and position, and
+    the depth head is gated against it like video_prediction="gated". The main branch never sees it, so
+    actions and video are unchanged and policy mode needs no depth. `gate_init_logit` is where both gated
+    heads start (sigmoid(-4) ~ 0.018 of the head, the rest the current frame / observed depth).
     """
 
     _supports_gradient_checkpointing = True
@@ -345,6 +350,8 @@ class XWAMTransformer(ModelMixin, ConfigMixin):  # type: ignore[misc]
         depth_far: float | list[float] = 10.0,
         video_prediction: str = "velocity",
         condition_broadcast: bool = False,
+        depth_condition: bool = False,
+        gate_init_logit: float = -4.0,
     ) -> None:
         super().__init__()
         if video_prediction not in VIDEO_PREDICTIONS:
@@ -397,6 +404,15 @@ class XWAMTransformer(ModelMixin, ConfigMixin):  # type: ignore[misc]
             if video_prediction == "gated"
             else None
         )
+        # depth_condition: the observed depth enters the depth branch; its head is gated against it
+        self.depth_condition_embedding = (
+            nn.Conv3d(in_channels, inner_dim, kernel_size=tuple(patch_size), stride=tuple(patch_size))
+            if depth_condition
+            else None
+        )
+        self.depth_gate_proj = (
+            nn.Linear(inner_dim, out_channels * math.prod(patch_size)) if depth_condition else None
+        )
         # condition_broadcast: every future token also gets the current frame's token of its view and position
         self.condition_proj = nn.Linear(inner_dim, inner_dim) if condition_broadcast else None
         self.gradient_checkpointing = False
@@ -424,9 +440,14 @@ class XWAMTransformer(ModelMixin, ConfigMixin):  # type: ignore[misc]
                     layer.reset_parameters()
         self.depth_scale_shift_table.normal_(std=self.inner_dim**-0.5)
         self.depth_proj_out.reset_parameters()
+        if self.depth_condition_embedding is not None and self.depth_gate_proj is not None:
+            self.depth_condition_embedding.weight.zero_()  # a new model's depth branch is unchanged...
+            self.depth_condition_embedding.bias.zero_()
+            self.depth_gate_proj.weight.zero_()  # ...and predicts (almost) the observed depth
+            self.depth_gate_proj.bias.fill_(float(self.cfg.gate_init_logit))
         if self.gate_proj is not None:  # closed gates: a new model predicts (almost) the current frame
             self.gate_proj.weight.zero_()
-            self.gate_proj.bias.fill_(GATE_INIT_LOGIT)
+            self.gate_proj.bias.fill_(float(self.cfg.gate_init_logit))
         if self.condition_proj is not None:  # zero: a new broadcast changes nothing until trained
             self.condition_proj.weight.zero_()
             self.condition_proj.bias.zero_()
@@ -720,12 +741,15 @@ class XWAMTransformer(ModelMixin, ConfigMixin):  # type: ignore[misc]
         text: torch.Tensor | None,
         run_depth: bool = True,
         cache: XWAMStepCache | None = None,
+        depth_context: torch.Tensor | None = None,
     ) -> XWAMOutput:
         """One denoising step over [video | actions | states].
 
         video (B, V, C, F, h, w) latents, latent frame 0 clean; actions (B, K, action_dim) noisy or None;
         states (B, S, state_dim), state 0 clean, or None; t_video, t_action (B,) model timesteps in [0, 1000];
         text (B or 1, L, text_dim), ignored when `cache` is given. `run_depth=False` skips the depth branch.
+        depth_context (B, V, C, 1, h, w): the observed current depth latent, required by a depth_condition
+        model when it runs the depth branch.
         """
         layout = self._layout(video, actions, states)
         batch, n_video = layout.batch, layout.num_video_tokens
@@ -801,6 +825,21 @@ class XWAMTransformer(ModelMixin, ConfigMixin):  # type: ignore[misc]
         states_out = self.state_decoder(out[:, k_end:]) if states is not None else None
 
         depth_out = None
+        if depth_hidden is not None and self.depth_condition_embedding is not None:
+            expected = (*video.shape[:3], 1, *video.shape[4:])
+            if depth_context is None:
+                raise XWAMError(
+                    "this model's depth branch is conditioned on the observed depth (depth_condition=True): "
+                    "pass depth_context, the current frame's depth latent"
+                )
+            if tuple(depth_context.shape) != expected:
+                raise XWAMError(
+                    f"depth_context must be (B, V, C, 1, h, w) = {expected}, got {tuple(depth_context.shape)}"
+                )
+            d = self.depth_condition_embedding(depth_context.flatten(0, 1).to(depth_hidden.dtype))
+            d = d.unflatten(0, (batch, layout.views)).permute(0, 3, 1, 4, 5, 2)  # (B, 1, V, h', w', D)
+            d = d.expand(-1, layout.grid[0], -1, -1, -1, -1)  # every latent frame
+            depth_hidden = depth_hidden + d.flatten(1, 4)
         if depth_hidden is not None:
             cos_v, sin_v = cos[:, :n_video], sin[:, :n_video]
             proj_v, temb_v = proj[:, :n_video], temb[:, :n_video]  # depth uses the video tokens' timesteps
@@ -809,12 +848,17 @@ class XWAMTransformer(ModelMixin, ConfigMixin):  # type: ignore[misc]
                 depth_hidden = self._block(block, depth_hidden, depth_contexts[j], proj_v, attn_in)
             depth_hidden = self._final_norm(depth_hidden, temb_v, self.depth_scale_shift_table)
             depth_out = self._unpatchify(self.depth_proj_out(depth_hidden), layout)
+            if (
+                self.depth_gate_proj is not None and depth_context is not None
+            ):  # observed + g * (head - observed)
+                gate = torch.sigmoid(self._unpatchify(self.depth_gate_proj(depth_hidden), layout).float())
+                observed = depth_context.float()
+                depth_out = (observed + gate * (depth_out.float() - observed)).to(depth_out.dtype)
 
         return XWAMOutput(video=video_out, actions=actions_out, states=states_out, depth=depth_out)
 
 
 VIDEO_PREDICTIONS = ("velocity", "sample", "residual", "gated")
-GATE_INIT_LOGIT = -4.0  # sigmoid(-4) ~ 0.018: a new gated head keeps ~98% of the current frame
 MIN_SAMPLE_T = 0.05  # x-prediction: velocity = (x_t - x0) / max(t, 0.05), as in JiT (Li & He, 2025)
 
 

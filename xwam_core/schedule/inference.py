@@ -291,8 +291,9 @@ def initial_latents(
     return video, actions, states
 
 
-def model_denoiser(model: Any, text: Any, cache: Any = None) -> Denoiser:
-    """Adapt `XWAMTransformer` to the `Denoiser` protocol for a fixed prompt.
+def model_denoiser(model: Any, text: Any, cache: Any = None, depth_context: Any = None) -> Denoiser:
+    """Adapt `XWAMTransformer` to the `Denoiser` protocol for a fixed prompt (and, for a depth_condition
+    model, the observed current depth latent `depth_context`).
 
     The step cache (RoPE tables, text keys/values: everything step-invariant) is built once, on the
     first call from its shapes unless given, and reused by every later step and query of that shape.
@@ -318,6 +319,7 @@ def model_denoiser(model: Any, text: Any, cache: Any = None) -> Denoiser:
             text,
             run_depth=run_depth,
             cache=state["cache"],
+            depth_context=depth_context.to(dtype) if run_depth and depth_context is not None else None,
         )
         depth = out.depth.to(video.dtype) if run_depth and out.depth is not None else None
         return out.video.to(video.dtype), out.actions.to(actions.dtype), out.states.to(states.dtype), depth

@@ -1,0 +1,121 @@
+"""depth_condition: the depth branch reads the observed current depth (RGB-D input) and is gated against it;
+the main branch (video, actions, states) never sees it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.conftest import SyntheticSource, write_store
+from tests.run_fixtures import TINY
+from xwam_core.data.reader import EpisodeStore
+from xwam_core.data.windows import WindowDataset, collate_windows
+from xwam_core.errors import XWAMError
+from xwam_core.infer import Predictor
+from xwam_core.models.presets import build_model
+from xwam_core.recipe import load_recipe
+from xwam_core.train import train
+
+KW = dict(
+    num_layers=2, num_depth_blocks=1, in_channels=48, out_channels=48, num_views=2,
+    action_dim=4, state_dim=8, num_actions=8, num_states=3,
+)  # fmt: skip
+
+
+def inputs():
+    torch.manual_seed(1)
+    video = torch.randn(2, 2, 48, 3, 4, 4)
+    return (
+        video,
+        torch.randn(2, 8, 4),
+        torch.randn(2, 3, 8),
+        torch.tensor([700.0, 300.0]),
+        torch.tensor([300.0, 10.0]),
+    )
+
+
+def test_observed_depth_reaches_only_the_depth_branch():
+    torch.manual_seed(0)
+    plain = build_model("tiny", **KW).eval()
+    rgbd = build_model("tiny", **KW, depth_condition=True).eval()
+    missing, _ = rgbd.load_state_dict(plain.state_dict(), strict=False)
+    assert sorted(missing) == sorted(
+        ["depth_condition_embedding.weight", "depth_condition_embedding.bias", "depth_gate_proj.weight", "depth_gate_proj.bias"]
+    )  # fmt: skip
+    video, actions, states, t_video, t_action = inputs()
+    text = torch.randn(2, 4, plain.config.text_dim)
+    observed = torch.randn(2, 2, 48, 1, 4, 4)
+    with torch.no_grad():
+        ref = plain(video, actions, states, t_video, t_action, text)
+        out = rgbd(video, actions, states, t_video, t_action, text, depth_context=observed)
+        other = rgbd(video, actions, states, t_video, t_action, text, depth_context=observed + 1.0)
+    for name in ("video", "actions", "states"):  # unilateral: the main branch is unchanged
+        torch.testing.assert_close(getattr(out, name), getattr(ref, name))
+        torch.testing.assert_close(getattr(other, name), getattr(ref, name))
+    g = torch.sigmoid(torch.tensor(-4.0))  # a new model: closed gates, ~the observed depth in every frame
+    torch.testing.assert_close(out.depth, observed + g * (ref.depth - observed), rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        rgbd.depth_condition_embedding.weight.normal_()  # once trained, the branch reads the observed depth
+        a = rgbd(video, actions, states, t_video, t_action, text, depth_context=observed)
+        b = rgbd(video, actions, states, t_video, t_action, text, depth_context=observed + 1.0)
+    assert (a.depth - b.depth).abs().mean() > 1e-3
+    with pytest.raises(XWAMError, match="pass depth_context"):
+        rgbd(video, actions, states, t_video, t_action, text)
+    with pytest.raises(XWAMError, match=r"depth_context must be \(B, V, C, 1, h, w\)"):
+        rgbd(video, actions, states, t_video, t_action, text, depth_context=observed[:, :1])
+    with torch.no_grad():  # the policy path (no depth branch) needs no depth
+        rgbd(video, actions, states, t_video, t_action, text, run_depth=False)
+    shut = build_model("tiny", **KW, depth_condition=True, video_prediction="gated", gate_init_logit=-8.0)
+    assert shut.gate_proj is not None and shut.depth_gate_proj is not None
+    assert (shut.gate_proj.bias == -8.0).all() and (shut.depth_gate_proj.bias == -8.0).all()
+
+
+@pytest.fixture(scope="module")
+def rgbd_checkpoint(tmp_path_factory):
+    base = tmp_path_factory.mktemp("rgbd")
+    store = base / "store"
+    write_store(store, SyntheticSource(episodes=3, length=14, size=(32, 32), views=("a", "b")))
+    overrides = [
+        f"data.store={store}",
+        "data.future_frames=4",
+        "data.frame_stride=2",
+        "data.batch_size=2",
+        "data.num_workers=0",
+        "data.val_episodes=1",
+        "model.overrides={num_layers = 2, num_depth_blocks = 1, depth_condition = true}",
+        "train.max_steps=2",
+        "train.checkpoint_every=2",
+        "train.val_every=1000",
+        "train.warmup_steps=1",
+        f"train.out={base / 'run'}",
+        "inference.num_steps_video=2",
+        "inference.num_steps_action=2",
+    ]
+    return store, train(load_recipe(TINY, overrides)).checkpoint
+
+
+def test_world_mode_reads_the_observed_depth(rgbd_checkpoint):
+    store_path, ckpt = rgbd_checkpoint
+    predictor = Predictor.from_checkpoint(ckpt)
+    assert predictor.model.config["depth_condition"]
+    store = EpisodeStore(store_path)
+    data = WindowDataset(store, predictor.layout.window, episodes=[2], normalize=False)
+    raw = collate_windows([data[0], data[1]])
+    batch = {
+        "rgb": raw["rgb"],
+        "states": torch.from_numpy(predictor.state_norm.normalize(raw["states"].numpy())),
+        "task_index": raw["task_index"],
+        "depth": raw["depth"][:, :, :1],
+    }
+    with torch.no_grad():  # shut gates: the predicted future depth is the observed depth, in metres
+        predictor.model.depth_gate_proj.bias.fill_(-30.0)
+    out = predictor.predict(batch, mode="world", generator=torch.Generator().manual_seed(0))
+    observed = raw["depth"][:, :, :1].float()
+    lo, hi = predictor.depth_range.near, predictor.depth_range.far
+    expected = observed.clamp(lo, hi).expand_as(out.depth)
+    assert ((out.depth - expected).abs() / expected).max() < 0.005
+    policy = dict(batch)
+    del policy["depth"]
+    predictor.predict(policy, mode="policy")  # actions need no depth
+    with pytest.raises(XWAMError, match=r"world mode needs batch\['depth'\]"):
+        predictor.predict(policy, mode="world")
