@@ -119,3 +119,17 @@ def test_world_mode_reads_the_observed_depth(rgbd_checkpoint):
     predictor.predict(policy, mode="policy")  # actions need no depth
     with pytest.raises(XWAMError, match=r"world mode needs batch\['depth'\]"):
         predictor.predict(policy, mode="world")
+
+
+def test_world_mode_on_a_store_without_depth_is_refused_up_front(rgbd_checkpoint, tmp_path):
+    from xwam_core.infer_run import InferOptions, infer_run
+
+    _, ckpt = rgbd_checkpoint
+    flat = tmp_path / "rgb_only"
+    write_store(flat, SyntheticSource(episodes=3, length=14, size=(32, 32), views=("a", "b"), depth=False))
+    out = tmp_path / "run"
+    with pytest.raises(XWAMError, match=r"has no depth, and .* reads the observed depth"):
+        infer_run(InferOptions(ckpt, flat, out, mode="world"))
+    assert not out.exists()
+    policy = infer_run(InferOptions(ckpt, flat, out, mode="policy", windows_per_episode=1, videos=False))
+    assert out.exists() and policy is not None

@@ -331,6 +331,11 @@ def infer_run(
     predictor, recipe, ckpt = _load_predictor(opts)
     layout = predictor.layout
     check_compatible(layout, store, str(ckpt))
+    if opts.mode == "world" and predictor.model.config.get("depth_condition", False) and not store.has_depth:
+        raise XWAMError(
+            f"{store.path}: has no depth, and {ckpt} reads the observed depth in world mode "
+            "(depth_condition, RGB-D input); use --mode policy or a store with depth"
+        )
     episodes, reason = choose_episodes(
         store, layout, predictor.stats, recipe.data.val_episodes, opts.episodes
     )
@@ -376,7 +381,8 @@ def infer_run(
             "rgb": batch["rgb"],
             "states": torch.from_numpy(predictor.state_norm.normalize(true_states)),
             "task_index": torch.tensor([task_map[int(t)] for t in batch["task_index"]]),
-            "depth": batch["depth"][:, :, :1],  # the observed frame only (read by depth_condition models)
+            # the observed frame's depth only (read by depth_condition models; none: they refuse world mode)
+            "depth": batch["depth"][:, :, :1] if store.has_depth else None,
         }
         if not warmed:  # the first call pays one-off costs (allocations, kernels): keep it out of the latency
             predictor.predict(model_batch, mode="policy", generator=torch.Generator().manual_seed(0))
