@@ -48,7 +48,9 @@ def demo(session: nox.Session) -> None:
     baselines -> closed-loop success beside the scripted expert and a random policy."""
     install(session, "sim,eval,train")
     out = os.environ.get("XWAM_DEMO_OUT", "out/demo")
-    env = {**ENV, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    # one thread per core: training runs 1.5x faster than with one thread on this 2-core machine (measured);
+    # set OMP_NUM_THREADS=1 when other jobs share the machine (oversubscribed threads run several times slower)
+    env = {**ENV, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count() or 1))}
     session.run(
         "xwam",
         "prepare",
@@ -87,6 +89,8 @@ def demo(session: nox.Session) -> None:
         f"{out}/store",
         "--mode",
         "world",
+        "--windows-per-episode",
+        "8",
         "--out",
         f"{out}/infer",
         "--overwrite",
