@@ -310,6 +310,7 @@ def model_denoiser(model: Any, text: Any, cache: Any = None, depth_context: Any 
             )
         state["key"] = key
         dtype = model_dtype or video.dtype
+        extra = {"depth_context": depth_context.to(dtype)} if run_depth and depth_context is not None else {}
         out = model(
             video.to(dtype),
             actions.to(dtype),
@@ -319,7 +320,7 @@ def model_denoiser(model: Any, text: Any, cache: Any = None, depth_context: Any 
             text,
             run_depth=run_depth,
             cache=state["cache"],
-            depth_context=depth_context.to(dtype) if run_depth and depth_context is not None else None,
+            **extra,
         )
         depth = out.depth.to(video.dtype) if run_depth and out.depth is not None else None
         return out.video.to(video.dtype), out.actions.to(actions.dtype), out.states.to(states.dtype), depth
