@@ -30,7 +30,8 @@ def _base(factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def train_tiny(store: Path, out: Path, steps: int = 2) -> Path:
+def train_tiny(store: Path, out: Path, steps: int = 2, model: str = "") -> Path:
+    """A tiny 2-block model trained `steps` steps; `model`: more model.overrides, e.g. "depth_condition = true"."""
     from xwam_core.recipe import load_recipe
     from xwam_core.train import train
 
@@ -41,7 +42,7 @@ def train_tiny(store: Path, out: Path, steps: int = 2) -> Path:
         "data.batch_size=2",
         "data.num_workers=0",
         "data.val_episodes=1",
-        "model.overrides={num_layers = 2, num_depth_blocks = 1}",
+        "model.overrides={num_layers = 2, num_depth_blocks = 1" + (f", {model}" if model else "") + "}",
         f"train.max_steps={steps}",
         f"train.checkpoint_every={steps}",
         "train.val_every=1000",

@@ -7,14 +7,12 @@ import pytest
 import torch
 
 from tests.conftest import SyntheticSource, write_store
-from tests.run_fixtures import TINY
+from tests.run_fixtures import train_tiny
 from xwam_core.data.reader import EpisodeStore
 from xwam_core.data.windows import WindowDataset, collate_windows
 from xwam_core.errors import XWAMError
 from xwam_core.infer import Predictor
 from xwam_core.models.presets import build_model
-from xwam_core.recipe import load_recipe
-from xwam_core.train import train
 
 KW = dict(
     num_layers=2, num_depth_blocks=1, in_channels=48, out_channels=48, num_views=2,
@@ -75,23 +73,7 @@ def rgbd_checkpoint(tmp_path_factory):
     base = tmp_path_factory.mktemp("rgbd")
     store = base / "store"
     write_store(store, SyntheticSource(episodes=3, length=14, size=(32, 32), views=("a", "b")))
-    overrides = [
-        f"data.store={store}",
-        "data.future_frames=4",
-        "data.frame_stride=2",
-        "data.batch_size=2",
-        "data.num_workers=0",
-        "data.val_episodes=1",
-        "model.overrides={num_layers = 2, num_depth_blocks = 1, depth_condition = true}",
-        "train.max_steps=2",
-        "train.checkpoint_every=2",
-        "train.val_every=1000",
-        "train.warmup_steps=1",
-        f"train.out={base / 'run'}",
-        "inference.num_steps_video=2",
-        "inference.num_steps_action=2",
-    ]
-    return store, train(load_recipe(TINY, overrides)).checkpoint
+    return store, train_tiny(store, base / "run", model="depth_condition = true")
 
 
 def test_world_mode_reads_the_observed_depth(rgbd_checkpoint):
