@@ -113,8 +113,7 @@ def depth_to_image(depth: torch.Tensor, depth_range: DepthRange) -> torch.Tensor
     depth = depth.float()
     near, far = depth_range.bounds(depth, -4)
     valid = torch.isfinite(depth) & (depth > 0)
-    depth = torch.where(valid, depth, torch.zeros_like(depth) + far)
-    depth = torch.minimum(torch.maximum(depth, torch.zeros_like(depth) + near), torch.zeros_like(depth) + far)
+    depth = torch.where(valid, depth, far).clamp(near, far)
     inverse = (1.0 / depth - 1.0 / far) / (1.0 / near - 1.0 / far)  # 0 at far, 1 at near
     image = inverse * 2.0 - 1.0
     return image.unsqueeze(-4).expand(*image.shape[:-3], 3, *image.shape[-3:]).contiguous()
