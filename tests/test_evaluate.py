@@ -48,7 +48,8 @@ def test_numbers_are_the_metric_functions_applied_by_hand(run_copy, tmp_path_fac
     monkeypatch.delenv(LPIPS_WEIGHTS_ENV, raising=False)
     result = evaluate(str(run_copy), "--metrics", ALL_BUT_LPIPS)
     assert result.exit_code == 0, result.output
-    assert "repeat frame" in result.output and "mean act." in result.output
+    header = result.output.split("psnr")[0]  # the table's column titles (they wrap in a narrow terminal)
+    assert all(word in header for word in ("model", "repeat", "mean", "frame", "zero", "act.", "ahead"))
     report = json.loads((run_copy / "metrics.json").read_text())
     m = report["metrics"]
     assert list(m) == ALL_BUT_LPIPS.split(",")
@@ -68,6 +69,10 @@ def test_numbers_are_the_metric_functions_applied_by_hand(run_copy, tmp_path_fac
         close(
             m["psnr"]["baselines"]["repeat_frame"]["per_view"][view], (10 * np.log10(255.0**2 / mse)).mean()
         )
+        # the mean frame of the other episodes (infer's mean_rgb), the same way
+        mean = a["mean_rgb"][v, 1:].astype(np.float64)
+        mse = ((mean[None] - true_rgb[:, v].astype(np.float64)) ** 2).mean(axis=(-3, -2, -1))
+        close(m["psnr"]["baselines"]["mean_frame"]["per_view"][view], (10 * np.log10(255.0**2 / mse)).mean())
         values = ssim(pred_rgb[:, v], true_rgb[:, v], 255.0)
         close(m["ssim"]["model"]["per_view"][view], values.mean())
         per_view["ssim"].append(values)
@@ -80,6 +85,11 @@ def test_numbers_are_the_metric_functions_applied_by_hand(run_copy, tmp_path_fac
             close(
                 m[name]["baselines"]["repeat_frame"]["per_view"][view],
                 np.nanmean(fn(repeat, true_d[:, v], valid)),
+            )
+            mean_d = np.repeat(a["mean_depth"][None, v, 1:], len(true_d), axis=0)
+            close(
+                m[name]["baselines"]["mean_frame"]["per_view"][view],
+                np.nanmean(fn(mean_d, true_d[:, v], valid)),
             )
     for name, values in per_view.items():
         close(m[name]["model"]["overall"], np.nanmean(np.stack(values)))
@@ -97,6 +107,7 @@ def test_numbers_are_the_metric_functions_applied_by_hand(run_copy, tmp_path_fac
             repeat.append(chamfer_distance(cloud(a["true_depth"][w, :, 0], w, 0, a["extrinsics"]), truth))
     close(m["chamfer"]["model"]["overall"], np.mean(model))
     close(m["chamfer"]["baselines"]["repeat_frame"]["overall"], np.mean(repeat))
+    assert "mean_frame" not in m["chamfer"]["baselines"]  # an averaged depth map is no scene
     assert len(m["chamfer"]["model"]["per_step"]) == 4
     # actions: the model, zeros and the checkpoint's training mean
     _, ckpt = tiny_checkpoint(tmp_path_factory)
@@ -118,6 +129,11 @@ def test_identical_frames_cap_psnr_and_give_zero_error(tmp_path):
     assert m["psnr"]["model"]["overall"] == PSNR_CAP_DB
     assert m["psnr"]["baselines"]["repeat_frame"]["overall"] == PSNR_CAP_DB
     assert m["psnr"]["capped"] == {"model": 4, "repeat_frame": 4}  # 1 window x 2 views x 2 future frames
+    assert "mean_frame" not in m["psnr"]["baselines"]  # the hand-made run has no other episodes' mean
+    assert (
+        "mean_frame: " in report["conventions"]["baselines"]
+        and "absent" in report["conventions"]["baselines"]
+    )
     assert m["ssim"]["model"]["overall"] == pytest.approx(1.0)
     assert m["absrel"]["model"]["overall"] == 0.0 and m["delta1"]["model"]["overall"] == 1.0
     assert (

@@ -58,6 +58,22 @@ def test_world_run_is_complete_and_matches_the_store(ckpt, tmp_path_factory):
         )
     stats = json.loads((checkpoint / "stats.json").read_text())
     np.testing.assert_allclose(run["mean_action"], stats["action"]["mean"], rtol=1e-6)
+    # the mean-frame baseline: every window of the OTHER episodes (0 and 1, 6 starts each), by hand
+    store = EpisodeStore(store_path)
+    rgb = np.zeros((2, 5, 32, 32, 3))
+    depth = np.zeros((2, 5, 32, 32))
+    for e in (0, 1):
+        episode = store.read_episode(e)
+        for start in range(6):
+            for vi, view in enumerate(("a", "b")):
+                rgb[vi] += episode.views[view].rgb[start : start + 9 : 2] / 12
+                depth[vi] += episode.views[view].depth[start : start + 9 : 2] / 12
+    assert run["mean_rgb"].shape == (v, t, 32, 32, 3) and run["mean_depth"].shape == (v, t, 32, 32)
+    np.testing.assert_allclose(run["mean_rgb"], rgb, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(
+        run["mean_depth"], depth, rtol=1e-5, atol=1e-5
+    )  # the store's depth is all valid
+    assert m["mean_frame"] == {"windows": 12, "episodes": [0, 1]}
     for view in ("a", "b"):  # truth | prediction over depth, every frame of every window
         frames = decode_video(run.path / "videos" / f"{view}.mp4")
         assert frames.shape[0] == n * t and frames.shape[1] >= 192

@@ -18,7 +18,12 @@ EXAMPLES = """
   xwam evaluate --sim metaworld --ckpt CKPT --tasks reach-v3,push-v3 --episodes 10 --video out/demo/rollouts
 """
 
-BASELINE_TITLES = {"repeat_frame": "repeat frame", "zero_action": "zero act.", "mean_action": "mean act."}
+BASELINE_TITLES = {
+    "repeat_frame": "repeat frame",
+    "mean_frame": "mean frame",
+    "zero_action": "zero act.",
+    "mean_action": "mean act.",
+}
 
 
 def _fmt(x: float | None, unit: str) -> str:
@@ -44,12 +49,13 @@ def offline_table(report: dict[str, Any]) -> Table:
         "future frames only",
         caption="ahead: the model beats every baseline; chamfer in mm; psnr capped at 100 dB",
     )
-    table.add_column("metric", style="bold", no_wrap=True)
-    table.add_column("model", justify="right", no_wrap=True)
+    # numbers never shrink (min_width holds the widest, e.g. "0.7103"); long labels and titles wrap instead
+    table.add_column("metric", style="bold", overflow="fold")
+    table.add_column("model", justify="right", min_width=6)
     used = [b for b in BASELINE_TITLES if any(b in e["baselines"] for e in report["metrics"].values())]
     for b in used:
-        table.add_column(BASELINE_TITLES[b], justify="right", no_wrap=True)
-    table.add_column("ahead", justify="center", no_wrap=True)
+        table.add_column(BASELINE_TITLES[b], justify="right", min_width=6)
+    table.add_column("ahead", justify="center", min_width=5)
     for name, entry in report["metrics"].items():
         unit = entry["unit"]
         arrow = "↑" if entry["higher_is_better"] else "↓"

@@ -137,8 +137,20 @@ def infer(
     def on_window(n: int, latency_s: float) -> None:
         progress.update(state["task"], advance=n, info=f"{1000 * latency_s:.0f} ms/window")
 
+    def on_mean_start(total: int) -> None:
+        state["mean"] = progress.add_task("mean-frame baseline", total=total, info="other episodes")
+
+    def on_mean_window() -> None:
+        progress.update(state["mean"], advance=1)
+
     try:
-        summary = infer_run(opts, on_start=on_start, on_window=on_window)
+        summary = infer_run(
+            opts,
+            on_start=on_start,
+            on_window=on_window,
+            on_mean_start=on_mean_start,
+            on_mean_window=on_mean_window,
+        )
     finally:
         progress.stop()
     m = summary.manifest
@@ -157,6 +169,14 @@ def infer(
         f"mean {summary.latency_ms_mean:.1f} ms, median {summary.latency_ms_median:.1f} ms",
     )
     table.add_row("denoiser calls", str(summary.num_denoiser_calls))
+    if "mean_frame" in m:
+        mf = m["mean_frame"]
+        table.add_row(
+            "mean-frame baseline",
+            f"{mf['windows']} windows of {len(mf['episodes'])} other episodes"
+            if mf["windows"]
+            else mf["reason"],
+        )
     for name in summary.files:
         table.add_row("file", str(summary.run_dir / name))
     console.print(table)

@@ -4,6 +4,9 @@ Only FUTURE frames count (window frames 1..F; frame 0 is the observed one the mo
 Baselines, computed on the same windows, frames and pixels:
     repeat_frame   the observed frame repeated for every future frame: its RGB and depth, and so its
                    point cloud (frame 0's cloud for every step: a world where nothing moves)
+    mean_frame     the average frame of the store's OTHER episodes (mean_frame.py), per view and window
+                   frame: RGB and depth metrics only (an averaged depth map is no scene to compare clouds
+                   with); present when `xwam infer` found other episodes to average
     zero_action    all-zero actions (dataset units)
     mean_action    the checkpoint's training mean action, for every step
 Aggregation: RGB and depth metrics give one value per (window, view, future frame); a view's value is
@@ -31,7 +34,7 @@ from xwam_core.reconstruct import step_cloud
 from xwam_core.runs import RunData, json_number
 
 PSNR_CAP_DB = 100.0
-RGB_BASELINES = ("repeat_frame",)
+IMAGE_BASELINES = ("repeat_frame", "mean_frame")
 ACTION_BASELINES = ("zero_action", "mean_action")
 
 
@@ -88,28 +91,30 @@ def _summarise(values: np.ndarray, views: list[str] | None) -> dict[str, Any]:
 def image_values(
     run: RunData, spec: MetricSpec, lpips: Any = None, max_depth: float | None = None
 ) -> dict[str, np.ndarray]:
-    """Per (window, view, future frame) values (N, V, F) of the model and of the repeat-frame baseline."""
+    """Per (window, view, future frame) values (N, V, F) of the model and of the image baselines
+    (repeat_frame; mean_frame when the run has it)."""
     limit = run.max_depth if max_depth is None else max_depth
-    if spec.kind == "rgb":
-        pred, true = run["pred_rgb"][:, :, 1:], run["true_rgb"][:, :, 1:]
-        repeat = np.repeat(run["true_rgb"][:, :, :1], true.shape[2], axis=2)
-        if spec.name == "lpips":
-            if lpips is None:
-                raise XWAMError("lpips: no LPIPSMetric given (it needs local AlexNet weights)")
-            return {"model": lpips(pred, true), "repeat_frame": lpips(repeat, true)}
-        out = {
-            "model": spec.fn(pred, true, data_range=255.0),
-            "repeat_frame": spec.fn(repeat, true, data_range=255.0),
-        }
-        if spec.name == "psnr":
-            out = {k: np.minimum(v, PSNR_CAP_DB) for k, v in out.items()}
-        return out
-    if spec.kind == "depth":
-        pred, true = run["pred_depth"][:, :, 1:], run["true_depth"][:, :, 1:]
-        repeat = np.repeat(run["true_depth"][:, :, :1], true.shape[2], axis=2)
+    if spec.kind not in ("rgb", "depth"):
+        raise XWAMError(f"image_values: {spec.name} is not an image metric")
+    kind = "rgb" if spec.kind == "rgb" else "depth"
+    true = run[f"true_{kind}"][:, :, 1:]
+    candidates = {
+        "model": run[f"pred_{kind}"][:, :, 1:],
+        "repeat_frame": np.repeat(run[f"true_{kind}"][:, :, :1], true.shape[2], axis=2),
+    }
+    if f"mean_{kind}" in run.arrays:  # (V, T, ...) -> every window
+        candidates["mean_frame"] = np.repeat(run[f"mean_{kind}"][None, :, 1:], len(true), axis=0)
+    if spec.name == "lpips":
+        if lpips is None:
+            raise XWAMError("lpips: no LPIPSMetric given (it needs local AlexNet weights)")
+        return {k: lpips(v, true) for k, v in candidates.items()}
+    if kind == "depth":
         valid = true <= limit
-        return {"model": spec.fn(pred, true, valid=valid), "repeat_frame": spec.fn(repeat, true, valid=valid)}
-    raise XWAMError(f"image_values: {spec.name} is not an image metric")
+        return {k: spec.fn(v, true, valid=valid) for k, v in candidates.items()}
+    out = {k: spec.fn(v, true, data_range=255.0) for k, v in candidates.items()}
+    if spec.name == "psnr":
+        out = {k: np.minimum(v, PSNR_CAP_DB) for k, v in out.items()}
+    return out
 
 
 def chamfer_values(
@@ -169,7 +174,9 @@ def evaluate_run(
         if spec.kind in ("rgb", "depth"):
             values = image_values(run, spec, lpips, limit)
             entry["model"] = _summarise(values["model"], run.views)
-            entry["baselines"]["repeat_frame"] = _summarise(values["repeat_frame"], run.views)
+            for name in IMAGE_BASELINES:
+                if name in values:
+                    entry["baselines"][name] = _summarise(values[name], run.views)
             entry["count"] = int(values["model"].size)
             entry["nan"] = int(np.isnan(values["model"]).sum())
             if spec.name == "psnr":
@@ -210,10 +217,19 @@ def evaluate_run(
             "psnr": f"each value capped at {PSNR_CAP_DB} dB (identical images give +inf)",
             "depth_valid": "0 < true depth <= max_depth",
             "clouds": "all views fused; pixels with 0 < depth <= max_depth",
-            "baselines": "repeat_frame: observed frame for every future frame; zero_action: zeros; "
-            "mean_action: the checkpoint's training mean",
+            "baselines": "repeat_frame: observed frame for every future frame; mean_frame: the average "
+            "frame of the store's other episodes (RGB and depth metrics; "
+            f"{_mean_frame_source(run)}); zero_action: zeros; mean_action: the checkpoint's training mean",
         },
     }
+
+
+def _mean_frame_source(run: RunData) -> str:
+    info = run.manifest.get("mean_frame")
+    if "mean_rgb" not in run.arrays or not info:
+        reason = (info or {}).get("reason", "not in this run")
+        return f"absent: {reason}"
+    return f"{info['windows']} windows of episodes {info['episodes']}"
 
 
 def model_ahead(entry: dict[str, Any], key: str = "overall") -> bool | None:

@@ -35,6 +35,7 @@ import torch
 from xwam_core.data.reader import EpisodeStore
 from xwam_core.data.windows import WindowDataset, collate_windows, split_episodes
 from xwam_core.errors import XWAMError
+from xwam_core.mean_frame import mean_future_frames
 from xwam_core.runs import (
     MANIFEST,
     PREDICTIONS,
@@ -316,8 +317,13 @@ def infer_run(
     opts: InferOptions,
     on_start: Callable[[int], None] | None = None,
     on_window: Callable[[int, float], None] | None = None,
+    on_mean_start: Callable[[int], None] | None = None,
+    on_mean_window: Callable[[], None] | None = None,
 ) -> InferSummary:
-    """Predict every chosen window and write the run folder atomically. Checks everything before any work."""
+    """Predict every chosen window and write the run folder atomically. Checks everything before any work.
+
+    World mode also averages the store's other episodes into the mean-frame baseline (mean_frame.py):
+    `on_mean_start(total)` and `on_mean_window()` report that pass."""
     if opts.mode not in MODES:
         raise XWAMError(f"--mode {opts.mode!r}: expected 'policy' or 'world'")
     if opts.windows_per_episode < 1:
@@ -424,6 +430,23 @@ def infer_run(
     result = {k: np.concatenate(v) for k, v in collected.items()}
     # the mean-action baseline, kept in float64 exactly as the checkpoint's stats.json has it
     result["mean_action"] = np.asarray(predictor.stats["action"]["mean"], dtype=np.float64)
+    mean_info: dict[str, Any] = {}
+    if world:  # the mean-frame baseline: the average window of the episodes not evaluated here
+        mean_frames = mean_future_frames(
+            store,
+            layout.window,
+            list(layout.views),
+            episodes,
+            on_start=on_mean_start,
+            on_window=on_mean_window,
+        )
+        if mean_frames is None:
+            mean_info = {"windows": 0, "reason": "the store has no other episode to average"}
+        else:
+            result["mean_rgb"] = mean_frames.rgb
+            if mean_frames.depth is not None:
+                result["mean_depth"] = mean_frames.depth
+            mean_info = {"windows": mean_frames.windows, "episodes": mean_frames.episodes}
 
     lat_ms = [1000 * x for x in latencies]
     cameras = {}
@@ -476,6 +499,7 @@ def infer_run(
             "a warm-up call is excluded",
         },
         "num_denoiser_calls": calls,
+        **({"mean_frame": mean_info} if world else {}),
         "device": f"{predictor.device} ({platform.processor() or platform.machine()}, "
         f"{torch.get_num_threads()} threads)",
         "recipe": tomllib.loads(recipe_to_toml(recipe)),

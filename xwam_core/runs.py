@@ -22,6 +22,9 @@ frame 0 the observed one, K actions):
     intrinsics (N, V, T, 3, 3)                 recorded
     extrinsics (N, V, T, 4, 4)                 recorded camera-to-world (the truth's cameras)
     pred_extrinsics (N, V, T, 4, 4)            the cameras the prediction is unprojected with (see infer_run)
+  world mode, when the store has episodes besides the evaluated ones (the mean-frame baseline):
+    mean_rgb (V, T, H, W, 3)                   float32: the average window of the other episodes
+    mean_depth (V, T, H, W)                    float32 metres (stores with depth)
 """
 
 from __future__ import annotations

@@ -1,0 +1,77 @@
+"""The mean-frame baseline: the average future frame of the store's other episodes.
+
+For every view and window frame, the mean RGB and the mean depth over windows of the episodes a run
+does NOT evaluate (so it never sees the frames it is scored on). It is the video counterpart of the
+mean-action baseline, and a hard one under PSNR in scenes with fixed cameras: wherever the background
+never changes it is exact, and it blurs the robot over the places it tends to be. A model that
+predicts the conditional mean of the future should beat it; one that does not has not learnt the
+scene's statistics yet.
+
+    frames = mean_future_frames(store, layout.window, layout.views, exclude=[9, 19])
+    frames.rgb    (V, T, H, W, 3) float32 in [0, 255]
+    frames.depth  (V, T, H, W) float32 metres, the mean over valid (> 0) pixels; 0 where none is valid
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from xwam_core.data.reader import EpisodeStore
+from xwam_core.data.windows import WindowDataset, WindowLayout
+
+MAX_WINDOWS = 512  # windows averaged at most, evenly spaced over all of them (a large store stays quick)
+
+
+@dataclass
+class MeanFrames:
+    rgb: np.ndarray  # (V, T, H, W, 3) float32
+    depth: np.ndarray | None  # (V, T, H, W) float32, None when the store has no depth
+    episodes: list[int]  # the episodes averaged over
+    windows: int  # how many windows were averaged
+
+
+def mean_future_frames(
+    store: EpisodeStore,
+    window: WindowLayout,
+    views: list[str],
+    exclude: list[int],
+    max_windows: int = MAX_WINDOWS,
+    on_start: Callable[[int], None] | None = None,
+    on_window: Callable[[], None] | None = None,
+) -> MeanFrames | None:
+    """The mean frame of up to `max_windows` windows of every episode not in `exclude`; None if there is none."""
+    excluded = set(exclude)
+    episodes = [e for e in range(len(store.episodes)) if e not in excluded]
+    if not episodes:
+        return None
+    dataset = WindowDataset(store, window, views=views, episodes=episodes, normalize=False)
+    if len(dataset) == 0:
+        return None
+    rows = np.unique(np.linspace(0, len(dataset) - 1, min(max_windows, len(dataset))).round().astype(int))
+    if on_start is not None:
+        on_start(len(rows))
+    rgb_sum: np.ndarray | None = None
+    depth_sum: np.ndarray | None = None
+    depth_count: np.ndarray | None = None
+    for row in rows:
+        item = dataset[int(row)]
+        rgb = np.asarray(item["rgb"], dtype=np.float64)  # (V, T, H, W, 3)
+        rgb_sum = rgb if rgb_sum is None else rgb_sum + rgb
+        if store.has_depth:
+            depth = np.asarray(item["depth"], dtype=np.float64)  # (V, T, H, W), 0 = invalid
+            valid = depth > 0
+            depth_sum = (
+                np.where(valid, depth, 0.0) if depth_sum is None else depth_sum + np.where(valid, depth, 0.0)
+            )
+            depth_count = valid.astype(np.int64) if depth_count is None else depth_count + valid
+        if on_window is not None:
+            on_window()
+    assert rgb_sum is not None
+    mean_depth = None
+    if depth_sum is not None and depth_count is not None:
+        mean_depth = (depth_sum / np.maximum(depth_count, 1)).astype(np.float32)
+    used = sorted({int(dataset.windows[int(r), 0]) for r in rows})
+    return MeanFrames((rgb_sum / len(rows)).astype(np.float32), mean_depth, used, len(rows))
