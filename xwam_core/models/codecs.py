@@ -77,8 +77,8 @@ class DepthRange:
 
     def to_json(self) -> list[Any]:
         return [
-            list(self.near) if self.per_view else self.near,
-            list(self.far) if self.per_view else self.far,
+            list(_as_tuple(self.near)) if self.per_view else self.near,
+            list(_as_tuple(self.far)) if self.per_view else self.far,
         ]
 
     def bounds(self, like: torch.Tensor, view_dim: int) -> tuple[torch.Tensor | float, torch.Tensor | float]:
@@ -113,7 +113,7 @@ def depth_to_image(depth: torch.Tensor, depth_range: DepthRange) -> torch.Tensor
     depth = depth.float()
     near, far = depth_range.bounds(depth, -4)
     valid = torch.isfinite(depth) & (depth > 0)
-    depth = torch.where(valid, depth, far).clamp(near, far)
+    depth = torch.where(valid, depth, far).clamp(near, far)  # type: ignore[arg-type]  # clamp takes numbers too
     inverse = (1.0 / depth - 1.0 / far) / (1.0 / near - 1.0 / far)  # 0 at far, 1 at near
     image = inverse * 2.0 - 1.0
     return image.unsqueeze(-4).expand(*image.shape[:-3], 3, *image.shape[-3:]).contiguous()

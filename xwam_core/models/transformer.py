@@ -405,10 +405,9 @@ class XWAMTransformer(ModelMixin, ConfigMixin):  # type: ignore[misc]
             else None
         )
         # depth_condition: the observed depth enters the depth branch; its head is gated against it
+        patch = (int(patch_size[0]), int(patch_size[1]), int(patch_size[2]))
         self.depth_condition_embedding = (
-            nn.Conv3d(in_channels, inner_dim, kernel_size=tuple(patch_size), stride=tuple(patch_size))
-            if depth_condition
-            else None
+            nn.Conv3d(in_channels, inner_dim, kernel_size=patch, stride=patch) if depth_condition else None
         )
         self.depth_gate_proj = (
             nn.Linear(inner_dim, out_channels * math.prod(patch_size)) if depth_condition else None
@@ -441,8 +440,10 @@ class XWAMTransformer(ModelMixin, ConfigMixin):  # type: ignore[misc]
         self.depth_scale_shift_table.normal_(std=self.inner_dim**-0.5)
         self.depth_proj_out.reset_parameters()
         if self.depth_condition_embedding is not None and self.depth_gate_proj is not None:
-            self.depth_condition_embedding.weight.zero_()  # a new model's depth branch is unchanged...
-            self.depth_condition_embedding.bias.zero_()
+            nn.init.zeros_(
+                self.depth_condition_embedding.weight
+            )  # a new model's depth branch is unchanged...
+            nn.init.zeros_(self.depth_condition_embedding.bias)  # type: ignore[arg-type]  # Conv3d has a bias
             self.depth_gate_proj.weight.zero_()  # ...and predicts (almost) the observed depth
             self.depth_gate_proj.bias.fill_(float(self.cfg.gate_init_logit))
         if self.gate_proj is not None:  # closed gates: a new model predicts (almost) the current frame
