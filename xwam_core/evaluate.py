@@ -229,7 +229,9 @@ def _mean_frame_source(run: RunData) -> str:
     if "mean_rgb" not in run.arrays or not info:
         reason = (info or {}).get("reason", "not in this run")
         return f"absent: {reason}"
-    return f"{info['windows']} windows of episodes {info['episodes']}"
+    return (
+        f"{info['windows']} windows of {len(info['episodes'])} other episodes, listed in the run's manifest"
+    )
 
 
 def model_ahead(entry: dict[str, Any], key: str = "overall") -> bool | None:
