@@ -96,7 +96,7 @@ def image_values(
     limit = run.max_depth if max_depth is None else max_depth
     if spec.kind not in ("rgb", "depth"):
         raise XWAMError(f"image_values: {spec.name} is not an image metric")
-    kind = "rgb" if spec.kind == "rgb" else "depth"
+    kind = spec.kind
     true = run[f"true_{kind}"][:, :, 1:]
     candidates = {
         "model": run[f"pred_{kind}"][:, :, 1:],
