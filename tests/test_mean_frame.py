@@ -71,3 +71,8 @@ def test_at_most_max_windows_evenly_spaced_and_none_without_other_episodes(store
     assert frames is not None and frames.windows == 3 and rows[0] == 0 and rows[-1] == count - 1
     np.testing.assert_allclose(frames.rgb, rgb, rtol=1e-5, atol=1e-4)
     assert mean_future_frames(store, window, ["a", "b"], exclude=[0, 1, 2]) is None
+    # episodes too short for one window give none: no baseline rather than a refusal of the store
+    assert (
+        mean_future_frames(store, WindowLayout(future_frames=4, frame_stride=2), ["a", "b"], exclude=[])
+        is None
+    )

@@ -44,34 +44,29 @@ def mean_future_frames(
 ) -> MeanFrames | None:
     """The mean frame of up to `max_windows` windows of every episode not in `exclude`; None if there is none."""
     excluded = set(exclude)
-    episodes = [e for e in range(len(store.episodes)) if e not in excluded]
+    episodes = [  # episodes too short for one window give none (WindowDataset refuses a set with none)
+        i for i, e in enumerate(store.episodes) if i not in excluded and e.length >= window.span
+    ]
     if not episodes:
         return None
     dataset = WindowDataset(store, window, views=views, episodes=episodes, normalize=False)
-    if len(dataset) == 0:
-        return None
     rows = np.unique(np.linspace(0, len(dataset) - 1, min(max_windows, len(dataset))).round().astype(int))
     if on_start is not None:
         on_start(len(rows))
-    rgb_sum: np.ndarray | None = None
-    depth_sum: np.ndarray | None = None
-    depth_count: np.ndarray | None = None
+    shape = (len(views), window.num_frames, *store.image_size)
+    rgb_sum = np.zeros((*shape, 3), np.float64)
+    depth_sum = np.zeros(shape, np.float64)
+    depth_count = np.zeros(shape, np.int64)
     for row in rows:
         item = dataset[int(row)]
-        rgb = np.asarray(item["rgb"], dtype=np.float64)  # (V, T, H, W, 3)
-        rgb_sum = rgb if rgb_sum is None else rgb_sum + rgb
+        rgb_sum += item["rgb"]
         if store.has_depth:
-            depth = np.asarray(item["depth"], dtype=np.float64)  # (V, T, H, W), 0 = invalid
+            depth = item["depth"]  # (V, T, H, W) metres, 0 = invalid
             valid = depth > 0
-            depth_sum = (
-                np.where(valid, depth, 0.0) if depth_sum is None else depth_sum + np.where(valid, depth, 0.0)
-            )
-            depth_count = valid.astype(np.int64) if depth_count is None else depth_count + valid
+            depth_sum += np.where(valid, depth, 0.0)
+            depth_count += valid
         if on_window is not None:
             on_window()
-    assert rgb_sum is not None
-    mean_depth = None
-    if depth_sum is not None and depth_count is not None:
-        mean_depth = (depth_sum / np.maximum(depth_count, 1)).astype(np.float32)
+    mean_depth = (depth_sum / np.maximum(depth_count, 1)).astype(np.float32) if store.has_depth else None
     used = sorted({int(dataset.windows[int(r), 0]) for r in rows})
     return MeanFrames((rgb_sum / len(rows)).astype(np.float32), mean_depth, used, len(rows))

@@ -440,9 +440,8 @@ class XWAMTransformer(ModelMixin, ConfigMixin):  # type: ignore[misc]
         self.depth_scale_shift_table.normal_(std=self.inner_dim**-0.5)
         self.depth_proj_out.reset_parameters()
         if self.depth_condition_embedding is not None and self.depth_gate_proj is not None:
-            nn.init.zeros_(
-                self.depth_condition_embedding.weight
-            )  # a new model's depth branch is unchanged...
+            # a new model's depth branch is unchanged...
+            nn.init.zeros_(self.depth_condition_embedding.weight)
             nn.init.zeros_(self.depth_condition_embedding.bias)  # type: ignore[arg-type]  # Conv3d has a bias
             self.depth_gate_proj.weight.zero_()  # ...and predicts (almost) the observed depth
             self.depth_gate_proj.bias.fill_(float(self.cfg.gate_init_logit))
