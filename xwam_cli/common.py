@@ -74,10 +74,7 @@ def _toml_value(value: Any) -> str:
 
 
 def progress_bar(title: str) -> Progress:
-    """The one progress-bar layout of every command: title, bar, n/total, an `info` field, time, ETA.
-
-    Tasks must be added with `info=""`; `title` may use `{task.description}` or `{task.fields[...]}`.
-    """
+    """Deprecated: being replaced by RichProgress (every core loop takes a xwam_core.progress.Progress)."""
     return Progress(
         TextColumn(f"[bold]{title}"),
         BarColumn(),
@@ -88,6 +85,68 @@ def progress_bar(title: str) -> Progress:
         TimeRemainingColumn(),
         console=err_console,
     )
+
+
+class RichProgress:
+    """The CLI's `xwam_core.progress.Progress`: one rich bar per task (label, bar, n/total, info, time, ETA).
+
+    Use as a context manager. Where stderr is not a terminal (logs, CI) the bars are not drawn; a plain
+    line per task is printed at most every `plain_every` seconds and when the task completes.
+    """
+
+    def __init__(self, title: str, plain_every: float = 10.0) -> None:
+        self.title = title
+        self.plain_every = plain_every
+        self.live = err_console.is_terminal
+        self._bars = Progress(
+            TextColumn(f"[bold]{title}" + " {task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=err_console,
+            disable=not self.live,
+        )
+
+    def __enter__(self) -> RichProgress:
+        self._bars.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._bars.stop()
+
+    def task(self, label: str, total: int, completed: int = 0) -> _RichTask:
+        return _RichTask(self, self._bars.add_task(label, total=total, completed=completed, info=""), label)
+
+    def log(self, message: str) -> None:
+        err_console.print(message, highlight=False)
+
+
+class _RichTask:
+    def __init__(self, owner: RichProgress, task_id: Any, label: str) -> None:
+        import time
+
+        self.owner, self.id, self.label = owner, task_id, label
+        self._last_plain = time.monotonic()
+
+    def advance(self, n: int = 1, info: str | None = None) -> None:
+        import time
+
+        fields = {} if info is None else {"info": info}
+        self.owner._bars.update(self.id, advance=n, **fields)
+        if self.owner.live:
+            return
+        task = self.owner._bars.tasks[self.id]
+        now = time.monotonic()
+        if task.finished or now - self._last_plain >= self.owner.plain_every:
+            self._last_plain = now
+            text = task.fields.get("info", "")
+            err_console.print(
+                f"{self.owner.title} {self.label}: {int(task.completed)}/{int(task.total or 0)} {text}",
+                highlight=False,
+            )
 
 
 def split_csv(text: str | None) -> list[str] | None:

@@ -191,10 +191,11 @@ def _evaluate_offline(
 ) -> None:
     import os
 
+    from xwam_core.atomic import write_json_atomic
     from xwam_core.errors import XWAMError
     from xwam_core.evaluate import applicable_metrics, check_metrics, default_out, evaluate_run
     from xwam_core.metrics import LPIPS_WEIGHTS_ENV, LPIPSMetric, parse_metrics
-    from xwam_core.runs import check_store, load_run, write_json_atomic
+    from xwam_core.runs import check_store, load_run
 
     specs = parse_metrics(metrics) if metrics is not None else None
     run = load_run(run_path)
@@ -241,8 +242,8 @@ def _evaluate_sim(
         raise XWAMError(f"--sim {sim!r}: the simulators are: metaworld")
     if ckpt is None:
         raise XWAMError("--sim metaworld needs --ckpt CKPT (the checkpoint to roll out)")
+    from xwam_core.atomic import write_json_atomic
     from xwam_core.infer import Predictor
-    from xwam_core.runs import write_json_atomic
     from xwam_core.sim.metaworld import evaluate_metaworld
 
     try:

@@ -32,6 +32,7 @@ import numpy as np
 import tomllib
 import torch
 
+from xwam_core.atomic import atomic_folder, write_json_atomic
 from xwam_core.data.reader import EpisodeStore
 from xwam_core.data.windows import WindowDataset, collate_windows, split_episodes
 from xwam_core.errors import XWAMError
@@ -40,10 +41,8 @@ from xwam_core.runs import (
     MANIFEST,
     PREDICTIONS,
     RUN_FORMAT,
-    atomic_folder,
     safe_name,
     store_fingerprint,
-    write_json_atomic,
 )
 
 MODES = ("policy", "world")

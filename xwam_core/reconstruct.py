@@ -21,9 +21,10 @@ from typing import Any
 
 import numpy as np
 
+from xwam_core.atomic import atomic_folder, write_json_atomic
 from xwam_core.errors import XWAMError
 from xwam_core.geometry import fuse_views
-from xwam_core.runs import RunData, atomic_folder, load_run, write_json_atomic
+from xwam_core.runs import RunData, load_run
 
 WHICH = ("pred", "true", "repeat")
 PREVIEW_SIZE = (360, 480)  # (H, W) of each panel of a side-by-side preview

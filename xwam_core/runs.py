@@ -31,11 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -89,58 +85,6 @@ def store_fingerprint(store_path: str | Path) -> str:
         for path in sorted(data.rglob("*.parquet")):
             digest.update(f"{path.relative_to(root)}:{path.stat().st_size}".encode())
     return digest.hexdigest()[:16]
-
-
-# ------------------------------------------------------------------------------------ atomic outputs
-@contextmanager
-def atomic_folder(final: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside `final`; on success it replaces `final` (moved aside, then deleted).
-
-    Refuses an existing `final` unless `overwrite`; on any error the temporary folder is removed and
-    `final` is untouched.
-    """
-    final = Path(final)
-    if final.exists() and not overwrite:
-        raise XWAMError(f"{final}: already exists; pass --overwrite to replace it")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        old = None
-        if final.exists():
-            old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(final, old)
-        os.replace(tmp, final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def write_json_atomic(path: Path, content: Any) -> Path:
-    """Write JSON to a temporary file beside `path` and rename it (a reader never sees half a file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        tmp.write_text(json.dumps(content, indent=2, allow_nan=False, default=_json_default) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
 def json_number(x: float | None) -> float | None:
