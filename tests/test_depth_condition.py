@@ -11,8 +11,8 @@ from tests.run_fixtures import train_tiny
 from xwam_core.data.reader import EpisodeStore
 from xwam_core.data.windows import WindowDataset, collate_windows
 from xwam_core.errors import XWAMError
-from xwam_core.infer import Predictor
 from xwam_core.models.presets import build_model
+from xwam_core.policy import Policy
 
 KW = dict(
     num_layers=2, num_depth_blocks=1, in_channels=48, out_channels=48, num_views=2,
@@ -78,29 +78,29 @@ def rgbd_checkpoint(tmp_path_factory):
 
 def test_world_mode_reads_the_observed_depth(rgbd_checkpoint):
     store_path, ckpt = rgbd_checkpoint
-    predictor = Predictor.from_checkpoint(ckpt)
-    assert predictor.model.config["depth_condition"]
+    policy = Policy.from_checkpoint(ckpt)
+    assert policy.depth_condition
     store = EpisodeStore(store_path)
-    data = WindowDataset(store, predictor.layout.window, episodes=[2], normalize=False)
+    data = WindowDataset(store, policy.spec.window, episodes=[2], normalize=False)
     raw = collate_windows([data[0], data[1]])
-    batch = {
-        "rgb": raw["rgb"],
-        "states": torch.from_numpy(predictor.state_norm.normalize(raw["states"].numpy())),
-        "task_index": raw["task_index"],
-        "depth": raw["depth"][:, :, :1],
+    views = policy.spec.views
+    obs = {
+        "images": {v: raw["rgb"][:, j, 0].numpy() for j, v in enumerate(views)},
+        "state": raw["states"][:, 0].numpy(),
+        "task": [store.tasks[int(t)] for t in raw["task_index"]],
+        "depth": {v: raw["depth"][:, j, 0].numpy() for j, v in enumerate(views)},
     }
     with torch.no_grad():  # shut gates: the predicted future depth is the observed depth, in metres
-        predictor.model.depth_gate_proj.bias.fill_(-30.0)
-    out = predictor.predict(batch, mode="world", generator=torch.Generator().manual_seed(0))
+        policy.model.depth_gate_proj.bias.fill_(-30.0)
+    out = policy.predict(obs, mode="world", generator=torch.Generator().manual_seed(0))
     observed = raw["depth"][:, :, :1].float()
-    lo, hi = predictor.depth_range.near, predictor.depth_range.far
-    expected = observed.clamp(lo, hi).expand_as(out.depth)
-    assert ((out.depth - expected).abs() / expected).max() < 0.005
-    policy = dict(batch)
-    del policy["depth"]
-    predictor.predict(policy, mode="policy")  # actions need no depth
-    with pytest.raises(XWAMError, match=r"world mode needs batch\['depth'\]"):
-        predictor.predict(policy, mode="world")
+    lo, hi = policy.depth_range.near, policy.depth_range.far
+    expected = observed.clamp(lo, hi).expand(out.depth.shape).numpy()
+    assert (abs(out.depth - expected) / expected).max() < 0.005
+    del obs["depth"]
+    policy.predict(obs, mode="policy")  # actions need no depth
+    with pytest.raises(XWAMError, match=r"world mode needs observation 'depth'"):
+        policy.predict(obs, mode="world")
 
 
 def test_world_mode_on_a_store_without_depth_is_refused_up_front(rgbd_checkpoint, tmp_path):

@@ -111,7 +111,7 @@ def test_numbers_are_the_metric_functions_applied_by_hand(run_copy, tmp_path_fac
     assert len(m["chamfer"]["model"]["per_step"]) == 4
     # actions: the model, zeros and the checkpoint's training mean
     _, ckpt = tiny_checkpoint(tmp_path_factory)
-    mean = np.asarray(json.loads((ckpt / "stats.json").read_text())["action"]["mean"])
+    mean = np.asarray(json.loads((ckpt / "normalizer.json").read_text())["stats"]["action"]["mean"])
     true = a["true_actions"].astype(np.float64)
     close(m["action_mse"]["model"]["overall"], action_mse(a["pred_actions"], true))
     close(m["action_l1"]["model"]["overall"], action_l1(a["pred_actions"], true))

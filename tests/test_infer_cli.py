@@ -17,9 +17,10 @@ from tests.run_fixtures import (
     tiny_checkpoint,
     world_run,
 )
+from xwam_core.cameras import hand_poses, predicted_cameras
 from xwam_core.data.reader import EpisodeStore
 from xwam_core.data.video import decode_video
-from xwam_core.infer_run import evenly_spaced, hand_poses, parse_episodes, predicted_cameras
+from xwam_core.infer_run import evenly_spaced, parse_episodes
 from xwam_core.runs import load_run, store_fingerprint
 
 
@@ -36,7 +37,7 @@ def test_world_run_is_complete_and_matches_the_store(ckpt, tmp_path_factory):
     assert m["checkpoint"] == str(checkpoint.resolve())
     assert m["store"] == str(store_path.resolve()) and m["store_fingerprint"] == store_fingerprint(store_path)
     assert m["episodes"] == [2] and "held out" in m["episodes_reason"]  # data.val_episodes=1 of 3
-    assert m["recipe"]["inference"]["num_steps_video"] == 2 and m["recipe"]["data"]["future_frames"] == 4
+    assert m["inference"]["num_steps_video"] == 2 and m["future_frames"] == 4
     assert m["latency_ms"]["mean"] > 0 and m["latency_ms"]["median"] > 0
     assert m["cameras"] == {"a": "fixed: recorded pose", "b": "fixed: recorded pose"}
     n, v, t, k = 2, 2, 5, 8
@@ -56,7 +57,7 @@ def test_world_run_is_complete_and_matches_the_store(ckpt, tmp_path_factory):
         np.testing.assert_allclose(
             run["true_depth"][w, 0], episode.views["a"].depth[start : start + 9 : 2], atol=1e-3
         )
-    stats = json.loads((checkpoint / "stats.json").read_text())
+    stats = json.loads((store_path / "meta" / "stats.json").read_text())  # the training store's
     np.testing.assert_allclose(run["mean_action"], stats["action"]["mean"], rtol=1e-6)
     # the mean-frame baseline: every window of the OTHER episodes (0 and 1, 6 starts each), by hand
     store = EpisodeStore(store_path)

@@ -17,16 +17,16 @@ pytestmark = pytest.mark.sim
 
 
 @pytest.fixture(scope="module")
-def predictor(tmp_path_factory):
-    from xwam_core.infer import Predictor
+def policy(tmp_path_factory):
+    from xwam_core.policy import Policy
 
-    return Predictor.from_checkpoint(metaworld_checkpoint(tmp_path_factory))
+    return Policy.from_checkpoint(metaworld_checkpoint(tmp_path_factory))
 
 
-def test_same_seeds_same_result(predictor):
+def test_same_seeds_same_result(policy):
     from xwam_core.sim.metaworld import eval_episode_seed, evaluate_metaworld
 
-    runs = [evaluate_metaworld(predictor, ["reach-v3"], 1, seed=5, max_steps=10) for _ in range(2)]
+    runs = [evaluate_metaworld(policy, ["reach-v3"], 1, seed=5, max_steps=10) for _ in range(2)]
     a, b = (r.to_json()["rollouts"] for r in runs)
     for r in a:
         r.pop("latency_ms")

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from tests.conftest import SyntheticSource, write_store
 from xwam_cli.main import app
-from xwam_core.checkpoint import checkpoint_dirs, load_optimizer_state, load_trainer_state
+from xwam_core.checkpoint import checkpoint_dirs, load_policy_parts, load_training_state
 from xwam_core.models.transformer import XWAMTransformer
 from xwam_core.recipe import load_recipe
 from xwam_core.train import GlobalBatchSampler, train
@@ -126,8 +126,8 @@ def test_sigkill_and_resume_is_bit_identical(small_store, tmp_path):
         for ckpt in checkpoint_dirs(crash):  # every checkpoint visible on disk is complete and readable
             if ckpt.name not in seen:
                 XWAMTransformer.from_pretrained(ckpt / "model")
-                load_optimizer_state(ckpt)
-                load_trainer_state(ckpt)
+                load_training_state(ckpt)
+                load_policy_parts(ckpt)
                 seen.add(ckpt.name)
         if "step-00000004" in seen:
             time.sleep(0.5)  # somewhere in steps 5-6
@@ -147,8 +147,8 @@ def test_sigkill_and_resume_is_bit_identical(small_store, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    ref_opt = load_optimizer_state(ref / "checkpoints" / "step-00000008")
-    crash_opt = load_optimizer_state(crash / "checkpoints" / "step-00000008")
+    ref_opt = load_training_state(ref / "checkpoints" / "step-00000008").optimizer
+    crash_opt = load_training_state(crash / "checkpoints" / "step-00000008").optimizer
     for pid, state in ref_opt["state"].items():
         assert torch.equal(state["exp_avg_sq"], crash_opt["state"][pid]["exp_avg_sq"])
 
@@ -177,9 +177,18 @@ def test_two_processes_match_one(small_store, tmp_path):
     ]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    h1 = json.loads((one / "checkpoints" / "step-00000004" / "trainer.json").read_text())["history"]
-    h2 = json.loads((two / "checkpoints" / "step-00000004" / "trainer.json").read_text())["history"]
-    assert json.loads((two / "checkpoints" / "step-00000004" / "trainer.json").read_text())["processes"] == 2
+    h1 = json.loads((one / "checkpoints" / "step-00000004" / "training" / "trainer.json").read_text())[
+        "history"
+    ]
+    h2 = json.loads((two / "checkpoints" / "step-00000004" / "training" / "trainer.json").read_text())[
+        "history"
+    ]
+    assert (
+        json.loads((two / "checkpoints" / "step-00000004" / "training" / "trainer.json").read_text())[
+            "processes"
+        ]
+        == 2
+    )
     for a, b in zip(h1, h2, strict=True):
         for key in ("loss", "video", "action", "state", "depth"):
             assert abs(a[key] - b[key]) <= 1e-4 * max(1.0, abs(a[key])), (a["step"], key, a[key], b[key])

@@ -8,9 +8,9 @@ import torch
 
 from tests.conftest import SyntheticSource, write_store
 from xwam_core.data.reader import EpisodeStore
-from xwam_core.data.stats import QuantileNormalizer
 from xwam_core.data.windows import WindowDataset, WindowLayout, make_loader, split_episodes
 from xwam_core.errors import DataError
+from xwam_core.normalizer import QuantileNormalizer
 
 
 def test_window_contents_match_episode(synthetic_store):

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from xwam_cli.common import console, fail, progress_bar, split_csv, user_errors
+from xwam_cli.common import RichProgress, console, fail, progress_bar, split_csv, user_errors
 
 EXAMPLES = """
 [bold]Examples[/]
@@ -243,35 +243,16 @@ def _evaluate_sim(
     if ckpt is None:
         raise XWAMError("--sim metaworld needs --ckpt CKPT (the checkpoint to roll out)")
     from xwam_core.atomic import write_json_atomic
-    from xwam_core.infer import Predictor
+    from xwam_core.policy import Policy
     from xwam_core.sim.metaworld import evaluate_metaworld
 
-    try:
-        predictor = Predictor.from_checkpoint(ckpt)
-    except XWAMError:
-        raise
-    except Exception as e:
-        raise XWAMError(f"{ckpt}: cannot load the checkpoint ({type(e).__name__}: {e})") from None
+    policy = Policy.from_checkpoint(ckpt)
     task_list = split_csv(tasks) or []
     if not task_list:
         raise XWAMError("--sim metaworld needs --tasks, e.g. --tasks reach-v3,push-v3")
-    progress = progress_bar("closed loop")
-    state: dict[str, Any] = {}
-
-    def on_start(total: int) -> None:
-        progress.start()
-        state["task"] = progress.add_task("rollouts", total=total, info="")
-
-    def on_rollout(r: Any) -> None:
-        progress.update(
-            state["task"],
-            advance=1,
-            info=f"{r.task} #{r.episode} {r.policy}: {'success' if r.success else 'fail'} ({r.steps} steps)",
-        )
-
-    try:
+    with RichProgress("closed loop") as progress:
         result = evaluate_metaworld(
-            predictor,
+            policy,
             task_list,
             episodes,
             seed=seed,
@@ -279,17 +260,14 @@ def _evaluate_sim(
             render_quality=render_quality,
             video_dir=video,
             baselines=baselines,
-            on_start=on_start,
-            on_rollout=on_rollout,
+            progress=progress,
         )
-    finally:
-        progress.stop()
     console.print(sim_table(result))
     data = result.to_json()
     if data["model_latency_ms_mean"] is not None:
         console.print(
             f"model: {data['model_latency_ms_mean']:.1f} ms per query (policy mode, "
-            f"{predictor.layout.window.num_actions} actions executed per query)"
+            f"{policy.actions_per_query} actions executed per query)"
         )
     if video is not None:
         console.print(f"rollout videos: {video}")

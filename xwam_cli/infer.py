@@ -9,12 +9,12 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from xwam_cli.common import console, progress_bar, user_errors
+from xwam_cli.common import RichProgress, console, user_errors
 
 EXAMPLES = """
 [bold]Examples[/]
 
-  xwam infer --ckpt runs/tiny/checkpoints/step-00002000 --data out/demo/store --out out/demo/infer
+  xwam infer --ckpt out/demo/run --data out/demo/store --out out/demo/infer
   xwam infer --ckpt CKPT --data STORE --episodes 6,7 --windows-per-episode 2 --out RUN --overwrite
   xwam infer --ckpt CKPT --data STORE --mode policy --num-steps-action 5 --out RUN_POLICY
 """
@@ -66,7 +66,9 @@ def _command_line(
 
 @user_errors
 def infer(
-    ckpt: Annotated[Path, typer.Option("--ckpt", help="Checkpoint folder (…/checkpoints/step-N).")],
+    ckpt: Annotated[
+        Path, typer.Option("--ckpt", help="Checkpoint folder, or a run folder (its newest checkpoint).")
+    ],
     data: Annotated[Path, typer.Option("--data", help="Episode store to take the windows from.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder to create.")],
     episodes: Annotated[
@@ -127,32 +129,8 @@ def infer(
             overwrite,
         ),
     )
-    progress = progress_bar(f"infer ({mode})")
-    state: dict[str, int] = {}
-
-    def on_start(total: int) -> None:
-        progress.start()
-        state["task"] = progress.add_task("windows", total=total, info="")
-
-    def on_window(n: int, latency_s: float) -> None:
-        progress.update(state["task"], advance=n, info=f"{1000 * latency_s:.0f} ms/window")
-
-    def on_mean_start(total: int) -> None:
-        state["mean"] = progress.add_task("mean-frame baseline", total=total, info="other episodes")
-
-    def on_mean_window() -> None:
-        progress.update(state["mean"], advance=1)
-
-    try:
-        summary = infer_run(
-            opts,
-            on_start=on_start,
-            on_window=on_window,
-            on_mean_start=on_mean_start,
-            on_mean_window=on_mean_window,
-        )
-    finally:
-        progress.stop()
+    with RichProgress("infer") as progress:
+        summary = infer_run(opts, progress)
     m = summary.manifest
     table = Table(title=f"run {summary.run_dir}", show_header=False)
     table.add_column(style="bold")

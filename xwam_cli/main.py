@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from xwam_cli import evaluate, infer, prepare, reconstruct, train
+from xwam_cli import convert, evaluate, infer, prepare, reconstruct, train
 
 app = typer.Typer(
     name="xwam",
@@ -27,6 +27,7 @@ app.command(name="finetune", epilog=train.FINETUNE_EXAMPLES)(train.finetune)
 app.command(name="infer", epilog=infer.EXAMPLES)(infer.infer)
 app.command(name="reconstruct", epilog=reconstruct.EXAMPLES)(reconstruct.reconstruct)
 app.command(name="evaluate", epilog=evaluate.EXAMPLES)(evaluate.evaluate)
+app.command(name="convert", epilog=convert.EXAMPLES)(convert.convert)
 
 
 if __name__ == "__main__":

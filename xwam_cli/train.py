@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.table import Table
 
-from xwam_cli.common import console, err_console, progress_bar, recipe_with, user_errors
+from xwam_cli.common import RichProgress, console, recipe_with, user_errors
 
 EXAMPLES = """
 [bold]Examples[/]
@@ -36,44 +36,18 @@ ResumeOpt = Annotated[
 
 def _run(recipe_path: Path, set_: list[str] | None, init: str | None, resume: str | None) -> None:
     recipe = recipe_with(recipe_path, set_, {})
-    from xwam_core.data.reader import EpisodeStore
-    from xwam_core.finetune import check_checkpoint
-    from xwam_core.train import train
+    from xwam_core.train import Trainer
 
-    EpisodeStore(recipe.data.store)  # fail early, before any model is built
-    if init is not None:
-        check_checkpoint(Path(init))
-    progress = progress_bar("train")
-    state: dict[str, Any] = {}
-
-    def on_start(info: dict[str, Any]) -> None:
-        console.print(
-            f"[bold]{recipe.name}[/]: {info['parameters'] / 1e6:.2f} M trainable parameters, "
-            f"{info['train_windows']} training / {info['val_windows']} held-out windows, "
-            f"{info['processes']} process(es) on {info['device']}, precision {info['mixed_precision']}\n"
-            f"model: {info['init']}"
-        )
-        progress.start()
-        state["task"] = progress.add_task(
-            "train", total=info["max_steps"], completed=info["start_step"], info=""
-        )
-        state["t0"], state["s0"] = __import__("time").perf_counter(), info["start_step"]
-
-    def on_step(step: int, logs: dict[str, float]) -> None:
-        import time
-
-        rate = (step - state["s0"]) / max(time.perf_counter() - state["t0"], 1e-9)
-        val = f" val {logs['val_loss']:.4f}" if "val_loss" in logs else ""
-        stats = f"loss {logs['loss']:.4f}{val} lr {logs['lr']:.2e} {rate:.2f} it/s"
-        progress.update(state["task"], completed=step, info=stats)
-        if not err_console.is_terminal and (step % recipe.train.log_every == 0 or val):
-            # no live bar in logs and CI: a plain line every log_every steps instead
-            err_console.print(f"step {step}/{recipe.train.max_steps} {stats}", highlight=False)
-
-    try:
-        result = train(recipe, init_checkpoint=init, resume=resume, on_start=on_start, on_step=on_step)
-    finally:
-        progress.stop()
+    trainer = Trainer(recipe, init=init, resume=resume)
+    info = trainer.describe()
+    console.print(
+        f"[bold]{recipe.name}[/]: {info['parameters'] / 1e6:.2f} M trainable parameters, "
+        f"{info['train_windows']} training / {info['val_windows']} held-out windows, "
+        f"{info['processes']} process(es) on {info['device']}, precision {info['mixed_precision']}\n"
+        f"model: {info['init']}"
+    )
+    with RichProgress("train") as progress:
+        result = trainer.fit(progress)
     table = Table(title=f"run {result.run_dir}", show_header=False)
     table.add_column(style="bold")
     table.add_column()
@@ -101,7 +75,9 @@ def pretrain(recipe: RecipeArg, set_: SetOpt = None, resume: ResumeOpt = None) -
 @user_errors
 def finetune(
     recipe: RecipeArg,
-    init: Annotated[str, typer.Option(help="Checkpoint folder to start from (…/checkpoints/step-N).")],
+    init: Annotated[
+        str, typer.Option(help="Checkpoint folder to start from, or a run folder (its newest checkpoint).")
+    ],
     set_: SetOpt = None,
     resume: ResumeOpt = None,
 ) -> None:

@@ -1,28 +1,34 @@
-"""Crash-safe, pickle-free training checkpoints.
+"""The checkpoint: one self-describing folder, the only thing inference needs (format version 1).
 
-A checkpoint is a folder `RUN/checkpoints/step-NNNNNNNN/`:
-    model/                 config.json + diffusion_pytorch_model.safetensors (from_pretrained alone loads it)
-    text.safetensors       the text conditioner's weights (+ text.json: its kind and task list)
-    ema.safetensors        EMA weights of the model, when EMA is on
-    optimizer.safetensors  every tensor of the optimizer state; optimizer.json: the rest (param groups)
-    trainer.json           step, loss history, LR scheduler state, numpy/python RNG state (the data
-                           position follows from the step: see GlobalBatchSampler)
-    rng.safetensors        torch CPU (and CUDA) RNG states
-    recipe.toml            the resolved recipe
-    layout.json            views, tasks, window and the store's dimensions the model was trained on
-    stats.json             the training store's statistics (the normalization inference undoes)
-It is written under a temporary name and renamed when complete, so `latest` is always readable; only
-`keep_last` checkpoints are kept. Nothing is ever unpickled: tensors are safetensors, the rest JSON.
+    CKPT/
+      xwam_checkpoint.json   format version, step, what else the folder holds
+      model/                 config.json + diffusion_pytorch_model.safetensors (a plain XWAMTransformer:
+                             LoRA adapters are merged in; diffusers' from_pretrained alone loads it)
+      text.json              the text conditioner: kind, task list (+ text.safetensors, its embeddings;
+                             for UMT5 the frozen per-task table itself, so no cache file is read)
+      codec.json             the codec's description (pixel codec factors, or the Wan VAE's source)
+      normalizer.json        action/state names and their q01/q99 (xwam_core.normalizer)
+      data_spec.json         views in order, image size, window layout, tasks, fps, the training store
+      inference.json         the denoising schedule settings
+      recipe.toml            the resolved training recipe, as a record only: loading never parses it
+    and, in training checkpoints, what resuming needs:
+      training/              trainable.safetensors (the optimised parameters), optimizer.{safetensors,json},
+                             rng.safetensors, trainer.json (step, history, scheduler, numpy/python RNG),
+                             ema.safetensors (with EMA)
+
+Written under a temporary name and renamed when complete (xwam_core.atomic), so a crash never leaves a
+broken checkpoint; a run keeps `keep_last` of them in RUN/checkpoints/step-NNNNNNNN/. Nothing is ever
+unpickled: tensors are safetensors, everything else JSON. Folders written before format 1 (no
+xwam_checkpoint.json) are refused with the `xwam convert xwam-v0` command that upgrades them.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
-import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +36,84 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from xwam_core.atomic import atomic_folder, fsync_tree, write_json_atomic
+from xwam_core.data.windows import WindowLayout
 from xwam_core.errors import XWAMError
+from xwam_core.normalizer import Normalizer
 
+FORMAT_VERSION = 1
+MARKER = "xwam_checkpoint.json"
 STEP_DIR = re.compile(r"^step-(\d{8})$")
+TRAINING = "training"
 
 
+# ------------------------------------------------------------------------------------ what it holds
+@dataclass
+class DataSpec:
+    """What the model was trained on and how observations must look."""
+
+    views: list[str]
+    image_size: tuple[int, int]  # (H, W)
+    window: WindowLayout
+    tasks: list[str]
+    fps: float | None = None
+    store: str = ""  # the training store, a record (choosing held-out episodes when it is at hand)
+    val_episodes: int = 0  # how many episodes of that store were held out (round-robin over tasks)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "views": self.views,
+            "image_size": list(self.image_size),
+            "future_frames": self.window.future_frames,
+            "frame_stride": self.window.frame_stride,
+            "num_actions": self.window.num_actions,
+            "tasks": self.tasks,
+            "fps": self.fps,
+            "store": self.store,
+            "val_episodes": self.val_episodes,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> DataSpec:
+        return cls(
+            views=list(d["views"]),
+            image_size=(int(d["image_size"][0]), int(d["image_size"][1])),
+            window=WindowLayout(int(d["future_frames"]), int(d["frame_stride"])),
+            tasks=list(d["tasks"]),
+            fps=None if d.get("fps") is None else float(d["fps"]),
+            store=str(d.get("store", "")),
+            val_episodes=int(d.get("val_episodes", 0)),
+        )
+
+
+@dataclass
+class PolicyParts:
+    """Everything a checkpoint folder holds for inference, in memory."""
+
+    model: Any  # XWAMTransformer
+    text: Any  # TextConditioner
+    codec: dict[str, Any]  # description (xwam_core.models.codecs.codec_from_description)
+    normalizer: Normalizer
+    data: DataSpec
+    inference: Any  # InferenceScheduleConfig
+    recipe_toml: str = ""
+    step: int = 0
+    path: Path | None = None
+
+
+@dataclass
+class TrainingState:
+    """What resuming needs besides the weights inference uses."""
+
+    trainable: dict[str, torch.Tensor]  # the optimised parameters by name (LoRA adapters included)
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    history: list[dict[str, float]] = field(default_factory=list)
+    ema: dict[str, torch.Tensor] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------ finding them
 def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
     """Complete checkpoints of a run, oldest first (temporary folders are ignored)."""
     root = Path(run_dir) / "checkpoints"
@@ -43,14 +122,32 @@ def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name))
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder, or a run folder (its newest checkpoint)."""
+def resolve(path: str | Path) -> Path:
+    """The checkpoint folder `path` names: itself, or a run folder's newest checkpoint. One clear line
+    if it is not a checkpoint this version can load (an older one gets the command that converts it)."""
     path = Path(path)
-    if not (path / "trainer.json").is_file() and (path / "checkpoints").is_dir():
+    if not path.exists():
+        raise XWAMError(f"{path}: checkpoint not found")
+    if not (path / MARKER).is_file() and (path / "checkpoints").is_dir():
         dirs = checkpoint_dirs(path)
         if not dirs:
             raise XWAMError(f"{path}: run folder has no complete checkpoint yet")
-        return dirs[-1]
+        path = dirs[-1]
+    marker = path / MARKER
+    if not marker.is_file():
+        if (path / "trainer.json").is_file() and (path / "layout.json").is_file():
+            raise XWAMError(
+                f"{path}: a checkpoint of an older xwam (no {MARKER}); convert it once with: "
+                f"xwam convert xwam-v0 {path} --out NEW_CHECKPOINT"
+            )
+        raise XWAMError(f"{path}: not an xwam checkpoint (expected {MARKER} inside)")
+    meta = _read_json(marker)
+    version = meta.get("format")
+    if version != FORMAT_VERSION:
+        raise XWAMError(
+            f"{marker}: checkpoint format {version!r}; this xwam reads format {FORMAT_VERSION} "
+            "(upgrade xwam, or convert the checkpoint)"
+        )
     return path
 
 
@@ -58,14 +155,194 @@ def resolve_resume(run_dir: str | Path, resume: str) -> Path | None:
     """`latest` -> the newest complete checkpoint of the run (None if there is none); else a path."""
     if resume == "latest":
         dirs = checkpoint_dirs(run_dir)
-        return dirs[-1] if dirs else None
-    path = Path(resume)
-    if not (path / "trainer.json").is_file():
-        raise XWAMError(f"{path}: not a checkpoint folder (no trainer.json)")
+        return resolve(dirs[-1]) if dirs else None
+    path = resolve(resume)
+    if not (path / TRAINING / "trainer.json").is_file():
+        raise XWAMError(f"{path}: holds no training state (exported for inference only); cannot resume")
     return path
 
 
-# ------------------------------------------------------------------------------ optimizer state
+# ------------------------------------------------------------------------------------ writing
+def write_policy_parts(folder: Path, parts: PolicyParts) -> None:
+    """Write the inference part of a checkpoint into `folder` (a temporary folder of the caller)."""
+    from xwam_core.models.text import PrecomputedText
+
+    parts.model.save_pretrained(folder / "model", safe_serialization=True)
+    text = parts.text
+    text_meta: dict[str, Any] = {"tasks": parts.data.tasks, "seq_len": int(text.seq_len)}
+    if isinstance(text, PrecomputedText):
+        table = text.table().detach().cpu()
+        text_meta["kind"] = "precomputed"
+        save_file({"table": table.contiguous()}, folder / "text.safetensors")
+    else:
+        text_meta["kind"] = "task"
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in text.state_dict().items()},
+            folder / "text.safetensors",
+        )
+    write_json_atomic(folder / "text.json", text_meta)
+    write_json_atomic(folder / "codec.json", parts.codec)
+    write_json_atomic(folder / "normalizer.json", parts.normalizer.to_json())
+    write_json_atomic(folder / "data_spec.json", parts.data.to_json())
+    write_json_atomic(folder / "inference.json", _dataclass_json(parts.inference))
+    (folder / "recipe.toml").write_text(parts.recipe_toml)
+    write_json_atomic(
+        folder / MARKER,
+        {
+            "format": FORMAT_VERSION,
+            "step": parts.step,
+            "training_state": (folder / TRAINING).is_dir(),
+            "files": sorted(p.name for p in folder.iterdir()),
+        },
+    )
+
+
+def write_training_state(folder: Path, state: TrainingState) -> None:
+    """Write what resuming needs into `folder`/training/ (before write_policy_parts, which records it)."""
+    root = folder / TRAINING
+    root.mkdir()
+    save_file(
+        {k: v.detach().contiguous().cpu() for k, v in state.trainable.items()}, root / "trainable.safetensors"
+    )
+    opt_tensors, opt_meta = _flatten_optimizer(state.optimizer)
+    save_file(opt_tensors, root / "optimizer.safetensors")
+    write_json_atomic(root / "optimizer.json", opt_meta)
+    rng_tensors, rng_meta = _rng_state()
+    save_file(rng_tensors, root / "rng.safetensors")
+    if state.ema is not None:
+        save_file({k: v.contiguous().cpu() for k, v in state.ema.items()}, root / "ema.safetensors")
+    trainer = {**state.extra, "history": state.history, "scheduler": state.scheduler, "rng": rng_meta}
+    write_json_atomic(root / "trainer.json", trainer)
+
+
+def save_checkpoint(
+    run_dir: str | Path, parts: PolicyParts, state: TrainingState | None, keep_last: int = 3
+) -> Path:
+    """Write RUN/checkpoints/step-NNNNNNNN atomically (an existing one is swapped out, never deleted
+    first) and prune all but the newest `keep_last`. Call on the main process only."""
+    final = Path(run_dir) / "checkpoints" / f"step-{parts.step:08d}"
+    with atomic_folder(final, overwrite=True) as tmp:
+        if state is not None:
+            write_training_state(tmp, state)
+        write_policy_parts(tmp, parts)
+        fsync_tree(tmp)
+    for old in checkpoint_dirs(run_dir)[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def export_checkpoint(parts: PolicyParts, out: str | Path, overwrite: bool = False) -> Path:
+    """A checkpoint folder for inference only (no training state) at `out`."""
+    with atomic_folder(Path(out), overwrite=overwrite) as tmp:
+        write_policy_parts(tmp, parts)
+        fsync_tree(tmp)
+    return Path(out)
+
+
+# ------------------------------------------------------------------------------------ reading
+def load_policy_parts(path: str | Path, device: str | torch.device = "cpu") -> PolicyParts:
+    """Everything inference needs, read from the checkpoint folder alone (a run folder: its newest)."""
+    from xwam_core.models.transformer import XWAMTransformer
+    from xwam_core.schedule.inference import InferenceScheduleConfig
+
+    path = resolve(path)
+    try:
+        model = XWAMTransformer.from_pretrained(path / "model")
+    except Exception as e:  # diffusers and safetensors raise many kinds for a damaged folder
+        raise XWAMError(f"{path / 'model'}: cannot load the model ({type(e).__name__}: {e})") from None
+    data = _parse(path / "data_spec.json", DataSpec.from_json)
+    text = load_text(path, int(model.config["text_dim"]))
+    inference_json = _read_json(path / "inference.json")
+    try:
+        inference = InferenceScheduleConfig(**inference_json)
+        inference.validate()
+    except TypeError as e:
+        raise XWAMError(f"{path / 'inference.json'}: {e}") from None
+    meta = _read_json(path / MARKER)
+    recipe = path / "recipe.toml"
+    return PolicyParts(
+        model=model.to(device),
+        text=text.to(device),
+        codec=_read_json(path / "codec.json"),
+        normalizer=_parse(path / "normalizer.json", Normalizer.from_json),
+        data=data,
+        inference=inference,
+        recipe_toml=recipe.read_text() if recipe.is_file() else "",
+        step=int(meta.get("step", 0)),
+        path=path,
+    )
+
+
+def load_text(path: Path, text_dim: int) -> Any:
+    """The text conditioner saved in checkpoint `path`."""
+    from xwam_core.models.text import PrecomputedText, TaskEmbeddingText
+
+    meta = _read_json(path / "text.json")
+    try:
+        tensors = load_file(path / "text.safetensors")
+    except Exception as e:
+        raise XWAMError(f"{path / 'text.safetensors'}: unreadable ({type(e).__name__}: {e})") from None
+    tasks = list(meta["tasks"])
+    if meta["kind"] == "precomputed":
+        table = tensors["table"]
+        return PrecomputedText(table[:-1], table[-1], tasks)
+    text = TaskEmbeddingText(len(tasks), text_dim, int(meta["seq_len"]))
+    text.load_state_dict(tensors)
+    return text
+
+
+def load_training_state(path: Path) -> TrainingState:
+    """The training part of checkpoint `path`; one clear line if it is missing or damaged."""
+    root = path / TRAINING
+    trainer = _read_json(root / "trainer.json")
+    try:
+        opt_meta = _read_json(root / "optimizer.json")
+        optimizer = _unflatten_optimizer(load_file(root / "optimizer.safetensors"), opt_meta)
+        trainable = load_file(root / "trainable.safetensors")
+        ema = load_file(root / "ema.safetensors") if (root / "ema.safetensors").is_file() else None
+        scheduler = trainer["scheduler"]
+    except XWAMError:
+        raise
+    except Exception as e:
+        raise XWAMError(f"{root}: training state unreadable ({type(e).__name__}: {e})") from None
+    extra = {k: v for k, v in trainer.items() if k not in ("history", "scheduler", "rng")}
+    return TrainingState(trainable, optimizer, scheduler, list(trainer.get("history", [])), ema, extra)
+
+
+def restore_rng(path: Path) -> None:
+    """Set torch, numpy and python RNGs to what they were when checkpoint `path` was written."""
+    root = path / TRAINING
+    _set_rng_state(load_file(root / "rng.safetensors"), _read_json(root / "trainer.json")["rng"])
+
+
+# ------------------------------------------------------------------------------------ helpers
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise XWAMError(f"{path.parent}: checkpoint lacks {path.name}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise XWAMError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise XWAMError(f"{path}: expected a JSON object")
+    return data
+
+
+def _parse(path: Path, parse: Any) -> Any:
+    try:
+        return parse(_read_json(path))
+    except XWAMError:
+        raise
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        raise XWAMError(f"{path}: malformed ({type(e).__name__}: {e})") from None
+
+
+def _dataclass_json(obj: Any) -> dict[str, Any]:
+    import dataclasses
+
+    return dataclasses.asdict(obj)
+
+
 def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     tensors: dict[str, torch.Tensor] = {}
     meta: dict[str, Any] = {"param_groups": state["param_groups"], "state": {}}
@@ -91,8 +368,7 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-# ------------------------------------------------------------------------------ RNG state
-def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     tensors = {"torch_cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
@@ -106,7 +382,7 @@ def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     return tensors, meta
 
 
-def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     torch.set_rng_state(tensors["torch_cpu"])
     if torch.cuda.is_available():
         cuda = [tensors[k] for k in sorted(tensors) if k.startswith("torch_cuda_")]
@@ -116,77 +392,3 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Non
     np.random.set_state((n[0], np.asarray(n[1], dtype=np.uint32), *n[2:]))
     p = meta["python"]
     random.setstate((p[0], tuple(p[1]), p[2]))
-
-
-# ------------------------------------------------------------------------------ save / load
-def _fsync_tree(path: Path) -> None:
-    for f in path.rglob("*"):
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-
-
-def save_checkpoint(
-    run_dir: str | Path,
-    step: int,
-    model: torch.nn.Module,
-    text: torch.nn.Module,
-    text_meta: dict[str, Any],
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    trainer_state: dict[str, Any],
-    recipe_toml: str,
-    ema: torch.nn.Module | None = None,
-    keep_last: int = 3,
-    extra_json: dict[str, Any] | None = None,
-) -> Path:
-    """Write checkpoint `step-NNNNNNNN` atomically and prune old ones. Call on the main process."""
-    root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:08d}"
-    tmp = root / f".step-{step:08d}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        model.save_pretrained(tmp / "model", safe_serialization=True)  # type: ignore[operator]
-        save_file({k: v.contiguous() for k, v in text.state_dict().items()}, tmp / "text.safetensors")
-        (tmp / "text.json").write_text(json.dumps(text_meta, indent=2))
-        if ema is not None:
-            save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, tmp / "ema.safetensors")
-        opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
-        save_file(opt_tensors, tmp / "optimizer.safetensors")
-        (tmp / "optimizer.json").write_text(json.dumps(opt_meta))
-        rng_tensors, rng_meta = rng_state()
-        save_file(rng_tensors, tmp / "rng.safetensors")
-        state = {**trainer_state, "step": step, "scheduler": scheduler.state_dict(), "rng": rng_meta}
-        (tmp / "trainer.json").write_text(json.dumps(state, indent=2))
-        (tmp / "recipe.toml").write_text(recipe_toml)
-        for name, content in (extra_json or {}).items():
-            (tmp / name).write_text(json.dumps(content, indent=2))
-        _fsync_tree(tmp)
-        if final.exists():  # re-saving the same step (e.g. the end of a resumed run)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    for old in checkpoint_dirs(run_dir)[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def load_trainer_state(path: str | Path) -> dict[str, Any]:
-    try:
-        return json.loads((Path(path) / "trainer.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError) as e:
-        raise XWAMError(f"{path}: checkpoint unreadable ({e})") from None
-
-
-def load_optimizer_state(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    return _unflatten_optimizer(
-        load_file(path / "optimizer.safetensors"), json.loads((path / "optimizer.json").read_text())
-    )
-
-
-def restore_rng(path: str | Path, trainer_state: dict[str, Any]) -> None:
-    set_rng_state(load_file(Path(path) / "rng.safetensors"), trainer_state["rng"])

@@ -5,9 +5,7 @@ Used by training (pretrain / finetune) and by inference, so both agree on every 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -127,10 +125,6 @@ def build_codec(cfg: ModelConfig) -> Codec:
     return codec.eval()
 
 
-def text_meta(cfg: ModelConfig, layout: Layout) -> dict[str, Any]:
-    return {"kind": cfg.text, "tasks": layout.tasks, "seq_len": cfg.text_seq_len, "cache": cfg.text_cache}
-
-
 def depth_bounds(cfg: ModelConfig, views: list[str]) -> tuple[float | list[float], float | list[float]]:
     """The model's depth_near/depth_far: the recipe's numbers, or one per view when model.depth_ranges names
     any of the views (views it does not name take depth_near/depth_far; names of views the data does not
@@ -146,17 +140,3 @@ def depth_bounds(cfg: ModelConfig, views: list[str]) -> tuple[float | list[float
     pairs = [cfg.depth_ranges.get(v, [cfg.depth_near, cfg.depth_far]) for v in views]
     DepthRange(tuple(p[0] for p in pairs), tuple(p[1] for p in pairs))  # validates every range
     return [float(p[0]) for p in pairs], [float(p[1]) for p in pairs]
-
-
-def load_text_from_checkpoint(ckpt: Path, text_dim: int) -> tuple[TextConditioner, list[str]]:
-    """The text conditioner saved with a checkpoint, and the task list it was trained on."""
-    from safetensors.torch import load_file
-
-    meta = json.loads((ckpt / "text.json").read_text())
-    tasks = list(meta["tasks"])
-    if meta["kind"] == "task":
-        text: TextConditioner = TaskEmbeddingText(len(tasks), text_dim, int(meta["seq_len"]))
-        text.load_state_dict(load_file(ckpt / "text.safetensors"))
-    else:  # frozen UMT5 embeddings are not trained: they come from their cache file
-        text = PrecomputedText.load(meta["cache"])
-    return text, tasks

@@ -7,14 +7,14 @@ task embeddings for new tasks) are re-initialised, and the report lists them.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from xwam_core.checkpoint import load_policy_parts
 from xwam_core.errors import XWAMError
-from xwam_core.factory import Layout, build_text, load_text_from_checkpoint, model_kwargs
+from xwam_core.factory import Layout, build_text, model_kwargs
 from xwam_core.models.text import TaskEmbeddingText, TextConditioner
 from xwam_core.models.transformer import XWAMTransformer
 from xwam_core.recipe import ModelConfig
@@ -23,40 +23,13 @@ from xwam_core.recipe import ModelConfig
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
-def check_checkpoint(path: Path) -> Path:
-    """The checkpoint folder `path` names (a run folder means its newest checkpoint); one clear line
-    if it is not a checkpoint this version can load."""
-    from xwam_core.checkpoint import resolve_checkpoint
-
-    if path.exists():
-        path = resolve_checkpoint(path)
-    if not path.exists():
-        raise XWAMError(f"{path}: checkpoint not found")
-    config = path / "model" / "config.json"
-    if not config.is_file():
-        raise XWAMError(f"{path}: not an xwam checkpoint (expected model/config.json inside)")
-    try:
-        data = json.loads(config.read_text())
-    except json.JSONDecodeError as e:
-        raise XWAMError(f"{config}: not valid JSON ({e.msg})") from None
-    if data.get("_class_name") != XWAMTransformer.__name__:
-        raise XWAMError(
-            f"{config}: holds a {data.get('_class_name')!r}, expected an XWAMTransformer checkpoint"
-        )
-    if not (path / "text.json").is_file():
-        raise XWAMError(f"{path}: checkpoint lacks text.json")
-    return path
-
-
 def init_from_checkpoint(
     path: Path, cfg: ModelConfig, layout: Layout
 ) -> tuple[XWAMTransformer, TextConditioner, str]:
-    """A model for `layout` initialised from the checkpoint at `path`; returns (model, text, report)."""
-    path = check_checkpoint(path)
-    try:
-        source = XWAMTransformer.from_pretrained(path / "model")
-    except Exception as e:  # diffusers raises many kinds for a broken folder
-        raise XWAMError(f"{path / 'model'}: cannot load the model ({type(e).__name__}: {e})") from None
+    """A model for `layout` initialised from the checkpoint at `path` (a run folder: its newest);
+    returns (model, text, report)."""
+    parts = load_policy_parts(path)
+    source = parts.model
     src_cfg = dict(source.config)
     kwargs = model_kwargs(cfg, layout)
     trunk_keys = (
@@ -88,7 +61,7 @@ def init_from_checkpoint(
     model.load_state_dict(loaded, strict=False)
 
     text_dim = int(model.config.text_dim)
-    old_text, old_tasks = load_text_from_checkpoint(path, text_dim)
+    old_text, old_tasks = parts.text, parts.data.tasks
     text = build_text(cfg, layout, text_dim)
     new_tasks = []
     if isinstance(text, TaskEmbeddingText) and isinstance(old_text, TaskEmbeddingText):
@@ -119,6 +92,33 @@ def add_lora(model: XWAMTransformer, rank: int) -> Any:
     config = LoraConfig(r=rank, lora_alpha=rank, target_modules=LORA_TARGETS, lora_dropout=0.0)
     model.wan = inject_adapter_in_model(config, model.wan)
     return model
+
+
+def plain_model(model: XWAMTransformer) -> XWAMTransformer:
+    """The model without LoRA wrappers: each adapted weight W becomes W + scale * B A (peft's own delta).
+
+    Checkpoints hold this plain model, so inference, fine-tuning and diffusers load them without peft;
+    a model without adapters is returned as it is (no copy).
+    """
+    from peft.tuners.lora import LoraLayer
+
+    adapted = {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
+    if not adapted:
+        return model
+    state: dict[str, torch.Tensor] = {}
+    for key, value in model.state_dict().items():
+        if ".lora_" in key:
+            continue
+        state[key.replace(".base_layer.", ".")] = value
+    with torch.no_grad():
+        for name, module in adapted.items():
+            for adapter in module.active_adapters:
+                delta = module.get_delta_weight(adapter)  # type: ignore[attr-defined]  # on every LoRA layer type
+                state[f"{name}.weight"] = state[f"{name}.weight"] + delta
+    with torch.device("meta"):
+        plain = XWAMTransformer.from_config(model.config)
+    plain.load_state_dict(state, assign=True)
+    return plain
 
 
 def _tuple(x: Any) -> tuple:

@@ -8,35 +8,34 @@ Windows: `windows_per_episode` windows per chosen episode, evenly spaced over it
 Episodes: by default the checkpoint's held-out ones (`data.val_episodes`, spread over tasks) when the store is
 its training store, else every episode.
 
-Inputs are normalized with the CHECKPOINT's statistics (not the store's), so a store other than the
-training one is fed to the model the way it was trained.
-
-Cameras of the prediction (`pred_extrinsics`): a fixed view keeps its recorded pose. A moving (wrist)
-view's future poses follow the PREDICTED end-effector pose times the hand-eye transform measured at the
-observed frame (METHOD.md section 6) when the state holds the pose (ee_x..ee_qz); otherwise the
-recorded poses are used and the manifest says so (they reveal where the camera went).
+Each window's observed frame, state and task go through the Policy (xwam_core.policy), which
+normalizes with the CHECKPOINT's statistics, so a store other than the training one is fed to the model
+the way it was trained. Cameras of the prediction: xwam_core.cameras. Preview videos: xwam_core.previews.
 """
 
 from __future__ import annotations
 
-import math
+import dataclasses
 import platform
 import statistics
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import tomllib
 import torch
 
 from xwam_core.atomic import atomic_folder, write_json_atomic
+from xwam_core.cameras import moving_views, pose_indices, predicted_cameras
+from xwam_core.checkpoint import DataSpec, resolve
 from xwam_core.data.reader import EpisodeStore
 from xwam_core.data.windows import WindowDataset, collate_windows, split_episodes
 from xwam_core.errors import XWAMError
 from xwam_core.mean_frame import mean_future_frames
+from xwam_core.policy import Policy, Prediction
+from xwam_core.previews import VIDEO_FPS, depth_display_range, side_by_side_frames
+from xwam_core.progress import SILENT, Progress
 from xwam_core.runs import (
     MANIFEST,
     PREDICTIONS,
@@ -46,11 +45,7 @@ from xwam_core.runs import (
 )
 
 MODES = ("policy", "world")
-EE_POSE_NAMES = ("ee_x", "ee_y", "ee_z", "ee_qw", "ee_qx", "ee_qy", "ee_qz")
 MAX_DEPTH_FRACTION = 0.9  # clouds keep depth <= 0.9 x the model's (farthest) far plane (beyond: background)
-VIDEO_FPS = 4.0
-VIDEO_MIN_HEIGHT = 192  # small frames are enlarged (nearest neighbour) to at least this many rows
-_FIXED_TOLERANCE = 1e-5  # a view is fixed if its recorded pose never moves more than this
 
 
 @dataclass
@@ -116,142 +111,10 @@ def evenly_spaced(count: int, k: int) -> list[int]:
     return sorted({round(x) for x in np.linspace(0, count - 1, k)})
 
 
-def quaternion_matrix(q: np.ndarray) -> np.ndarray:
-    """(..., 4) quaternions w, x, y, z (normalised here) -> (..., 3, 3) rotations."""
-    q = np.asarray(q, dtype=np.float64)
-    q = q / np.maximum(np.linalg.norm(q, axis=-1, keepdims=True), 1e-12)
-    w, x, y, z = np.moveaxis(q, -1, 0)
-    return np.stack(
-        [
-            np.stack([1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)], -1),
-            np.stack([2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)], -1),
-            np.stack([2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)], -1),
-        ],
-        -2,
-    )
-
-
-def hand_poses(states: np.ndarray, indices: list[int]) -> np.ndarray:
-    """(..., Ds) states -> (..., 4, 4) end-effector-to-world poses from the ee_x..ee_qz dimensions."""
-    s = np.asarray(states, dtype=np.float64)[..., indices]
-    pose = np.zeros((*s.shape[:-1], 4, 4))
-    pose[..., :3, :3] = quaternion_matrix(s[..., 3:7])
-    pose[..., :3, 3] = s[..., :3]
-    pose[..., 3, 3] = 1.0
-    return pose
-
-
-def predicted_cameras(
-    extrinsics: np.ndarray,
-    moving: list[bool],
-    pred_states: np.ndarray,
-    true_state0: np.ndarray,
-    pose_indices: list[int] | None,
-) -> np.ndarray:
-    """Camera-to-world poses (N, V, T, 4, 4) to unproject the prediction with (see the module docstring).
-
-    extrinsics (N, V, T, 4, 4) recorded; pred_states (N, T, Ds); true_state0 (N, Ds) the observed state.
-    """
-    out = np.repeat(extrinsics[:, :, :1].astype(np.float64), extrinsics.shape[2], axis=2)  # frame 0's pose
-    for v, is_moving in enumerate(moving):
-        if not is_moving:
-            continue
-        if pose_indices is None:
-            out[:, v] = extrinsics[:, v]
-            continue
-        hand_eye = np.linalg.inv(hand_poses(true_state0, pose_indices)) @ extrinsics[:, v, 0]  # (N, 4, 4)
-        out[:, v] = hand_poses(pred_states, pose_indices) @ hand_eye[:, None]
-        out[:, v, 0] = extrinsics[:, v, 0]
-    return out.astype(np.float32)
-
-
-def turbo(x: np.ndarray) -> np.ndarray:
-    """Google's Turbo colour map (polynomial fit): values in [0, 1] -> uint8 RGB (..., 3)."""
-    x = np.clip(np.asarray(x, dtype=np.float64), 0.0, 1.0)
-    r = 0.13572138 + x * (
-        4.61539260 + x * (-42.66032258 + x * (132.13108234 + x * (-152.94239396 + x * 59.28637943)))
-    )
-    g = 0.09140261 + x * (
-        2.19418839 + x * (4.84296658 + x * (-14.18503333 + x * (4.27729857 + x * 2.82956604)))
-    )
-    b = 0.10667330 + x * (
-        12.64194608 + x * (-60.58204836 + x * (110.36276771 + x * (-89.90310912 + x * 27.34824973)))
-    )
-    return (np.clip(np.stack([r, g, b], -1), 0, 1) * 255).round().astype(np.uint8)
-
-
-def colour_depth(depth: np.ndarray, near: float, far: float) -> np.ndarray:
-    """Depth (..., H, W) metres -> RGB (..., H, W, 3): near red, far blue, invalid (<= 0) black."""
-    depth = np.asarray(depth, dtype=np.float64)
-    valid = np.isfinite(depth) & (depth > 0)
-    x = 1.0 - (np.where(valid, depth, far) - near) / max(far - near, 1e-9)
-    rgb = turbo(x)
-    rgb[~valid] = 0
-    return rgb
-
-
-def depth_display_range(
-    true_depth: np.ndarray, pred_depth: np.ndarray, max_depth: float
-) -> tuple[float, float]:
-    """One colour scale per view for truth and prediction: the 1-99th percentile of the valid truth."""
-    valid = true_depth[(true_depth > 0) & (true_depth <= max_depth)]
-    source = valid if valid.size else pred_depth[(pred_depth > 0) & (pred_depth <= max_depth)]
-    if not source.size:
-        return 0.0, max_depth
-    lo, hi = (float(v) for v in np.percentile(source, [1, 99]))
-    return lo, hi if hi > lo else lo + 1e-3
-
-
-def side_by_side_frames(
-    true_rgb: np.ndarray,
-    pred_rgb: np.ndarray,
-    true_depth: np.ndarray,
-    pred_depth: np.ndarray,
-    depth_range: tuple[float, float],
-) -> np.ndarray:
-    """(T, H, W, 3) x 2 and (T, H, W) x 2 -> (T, 2H', 2W', 3): truth | prediction, RGB over depth."""
-    gap = 2
-    top = np.concatenate([true_rgb, np.full_like(true_rgb[:, :, :gap], 255), pred_rgb], axis=2)
-    lo, hi = depth_range
-    td, pd = colour_depth(true_depth, lo, hi), colour_depth(pred_depth, lo, hi)
-    bottom = np.concatenate([td, np.full_like(td[:, :, :gap], 255), pd], axis=2)
-    frames = np.concatenate([top, np.full_like(top[:, :gap], 255), bottom], axis=1)
-    scale = max(1, math.ceil(VIDEO_MIN_HEIGHT / frames.shape[1]))
-    frames = frames.repeat(scale, axis=1).repeat(scale, axis=2)
-    pad_h, pad_w = frames.shape[1] % 2, frames.shape[2] % 2  # yuv420p needs even sizes
-    if pad_h or pad_w:
-        frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), constant_values=255)
-    return frames
-
-
 # ------------------------------------------------------------------------------------ the run
-def _load_predictor(opts: InferOptions) -> tuple[Any, Any, Path]:
-    """(predictor, its recipe with the CLI's inference steps, the checkpoint folder it came from)."""
-    from xwam_core.finetune import check_checkpoint
-    from xwam_core.infer import Predictor
-    from xwam_core.recipe import load_recipe
-
-    ckpt = check_checkpoint(Path(opts.checkpoint))  # a run folder means its newest checkpoint
-    for name in ("layout.json", "stats.json", "recipe.toml"):
-        if not (ckpt / name).is_file():
-            raise XWAMError(f"{ckpt}: checkpoint lacks {name} (was it written by `xwam pretrain`?)")
-    recipe = load_recipe(ckpt / "recipe.toml")
-    if opts.num_steps_video is not None:
-        recipe.inference = replace(recipe.inference, num_steps_video=opts.num_steps_video)
-    if opts.num_steps_action is not None:
-        recipe.inference = replace(recipe.inference, num_steps_action=opts.num_steps_action)
-    recipe.inference.validate()
-    try:
-        predictor = Predictor.from_checkpoint(ckpt, schedule=recipe.inference)
-    except XWAMError:
-        raise
-    except Exception as e:  # diffusers / safetensors raise many kinds for a broken folder
-        raise XWAMError(f"{ckpt}: cannot load the checkpoint ({type(e).__name__}: {e})") from None
-    return predictor, recipe, ckpt
-
-
-def check_compatible(layout: Any, store: EpisodeStore, where: str) -> None:
+def check_compatible(policy: Policy, store: EpisodeStore, where: str) -> None:
     """One line if the store cannot feed this checkpoint (views, image size, dimensions)."""
+    layout = policy.spec
     missing = [v for v in layout.views if v not in store.views]
     if missing:
         raise XWAMError(
@@ -263,8 +126,8 @@ def check_compatible(layout: Any, store: EpisodeStore, where: str) -> None:
             f"the store {store.path} has {store.image_size[0]}x{store.image_size[1]}"
         )
     for key, names, dim in (
-        ("action", store.action_names, layout.action_dim),
-        ("state", store.state_names, layout.state_dim),
+        ("action", store.action_names, policy.normalizer.action_dim),
+        ("state", store.state_names, policy.normalizer.state_dim),
     ):
         if len(names) != dim:
             raise XWAMError(
@@ -273,12 +136,10 @@ def check_compatible(layout: Any, store: EpisodeStore, where: str) -> None:
 
 
 def choose_episodes(
-    store: EpisodeStore,
-    layout: Any,
-    ckpt_stats: dict[str, Any],
-    val_episodes: int,
-    requested: list[int] | None,
+    store: EpisodeStore, spec: DataSpec, requested: list[int] | None
 ) -> tuple[list[int], str]:
+    """The requested episodes; else the checkpoint's held-out ones when `store` is its training store;
+    else all. Returns (episodes, why)."""
     n = len(store.episodes)
     if requested is not None:
         bad = [e for e in requested if not 0 <= e < n]
@@ -286,10 +147,11 @@ def choose_episodes(
             raise XWAMError(f"--episodes: {store.path} has no episode(s) {bad}; it has 0..{n - 1}")
         return requested, "chosen with --episodes"
     try:
-        same_path = Path(layout.store).resolve() == store.path.resolve()
+        same_path = bool(spec.store) and Path(spec.store).resolve() == store.path.resolve()
     except OSError:
         same_path = False
-    if same_path or ckpt_stats == store.stats:
+    val_episodes = spec.val_episodes
+    if same_path:
         if val_episodes <= 0:
             raise XWAMError(
                 f"{store.path} is the checkpoint's training store and its recipe holds out no episodes "
@@ -300,249 +162,270 @@ def choose_episodes(
     return list(range(n)), "all (not the checkpoint's training store)"
 
 
-def moving_views(store: EpisodeStore, views: list[str]) -> list[bool]:
-    """Whether each view's recorded camera ever moves in the store (a wrist camera)."""
-    if not store.has_cameras:
-        return [False] * len(views)
-    cache = store.frame_cache(build=True)
-    out = []
-    for v in views:
-        poses = cache.extrinsics[v]
-        out.append(bool(len(poses) and np.abs(poses - poses[:1]).max() > _FIXED_TOLERANCE))
-    return out
+class InferenceRun:
+    """One `xwam infer`: check everything, choose the windows, predict, add baselines, write the folder.
 
+    run = InferenceRun(InferOptions(checkpoint=..., store=..., out=...))   # checks, loads, chooses
+    summary = run.execute(progress)
+    """
 
-def infer_run(
-    opts: InferOptions,
-    on_start: Callable[[int], None] | None = None,
-    on_window: Callable[[int, float], None] | None = None,
-    on_mean_start: Callable[[int], None] | None = None,
-    on_mean_window: Callable[[], None] | None = None,
-) -> InferSummary:
-    """Predict every chosen window and write the run folder atomically. Checks everything before any work.
-
-    World mode also averages the store's other episodes into the mean-frame baseline (mean_frame.py):
-    `on_mean_start(total)` and `on_mean_window()` report that pass."""
-    if opts.mode not in MODES:
-        raise XWAMError(f"--mode {opts.mode!r}: expected 'policy' or 'world'")
-    if opts.windows_per_episode < 1:
-        raise XWAMError(f"--windows-per-episode {opts.windows_per_episode}: expected an integer >= 1")
-    if opts.batch_size < 1:
-        raise XWAMError(f"--batch-size {opts.batch_size}: expected an integer >= 1")
-    out = Path(opts.out)
-    if out.exists() and not opts.overwrite:
-        raise XWAMError(f"{out}: already exists; pass --overwrite to replace it")
-    store = EpisodeStore(opts.store)
-    predictor, recipe, ckpt = _load_predictor(opts)
-    layout = predictor.layout
-    check_compatible(layout, store, str(ckpt))
-    if opts.mode == "world" and predictor.model.config.get("depth_condition", False) and not store.has_depth:
-        raise XWAMError(
-            f"{store.path}: has no depth, and {ckpt} reads the observed depth in world mode "
-            "(depth_condition, RGB-D input); use --mode policy or a store with depth"
+    def __init__(self, opts: InferOptions) -> None:
+        if opts.mode not in MODES:
+            raise XWAMError(f"--mode {opts.mode!r}: expected 'policy' or 'world'")
+        if opts.windows_per_episode < 1:
+            raise XWAMError(f"--windows-per-episode {opts.windows_per_episode}: expected an integer >= 1")
+        if opts.batch_size < 1:
+            raise XWAMError(f"--batch-size {opts.batch_size}: expected an integer >= 1")
+        self.opts = opts
+        self.out = Path(opts.out)
+        if self.out.exists() and not opts.overwrite:
+            raise XWAMError(f"{self.out}: already exists; pass --overwrite to replace it")
+        self.world = opts.mode == "world"
+        self.store = EpisodeStore(opts.store)
+        self.checkpoint = resolve(opts.checkpoint)
+        self.policy = Policy.from_checkpoint(
+            self.checkpoint, num_steps_video=opts.num_steps_video, num_steps_action=opts.num_steps_action
         )
-    episodes, reason = choose_episodes(
-        store, layout, predictor.stats, recipe.data.val_episodes, opts.episodes
-    )
-
-    dataset = WindowDataset(store, layout.window, views=layout.views, episodes=episodes, normalize=False)
-    chosen: list[int] = []
-    for e in episodes:
-        rows = np.nonzero(dataset.windows[:, 0] == e)[0]
-        chosen.extend(int(rows[i]) for i in evenly_spaced(len(rows), opts.windows_per_episode))
-    if not chosen:
-        raise XWAMError(
-            f"{store.path}: episodes {episodes} are all shorter than a window of {layout.window.span} frames"
-        )
-    task_map: dict[int, int] = {}
-    for row in chosen:
-        e = int(dataset.windows[row, 0])
-        task = store.episodes[e].task
-        if task not in layout.tasks:
+        spec = self.policy.spec
+        check_compatible(self.policy, self.store, str(self.checkpoint))
+        if self.world and self.policy.depth_condition and not self.store.has_depth:
             raise XWAMError(
-                f"incompatible checkpoint {ckpt}: episode {e} has task {task!r}, "
-                f"unseen in training (the checkpoint knows {layout.tasks})"
+                f"{self.store.path}: has no depth, and {self.checkpoint} reads the observed depth in world "
+                "mode (depth_condition, RGB-D input); use --mode policy or a store with depth"
             )
-        task_map[store.tasks.index(task)] = layout.tasks.index(task)
+        self.episodes, self.episodes_reason = choose_episodes(self.store, spec, opts.episodes)
+        self.dataset = WindowDataset(
+            self.store, spec.window, views=spec.views, episodes=self.episodes, normalize=False
+        )
+        self.windows = self._choose_windows()
+        unseen = sorted(
+            {self.store.episodes[int(self.dataset.windows[w, 0])].task for w in self.windows}
+            - set(spec.tasks)
+        )
+        if unseen:
+            raise XWAMError(
+                f"incompatible checkpoint {self.checkpoint}: task {unseen[0]!r} of {self.store.path} was "
+                f"unseen in training (the checkpoint knows {spec.tasks})"
+            )
+        self.moving = moving_views(self.store, spec.views) if self.world else [False] * len(spec.views)
+        self.pose_indices = pose_indices(self.store.state_names)
+        self.max_depth = MAX_DEPTH_FRACTION * self.policy.depth_range.max_far
 
-    world = opts.mode == "world"
-    moving = moving_views(store, layout.views) if world else [False] * len(layout.views)
-    names = store.state_names
-    pose_indices = [names.index(n) for n in EE_POSE_NAMES] if all(n in names for n in EE_POSE_NAMES) else None
-    max_depth = MAX_DEPTH_FRACTION * predictor.depth_range.max_far
-    if on_start is not None:
-        on_start(len(chosen))
+    def _choose_windows(self) -> list[int]:
+        """`windows_per_episode` rows of the dataset per episode, evenly spaced, first and last included."""
+        chosen: list[int] = []
+        for e in self.episodes:
+            rows = np.nonzero(self.dataset.windows[:, 0] == e)[0]
+            chosen.extend(int(rows[i]) for i in evenly_spaced(len(rows), self.opts.windows_per_episode))
+        if not chosen:
+            raise XWAMError(
+                f"{self.store.path}: episodes {self.episodes} are all shorter than a window of "
+                f"{self.policy.spec.window.span} frames"
+            )
+        return chosen
 
-    generator = torch.Generator().manual_seed(opts.seed)
-    collected: dict[str, list[np.ndarray]] = {}
-    latencies: list[float] = []
-    calls = 0
-    warmed = False
-    for start in range(0, len(chosen), opts.batch_size):
-        items = [dataset[i] for i in chosen[start : start + opts.batch_size]]
-        batch = collate_windows(items)
-        true_states = batch["states"].numpy()  # (B, T, Ds) dataset units
-        model_batch = {
-            "rgb": batch["rgb"],
-            "states": torch.from_numpy(predictor.state_norm.normalize(true_states)),
-            "task_index": torch.tensor([task_map[int(t)] for t in batch["task_index"]]),
-            # the observed frame's depth only (read by depth_condition models; none: they refuse world mode)
-            "depth": batch["depth"][:, :, :1] if store.has_depth else None,
+    def observation(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The Policy's observation of a batch of windows: their observed frame, state and task."""
+        views = self.policy.spec.views
+        obs: dict[str, Any] = {
+            "images": {v: batch["rgb"][:, j, 0].numpy() for j, v in enumerate(views)},
+            "state": batch["states"][:, 0].numpy(),
+            "task": [self.store.tasks[int(t)] for t in batch["task_index"]],
         }
-        if not warmed:  # the first call pays one-off costs (allocations, kernels): keep it out of the latency
-            predictor.predict(model_batch, mode="policy", generator=torch.Generator().manual_seed(0))
-            warmed = True
-        pred = predictor.predict(model_batch, mode=opts.mode, generator=generator)
-        calls = pred.num_denoiser_calls
-        b = len(items)
-        per_window = pred.latency_s / b
-        latencies.extend([per_window] * b)
+        if self.store.has_depth:  # read only by depth_condition checkpoints in world mode
+            obs["depth"] = {v: batch["depth"][:, j, 0].numpy() for j, v in enumerate(views)}
+        return obs
+
+    def predict(self, progress: Progress = SILENT) -> tuple[dict[str, np.ndarray], list[float], int]:
+        """Every chosen window beside its truth: (arrays of predictions.npz, latency per window, calls)."""
+        opts, policy = self.opts, self.policy
+        bar = progress.task(f"windows ({opts.mode})", total=len(self.windows))
+        generator = torch.Generator().manual_seed(opts.seed)
+        collected: dict[str, list[np.ndarray]] = {}
+        latencies: list[float] = []
+        calls = 0
+        for start in range(0, len(self.windows), opts.batch_size):
+            batch = collate_windows([self.dataset[i] for i in self.windows[start : start + opts.batch_size]])
+            obs = self.observation(batch)
+            if (
+                not latencies
+            ):  # the first call pays one-off costs (allocations, kernels): keep it out of the latency
+                policy.predict(obs, mode="policy", generator=torch.Generator().manual_seed(0))
+            pred = policy.predict(obs, mode=opts.mode, generator=generator)
+            calls = pred.num_denoiser_calls
+            b = len(batch["task_index"])
+            per_window = pred.latency_s / b
+            latencies.extend([per_window] * b)
+            arrays = self._arrays(batch, pred, per_window)
+            for k, v in arrays.items():
+                collected.setdefault(k, []).append(v)
+            bar.advance(b, info=f"{1000 * per_window:.0f} ms/window")
+        result = {k: np.concatenate(v) for k, v in collected.items()}
+        # the mean-action baseline, kept in float64 exactly as the checkpoint's statistics have it
+        result["mean_action"] = policy.normalizer.mean_action()
+        return result, latencies, calls
+
+    def _arrays(self, batch: dict[str, Any], pred: Prediction, per_window: float) -> dict[str, np.ndarray]:
+        b = len(batch["task_index"])
+        true_states = batch["states"].numpy()
         arrays = {
             "episode_index": batch["episode_index"].numpy(),
             "frame_index": batch["frame_index"].numpy(),
-            "task": np.asarray([store.tasks[int(t)] for t in batch["task_index"]]),
-            "pred_actions": pred.actions.numpy().astype(np.float32),
+            "task": np.asarray([self.store.tasks[int(t)] for t in batch["task_index"]]),
+            "pred_actions": pred.actions.astype(np.float32),
             "true_actions": batch["actions"].numpy().astype(np.float32),
-            "pred_states": pred.states.numpy().astype(np.float32),
+            "pred_states": pred.states.astype(np.float32),
             "true_states": true_states.astype(np.float32),
             "latency_s": np.full(b, per_window),
         }
-        if world:
+        if self.world:
             assert pred.rgb is not None and pred.depth is not None
             extrinsics = batch["extrinsics"].numpy()
             arrays.update(
-                pred_rgb=pred.rgb.numpy(),
+                pred_rgb=pred.rgb,
                 true_rgb=batch["rgb"].numpy(),
-                pred_depth=pred.depth.numpy().astype(np.float32),
+                pred_depth=pred.depth.astype(np.float32),
                 true_depth=batch["depth"].numpy(),
                 intrinsics=batch["intrinsics"].numpy(),
                 extrinsics=extrinsics,
                 pred_extrinsics=predicted_cameras(
-                    extrinsics, moving, arrays["pred_states"], true_states[:, 0], pose_indices
+                    extrinsics, self.moving, arrays["pred_states"], true_states[:, 0], self.pose_indices
                 ),
             )
-        for k, v in arrays.items():
-            collected.setdefault(k, []).append(v)
-        if on_window is not None:
-            for _ in range(b):
-                on_window(1, per_window)
-    result = {k: np.concatenate(v) for k, v in collected.items()}
-    # the mean-action baseline, kept in float64 exactly as the checkpoint's stats.json has it
-    result["mean_action"] = np.asarray(predictor.stats["action"]["mean"], dtype=np.float64)
-    mean_info: dict[str, Any] = {}
-    if world:  # the mean-frame baseline: the average window of the episodes not evaluated here
+        return arrays
+
+    def mean_frame_baseline(
+        self, result: dict[str, np.ndarray], progress: Progress = SILENT
+    ) -> dict[str, Any]:
+        """World mode: add the average window of the episodes not evaluated here (mean_frame.py)."""
+        spec = self.policy.spec
         mean_frames = mean_future_frames(
-            store,
-            layout.window,
-            list(layout.views),
-            episodes,
-            on_start=on_mean_start,
-            on_window=on_mean_window,
+            self.store, spec.window, list(spec.views), self.episodes, progress=progress
         )
         if mean_frames is None:
-            mean_info = {"windows": 0, "reason": "the store has no other episode to average"}
-        else:
-            result["mean_rgb"] = mean_frames.rgb
-            if mean_frames.depth is not None:
-                result["mean_depth"] = mean_frames.depth
-            mean_info = {"windows": mean_frames.windows, "episodes": mean_frames.episodes}
+            return {"windows": 0, "reason": "the store has no other episode to average"}
+        result["mean_rgb"] = mean_frames.rgb
+        if mean_frames.depth is not None:
+            result["mean_depth"] = mean_frames.depth
+        return {"windows": mean_frames.windows, "episodes": mean_frames.episodes}
 
-    lat_ms = [1000 * x for x in latencies]
-    cameras = {}
-    for v, is_moving in zip(layout.views, moving, strict=True):
-        if not world:
-            continue
-        if not is_moving:
-            cameras[v] = "fixed: recorded pose"
-        elif pose_indices is not None:
-            cameras[v] = "moving: predicted end-effector pose x hand-eye transform at the observed frame"
-        else:
-            cameras[v] = (
-                "moving: recorded poses (the state has no end-effector pose; they reveal the camera path)"
-            )
-    from xwam_core.recipe import recipe_to_toml
-
-    manifest: dict[str, Any] = {
-        "xwam_run": RUN_FORMAT,
-        "command": opts.command,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "checkpoint": str(ckpt.resolve()),
-        "store": str(store.path.resolve()),
-        "store_fingerprint": store_fingerprint(store.path),
-        "store_has_depth": store.has_depth,
-        "store_has_cameras": store.has_cameras,
-        "mode": opts.mode,
-        "views": list(layout.views),
-        "tasks": list(layout.tasks),
-        "episodes": [int(e) for e in episodes],
-        "episodes_reason": reason,
-        "windows": len(chosen),
-        "windows_per_episode": opts.windows_per_episode,
-        "future_frames": layout.window.future_frames,
-        "frame_stride": layout.window.frame_stride,
-        "image_size": list(layout.image_size),
-        "action_names": store.action_names,
-        "state_names": store.state_names,
-        "fps": store.fps,
-        "seed": opts.seed,
-        "batch_size": opts.batch_size,
-        "depth_range": predictor.depth_range.to_json(),  # [near, far]: numbers, or lists of one per view
-        "max_depth": max_depth,
-        "cameras": cameras,
-        "latency_ms": {
-            "mean": statistics.fmean(lat_ms),
-            "median": statistics.median(lat_ms),
-            "min": min(lat_ms),
-            "max": max(lat_ms),
-            "note": "per window: denoising (+ decoding in world mode) wall time / batch size; "
-            "a warm-up call is excluded",
-        },
-        "num_denoiser_calls": calls,
-        **({"mean_frame": mean_info} if world else {}),
-        "device": f"{predictor.device} ({platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} threads)",
-        "recipe": tomllib.loads(recipe_to_toml(recipe)),
-        "files": [],
-    }
-    files = [MANIFEST, PREDICTIONS]
-    with atomic_folder(out, overwrite=opts.overwrite) as tmp:
-        np.savez(tmp / PREDICTIONS, **result)  # type: ignore[arg-type]
-        if world and opts.videos:
-            from xwam_core.data.video import encode_video
-
-            for v, view in enumerate(layout.views):
-                rng = depth_display_range(result["true_depth"][:, v], result["pred_depth"][:, v], max_depth)
-                frames = np.concatenate(
-                    [
-                        side_by_side_frames(
-                            result["true_rgb"][w, v],
-                            result["pred_rgb"][w, v],
-                            result["true_depth"][w, v],
-                            result["pred_depth"][w, v],
-                            rng,
-                        )
-                        for w in range(len(chosen))
-                    ]
+    def manifest(self, latencies: list[float], calls: int, mean_info: dict[str, Any]) -> dict[str, Any]:
+        """What the run is: command, checkpoint, store, settings, latency (manifest.json)."""
+        opts, spec, store = self.opts, self.policy.spec, self.store
+        lat_ms = [1000 * x for x in latencies]
+        cameras = {}
+        for v, is_moving in zip(spec.views, self.moving, strict=True):
+            if not self.world:
+                continue
+            if not is_moving:
+                cameras[v] = "fixed: recorded pose"
+            elif self.pose_indices is not None:
+                cameras[v] = "moving: predicted end-effector pose x hand-eye transform at the observed frame"
+            else:
+                cameras[v] = (
+                    "moving: recorded poses (the state has no end-effector pose; they reveal the camera path)"
                 )
-                name = f"videos/{safe_name(view)}.mp4"
-                encode_video(tmp / name, frames, VIDEO_FPS)
-                files.append(name)
-            manifest["videos"] = {
-                "layout": "top: truth | prediction (RGB); bottom: truth | prediction (depth, turbo: near red, "
-                "far blue, invalid black); windows one after another, observed frame first",
-                "fps": VIDEO_FPS,
-            }
-        manifest["files"] = files
-        write_json_atomic(tmp / MANIFEST, manifest)
-    return InferSummary(
-        run_dir=out,
-        mode=opts.mode,
-        windows=len(chosen),
-        episodes=[int(e) for e in episodes],
-        episodes_reason=reason,
-        latency_ms_mean=manifest["latency_ms"]["mean"],
-        latency_ms_median=manifest["latency_ms"]["median"],
-        num_denoiser_calls=calls,
-        files=files,
-        manifest=manifest,
-    )
+        return {
+            "xwam_run": RUN_FORMAT,
+            "command": opts.command,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "checkpoint": str(self.checkpoint.resolve()),
+            "store": str(store.path.resolve()),
+            "store_fingerprint": store_fingerprint(store.path),
+            "store_has_depth": store.has_depth,
+            "store_has_cameras": store.has_cameras,
+            "mode": opts.mode,
+            "views": list(spec.views),
+            "tasks": list(spec.tasks),
+            "episodes": [int(e) for e in self.episodes],
+            "episodes_reason": self.episodes_reason,
+            "windows": len(self.windows),
+            "windows_per_episode": opts.windows_per_episode,
+            "future_frames": spec.window.future_frames,
+            "frame_stride": spec.window.frame_stride,
+            "image_size": list(spec.image_size),
+            "action_names": store.action_names,
+            "state_names": store.state_names,
+            "fps": store.fps,
+            "seed": opts.seed,
+            "batch_size": opts.batch_size,
+            "depth_range": self.policy.depth_range.to_json(),  # [near, far]: numbers, or lists per view
+            "max_depth": self.max_depth,
+            "cameras": cameras,
+            "latency_ms": {
+                "mean": statistics.fmean(lat_ms),
+                "median": statistics.median(lat_ms),
+                "min": min(lat_ms),
+                "max": max(lat_ms),
+                "note": "per window: denoising (+ decoding in world mode) wall time / batch size; "
+                "a warm-up call is excluded",
+            },
+            "num_denoiser_calls": calls,
+            **({"mean_frame": mean_info} if self.world else {}),
+            "device": f"{self.policy.device} ({platform.processor() or platform.machine()}, "
+            f"{torch.get_num_threads()} threads)",
+            "inference": dataclasses.asdict(self.policy.schedule_config),
+            "files": [],
+        }
+
+    def write(self, result: dict[str, np.ndarray], manifest: dict[str, Any]) -> list[str]:
+        """The run folder, atomically: predictions.npz, manifest.json and (world mode) a video per view."""
+        files = [MANIFEST, PREDICTIONS]
+        with atomic_folder(self.out, overwrite=self.opts.overwrite) as tmp:
+            np.savez(tmp / PREDICTIONS, **result)  # type: ignore[arg-type]
+            if self.world and self.opts.videos:
+                files += self._write_videos(tmp, result)
+                manifest["videos"] = {
+                    "layout": "top: truth | prediction (RGB); bottom: truth | prediction (depth, turbo: near "
+                    "red, far blue, invalid black); windows one after another, observed frame first",
+                    "fps": VIDEO_FPS,
+                }
+            manifest["files"] = files
+            write_json_atomic(tmp / MANIFEST, manifest)
+        return files
+
+    def _write_videos(self, folder: Path, result: dict[str, np.ndarray]) -> list[str]:
+        from xwam_core.data.video import encode_video
+
+        names = []
+        for v, view in enumerate(self.policy.spec.views):
+            rng = depth_display_range(result["true_depth"][:, v], result["pred_depth"][:, v], self.max_depth)
+            frames = np.concatenate(
+                [
+                    side_by_side_frames(
+                        result["true_rgb"][w, v],
+                        result["pred_rgb"][w, v],
+                        result["true_depth"][w, v],
+                        result["pred_depth"][w, v],
+                        rng,
+                    )
+                    for w in range(len(self.windows))
+                ]
+            )
+            name = f"videos/{safe_name(view)}.mp4"
+            encode_video(folder / name, frames, VIDEO_FPS)
+            names.append(name)
+        return names
+
+    def execute(self, progress: Progress = SILENT) -> InferSummary:
+        result, latencies, calls = self.predict(progress)
+        mean_info = self.mean_frame_baseline(result, progress) if self.world else {}
+        manifest = self.manifest(latencies, calls, mean_info)
+        files = self.write(result, manifest)
+        return InferSummary(
+            run_dir=self.out,
+            mode=self.opts.mode,
+            windows=len(self.windows),
+            episodes=[int(e) for e in self.episodes],
+            episodes_reason=self.episodes_reason,
+            latency_ms_mean=manifest["latency_ms"]["mean"],
+            latency_ms_median=manifest["latency_ms"]["median"],
+            num_denoiser_calls=calls,
+            files=files,
+            manifest=manifest,
+        )
+
+
+def infer_run(opts: InferOptions, progress: Progress = SILENT) -> InferSummary:
+    """Predict every chosen window and write the run folder atomically; checks everything before any work."""
+    return InferenceRun(opts).execute(progress)

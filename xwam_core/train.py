@@ -4,12 +4,12 @@ The same code runs on a CPU, one GPU, many GPUs (DDP or FSDP) and many nodes: la
 `accelerate launch` (or torchrun) and accelerate picks the processes up. Per step:
     global batch -> this process's slice -> TrainingObjective (per-sample losses) -> masked means
     normalised over the global batch -> backward -> clip -> AdamW -> warm-up + cosine LR -> EMA.
-Checkpoints (xwam_core.checkpoint) are atomic and pickle-free; `resume` continues bit-exactly.
+`Trainer` has build / train_step / validate / save / resume / fit (torchtitan's shape). Checkpoints
+(xwam_core.checkpoint) are atomic and pickle-free; `resume` continues bit-exactly.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable
@@ -22,11 +22,16 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from xwam_core import checkpoint as ckpt_io
+from xwam_core.atomic import atomic_file, write_json_atomic, write_text_atomic
 from xwam_core.data.reader import EpisodeStore
 from xwam_core.data.windows import WindowDataset, WindowLayout, collate_windows, split_episodes
 from xwam_core.errors import XWAMError
-from xwam_core.factory import build_codec, build_model, build_text, layout_for, text_meta
+from xwam_core.factory import build_codec, build_model, build_text, layout_for
+from xwam_core.finetune import add_lora, init_from_checkpoint, plain_model
+from xwam_core.models.codecs import describe_codec
+from xwam_core.normalizer import Normalizer
 from xwam_core.objective import LOSS_TERMS, TrainingObjective
+from xwam_core.progress import SILENT, Progress
 from xwam_core.recipe import TrainConfig
 
 
@@ -76,7 +81,7 @@ def lr_lambda(warmup: int, total: int, min_ratio: float) -> Callable[[int], floa
     return f
 
 
-# ------------------------------------------------------------------------------------ the loop
+# ------------------------------------------------------------------------------------ the trainer
 @dataclass
 class TrainResult:
     run_dir: Path
@@ -110,202 +115,302 @@ def _reduce_losses(
     return total, logs  # type: ignore[return-value]
 
 
-def train(
-    recipe: Any,
-    init_checkpoint: str | None = None,
-    resume: str | None = None,
-    on_start: Callable[[dict[str, Any]], None] | None = None,
-    on_step: Callable[[int, dict[str, float]], None] | None = None,
-) -> TrainResult:
-    """Train as the recipe says. `init_checkpoint`: fine-tune from it; `resume`: 'latest' or a path."""
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
+class Trainer:
+    """pretrain and finetune: `build` everything, then `fit` calls train_step / validate / save.
 
-    from xwam_core.recipe import recipe_to_toml
+    trainer = Trainer(recipe, init="runs/base", resume="latest")   # builds, restores on resume
+    print(trainer.describe())
+    result = trainer.fit(progress)
+    """
 
-    cfg: TrainConfig = recipe.train
-    run_dir = Path(cfg.out)
-    mixed = cfg.mixed_precision
-    if mixed == "auto":
-        mixed = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    if mixed not in ("no", "bf16", "fp16"):
-        raise XWAMError(f"train.mixed_precision={cfg.mixed_precision!r}: expected auto, no, bf16 or fp16")
-    # ---- data (first: a missing store fails before anything is built or written)
-    store = EpisodeStore(recipe.data.store)
-    # DDP must be told when some parameters get no gradient: the depth branch on a store without depth
-    from accelerate.utils import DistributedDataParallelKwargs
+    def __init__(self, recipe: Any, init: str | Path | None = None, resume: str | None = None) -> None:
+        self.recipe = recipe
+        self.cfg: TrainConfig = recipe.train
+        self.run_dir = Path(self.cfg.out)
+        self.init = None if init is None else Path(init)
+        self.step = 0
+        self.history: list[dict[str, float]] = []
+        self.last_checkpoint: Path | None = None
+        self.build()
+        self.resume_path = ckpt_io.resolve_resume(self.run_dir, resume) if resume else None
+        if self.resume_path is not None:
+            self.resume(self.resume_path)
+        self._prepare()
 
-    ddp = DistributedDataParallelKwargs(find_unused_parameters=not store.has_depth or cfg.lora_rank > 0)
-    # cpu=True lets accelerate form a gloo process group when launched on machines without a GPU
-    accelerator = Accelerator(mixed_precision=mixed, kwargs_handlers=[ddp], cpu=not torch.cuda.is_available())
-    world, rank = accelerator.num_processes, accelerator.process_index
-    set_seed(recipe.seed)
+    # ---- build -------------------------------------------------------------------------------------
+    def build(self) -> None:
+        """Data first (a missing store fails before anything is built), then model, objective, optimiser."""
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
-    window = WindowLayout(recipe.data.future_frames, recipe.data.frame_stride)
-    train_eps, val_eps = split_episodes(store, recipe.data.val_episodes)
-    train_set = WindowDataset(store, window, views=recipe.data.views or None, episodes=train_eps)
-    val_set = (
-        WindowDataset(store, window, views=recipe.data.views or None, episodes=val_eps) if val_eps else None
-    )
+        recipe, cfg = self.recipe, self.cfg
+        mixed = cfg.mixed_precision
+        if mixed == "auto":
+            mixed = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+        if mixed not in ("no", "bf16", "fp16"):
+            raise XWAMError(f"train.mixed_precision={cfg.mixed_precision!r}: expected auto, no, bf16 or fp16")
+        self.mixed_precision = mixed
+        self.store = EpisodeStore(recipe.data.store)
+        # DDP must be told when some parameters get no gradient: the depth branch on a store without depth
+        ddp = DistributedDataParallelKwargs(
+            find_unused_parameters=not self.store.has_depth or cfg.lora_rank > 0
+        )
+        # cpu=True lets accelerate form a gloo process group when launched on machines without a GPU
+        self.accelerator = Accelerator(
+            mixed_precision=mixed, kwargs_handlers=[ddp], cpu=not torch.cuda.is_available()
+        )
+        self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
+        set_seed(recipe.seed)
 
-    # ---- model
-    layout = layout_for(store, window, recipe.model, recipe.data.views or None)
-    resume_path = ckpt_io.resolve_resume(run_dir, resume) if resume else None
-    if init_checkpoint is not None:
-        from xwam_core.finetune import init_from_checkpoint
+        window = WindowLayout(recipe.data.future_frames, recipe.data.frame_stride)
+        views = recipe.data.views or None
+        train_eps, val_eps = split_episodes(self.store, recipe.data.val_episodes)
+        self.train_set = WindowDataset(self.store, window, views=views, episodes=train_eps)
+        self.val_set = WindowDataset(self.store, window, views=views, episodes=val_eps) if val_eps else None
 
-        model, text, init_report = init_from_checkpoint(Path(init_checkpoint), recipe.model, layout)
-    else:
-        model, init_report = build_model(recipe.model, layout)
-        text = build_text(recipe.model, layout, int(model.config["text_dim"]))
-    if resume_path is not None:
-        model, text = _load_weights(resume_path, model, text)
-    if cfg.lora_rank > 0:
-        from xwam_core.finetune import add_lora
+        self.layout = layout_for(self.store, window, recipe.model, views)
+        if self.init is not None:
+            model, text, self.init_report = init_from_checkpoint(self.init, recipe.model, self.layout)
+        else:
+            model, self.init_report = build_model(recipe.model, self.layout)
+            text = build_text(recipe.model, self.layout, int(model.config["text_dim"]))
+        if cfg.lora_rank > 0:
+            model = add_lora(model, cfg.lora_rank)
+        if cfg.gradient_checkpointing:
+            model.enable_gradient_checkpointing()
+        recipe.noise.validate()
+        self.objective = TrainingObjective(
+            model,
+            text,
+            build_codec(recipe.model).to(self.accelerator.device),
+            recipe.noise,
+            self.layout.action_valid(),
+            self.layout.state_valid(),
+            cfg.augment,
+            video_loss=cfg.video_loss,
+        ).to(self.accelerator.device)
+        self.params = [p for p in self.objective.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            self.params,
+            lr=cfg.lr,
+            betas=(cfg.betas[0], cfg.betas[1]),
+            weight_decay=cfg.weight_decay,
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
+        )
+        self.ema = None
+        if cfg.ema_decay > 0:
+            from diffusers.training_utils import EMAModel
 
-        model = add_lora(model, cfg.lora_rank)
-    if cfg.gradient_checkpointing:
-        model.enable_gradient_checkpointing()
-    codec = build_codec(recipe.model).to(accelerator.device)
-    recipe.noise.validate()
-    objective = TrainingObjective(
-        model,
-        text,
-        codec,
-        recipe.noise,
-        layout.action_valid(),
-        layout.state_valid(),
-        cfg.augment,
-        video_loss=cfg.video_loss,
-    ).to(accelerator.device)
+            self.ema = EMAModel(self.objective.model.parameters(), decay=cfg.ema_decay)
 
-    params = [p for p in objective.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)  # type: ignore[arg-type]
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
-    )
-    ema = None
-    if cfg.ema_decay > 0:
-        from diffusers.training_utils import EMAModel
-
-        ema = EMAModel(objective.model.parameters(), decay=cfg.ema_decay)
-
-    start_step, history = 0, []
-    if resume_path is not None:
-        state = ckpt_io.load_trainer_state(resume_path)
-        optimizer.load_state_dict(ckpt_io.load_optimizer_state(resume_path))
-        scheduler.load_state_dict(state["scheduler"])
-        ckpt_io.restore_rng(resume_path, state)
-        start_step, history = int(state["step"]), list(state.get("history", []))
-        if ema is not None and (resume_path / "ema.safetensors").exists():
-            _load_ema(ema, resume_path / "ema.safetensors")
-
-    objective, optimizer = accelerator.prepare(objective, optimizer)
-    sampler = GlobalBatchSampler(len(train_set), recipe.data.batch_size, rank, world, recipe.seed, start_step)
-    loader = DataLoader(
-        train_set,
-        batch_sampler=sampler,
-        num_workers=recipe.data.num_workers,
-        collate_fn=collate_windows,
-        persistent_workers=recipe.data.num_workers > 0,
-        prefetch_factor=4 if recipe.data.num_workers > 0 else None,
-    )
-    local = sampler.local
-    recipe_toml = recipe_to_toml(recipe)
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "recipe.toml").write_text(recipe_toml)
-    tracker = _Tracker(run_dir / "logs") if accelerator.is_main_process else None
-    if on_start and accelerator.is_main_process:
-        on_start(
-            {
-                "start_step": start_step,
-                "max_steps": cfg.max_steps,
-                "processes": world,
-                "train_windows": len(train_set),
-                "val_windows": len(val_set) if val_set else 0,
-                "parameters": sum(p.numel() for p in params),
-                "init": init_report,
-                "device": str(accelerator.device),
-                "mixed_precision": mixed,
-            }
+    def _prepare(self) -> None:
+        """Wrap for the processes (DDP) and start the data where the run stands."""
+        self.objective, self.optimizer = self.accelerator.prepare(self.objective, self.optimizer)
+        recipe = self.recipe
+        sampler = GlobalBatchSampler(
+            len(self.train_set), recipe.data.batch_size, self.rank, self.world, recipe.seed, self.step
+        )
+        self.local_batch = sampler.local
+        workers = recipe.data.num_workers
+        self.loader = DataLoader(
+            self.train_set,
+            batch_sampler=sampler,
+            num_workers=workers,
+            collate_fn=collate_windows,
+            persistent_workers=workers > 0,
+            prefetch_factor=4 if workers > 0 else None,
         )
 
-    t0 = time.perf_counter()
-    logs: dict[str, float] = {}
-    val_loss: float | None = None
-    data_iter = iter(loader)
-    step = start_step
-    last_ckpt: Path | None = resume_path
-    for step in range(start_step, cfg.max_steps):
-        objective.train()
-        batch = next(data_iter)
-        with accelerator.autocast():
-            losses = objective(batch, recipe.seed, step, rank * local, train=True)
-        loss, logs = _reduce_losses(losses, accelerator, world)
-        accelerator.backward(loss)
-        if cfg.grad_clip > 0:
-            accelerator.clip_grad_norm_(params, cfg.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if ema is not None:
-            ema.step(accelerator.unwrap_model(objective).model.parameters())
-        logs["lr"] = float(scheduler.get_last_lr()[0])
-        done = step + 1
-        if val_set is not None and cfg.val_every > 0 and (done % cfg.val_every == 0 or done == cfg.max_steps):
-            val_loss = validate(objective, val_set, recipe, accelerator, cfg.val_batches)
-            logs["val_loss"] = val_loss
-        history.append({"step": done, **logs})
-        if tracker is not None:
-            tracker.log(done, logs)
-        if on_step and accelerator.is_main_process:
-            on_step(done, logs)
-        if (cfg.checkpoint_every > 0 and done % cfg.checkpoint_every == 0) or done == cfg.max_steps:
-            last_ckpt = _save(
-                run_dir,
-                done,
-                objective,
-                optimizer,
-                scheduler,
-                ema,
-                accelerator,
-                recipe_toml,
-                cfg.keep_last,
-                history,
-                recipe,
-                layout,
-                store,
-            )
-    seconds = time.perf_counter() - t0
-    steps_run = max(0, cfg.max_steps - start_step)
-    if tracker is not None:
-        tracker.close()
-    if accelerator.is_main_process:
-        _plot_losses(history, run_dir / "loss_curve.png")
-        summary = {
-            "steps": cfg.max_steps,
-            "final": history[-1] if history else {},
-            "seconds": seconds,
-            "samples_per_s": steps_run * recipe.data.batch_size / max(seconds, 1e-9),
-            "checkpoint": str(last_ckpt),
-            "init": init_report,
+    def describe(self) -> dict[str, Any]:
+        """What is about to run (printed by the CLI before the first step)."""
+        return {
+            "start_step": self.step,
+            "max_steps": self.cfg.max_steps,
+            "processes": self.world,
+            "train_windows": len(self.train_set),
+            "val_windows": len(self.val_set) if self.val_set else 0,
+            "parameters": sum(p.numel() for p in self.params),
+            "init": self.init_report,
+            "device": str(self.accelerator.device),
+            "mixed_precision": self.mixed_precision,
         }
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    accelerator.wait_for_everyone()
-    if last_ckpt is None:
-        last_ckpt = ckpt_io.checkpoint_dirs(run_dir)[-1]
-    return TrainResult(
-        run_dir=run_dir,
-        steps=cfg.max_steps,
-        final_loss=float(history[-1]["loss"]) if history else float("nan"),
-        final_val_loss=val_loss,
-        seconds=seconds,
-        samples_per_s=steps_run * recipe.data.batch_size / max(seconds, 1e-9),
-        checkpoint=last_ckpt,
-        history=history,
-        init_report=init_report,
-    )
+
+    # ---- one step, validation -----------------------------------------------------------------------
+    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Forward, backward, clip, AdamW, LR schedule, EMA on one global batch; returns its losses."""
+        acc = self.accelerator
+        self.objective.train()
+        with acc.autocast():
+            losses = self.objective(
+                batch, self.recipe.seed, self.step, self.rank * self.local_batch, train=True
+            )
+        loss, logs = _reduce_losses(losses, acc, self.world)
+        acc.backward(loss)
+        if self.cfg.grad_clip > 0:
+            acc.clip_grad_norm_(self.params, self.cfg.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.step(acc.unwrap_model(self.objective).model.parameters())
+        logs["lr"] = float(self.scheduler.get_last_lr()[0])
+        self.step += 1
+        return logs
+
+    def validate(self) -> float:
+        assert self.val_set is not None
+        return validate(self.objective, self.val_set, self.recipe, self.accelerator, self.cfg.val_batches)
+
+    # ---- checkpoints --------------------------------------------------------------------------------
+    def save(self) -> Path:
+        """Checkpoint the current step (every process calls it; the main process writes)."""
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        path = self.run_dir / "checkpoints" / f"step-{self.step:08d}"
+        if acc.is_main_process:
+            objective = acc.unwrap_model(self.objective)
+            optimizer = self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer
+            state = ckpt_io.TrainingState(
+                trainable={n: p for n, p in objective.named_parameters() if p.requires_grad},
+                optimizer=optimizer.state_dict(),
+                scheduler=self.scheduler.state_dict(),
+                history=self.history,
+                ema=self._ema_tensors(),
+                extra={"step": self.step, "processes": self.world},
+            )
+            path = ckpt_io.save_checkpoint(self.run_dir, self.policy_parts(), state, self.cfg.keep_last)
+        acc.wait_for_everyone()
+        self.last_checkpoint = path
+        return path
+
+    def policy_parts(self) -> ckpt_io.PolicyParts:
+        """The inference part of a checkpoint of the model as it is now (LoRA adapters merged in)."""
+        from xwam_core.recipe import recipe_to_toml
+
+        objective = self.accelerator.unwrap_model(self.objective)
+        store, layout = self.store, self.layout
+        return ckpt_io.PolicyParts(
+            model=plain_model(objective.model),
+            text=objective.text,
+            codec=describe_codec(self.recipe.model.preset, self.recipe.model.vae),
+            normalizer=Normalizer.from_store_stats(store.stats, store.action_names, store.state_names),
+            data=ckpt_io.DataSpec(
+                views=layout.views,
+                image_size=layout.image_size,
+                window=layout.window,
+                tasks=layout.tasks,
+                fps=store.fps,
+                store=str(store.path.resolve()),
+                val_episodes=self.recipe.data.val_episodes,
+            ),
+            inference=self.recipe.inference,
+            recipe_toml=recipe_to_toml(self.recipe),
+            step=self.step,
+        )
+
+    def resume(self, path: Path) -> None:
+        """Continue from checkpoint `path`: trainable weights, optimiser, scheduler, EMA, RNG, step."""
+        state = ckpt_io.load_training_state(path)
+        named = {n: p for n, p in self.objective.named_parameters() if p.requires_grad}
+        missing = sorted(set(named) - set(state.trainable))
+        extra = sorted(set(state.trainable) - set(named))
+        if missing or extra:
+            raise XWAMError(
+                f"{path}: was trained with other parameters than this recipe builds "
+                f"(missing {missing[:3]}, unexpected {extra[:3]}); resume with the recipe the run used"
+            )
+        with torch.no_grad():
+            for name, param in named.items():
+                param.copy_(state.trainable[name])
+        self.optimizer.load_state_dict(state.optimizer)
+        self.scheduler.load_state_dict(state.scheduler)
+        if self.ema is not None and state.ema is not None:
+            for i, p in enumerate(self.ema.shadow_params):
+                p.data.copy_(state.ema[f"shadow.{i}"])
+            self.ema.optimization_step = int(state.ema["optimization_step"])
+        ckpt_io.restore_rng(path)
+        self.step, self.history = int(state.extra["step"]), state.history
+        self.last_checkpoint = path
+
+    def _ema_tensors(self) -> dict[str, torch.Tensor] | None:
+        if self.ema is None:
+            return None
+        tensors = {f"shadow.{i}": p.detach() for i, p in enumerate(self.ema.shadow_params)}
+        return {**tensors, "optimization_step": torch.tensor(int(self.ema.optimization_step))}
+
+    # ---- the loop -----------------------------------------------------------------------------------
+    def fit(self, progress: Progress = SILENT) -> TrainResult:
+        """Train to train.max_steps, validating and checkpointing as the recipe says."""
+        cfg, acc = self.cfg, self.accelerator
+        if acc.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(self.run_dir / "recipe.toml", _recipe_toml(self.recipe))
+        tracker = _Tracker(self.run_dir / "logs") if acc.is_main_process else None
+        bar = progress.task("steps", total=cfg.max_steps, completed=self.step)
+        start_step, t0 = self.step, time.perf_counter()
+        val_loss: float | None = None
+        data = iter(self.loader)
+        while self.step < cfg.max_steps:
+            logs = self.train_step(next(data))
+            done = self.step
+            if (
+                self.val_set is not None
+                and cfg.val_every > 0
+                and (done % cfg.val_every == 0 or done == cfg.max_steps)
+            ):
+                val_loss = logs["val_loss"] = self.validate()
+            self.history.append({"step": done, **logs})
+            if tracker is not None:
+                tracker.log(done, logs)
+            rate = (done - start_step) / max(time.perf_counter() - t0, 1e-9)
+            val = f" val {logs['val_loss']:.4f}" if "val_loss" in logs else ""
+            bar.advance(info=f"loss {logs['loss']:.4f}{val} lr {logs['lr']:.2e} {rate:.2f} it/s")
+            if (cfg.checkpoint_every > 0 and done % cfg.checkpoint_every == 0) or done == cfg.max_steps:
+                self.save()
+        seconds = time.perf_counter() - t0
+        samples_per_s = (self.step - start_step) * self.recipe.data.batch_size / max(seconds, 1e-9)
+        if tracker is not None:
+            tracker.close()
+        if self.last_checkpoint is None:  # max_steps already reached by the resumed checkpoint
+            self.last_checkpoint = self.save()
+        if acc.is_main_process:
+            _plot_losses(self.history, self.run_dir / "loss_curve.png")
+            summary = {
+                "steps": cfg.max_steps,
+                "final": self.history[-1] if self.history else {},
+                "seconds": seconds,
+                "samples_per_s": samples_per_s,
+                "checkpoint": str(self.last_checkpoint),
+                "init": self.init_report,
+            }
+            write_json_atomic(self.run_dir / "summary.json", summary)
+        acc.wait_for_everyone()
+        return TrainResult(
+            run_dir=self.run_dir,
+            steps=cfg.max_steps,
+            final_loss=float(self.history[-1]["loss"]) if self.history else float("nan"),
+            final_val_loss=val_loss,
+            seconds=seconds,
+            samples_per_s=samples_per_s,
+            checkpoint=self.last_checkpoint,
+            history=self.history,
+            init_report=self.init_report,
+        )
+
+
+def _recipe_toml(recipe: Any) -> str:
+    from xwam_core.recipe import recipe_to_toml
+
+    return recipe_to_toml(recipe)
+
+
+def train(
+    recipe: Any, init: str | Path | None = None, resume: str | None = None, progress: Progress = SILENT
+) -> TrainResult:
+    """Build a Trainer and fit it: `init` fine-tunes from a checkpoint, `resume` is 'latest' or a path."""
+    return Trainer(recipe, init=init, resume=resume).fit(progress)
 
 
 @torch.no_grad()
@@ -336,90 +441,6 @@ def validate(objective: Any, val_set: WindowDataset, recipe: Any, accelerator: A
         values = accelerator.reduce(values, reduction="sum")
     k = len(LOSS_TERMS)
     return float(sum(values[i] / values[k + i].clamp_min(1.0) for i in range(k)))
-
-
-def _save(
-    run_dir,
-    step,
-    objective,
-    optimizer,
-    scheduler,
-    ema,
-    accelerator,
-    recipe_toml,
-    keep_last,
-    history,
-    recipe,
-    layout,
-    store,
-) -> Path:
-    from xwam_core.infer import CheckpointLayout
-
-    accelerator.wait_for_everyone()
-    path = run_dir / "checkpoints" / f"step-{step:08d}"
-    unwrapped = accelerator.unwrap_model(objective)
-    if accelerator.is_main_process:
-        ema_module = None
-        if ema is not None:
-            ema_module = _EMAHolder(ema)
-        trainer_state = {"history": history, "processes": accelerator.num_processes}
-        ckpt_layout = CheckpointLayout(
-            views=layout.views,
-            tasks=layout.tasks,
-            window=layout.window,
-            action_dim=layout.store_action_dim,
-            state_dim=layout.store_state_dim,
-            image_size=layout.image_size,
-            store=str(store.path),
-        )
-        path = ckpt_io.save_checkpoint(
-            run_dir,
-            step,
-            unwrapped.model,
-            unwrapped.text,
-            text_meta(recipe.model, layout),
-            optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
-            scheduler,
-            trainer_state,
-            recipe_toml,
-            ema=ema_module,
-            keep_last=keep_last,
-            extra_json={"layout.json": ckpt_layout.to_json(), "stats.json": store.stats},
-        )
-    accelerator.wait_for_everyone()
-    return path
-
-
-class _EMAHolder(torch.nn.Module):
-    """Exposes an EMAModel's shadow parameters as a state dict for safetensors."""
-
-    def __init__(self, ema: Any):
-        super().__init__()
-        self._tensors = {f"shadow.{i}": p.detach() for i, p in enumerate(ema.shadow_params)}
-        self.optimization_step = ema.optimization_step
-
-    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:  # type: ignore[override]
-        return {**self._tensors, "optimization_step": torch.tensor(int(self.optimization_step))}
-
-
-def _load_ema(ema: Any, path: Path) -> None:
-    from safetensors.torch import load_file
-
-    tensors = load_file(path)
-    for i, p in enumerate(ema.shadow_params):
-        p.data.copy_(tensors[f"shadow.{i}"])
-    ema.optimization_step = int(tensors["optimization_step"])
-
-
-def _load_weights(path: Path, model: Any, text: Any) -> tuple[Any, Any]:
-    from safetensors.torch import load_file
-
-    from xwam_core.models.transformer import XWAMTransformer
-
-    loaded = XWAMTransformer.from_pretrained(path / "model")
-    model.load_state_dict(loaded.state_dict())
-    text.load_state_dict(load_file(path / "text.safetensors"))
-    return model, text
 
 
 class _Tracker:
@@ -469,7 +490,6 @@ def _plot_losses(history: list[dict[str, float]], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
-    tmp.replace(path)

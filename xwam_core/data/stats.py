@@ -1,4 +1,4 @@
-"""Per-dimension statistics of a store (meta/stats.json) and the quantile normalization of METHOD.md.
+"""Per-dimension statistics of a store (meta/stats.json); xwam_core.normalizer turns them into the normalization.
 
 Every key gets min, max, mean, std, count, q01 and q99. Images get per-channel statistics in [0, 1]
 (LeRobot's convention, shape (3, 1, 1)) from a frame subsample; depth gets metres over valid pixels.
@@ -66,35 +66,3 @@ class RunningStats:
                 stats = {k: [[[x]] for x in v] if k != "count" else v for k, v in stats.items()}
             out[key] = stats
         return out
-
-
-class QuantileNormalizer:
-    """x -> 2 (x - q01) / (q99 - q01) - 1 per dimension (METHOD.md section 2), and back.
-
-    Dimensions whose q01 == q99 (constant in the data) map to 0 and back to their constant.
-    """
-
-    def __init__(self, q01: np.ndarray, q99: np.ndarray):
-        self.q01 = np.asarray(q01, dtype=np.float32)
-        self.q99 = np.asarray(q99, dtype=np.float32)
-        span = self.q99 - self.q01
-        self.constant = span <= 1e-8
-        self.span = np.where(self.constant, 1.0, span).astype(np.float32)
-
-    @classmethod
-    def from_stats(cls, stats: dict[str, Any], key: str) -> QuantileNormalizer:
-        return cls(np.asarray(stats[key]["q01"]), np.asarray(stats[key]["q99"]))
-
-    def normalize(self, x: np.ndarray) -> np.ndarray:
-        out = 2.0 * (x - self.q01) / self.span - 1.0
-        return np.where(self.constant, 0.0, out).astype(np.float32)
-
-    def denormalize(self, y: Any) -> Any:
-        """Works on numpy arrays and torch tensors (..., D)."""
-        if hasattr(y, "new_tensor"):
-            q01, span = y.new_tensor(self.q01), y.new_tensor(self.span)
-            x = (y + 1.0) * 0.5 * span + q01
-            const = y.new_tensor(self.constant).bool()
-            return x.where(~const, q01)
-        x = (np.asarray(y) + 1.0) * 0.5 * self.span + self.q01
-        return np.where(self.constant, self.q01, x).astype(np.float32)

@@ -15,8 +15,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from xwam_core.data.reader import EpisodeStore
-from xwam_core.data.stats import QuantileNormalizer
 from xwam_core.errors import DataError
+from xwam_core.normalizer import Normalizer
 
 
 @dataclass(frozen=True)
@@ -89,10 +89,10 @@ class WindowDataset(Dataset):
                 f"(future_frames={layout.future_frames} x frame_stride={layout.frame_stride} + 1)"
             )
         self.windows = np.asarray(starts, dtype=np.int64)  # (N, 3): episode, global start, local start
-        stats = self.store.stats
         self.normalize = normalize
-        self.action_norm = QuantileNormalizer.from_stats(stats, "action")
-        self.state_norm = QuantileNormalizer.from_stats(stats, "observation.state")
+        self.normalizer = Normalizer.from_store_stats(
+            self.store.stats, self.store.action_names, self.store.state_names
+        )
         self._frame_offsets = np.arange(layout.num_frames) * layout.frame_stride
         self._task_of_episode = {e.index: self.store.tasks.index(e.task) for e in self.store.episodes}
 
@@ -118,8 +118,8 @@ class WindowDataset(Dataset):
         actions = cache.action[start : start + self.layout.num_actions]
         states = cache.state[frames]
         if self.normalize:
-            actions = self.action_norm.normalize(actions)
-            states = self.state_norm.normalize(states)
+            actions = self.normalizer.action.normalize(actions)
+            states = self.normalizer.state.normalize(states)
         return {
             "rgb": rgb,
             "depth": depth,

@@ -274,3 +274,27 @@ class WanVAECodec(Codec):
             self.vae.dtype
         )
         return self.vae.decode(z).sample.clamp(-1.0, 1.0)
+
+
+# A checkpoint records its codec as a small JSON description, not weights: the pixel codec has none and
+# the Wan VAE is frozen, loaded from its own folder or hub id.
+def describe_codec(preset: str, vae: str = "") -> dict[str, Any]:
+    """The codec a model preset pairs with, as JSON (see `codec_from_description`)."""
+    if preset == "tiny":
+        return {"kind": "pixel", "spatial_factor": 8, "temporal_factor": 4}
+    if preset == "base":
+        return {"kind": "wan-vae", "source": vae or WAN_VAE_HUB_ID}
+    raise XWAMError(f"unknown model preset '{preset}', expected 'tiny' or 'base'")
+
+
+def codec_from_description(description: dict[str, Any], vae: str | Path | None = None) -> Codec:
+    """Build a frozen codec from its description; `vae` overrides where the Wan VAE is read from."""
+    kind = description.get("kind")
+    if kind == "pixel":
+        codec: Codec = PixelCodec(int(description["spatial_factor"]), int(description["temporal_factor"]))
+    elif kind == "wan-vae":
+        codec = WanVAECodec.from_pretrained(vae or description["source"])
+    else:
+        raise XWAMError(f"codec {description}: unknown kind {kind!r} (expected 'pixel' or 'wan-vae')")
+    codec.requires_grad_(False)
+    return codec.eval()

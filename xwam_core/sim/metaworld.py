@@ -1,12 +1,13 @@
 """Closed-loop evaluation on Meta-World v3: the checkpoint drives the robot in policy mode.
 
-    result = evaluate_metaworld(predictor, tasks=["reach-v3"], episodes=10, seed=0)
+    result = evaluate_metaworld(policy, tasks=["reach-v3"], episodes=10, seed=0)
 
 Each query renders the checkpoint's views at its image size with the episode store's camera
 conventions (xwam_core.data.sources.metaworld: same cameras, renderer, intrinsics) and reads the state
-the way the store records it (hand xyz, quaternion wxyz, gripper opening), normalizes it with the
-checkpoint's statistics, and executes the WHOLE predicted action chunk open loop before the next query
-(METHOD.md section 5). Actions are clipped to [-1, 1] as the environment applies them. An episode
+the way the store records it (hand xyz, quaternion wxyz, gripper opening), and hands both to the
+Policy (xwam_core.policy), which normalizes with the checkpoint's statistics and queues the predicted
+chunk: `policy.actions_per_query` actions run open loop before the next query (default: the whole
+chunk, METHOD.md section 5). Actions are clipped to [-1, 1] as the environment applies them. An episode
 succeeds if Meta-World's info["success"] is true after any step (then it stops), else it runs
 `max_steps` steps.
 
@@ -33,9 +34,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from xwam_core.errors import XWAMError
+from xwam_core.policy import Policy
+from xwam_core.progress import SILENT, Progress
 
 EVAL_STREAM = 0x5EED  # appended to the seed entropy; nonzero, so never equal to a store's 3-word entropy
 POLICIES = ("model", "expert", "random")
@@ -117,10 +119,10 @@ class SimResult:
         }
 
 
-def _check(predictor: Any, tasks: list[str], episodes: int, max_steps: int) -> None:
+def _check(policy: Policy, tasks: list[str], episodes: int, max_steps: int) -> None:
     from xwam_core.data.sources import metaworld as mw
 
-    layout = predictor.layout
+    layout = policy.spec
     if episodes < 1:
         raise XWAMError(f"--episodes {episodes}: expected an integer >= 1 (episodes per task)")
     if not 1 <= max_steps <= mw.MAX_STEPS_LIMIT:
@@ -138,9 +140,10 @@ def _check(predictor: Any, tasks: list[str], episodes: int, max_steps: int) -> N
         raise XWAMError(
             f"incompatible checkpoint for Meta-World: {h}x{w} images; the renderer makes {mw.MIN_SIZE} to {mw.MAX_SIZE} px"
         )
-    if layout.action_dim != len(mw.ACTION_NAMES) or layout.state_dim != len(mw.STATE_NAMES):
+    action_dim, state_dim = policy.normalizer.action_dim, policy.normalizer.state_dim
+    if action_dim != len(mw.ACTION_NAMES) or state_dim != len(mw.STATE_NAMES):
         raise XWAMError(
-            f"incompatible checkpoint for Meta-World: {layout.action_dim}-D actions / {layout.state_dim}-D states, "
+            f"incompatible checkpoint for Meta-World: {action_dim}-D actions / {state_dim}-D states, "
             f"Meta-World has {len(mw.ACTION_NAMES)} ({', '.join(mw.ACTION_NAMES)}) / {len(mw.STATE_NAMES)}"
         )
     known = mw.valid_tasks()
@@ -181,7 +184,7 @@ class _VideoWriter:
 
 
 def evaluate_metaworld(
-    predictor: Any,
+    policy: Policy,
     tasks: list[str],
     episodes: int,
     seed: int = 0,
@@ -189,14 +192,16 @@ def evaluate_metaworld(
     render_quality: str | None = None,
     video_dir: str | Path | None = None,
     baselines: bool = True,
-    on_start: Callable[[int], None] | None = None,
+    progress: Progress = SILENT,
     on_rollout: Callable[[Rollout], None] | None = None,
 ) -> SimResult:
-    """Roll the checkpoint (and the baselines) out on `episodes` held-out starts per task."""
+    """Roll the policy (and the baselines) out on `episodes` held-out starts per task.
+
+    `on_rollout` receives each finished rollout (the CLI shows its outcome beside the bar)."""
     from xwam_core.data.sources import metaworld as mw
 
-    _check(predictor, tasks, episodes, max_steps)
-    layout = predictor.layout
+    _check(policy, tasks, episodes, max_steps)
+    layout = policy.spec
     quality = render_quality or store_render_quality(layout.store) or "fast"
     if quality not in mw.RENDER_QUALITIES:
         raise XWAMError(f"--render-quality {quality!r}: expected 'fast' or 'default'")
@@ -221,13 +226,12 @@ def evaluate_metaworld(
             "held_out": "SeedSequence([seed, crc32(task), i, EVAL_STREAM]) vs the store's SeedSequence([seed, crc32(task), i])",
             "checked_against_training_store": checked,
             "render_quality": quality,
-            "chunk": f"{layout.window.num_actions} actions executed open loop per query",
+            "chunk": f"{policy.actions_per_query} of {layout.window.num_actions} actions executed open loop per query",
             "views": list(layout.views),
             "image_size": list(layout.image_size),
         },
     )
-    if on_start is not None:
-        on_start(len(tasks) * episodes * len(policies))
+    bar = progress.task("rollouts", total=len(tasks) * episodes * len(policies))
     sim = mw._sim()
     height, width = layout.image_size
     gl = mw.gl_context(width, height)
@@ -237,14 +241,16 @@ def evaluate_metaworld(
             task_sim = mw.TaskSim(sim, task, list(layout.views), height, width, quality)
             try:
                 for i, episode_seed in enumerate(seeds[task]):
-                    for policy in policies:
+                    for which in policies:
                         video = None
-                        if video_dir is not None and policy == "model":
+                        if video_dir is not None and which == "model":
                             video = _VideoWriter(Path(video_dir) / f"{task}_ep{i:03d}_model.mp4")
                         rollout = _rollout(
-                            predictor, task_sim, gl, task, i, episode_seed, policy, max_steps, video
+                            policy, task_sim, gl, task, i, episode_seed, which, max_steps, video
                         )
                         result.rollouts.append(rollout)
+                        outcome = "success" if rollout.success else "fail"
+                        bar.advance(info=f"{task} #{i} {which}: {outcome} ({rollout.steps} steps)")
                         if on_rollout is not None:
                             on_rollout(rollout)
             finally:
@@ -271,49 +277,42 @@ def observe(task_sim: Any, gl: Any) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _rollout(
-    predictor: Any,
+    policy: Policy,
     task_sim: Any,
     gl: Any,
     task: str,
     index: int,
     episode_seed: int,
-    policy: str,
+    which: str,
     max_steps: int,
     video: _VideoWriter | None,
 ) -> Rollout:
+    """One episode driven by `which`: the model (through the Policy), the scripted expert, or random."""
     n_views = len(task_sim.cameras)
     rgb = np.empty((n_views, task_sim.height, task_sim.width, 3), np.uint8)
     depth = np.empty((n_views, task_sim.height, task_sim.width), np.float32)
     obs = task_sim.reset(episode_seed)
     rng = np.random.default_rng(episode_seed)
-    generator = torch.Generator().manual_seed(episode_seed)
-    task_index = torch.tensor([predictor.layout.tasks.index(task)])
-    queue: list[np.ndarray] = []
-    queries, latencies, success, steps = 0, [], False, 0
+    policy.reset(seed=episode_seed)  # the model's noise is seeded by the episode seed
+    success, steps = False, 0
+    observation: dict[str, Any] = {}
     if video is not None:
         _render(task_sim, gl, rgb, depth)
         video.add(rgb)
     while steps < max_steps:
-        if not queue:
-            if policy == "model":
+        if which == "model":
+            if policy.wants_observation:  # render only when the model is queried
                 views_rgb, raw_state = observe(task_sim, gl)
-                state = predictor.state_norm.normalize(raw_state)  # (Ds,) with the checkpoint's statistics
-                batch = {
-                    "rgb": torch.from_numpy(views_rgb)[None, :, None],  # (1, V, 1, H, W, 3)
-                    "states": torch.from_numpy(state)[None, None],  # (1, 1, Ds)
-                    "task_index": task_index,
-                }
-                pred = predictor.predict(batch, mode="policy", generator=generator)
-                queue = list(pred.actions[0].numpy().astype(np.float64))  # the whole chunk, open loop
-                latencies.append(1000 * pred.latency_s)
-                queries += 1
-            elif policy == "expert":
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")  # the experts warn whenever the env clips their gains
-                    queue = [np.asarray(task_sim.policy.get_action(obs), dtype=np.float64)]
-            else:
-                queue = [rng.uniform(-1.0, 1.0, 4)]
-        action = np.clip(queue.pop(0), -1.0, 1.0).astype(np.float32)
+                images = dict(zip(policy.spec.views, views_rgb, strict=True))
+                observation = {"images": images, "state": raw_state, "task": task}
+            chosen = policy.select_action(observation)
+        elif which == "expert":
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the experts warn whenever the env clips their gains
+                chosen = np.asarray(task_sim.policy.get_action(obs), dtype=np.float64)
+        else:
+            chosen = rng.uniform(-1.0, 1.0, 4)
+        action = np.clip(chosen, -1.0, 1.0).astype(np.float32)
         obs, _, _, _, info = task_sim.env.step(action)
         steps += 1
         if video is not None:
@@ -323,15 +322,16 @@ def _rollout(
             success = True
             break
     path = video.close() if video is not None else None
+    latencies = policy.query_latencies_s if which == "model" else []
     return Rollout(
         task=task,
         episode=index,
         seed=episode_seed,
-        policy=policy,
+        policy=which,
         success=bool(success),
         steps=steps,
-        queries=queries,
-        latency_ms=float(np.mean(latencies)) if latencies else None,
+        queries=len(latencies),
+        latency_ms=1000 * float(np.mean(latencies)) if latencies else None,
         video=path,
         final_state=[float(x) for x in task_sim.state()],
     )

@@ -1,0 +1,232 @@
+"""The Policy: the one way observations become actions (and, in world mode, the imagined future).
+
+    policy = Policy.from_checkpoint("out/demo/run")          # a checkpoint folder, or a run's newest
+    policy.reset(seed=0)
+    action = policy.select_action(obs)                       # one action; a chunk is queued behind it
+    chunk = policy.predict_chunk(obs)                        # (K, D_action) in dataset units
+    pred = policy.predict(batch_obs, mode="world")           # + future RGB (uint8) and depth (metres)
+
+An observation is a mapping, for one sample or a batch (leading B):
+    images  {view: (H, W, 3) uint8}      every view the checkpoint names, at its image size
+    state   (D_state,) float             dataset units (the Policy normalizes with its checkpoint's stats)
+    task    str                          one of the checkpoint's tasks
+    depth   {view: (H, W) float metres}  only for a depth_condition checkpoint in world mode
+Actions and states come back in dataset units. The Policy owns normalization and conditioning:
+`xwam infer`, the simulators and the policy server all go through it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from xwam_core.checkpoint import PolicyParts, load_policy_parts
+from xwam_core.errors import XWAMError
+from xwam_core.models.codecs import codec_from_description, depth_to_image, image_to_depth
+from xwam_core.objective import pad_last
+from xwam_core.schedule.inference import DenoisingSchedule, initial_latents, model_denoiser
+
+MODES = ("policy", "world")
+
+
+@dataclass
+class Prediction:
+    actions: np.ndarray  # (B, K, D_action) dataset units
+    states: np.ndarray  # (B, S, D_state) dataset units
+    rgb: np.ndarray | None  # (B, V, T, H, W, 3) uint8, frame 0 the observed frame (world mode)
+    depth: np.ndarray | None  # (B, V, T, H, W) metres (world mode)
+    latency_s: float  # wall time of the denoising (+ decoding in world mode) for the batch
+    num_denoiser_calls: int
+
+
+class Policy:
+    """A checkpoint ready to act: model, text, codec, normalizer and the denoising schedule."""
+
+    def __init__(
+        self,
+        parts: PolicyParts,
+        device: str | torch.device = "cpu",
+        vae: str | None = None,
+        actions_per_query: int | None = None,
+    ):
+        self.device = torch.device(device)
+        self.parts = parts
+        self.spec = parts.data
+        self.normalizer = parts.normalizer
+        self.model = parts.model.to(self.device).eval()
+        self.text = parts.text.to(self.device).eval()
+        self.codec = codec_from_description(parts.codec, vae).to(self.device)
+        self.depth_range = self.model.depth_range
+        self.schedule_config = parts.inference
+        self.schedule = DenoisingSchedule(self.schedule_config)
+        k = self.spec.window.num_actions
+        self.actions_per_query = k if actions_per_query is None else actions_per_query
+        if not 1 <= self.actions_per_query <= k:
+            raise XWAMError(f"actions per query {actions_per_query}: expected 1 to the chunk's {k}")
+        self._queue: deque[np.ndarray] = deque()
+        self.generator = torch.Generator().manual_seed(0)
+        self.query_latencies_s: list[float] = []  # one per model query since the last reset()
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | Path,
+        device: str | torch.device = "cpu",
+        vae: str | None = None,
+        num_steps_video: int | None = None,
+        num_steps_action: int | None = None,
+        actions_per_query: int | None = None,
+    ) -> Policy:
+        """Load a checkpoint folder (or a run folder's newest); step counts override the checkpoint's."""
+        parts = load_policy_parts(path)
+        steps = {"num_steps_video": num_steps_video, "num_steps_action": num_steps_action}
+        parts.inference = replace(parts.inference, **{k: v for k, v in steps.items() if v is not None})
+        parts.inference.validate()
+        return cls(parts, device, vae, actions_per_query)
+
+    @property
+    def depth_condition(self) -> bool:
+        """Whether world mode reads the observed depth (an RGB-D depth branch)."""
+        return bool(self.model.config.get("depth_condition", False))
+
+    # ------------------------------------------------------------------------------------ acting
+    def reset(self, seed: int | None = None) -> None:
+        """Forget queued actions (a new episode); reseed the noise when `seed` is given."""
+        self._queue.clear()
+        self.query_latencies_s = []
+        if seed is not None:
+            self.generator = torch.Generator().manual_seed(seed)
+
+    @property
+    def wants_observation(self) -> bool:
+        """True when the next select_action queries the model (so the caller must render a fresh one)."""
+        return not self._queue
+
+    def select_action(self, obs: Mapping[str, Any]) -> np.ndarray:
+        """One action (D_action,) in dataset units. Queries the model when the queue is empty and queues
+        the first `actions_per_query` actions of the new chunk (open loop between queries)."""
+        if not self._queue:
+            chunk = self.predict_chunk(obs)
+            self._queue.extend(chunk[: self.actions_per_query])
+        return self._queue.popleft()
+
+    def predict_chunk(self, obs: Mapping[str, Any]) -> np.ndarray:
+        """The action chunk (K, D_action) for one observation, in dataset units (policy mode)."""
+        prediction = self.predict(obs, mode="policy")
+        self.query_latencies_s.append(prediction.latency_s)
+        return prediction.actions[0]
+
+    @torch.inference_mode()
+    def predict(
+        self, obs: Mapping[str, Any], mode: str = "policy", generator: torch.Generator | None = None
+    ) -> Prediction:
+        """Actions (and in world mode the future RGB-D) for one observation or a batch of them."""
+        if mode not in MODES:
+            raise XWAMError(f"mode {mode!r}: expected 'policy' or 'world'")
+        generator = generator or self.generator
+        rgb0, state0, tasks, depth0 = self._inputs(obs, with_depth=mode == "world" and self.depth_condition)
+        cfg = self.model.config
+        window = self.spec.window
+        start = time.perf_counter()
+        context = self.codec.encode_views(rgb0)  # (B, V, C, 1, h, w)
+        num_latent = self.codec.latent_shape(window.num_frames, *rgb0.shape[-2:])[1]
+        video, actions, states = initial_latents(
+            context,
+            pad_last(state0, cfg.state_dim),
+            num_latent,
+            window.num_actions,
+            cfg.action_dim,
+            window.num_frames,
+            generator=generator,
+        )
+        depth_context = None
+        if depth0 is not None:
+            depth_context = self.codec.encode_views(depth_to_image(depth0, self.depth_range))
+        denoiser = model_denoiser(self.model, self.text(tasks), depth_context=depth_context)
+        uncond = None
+        if self.schedule_config.guidance_scale != 1.0:
+            empty = self.text.empty(tasks.shape[0]).to(self.device)
+            uncond = model_denoiser(self.model, empty, depth_context=depth_context)
+        result = self.schedule(denoiser, video, actions, states, mode=mode, uncond_denoiser=uncond)
+        rgb = depth = None
+        if mode == "world":
+            assert result.video is not None and result.depth is not None
+            frames = self.codec.decode_views(result.video)  # (B, V, 3, T, H, W)
+            rgb = ((frames.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 1, 3, 4, 5, 2)
+            depth = image_to_depth(self.codec.decode_views(result.depth), self.depth_range)  # (B, V, T, H, W)
+        latency = time.perf_counter() - start
+        a = result.actions[..., : self.normalizer.action_dim].float().cpu().numpy()
+        s = result.states[..., : self.normalizer.state_dim].float().cpu().numpy()
+        return Prediction(
+            actions=self.normalizer.action.denormalize(a),
+            states=self.normalizer.state.denormalize(s),
+            rgb=rgb.cpu().numpy() if rgb is not None else None,
+            depth=depth.float().cpu().numpy() if depth is not None else None,
+            latency_s=latency,
+            num_denoiser_calls=result.num_denoiser_calls,
+        )
+
+    # ------------------------------------------------------------------------------------ inputs
+    def _inputs(
+        self, obs: Mapping[str, Any], with_depth: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Validate an observation and turn it into model inputs: images (B, V, 3, 1, H, W) in [-1, 1],
+        the normalized state (B, D_state), task indices (B,), and the observed depth (B, V, 1, H, W)."""
+        for key in ("images", "state", "task"):
+            if key not in obs:
+                raise XWAMError(f"observation lacks {key!r} (expected images, state and task)")
+        images = obs["images"]
+        if not isinstance(images, Mapping):
+            raise XWAMError("observation 'images' must map each view name to its (H, W, 3) uint8 image")
+        state = np.asarray(obs["state"], dtype=np.float32)
+        batched = state.ndim == 2
+        if state.ndim not in (1, 2) or state.shape[-1] != self.normalizer.state_dim:
+            raise XWAMError(
+                f"observation 'state' has shape {state.shape}; expected ({self.normalizer.state_dim},) "
+                f"({', '.join(self.normalizer.state_names)}) or a batch of them"
+            )
+        states = state if batched else state[None]
+        b = states.shape[0]
+        h, w = self.spec.image_size
+        views = []
+        for view in self.spec.views:
+            if view not in images:
+                raise XWAMError(f"observation lacks view {view!r}; the checkpoint expects {self.spec.views}")
+            image = np.asarray(images[view])
+            expected = (b, h, w, 3) if batched else (h, w, 3)
+            if image.dtype != np.uint8 or image.shape != expected:
+                raise XWAMError(
+                    f"observation image {view!r}: {image.dtype} {image.shape}, expected uint8 {expected}"
+                )
+            views.append(image if batched else image[None])
+        rgb = torch.from_numpy(np.stack(views, axis=1)).to(self.device)  # (B, V, H, W, 3)
+        rgb0 = rgb.permute(0, 1, 4, 2, 3)[:, :, :, None].float() / 127.5 - 1.0  # (B, V, 3, 1, H, W)
+        tasks = [obs["task"]] if isinstance(obs["task"], str) else list(obs["task"])
+        if len(tasks) != b:
+            raise XWAMError(f"observation has {len(tasks)} task(s) for {b} state(s)")
+        unknown = [t for t in tasks if t not in self.spec.tasks]
+        if unknown:
+            raise XWAMError(
+                f"task {unknown[0]!r} was not seen in training (the checkpoint knows {self.spec.tasks})"
+            )
+        task_index = torch.tensor([self.spec.tasks.index(t) for t in tasks], device=self.device)
+        state0 = torch.from_numpy(self.normalizer.state.normalize(states)).to(self.device)
+        depth0 = None
+        if with_depth:
+            depth_views = obs.get("depth")
+            if not isinstance(depth_views, Mapping) or any(v not in depth_views for v in self.spec.views):
+                raise XWAMError(
+                    "this checkpoint's depth branch reads the observed depth (depth_condition): world mode "
+                    f"needs observation 'depth' for views {self.spec.views} (metres)"
+                )
+            d = np.stack([np.asarray(depth_views[v], np.float32) for v in self.spec.views], axis=-3)
+            d = d if batched else d[None]  # (B, V, H, W)
+            depth0 = torch.from_numpy(d).to(self.device)[:, :, None]  # (B, V, 1, H, W)
+        return rgb0, state0, task_index, depth0
