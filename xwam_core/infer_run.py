@@ -28,11 +28,12 @@ import torch
 
 from xwam_core.atomic import atomic_folder, write_json_atomic
 from xwam_core.cameras import moving_views, pose_indices, predicted_cameras
-from xwam_core.checkpoint import DataSpec, resolve
+from xwam_core.checkpoint import resolve
 from xwam_core.data.reader import EpisodeStore
 from xwam_core.data.windows import WindowDataset, collate_windows, split_episodes
 from xwam_core.errors import XWAMError
 from xwam_core.mean_frame import mean_future_frames
+from xwam_core.normalizer import Normalizer
 from xwam_core.policy import Policy, Prediction
 from xwam_core.previews import VIDEO_FPS, depth_display_range, side_by_side_frames
 from xwam_core.progress import SILENT, Progress
@@ -136,10 +137,11 @@ def check_compatible(policy: Policy, store: EpisodeStore, where: str) -> None:
 
 
 def choose_episodes(
-    store: EpisodeStore, spec: DataSpec, requested: list[int] | None
+    store: EpisodeStore, policy: Policy, requested: list[int] | None
 ) -> tuple[list[int], str]:
-    """The requested episodes; else the checkpoint's held-out ones when `store` is its training store;
-    else all. Returns (episodes, why)."""
+    """The requested episodes; else the checkpoint's held-out ones when `store` is its training store
+    (the same path, or a copy with the same action/state statistics); else all. Returns (episodes, why)."""
+    spec = policy.spec
     n = len(store.episodes)
     if requested is not None:
         bad = [e for e in requested if not 0 <= e < n]
@@ -150,8 +152,12 @@ def choose_episodes(
         same_path = bool(spec.store) and Path(spec.store).resolve() == store.path.resolve()
     except OSError:
         same_path = False
+    same_stats = (
+        Normalizer.from_store_stats(store.stats, store.action_names, store.state_names).stats
+        == policy.normalizer.stats
+    )
     val_episodes = spec.val_episodes
-    if same_path:
+    if same_path or same_stats:
         if val_episodes <= 0:
             raise XWAMError(
                 f"{store.path} is the checkpoint's training store and its recipe holds out no episodes "
@@ -193,7 +199,7 @@ class InferenceRun:
                 f"{self.store.path}: has no depth, and {self.checkpoint} reads the observed depth in world "
                 "mode (depth_condition, RGB-D input); use --mode policy or a store with depth"
             )
-        self.episodes, self.episodes_reason = choose_episodes(self.store, spec, opts.episodes)
+        self.episodes, self.episodes_reason = choose_episodes(self.store, self.policy, opts.episodes)
         self.dataset = WindowDataset(
             self.store, spec.window, views=spec.views, episodes=self.episodes, normalize=False
         )
