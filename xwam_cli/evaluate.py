@@ -135,16 +135,21 @@ def evaluate(
     tasks: Annotated[
         str | None, typer.Option(help="--sim: comma-separated tasks, e.g. reach-v3,push-v3.")
     ] = None,
-    episodes: Annotated[int, typer.Option(help="--sim: episodes per task.")] = 10,
+    episodes: Annotated[int | None, typer.Option(help="--sim: episodes per task [default: 10].")] = None,
     seed: Annotated[
-        int, typer.Option(help="--sim: seed of the held-out starts (same seed, same result).")
-    ] = 0,
-    max_steps: Annotated[int, typer.Option(help="--sim: step limit per episode.")] = 150,
+        int | None,
+        typer.Option(help="--sim: seed of the held-out starts (same seed, same result) [default: 0]."),
+    ] = None,
+    max_steps: Annotated[
+        int | None, typer.Option(help="--sim: step limit per episode [default: 150].")
+    ] = None,
     video: Annotated[Path | None, typer.Option(help="--sim: folder for the model's rollout mp4s.")] = None,
     baselines: Annotated[
-        bool,
-        typer.Option(help="--sim: also roll out the scripted expert and a random policy on the same seeds."),
-    ] = True,
+        bool | None,
+        typer.Option(
+            help="--sim: also roll out the scripted expert and a random policy on the same seeds [default: yes]."
+        ),
+    ] = None,
     render_quality: Annotated[
         str | None, typer.Option(help="--sim: 'fast' or 'default' (default: the training store's).")
     ] = None,
@@ -162,14 +167,34 @@ def evaluate(
         "--max-depth": max_depth,
         "--voxel-size": voxel_size,
     }
-    sim_only = {"--ckpt": ckpt, "--tasks": tasks, "--video": video, "--render-quality": render_quality}
+    sim_only = {
+        "--ckpt": ckpt,
+        "--tasks": tasks,
+        "--video": video,
+        "--render-quality": render_quality,
+        "--episodes": episodes,
+        "--seed": seed,
+        "--max-steps": max_steps,
+        "--baselines/--no-baselines": baselines,
+    }
     if sim is not None:
         if run is not None:
             fail(f"--sim evaluates a checkpoint in the simulator; drop the run folder {run} (or drop --sim)")
         for name, value in offline_only.items():
             if value is not None:
                 fail(f"{name} is for evaluating a run folder offline, not for --sim")
-        _evaluate_sim(sim, ckpt, tasks, episodes, seed, max_steps, video, baselines, render_quality, out)
+        _evaluate_sim(
+            sim,
+            ckpt,
+            tasks,
+            10 if episodes is None else episodes,
+            0 if seed is None else seed,
+            150 if max_steps is None else max_steps,
+            video,
+            baselines is not False,
+            render_quality,
+            out,
+        )
         return
     if run is None:
         fail("give a run folder (xwam evaluate RUN) or --sim metaworld --ckpt CKPT")
