@@ -10,7 +10,7 @@ from xwam_core.data.reader import EpisodeStore
 from xwam_core.data.windows import WindowDataset, WindowLayout, collate_windows
 from xwam_core.errors import XWAMError
 from xwam_core.factory import build_codec, build_model, build_text, layout_for
-from xwam_core.models.transformer import MIN_SAMPLE_T
+from xwam_core.models.heads import MIN_SAMPLE_T
 from xwam_core.objective import TrainingObjective, sample_generator
 from xwam_core.recipe import ModelConfig
 from xwam_core.schedule.sampler import NoiseSamplerConfig, sample_noise_levels

@@ -23,8 +23,9 @@ import torch.nn as nn
 from xwam_core.data.augment import AugmentConfig, augment_batch
 from xwam_core.errors import XWAMError
 from xwam_core.models.codecs import Codec, DepthRange, depth_to_image
+from xwam_core.models.heads import MIN_SAMPLE_T
 from xwam_core.models.text import TextConditioner
-from xwam_core.models.transformer import MIN_SAMPLE_T, XWAMTransformer
+from xwam_core.models.transformer import XWAMTransformer
 from xwam_core.schedule.flow import add_noise, model_timestep, velocity_target
 from xwam_core.schedule.sampler import NoiseSamplerConfig, sample_noise_levels
 
