@@ -176,7 +176,6 @@ def train(
         layout.action_valid(),
         layout.state_valid(),
         cfg.augment,
-        video_loss=cfg.video_loss,
     ).to(accelerator.device)
 
     params = [p for p in objective.parameters() if p.requires_grad]
