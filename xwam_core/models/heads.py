@@ -8,7 +8,8 @@ than the model is wide, plugs in:
 - `CurrentFrameBroadcast`: every future video token also receives the current frame's token;
 - `ObservedDepthConditioner` (RGB-D input): the observed current depth enters the depth branch, and the
   depth head is gated against it.
-All start as no-ops or as "nothing moves", so switching one on does not disturb a model's first steps.
+The conditioners start as no-ops and the residual and gated heads as "nothing moves", so switching one on
+does not upset a model's first steps.
 """
 
 from __future__ import annotations
