@@ -38,7 +38,7 @@ def test_observed_depth_reaches_only_the_depth_branch():
     rgbd = build_model("tiny", **KW, depth_condition=True).eval()
     missing, _ = rgbd.load_state_dict(plain.state_dict(), strict=False)
     assert sorted(missing) == sorted(
-        ["depth_condition_embedding.weight", "depth_condition_embedding.bias", "depth_gate_proj.weight", "depth_gate_proj.bias"]
+        ["depth_conditioner.embedding.weight", "depth_conditioner.embedding.bias", "depth_conditioner.gate.weight", "depth_conditioner.gate.bias"]
     )  # fmt: skip
     video, actions, states, t_video, t_action = inputs()
     text = torch.randn(2, 4, plain.config.text_dim)
@@ -53,7 +53,7 @@ def test_observed_depth_reaches_only_the_depth_branch():
     g = torch.sigmoid(torch.tensor(-4.0))  # a new model: closed gates, ~the observed depth in every frame
     torch.testing.assert_close(out.depth, observed + g * (ref.depth - observed), rtol=1e-4, atol=1e-4)
     with torch.no_grad():
-        rgbd.depth_condition_embedding.weight.normal_()  # once trained, the branch reads the observed depth
+        rgbd.depth_conditioner.embedding.weight.normal_()  # once trained, the branch reads the observed depth
         a = rgbd(video, actions, states, t_video, t_action, text, depth_context=observed)
         b = rgbd(video, actions, states, t_video, t_action, text, depth_context=observed + 1.0)
     assert (a.depth - b.depth).abs().mean() > 1e-3
@@ -64,8 +64,8 @@ def test_observed_depth_reaches_only_the_depth_branch():
     with torch.no_grad():  # the policy path (no depth branch) needs no depth
         rgbd(video, actions, states, t_video, t_action, text, run_depth=False)
     shut = build_model("tiny", **KW, depth_condition=True, video_prediction="gated", gate_init_logit=-8.0)
-    assert shut.gate_proj is not None and shut.depth_gate_proj is not None
-    assert (shut.gate_proj.bias == -8.0).all() and (shut.depth_gate_proj.bias == -8.0).all()
+    assert shut.depth_conditioner is not None
+    assert (shut.video_head.gate.bias == -8.0).all() and (shut.depth_conditioner.gate.bias == -8.0).all()
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +91,7 @@ def test_world_mode_reads_the_observed_depth(rgbd_checkpoint):
         "depth": {v: raw["depth"][:, j, 0].numpy() for j, v in enumerate(views)},
     }
     with torch.no_grad():  # shut gates: the predicted future depth is the observed depth, in metres
-        policy.model.depth_gate_proj.bias.fill_(-30.0)
+        policy.model.depth_conditioner.gate.bias.fill_(-30.0)
     out = policy.predict(obs, mode="world", generator=torch.Generator().manual_seed(0))
     observed = raw["depth"][:, :, :1].float()
     lo, hi = policy.depth_range.near, policy.depth_range.far

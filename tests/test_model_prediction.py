@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from xwam_core.models.heads import MIN_SAMPLE_T
 from xwam_core.models.presets import build_model
-from xwam_core.models.transformer import MIN_SAMPLE_T
 
 
 def test_sample_prediction_derives_velocity_from_the_same_head():
@@ -56,7 +56,7 @@ def test_gated_prediction_keeps_the_current_frame_where_the_gate_is_closed():
     sample = build_model("tiny", **kwargs, video_prediction="sample").eval()
     gated = build_model("tiny", **kwargs, video_prediction="gated").eval()
     missing, _ = gated.load_state_dict(sample.state_dict(), strict=False)
-    assert sorted(missing) == ["gate_proj.bias", "gate_proj.weight"]
+    assert sorted(missing) == ["video_head.gate.bias", "video_head.gate.weight"]
     video = torch.randn(2, 2, 48, 3, 4, 4)
     actions, states = torch.randn(2, 8, 4), torch.randn(2, 3, 8)
     t_video, t_action = torch.tensor([700.0, 300.0]), torch.tensor([300.0, 10.0])
@@ -71,10 +71,10 @@ def test_gated_prediction_keeps_the_current_frame_where_the_gate_is_closed():
     g = torch.sigmoid(torch.tensor(-4.0))  # a new model: closed gates, ~2% of the head
     torch.testing.assert_close(clean(gated), current + g * (head - current), rtol=1e-4, atol=1e-4)
     with torch.no_grad():
-        gated.gate_proj.bias.fill_(30.0)  # open: the head alone, as with video_prediction="sample"
+        gated.video_head.gate.bias.fill_(30.0)  # open: the head alone, as with video_prediction="sample"
     torch.testing.assert_close(clean(gated), head, rtol=1e-4, atol=1e-4)
     with torch.no_grad():
-        gated.gate_proj.bias.fill_(-30.0)  # shut: exactly the current frame
+        gated.video_head.gate.bias.fill_(-30.0)  # shut: exactly the current frame
     torch.testing.assert_close(clean(gated), current.expand_as(video), rtol=1e-4, atol=1e-4)
 
 
@@ -96,9 +96,9 @@ def test_condition_broadcast_starts_as_a_no_op_and_feeds_the_current_frame_forwa
     plain = build_model("tiny", **kwargs, condition_broadcast=False).eval()
     broadcast = build_model("tiny", **kwargs, condition_broadcast=True).eval()
     missing, unexpected = broadcast.load_state_dict(plain.state_dict(), strict=False)
-    assert sorted(missing) == ["condition_proj.bias", "condition_proj.weight"] and not unexpected
-    assert broadcast.condition_proj is not None
-    assert not broadcast.condition_proj.weight.any() and not broadcast.condition_proj.bias.any()
+    assert sorted(missing) == ["frame_broadcast.proj.bias", "frame_broadcast.proj.weight"] and not unexpected
+    assert broadcast.frame_broadcast is not None
+    assert not broadcast.frame_broadcast.proj.weight.any() and not broadcast.frame_broadcast.proj.bias.any()
     video = torch.randn(2, 2, 48, 3, 4, 4)
     actions, states = torch.randn(2, 8, 4), torch.randn(2, 3, 8)
     t_video, t_action = torch.tensor([700.0, 200.0]), torch.tensor([300.0, 10.0])
@@ -110,7 +110,7 @@ def test_condition_broadcast_starts_as_a_no_op_and_feeds_the_current_frame_forwa
 
     torch.testing.assert_close(run(broadcast, video).video, run(plain, video).video)  # zero-initialised
     with torch.no_grad():
-        broadcast.condition_proj.weight.copy_(torch.eye(broadcast.inner_dim))
+        broadcast.frame_broadcast.proj.weight.copy_(torch.eye(broadcast.inner_dim))
     # a model without attention between frames (first block's attention zeroed) still sees the current
     # frame in its future tokens only through the broadcast
     for model in (plain, broadcast):

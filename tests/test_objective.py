@@ -1,6 +1,10 @@
-"""The training objective's video loss: flow matching on the velocity, or the same error on the clean latent."""
+"""The training objective's video loss: flow matching on the velocity, or the same error on the clean latent,
+as the model's video head declares."""
 
 from __future__ import annotations
+
+import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,10 +14,12 @@ from xwam_core.data.reader import EpisodeStore
 from xwam_core.data.windows import WindowDataset, WindowLayout, collate_windows
 from xwam_core.errors import XWAMError
 from xwam_core.factory import build_codec, build_model, build_text, layout_for
-from xwam_core.models.transformer import MIN_SAMPLE_T
+from xwam_core.models.heads import MIN_SAMPLE_T, VelocityHead
 from xwam_core.objective import TrainingObjective, sample_generator
-from xwam_core.recipe import ModelConfig
+from xwam_core.recipe import ModelConfig, load_recipe
 from xwam_core.schedule.sampler import NoiseSamplerConfig, sample_noise_levels
+
+TINY_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny_cpu.toml"
 
 
 @pytest.fixture(scope="module")
@@ -36,36 +42,48 @@ def setup(tmp_path_factory):
     return model, text, build_codec(cfg), layout, batch
 
 
-def objective(setup, video_loss: str) -> TrainingObjective:
-    model, text, codec, layout, _ = setup
+def objective(setup, model=None) -> TrainingObjective:
+    default_model, text, codec, layout, _ = setup
     return TrainingObjective(
-        model,
+        model or default_model,
         text,
         codec,
         NoiseSamplerConfig(),
         layout.action_valid(),
         layout.state_valid(),
         None,
-        video_loss,
     )
 
 
-def test_sample_loss_is_the_velocity_loss_times_t_squared(setup):
+class VelocityHeadWithSampleLoss(VelocityHead):
+    """Wan's output unchanged, but declaring the "sample" loss form: isolates what the declaration does."""
+
+    loss_form = "sample"
+
+
+def test_the_video_loss_takes_the_heads_form(setup):
+    velocity_model = copy.deepcopy(setup[0])
+    velocity_model.video_head = VelocityHead()
+    sample_model = copy.deepcopy(setup[0])
+    sample_model.video_head = VelocityHeadWithSampleLoss()
+    assert setup[0].video_head.loss_form == "sample"  # the tiny preset's gated head
+    assert objective(setup).video_loss == "sample"
     batch = setup[-1]
-    with torch.no_grad():
-        velocity = objective(setup, "velocity")(batch, seed=3, step=5, first_index=0, train=False)
-        sample = objective(setup, "sample")(batch, seed=3, step=5, first_index=0, train=False)
+    with torch.no_grad():  # same outputs; only the declared loss form differs
+        velocity = objective(setup, velocity_model)(batch, seed=3, step=5, first_index=0, train=False)
+        sample = objective(setup, sample_model)(batch, seed=3, step=5, first_index=0, train=False)
     # the timesteps the objective drew: each sample's generator, first draw (no augmentation here)
     t = torch.cat(
         [sample_noise_levels(NoiseSamplerConfig(), 1, sample_generator(3, 5, i)).t_video for i in range(4)]
     )
     assert (t > MIN_SAMPLE_T).all() and (t < 1).all()
+    # "sample": the velocity error times t^2, i.e. measured on the clean latent
     torch.testing.assert_close(sample["video"], velocity["video"] * t**2)
     for term in ("action", "state", "depth"):  # only the video term changes
         torch.testing.assert_close(sample[term], velocity[term])
     assert setup[0].depth_range.per_view  # the store's views a (default range) and b (its own)
 
 
-def test_unknown_video_loss_is_refused(setup):
-    with pytest.raises(XWAMError, match=r"train\.video_loss = 'x0': expected one of velocity, sample"):
-        objective(setup, "x0")
+def test_a_recipe_cannot_choose_the_video_loss():
+    with pytest.raises(XWAMError, match=r"unknown key 'train\.video_loss'"):
+        load_recipe(TINY_RECIPE, ["train.video_loss=velocity"])  # the model's head decides it

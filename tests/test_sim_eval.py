@@ -124,4 +124,6 @@ def test_cli_video_json_and_bad_input(tmp_path, tmp_path_factory):
 def test_closed_loop_options_without_sim_are_refused(tmp_path):
     """--episodes/--seed/--max-steps/--no-baselines only mean something with --sim: never silently ignored."""
     for option in (["--episodes", "3"], ["--seed", "1"], ["--max-steps", "5"], ["--no-baselines"]):
-        one_line_error(runner.invoke(app(), ["evaluate", str(tmp_path), *option]), option[0].split("=")[0][:10])
+        one_line_error(
+            runner.invoke(app(), ["evaluate", str(tmp_path), *option]), option[0].split("=")[0][:10]
+        )

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import tomllib
-import torch
 
 from xwam_core.checkpoint import DataSpec, PolicyParts, export_checkpoint
 from xwam_core.data.windows import WindowLayout
@@ -32,7 +31,7 @@ def convert_xwam_v0(source: str | Path, out: str | Path, overwrite: bool = False
     from safetensors.torch import load_file
 
     from xwam_core.models.text import PrecomputedText, TaskEmbeddingText, TextConditioner
-    from xwam_core.models.transformer import XWAMTransformer
+    from xwam_core.models.transformer import XWAMTransformer, upgrade_legacy_state_dict
     from xwam_core.schedule.inference import InferenceScheduleConfig
 
     path = _v0_folder(Path(source))
@@ -47,7 +46,7 @@ def convert_xwam_v0(source: str | Path, out: str | Path, overwrite: bool = False
         config = _json(path / "model" / "config.json")
         weights = load_file(path / "model" / "diffusion_pytorch_model.safetensors")
         model = XWAMTransformer.from_config(config)
-        model.load_state_dict(_upgrade(weights), strict=True)
+        model.load_state_dict(upgrade_legacy_state_dict(weights), strict=True)  # demo heads became plug-ins
     except XWAMError:
         raise
     except Exception as e:
@@ -97,14 +96,6 @@ def _v0_folder(path: Path) -> Path:
     if not (path / "layout.json").is_file() or not (path / "model" / "config.json").is_file():
         raise XWAMError(f"{path}: not an xwam-v0 checkpoint (expected layout.json and model/config.json)")
     return path
-
-
-def _upgrade(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Parameter names of v0 models -> today's (the demo heads became plug-in modules)."""
-    from xwam_core.models import transformer
-
-    upgrade = getattr(transformer, "upgrade_legacy_state_dict", None)
-    return upgrade(state) if upgrade is not None else state
 
 
 def _store_facts(layout: dict[str, Any]) -> tuple[list[str], list[str], float | None]:

@@ -2,7 +2,8 @@
 
 batch (from xwam_core.data.windows) -> augmentation -> codec latents (RGB and inverse depth) -> ANS
 timesteps -> noised video/actions/states -> the transformer -> per-sample losses:
-    video   flow matching on the future latent frames
+    video   flow matching on the future latent frames, in the loss form the model's video head declares
+            ("velocity", the paper's; "sample": the same error on the clean latent, for x-prediction heads)
     action  flow matching, masked where t_action = 0 (ANS's action-conditioned half) or the dimension
             is padding for this embodiment
     state   the same on future states
@@ -21,15 +22,14 @@ import torch
 import torch.nn as nn
 
 from xwam_core.data.augment import AugmentConfig, augment_batch
-from xwam_core.errors import XWAMError
 from xwam_core.models.codecs import Codec, DepthRange, depth_to_image
+from xwam_core.models.heads import MIN_SAMPLE_T
 from xwam_core.models.text import TextConditioner
-from xwam_core.models.transformer import MIN_SAMPLE_T, XWAMTransformer
+from xwam_core.models.transformer import XWAMTransformer
 from xwam_core.schedule.flow import add_noise, model_timestep, velocity_target
 from xwam_core.schedule.sampler import NoiseSamplerConfig, sample_noise_levels
 
 LOSS_TERMS = ("video", "action", "state", "depth")
-VIDEO_LOSSES = ("velocity", "sample")
 
 
 def sample_generator(seed: int, step: int, index: int) -> torch.Generator:
@@ -91,7 +91,10 @@ def encode_batch(
 
 
 class TrainingObjective(nn.Module):
-    """Holds the trainable parts (transformer + text conditioner) and computes per-sample losses."""
+    """Holds the trainable parts (transformer + text conditioner) and computes per-sample losses.
+
+    The video loss takes its form from the model's video head, so a head cannot be trained with the wrong one.
+    """
 
     action_valid: torch.Tensor  # (action_dim,) float buffer: 1 where the dimension is the store's
     state_valid: torch.Tensor
@@ -105,12 +108,9 @@ class TrainingObjective(nn.Module):
         action_valid: torch.Tensor,
         state_valid: torch.Tensor,
         augment: AugmentConfig | None = None,
-        video_loss: str = "velocity",
     ):
         super().__init__()
-        if video_loss not in VIDEO_LOSSES:
-            raise XWAMError(f"train.video_loss = {video_loss!r}: expected one of {', '.join(VIDEO_LOSSES)}")
-        self.video_loss = video_loss
+        self.video_loss = model.video_head.loss_form  # "velocity" or "sample", the head's
         self.model = model
         self.text = text
         self.codec = codec
@@ -174,9 +174,8 @@ class TrainingObjective(nn.Module):
         v_err = (
             out.video[:, :, :, future].float() - velocity_target(x.video, eps_video)[:, :, :, future]
         ) ** 2
-        if (
-            self.video_loss == "sample"
-        ):  # (v_pred - v) t = x0 - x0_pred, t clamped as the x-prediction heads do
+        if self.video_loss == "sample":
+            # (v_pred - v) t = x0 - x0_pred, with t clamped as the x-prediction heads clamp it
             v_err = v_err * t_video.float().clamp_min(MIN_SAMPLE_T).view(-1, 1, 1, 1, 1, 1) ** 2
         losses = {"video": v_err.flatten(1).mean(1), "video_mask": torch.ones(b, device=device)}
         a_err = (out.actions.float() - velocity_target(x.actions, eps_action)) ** 2  # (B, K, Da)

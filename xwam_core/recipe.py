@@ -119,9 +119,6 @@ class TrainConfig:
     checkpoint_every: int = 200
     keep_last: int = 3
     log_every: int = 10
-    # "velocity": flow matching on the velocity (the paper's); "sample": the same error measured on the clean
-    # latent (velocity error x t^2), for x-predicting heads (model.video_prediction sample/residual/gated)
-    video_loss: str = "velocity"
     lora_rank: int = 0  # finetune: >0 trains LoRA adapters on the trunk (peft) plus the new parts
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 

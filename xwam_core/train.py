@@ -187,7 +187,6 @@ class Trainer:
             self.layout.action_valid(),
             self.layout.state_valid(),
             cfg.augment,
-            video_loss=cfg.video_loss,
         ).to(self.accelerator.device)
         self.params = [p for p in self.objective.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(

@@ -1,4 +1,5 @@
-"""The X-WAM model: transformer (Wan2.2 trunk + views, actions/states, depth branch), codecs, text, presets.
+"""The X-WAM model: transformer (Wan2.2 trunk + views, actions/states, depth branch), its plug-in heads and
+conditioners, codecs, text, presets.
 
 Names resolve lazily, so `from xwam_core.models.codecs import PixelCodec` does not pay for importing
 diffusers' transformer stack (several seconds on a small CPU).
@@ -16,6 +17,13 @@ _EXPORTS = {
     "WanVAECodec": "codecs",
     "depth_to_image": "codecs",
     "image_to_depth": "codecs",
+    "CurrentFrameBroadcast": "heads",
+    "GatedSampleHead": "heads",
+    "ObservedDepthConditioner": "heads",
+    "ResidualSampleHead": "heads",
+    "SampleHead": "heads",
+    "VelocityHead": "heads",
+    "VideoHead": "heads",
     "PRESETS": "presets",
     "build_model": "presets",
     "preset_codec": "presets",
@@ -29,6 +37,7 @@ _EXPORTS = {
     "XWAMOutput": "transformer",
     "XWAMStepCache": "transformer",
     "XWAMTransformer": "transformer",
+    "upgrade_legacy_state_dict": "transformer",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from xwam_core.errors import XWAMError
-from xwam_core.models.codecs import Codec, PixelCodec, WanVAECodec
+from xwam_core.models.codecs import Codec, codec_from_description, describe_codec
 
 _LAYOUT = {"num_views": 3, "action_dim": 14, "state_dim": 16, "num_actions": 32, "num_states": 9}
 
@@ -75,8 +75,6 @@ def build_model(name: str, **overrides: Any):
 
 def preset_codec(name: str, vae_path_or_hub_id: str | Path | None = None) -> Codec:
     """The codec a preset's latents come from: PixelCodec for tiny, the Wan2.2 VAE for base."""
-    if name == "tiny":
-        return PixelCodec(spatial_factor=8, temporal_factor=4)
-    if name == "base":
-        return WanVAECodec.from_pretrained(vae_path_or_hub_id or "Wan-AI/Wan2.2-TI2V-5B-Diffusers")
-    raise XWAMError(f"unknown model preset '{name}', expected one of {sorted(PRESETS)}")
+    if name not in PRESETS:
+        raise XWAMError(f"unknown model preset '{name}', expected one of {sorted(PRESETS)}")
+    return codec_from_description(describe_codec(name, str(vae_path_or_hub_id or "")))

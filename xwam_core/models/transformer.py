@@ -9,16 +9,20 @@ condition embedder, blocks and output head are used as they are. X-WAM adds a vi
 action/state MLP encoders and decoders, per-token timesteps (the clean current frame and current
 state at t = 0) and a depth branch: copies of the last M blocks whose queries attend to their own
 keys/values and to the main branch's keys/values of the same layer, never the other way round.
+What the paper's model does without (x-prediction video heads, conditioners for small models trained
+from scratch) plugs in from `xwam_core.models.heads`.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple, cast
+from typing import Any, NamedTuple, TypeVar, cast
 
 import torch
 import torch.nn as nn
@@ -34,6 +38,12 @@ from diffusers.utils import BaseOutput
 
 from xwam_core.errors import XWAMError
 from xwam_core.models.codecs import DepthRange
+from xwam_core.models.heads import (
+    CurrentFrameBroadcast,
+    ObservedDepthConditioner,
+    VideoHead,
+    build_video_head,
+)
 
 WAN_HUB_ID = "Wan-AI/Wan2.2-TI2V-5B-Diffusers"
 
@@ -60,6 +70,15 @@ _WAN_CONFIG_KEYS = (
 
 # Timestep classes of the per-token timestep: the clean context, the video stream, the action stream.
 _T_CLEAN, _T_VIDEO, _T_ACTION = 0, 1, 2
+
+# Parameter-name prefixes of checkpoints written before the plug-ins were modules -> their names now.
+_LEGACY_PREFIXES = {
+    "gate_proj.": "video_head.gate.",
+    "depth_condition_embedding.": "depth_conditioner.embedding.",
+    "depth_gate_proj.": "depth_conditioner.gate.",
+    "condition_proj.": "frame_broadcast.proj.",
+}
+_Value = TypeVar("_Value")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -299,22 +318,13 @@ class XWAMTransformer(ModelMixin, ConfigMixin):  # type: ignore[misc]
 
     The first block of arguments is `WanTransformer3DModel`'s (defaults: Wan2.2-TI2V-5B); the rest is X-WAM's:
     `num_views` view-embedding slots, the action/state layout, `num_depth_blocks` (M, the depth branch copies
-    the last M blocks), the depth range the depth latents were encoded with, and `video_prediction`:
-    "velocity" (Wan's own output, the default), "sample" (the video head predicts the clean latent and the
-    returned velocity is derived from it; for presets whose tokens hold more values than the model is wide) or
-    "residual" (like "sample", but the head predicts the change from the current frame's latent: a still
-    scene costs nothing; meaningful for the pixel codec, whose latent frames all hold frames the same way) or
-    "gated" (clean future = current + g * (head - current), g = sigmoid of a second head, per latent value,
-    starting near 0: still regions keep the current frame exactly while moving ones are drawn anew; a
-    residual head must cancel the moving object's old appearance, which a narrow model cannot carry).
-    `condition_broadcast` (off in Wan2.2 and the paper) adds to every future video token the current frame's
-    token of the same view and position through a zero-initialised linear map: a pretrained Wan finds the
-    condition frame by attention, a small model trained from scratch learns that far too slowly.
-    `depth_condition` (off in the paper) gives the depth branch the observed current depth (RGB-D input):
-    its latent is patch-embedded (zero-initialised) into every depth token of its view and position, and
-    the depth head is gated against it like video_prediction="gated". The main branch never sees it, so
-    actions and video are unchanged and policy mode needs no depth. `gate_init_logit` is where both gated
-    heads start (sigmoid(-4) ~ 0.018 of the head, the rest the current frame / observed depth).
+    the last M blocks) and the depth range the depth latents were encoded with. The last four choose the
+    plug-ins of `xwam_core.models.heads`; their defaults are the paper's model:
+    `video_prediction` names the video head (`VIDEO_HEADS`): "velocity" (Wan's own output, the paper's),
+    "sample", "residual" or "gated" (x-prediction heads, each declaring the loss form training uses).
+    `condition_broadcast` adds a `CurrentFrameBroadcast`; `depth_condition` an `ObservedDepthConditioner`
+    (RGB-D input to the depth branch, whose head is gated against the observed depth). `gate_init_logit` is
+    where both gated heads start (sigmoid(-4) ~ 0.018 of the head, the rest the current frame / observed depth).
     """
 
     _supports_gradient_checkpointing = True
@@ -354,8 +364,6 @@ class XWAMTransformer(ModelMixin, ConfigMixin):  # type: ignore[misc]
         gate_init_logit: float = -4.0,
     ) -> None:
         super().__init__()
-        if video_prediction not in VIDEO_PREDICTIONS:
-            raise XWAMError(f"video_prediction={video_prediction!r}: expected one of {VIDEO_PREDICTIONS}")
         if not 0 <= num_depth_blocks <= num_layers:
             raise XWAMError(f"num_depth_blocks={num_depth_blocks}: expected 0..num_layers ({num_layers})")
         if num_views < 1 or action_dim < 1 or state_dim < 1:
@@ -398,29 +406,23 @@ class XWAMTransformer(ModelMixin, ConfigMixin):  # type: ignore[misc]
         self.depth_scale_shift_table = nn.Parameter(torch.randn(1, 2, inner_dim) / inner_dim**0.5)
         self.depth_proj_out = nn.Linear(inner_dim, out_channels * math.prod(patch_size))
 
-        # video_prediction="gated": where the prediction leaves the current frame (sigmoid; starts ~0.02)
-        self.gate_proj = (
-            nn.Linear(inner_dim, out_channels * math.prod(patch_size))
-            if video_prediction == "gated"
+        # Plug-ins (xwam_core.models.heads). Their creation order fixes what a seed draws and the parameter
+        # order (optimizer and EMA state are indexed by it): keep it. Older checkpoints' names for their
+        # parameters: upgrade_legacy_state_dict.
+        values_per_token = out_channels * math.prod(patch_size)
+        self.video_head: VideoHead = build_video_head(
+            video_prediction, inner_dim, values_per_token, gate_init_logit
+        )
+        patch = (int(patch_size[0]), int(patch_size[1]), int(patch_size[2]))
+        self.depth_conditioner = (
+            ObservedDepthConditioner(in_channels, inner_dim, patch, gate_init_logit)
+            if depth_condition
             else None
         )
-        # depth_condition: the observed depth enters the depth branch; its head is gated against it
-        patch = (int(patch_size[0]), int(patch_size[1]), int(patch_size[2]))
-        self.depth_condition_embedding = (
-            nn.Conv3d(in_channels, inner_dim, kernel_size=patch, stride=patch) if depth_condition else None
-        )
-        self.depth_gate_proj = (
-            nn.Linear(inner_dim, out_channels * math.prod(patch_size)) if depth_condition else None
-        )
-        # condition_broadcast: every future token also gets the current frame's token of its view and position
-        self.condition_proj = nn.Linear(inner_dim, inner_dim) if condition_broadcast else None
+        self.frame_broadcast = CurrentFrameBroadcast(inner_dim) if condition_broadcast else None
         self.gradient_checkpointing = False
         self._init_new_parameters()  # the depth blocks are deep copies of the last M blocks
-        if video_prediction == "residual":
-            # start as "nothing moves" (the future equals the current frame), as DiT zero-inits its output
-            with torch.no_grad():
-                self.wan.proj_out.weight.zero_()
-                self.wan.proj_out.bias.zero_()
+        self.video_head.prepare_output_layer(self.wan.proj_out)
         self._install_processors()
 
     # ---- construction helpers ------------------------------------------------------------------
@@ -439,18 +441,9 @@ class XWAMTransformer(ModelMixin, ConfigMixin):  # type: ignore[misc]
                     layer.reset_parameters()
         self.depth_scale_shift_table.normal_(std=self.inner_dim**-0.5)
         self.depth_proj_out.reset_parameters()
-        if self.depth_condition_embedding is not None and self.depth_gate_proj is not None:
-            # a new model's depth branch is unchanged...
-            nn.init.zeros_(self.depth_condition_embedding.weight)
-            nn.init.zeros_(self.depth_condition_embedding.bias)  # type: ignore[arg-type]  # Conv3d has a bias
-            self.depth_gate_proj.weight.zero_()  # ...and predicts (almost) the observed depth
-            self.depth_gate_proj.bias.fill_(float(self.cfg.gate_init_logit))
-        if self.gate_proj is not None:  # closed gates: a new model predicts (almost) the current frame
-            self.gate_proj.weight.zero_()
-            self.gate_proj.bias.fill_(float(self.cfg.gate_init_logit))
-        if self.condition_proj is not None:  # zero: a new broadcast changes nothing until trained
-            self.condition_proj.weight.zero_()
-            self.condition_proj.bias.zero_()
+        for plugin in (self.video_head, self.depth_conditioner, self.frame_broadcast):
+            if plugin is not None:
+                plugin.reset_parameters()  # no-ops and shut gates: see xwam_core.models.heads
 
     def _install_processors(self) -> None:
         for module in self.modules():
@@ -789,9 +782,8 @@ class XWAMTransformer(ModelMixin, ConfigMixin):  # type: ignore[misc]
         x = self.wan.patch_embedding(video.flatten(0, 1).to(dtype))  # (B*V, D, F', h', w')
         x = x.unflatten(0, (batch, layout.views)).permute(0, 3, 1, 4, 5, 2)  # (B, F', V, h', w', D)
         x = x + self.view_embedding[: layout.views].view(1, 1, layout.views, 1, 1, -1).to(x.dtype)
-        if self.condition_proj is not None and x.shape[1] > 1:
-            # the current frame (latent frame 0) of each view and position, mapped, added to its future tokens
-            x = torch.cat([x[:, :1], x[:, 1:] + self.condition_proj(x[:, :1])], dim=1)
+        if self.frame_broadcast is not None:
+            x = self.frame_broadcast(x)  # (B, F', V, h', w', D)
         tokens = [x.flatten(1, 4)]  # (B, N_video, D)
         if actions is not None:
             tokens.append(self.action_encoder(actions.to(dtype)))  # (B, K, D)
@@ -811,64 +803,47 @@ class XWAMTransformer(ModelMixin, ConfigMixin):  # type: ignore[misc]
             hidden = self._block(block, hidden, contexts[i], proj, attn_in)
 
         out = self._final_norm(hidden, temb, self.wan.scale_shift_table)  # (B, N, D)
-        video_out = self._unpatchify(self.wan.proj_out(out[:, :n_video]), layout)
-        if self.config["video_prediction"] == "residual":  # clean future = current frame's latent + output
-            video_out = video_out + video[:, :, :, :1].to(video_out.dtype)
-        elif self.gate_proj is not None:  # gated: current + g * (output - current)
-            gate = torch.sigmoid(self._unpatchify(self.gate_proj(out[:, :n_video]), layout).float())
-            current = video[:, :, :, :1].float()
-            video_out = (current + gate * (video_out.float() - current)).to(video_out.dtype)
-        if self.config["video_prediction"] in ("sample", "residual", "gated"):
-            video_out = _sample_to_velocity(video, video_out, t_video)
+        unpatchify = functools.partial(self._unpatchify, layout=layout)
+        video_tokens = out[:, :n_video]  # (B, N_video, D)
+        wan_video = unpatchify(self.wan.proj_out(video_tokens))  # (B, V, C, F, h, w)
+        video_out = self.video_head(wan_video, video_tokens, video, t_video, unpatchify)  # velocity
         k_end = n_video + layout.num_actions
         actions_out = self.action_decoder(out[:, n_video:k_end]) if actions is not None else None
         states_out = self.state_decoder(out[:, k_end:]) if states is not None else None
 
         depth_out = None
-        if depth_hidden is not None and self.depth_condition_embedding is not None:
-            expected = (*video.shape[:3], 1, *video.shape[4:])
-            if depth_context is None:
-                raise XWAMError(
-                    "this model's depth branch is conditioned on the observed depth (depth_condition=True): "
-                    "pass depth_context, the current frame's depth latent"
-                )
-            if tuple(depth_context.shape) != expected:
-                raise XWAMError(
-                    f"depth_context must be (B, V, C, 1, h, w) = {expected}, got {tuple(depth_context.shape)}"
-                )
-            d = self.depth_condition_embedding(depth_context.flatten(0, 1).to(depth_hidden.dtype))
-            d = d.unflatten(0, (batch, layout.views)).permute(0, 3, 1, 4, 5, 2)  # (B, 1, V, h', w', D)
-            d = d.expand(-1, layout.grid[0], -1, -1, -1, -1)  # every latent frame
-            depth_hidden = depth_hidden + d.flatten(1, 4)
         if depth_hidden is not None:
+            observed = None
+            if self.depth_conditioner is not None:  # RGB-D: the observed depth enters the depth stream
+                observed = self.depth_conditioner.checked(depth_context, tuple(video.shape))
+                depth_hidden = self.depth_conditioner.embed(depth_hidden, observed)  # (B, N_video, D)
             cos_v, sin_v = cos[:, :n_video], sin[:, :n_video]
             proj_v, temb_v = proj[:, :n_video], temb[:, :n_video]  # depth uses the video tokens' timesteps
             for j, block in enumerate(self.depth_blocks):
                 attn_in = SelfAttnInputs(cos_v, sin_v, kv_extra=sinks[j].kv)
                 depth_hidden = self._block(block, depth_hidden, depth_contexts[j], proj_v, attn_in)
             depth_hidden = self._final_norm(depth_hidden, temb_v, self.depth_scale_shift_table)
-            depth_out = self._unpatchify(self.depth_proj_out(depth_hidden), layout)
-            if (
-                self.depth_gate_proj is not None and depth_context is not None
-            ):  # observed + g * (head - observed)
-                gate = torch.sigmoid(self._unpatchify(self.depth_gate_proj(depth_hidden), layout).float())
-                observed = depth_context.float()
-                depth_out = (observed + gate * (depth_out.float() - observed)).to(depth_out.dtype)
+            depth_out = unpatchify(self.depth_proj_out(depth_hidden))  # (B, V, C, F, h, w)
+            if self.depth_conditioner is not None and observed is not None:
+                depth_out = self.depth_conditioner.gate_head(depth_out, depth_hidden, observed, unpatchify)
 
         return XWAMOutput(video=video_out, actions=actions_out, states=states_out, depth=depth_out)
 
 
-VIDEO_PREDICTIONS = ("velocity", "sample", "residual", "gated")
-MIN_SAMPLE_T = 0.05  # x-prediction: velocity = (x_t - x0) / max(t, 0.05), as in JiT (Li & He, 2025)
+def upgrade_legacy_state_dict(state_dict: Mapping[str, _Value]) -> dict[str, _Value]:
+    """An XWAMTransformer state dict with the plug-ins' old top-level names (gate_proj, condition_proj,
+    depth_condition_embedding, depth_gate_proj) renamed to their modules' (video_head.gate, ...).
 
-
-def _sample_to_velocity(noisy: torch.Tensor, clean: torch.Tensor, t_video: torch.Tensor) -> torch.Tensor:
-    """Turn a predicted clean latent into the flow velocity: x_t = (1 - t) x0 + t eps gives
-    eps - x0 = (x_t - x0) / t. Used when a token holds more latent values than the model is wide
-    (the tiny pixel-codec preset): the model cannot carry the noise through its width, but it can
-    predict the clean image, so it predicts the sample and the velocity is derived (JiT, 2025)."""
-    t = (t_video.float() / 1000.0).clamp_min(MIN_SAMPLE_T).view(-1, 1, 1, 1, 1, 1)
-    return ((noisy.float() - clean.float()) / t).to(clean.dtype)
+    Every other name, and a state dict already in the new names, passes through unchanged (order kept).
+    """
+    upgraded = {}
+    for name, value in state_dict.items():
+        for old, new in _LEGACY_PREFIXES.items():
+            if name.startswith(old):
+                name = new + name[len(old) :]
+                break
+        upgraded[name] = value
+    return upgraded
 
 
 def _per_sample(t: torch.Tensor | float, batch: int, device: torch.device, name: str) -> torch.Tensor:
