@@ -99,6 +99,31 @@ class SyntheticSource(EpisodeSource):
             )
 
 
+class RecordingProgress:
+    """A `xwam_core.progress.Progress` that records every task: label -> {total, done, info}."""
+
+    def __init__(self) -> None:
+        self.tasks: dict[str, dict] = {}
+        self.lines: list[str] = []
+
+    def task(self, label: str, total: int, completed: int = 0) -> _RecordedTask:
+        self.tasks[label] = {"total": total, "done": completed, "info": None}
+        return _RecordedTask(self.tasks[label])
+
+    def log(self, message: str) -> None:
+        self.lines.append(message)
+
+
+class _RecordedTask:
+    def __init__(self, record: dict) -> None:
+        self.record = record
+
+    def advance(self, n: int = 1, info: str | None = None) -> None:
+        self.record["done"] += n
+        if info is not None:
+            self.record["info"] = info
+
+
 def write_store(path: Path, source: EpisodeSource) -> list[Episode]:
     episodes = list(source.episodes())
     with StoreWriter(path, source.info()) as writer:

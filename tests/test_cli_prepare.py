@@ -66,6 +66,8 @@ def test_prepare_synthetic_writes_store_and_summary(tmp_path, synthetic_source):
         "seconds",
     ):
         assert word in result.output
+    # not a terminal: the bar is a plain line when its task completes, with the last episode's status
+    assert "prepare synthetic episodes: 2/2 push (" in result.output
     store = EpisodeStore(out)
     assert len(store.episodes) == 2
     assert "[prepare]" in (out / "meta" / "recipe.toml").read_text()

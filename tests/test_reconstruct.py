@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from tests import geometry_scene
+from tests.conftest import RecordingProgress
 from tests.run_fixtures import (
     app,
     no_temporaries,
@@ -81,8 +82,10 @@ def test_clouds_previews_and_index(run_copy):
 
 def test_known_geometry_comes_back(tmp_path):
     run_path = scene_run(tmp_path / "scene")
-    summary = reconstruct_run(run_path, tsdf=True)
+    progress = RecordingProgress()
+    summary = reconstruct_run(run_path, tsdf=True, progress=progress)
     assert summary.windows == 1 and summary.steps == 2
+    assert progress.tasks["steps"] == {"total": 2, "done": 2, "info": "window 1/1 t+2"}
     points, _ = read_ply(run_path / "points" / "window-000" / "t2_pred.ply")
     assert len(points) > 4000
     assert geometry_scene.distance_to_surface(points).max() < 1e-5  # float32 depth and poses
