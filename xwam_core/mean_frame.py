@@ -14,13 +14,13 @@ scene's statistics yet.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
 from xwam_core.data.reader import EpisodeStore
 from xwam_core.data.windows import WindowDataset, WindowLayout
+from xwam_core.progress import SILENT, Progress
 
 MAX_WINDOWS = 512  # windows averaged at most, evenly spaced over all of them (a large store stays quick)
 
@@ -38,11 +38,9 @@ def mean_future_frames(
     window: WindowLayout,
     views: list[str],
     exclude: list[int],
-    max_windows: int = MAX_WINDOWS,
-    on_start: Callable[[int], None] | None = None,
-    on_window: Callable[[], None] | None = None,
+    progress: Progress = SILENT,
 ) -> MeanFrames | None:
-    """The mean frame of up to `max_windows` windows of every episode not in `exclude`; None if there is none."""
+    """The mean frame of up to MAX_WINDOWS windows of every episode not in `exclude`; None if there is none."""
     excluded = set(exclude)
     episodes = [  # episodes too short for one window give none (WindowDataset refuses a set with none)
         i for i, e in enumerate(store.episodes) if i not in excluded and e.length >= window.span
@@ -50,9 +48,8 @@ def mean_future_frames(
     if not episodes:
         return None
     dataset = WindowDataset(store, window, views=views, episodes=episodes, normalize=False)
-    rows = np.unique(np.linspace(0, len(dataset) - 1, min(max_windows, len(dataset))).round().astype(int))
-    if on_start is not None:
-        on_start(len(rows))
+    rows = np.unique(np.linspace(0, len(dataset) - 1, min(MAX_WINDOWS, len(dataset))).round().astype(int))
+    bar = progress.task("mean-frame baseline", total=len(rows))
     shape = (len(views), window.num_frames, *store.image_size)
     rgb_sum = np.zeros((*shape, 3), np.float64)
     depth_sum = np.zeros(shape, np.float64)
@@ -65,8 +62,7 @@ def mean_future_frames(
             valid = depth > 0
             depth_sum += np.where(valid, depth, 0.0)
             depth_count += valid
-        if on_window is not None:
-            on_window()
+        bar.advance(info="other episodes")
     mean_depth = (depth_sum / np.maximum(depth_count, 1)).astype(np.float32) if store.has_depth else None
     used = sorted({int(dataset.windows[int(r), 0]) for r in rows})
     return MeanFrames((rgb_sum / len(rows)).astype(np.float32), mean_depth, used, len(rows))
