@@ -13,9 +13,7 @@ Numpy in and out; open3d is imported only by the functions that need it.
 
 from __future__ import annotations
 
-import os
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from scipy.spatial import cKDTree
 
+from xwam_core.atomic import atomic_file
 from xwam_core.errors import XWAMError
 
 if TYPE_CHECKING:
@@ -187,21 +186,6 @@ def _from_open3d(cloud: open3d.geometry.PointCloud) -> tuple[np.ndarray, np.ndar
     return points, np.clip(np.round(np.asarray(cloud.colors) * 255.0), 0, 255).astype(np.uint8)
 
 
-def _atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
-    """Call write(temporary path with the same suffix) beside `path`, then rename it onto `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def write_ply(path: str | Path, points: np.ndarray, colors: np.ndarray | None = None) -> Path:
     """Write a binary PLY point cloud (colours uint8 RGB) atomically: a crash never leaves half a file."""
     points = _points(points, "write_ply")
@@ -209,12 +193,10 @@ def write_ply(path: str | Path, points: np.ndarray, colors: np.ndarray | None = 
         raise XWAMError(f"write_ply: colors have shape {np.asarray(colors).shape}, expected {points.shape}")
     cloud = _to_open3d(points, colors)
     o3d = _open3d()
-
-    def write(tmp: str) -> None:
-        if not o3d.io.write_point_cloud(tmp, cloud, write_ascii=False):
+    with atomic_file(path) as tmp:
+        if not o3d.io.write_point_cloud(str(tmp), cloud, write_ascii=False):
             raise XWAMError(f"write_ply: open3d could not write {path}")
-
-    return _atomic_write(path, write)
+    return Path(path)
 
 
 def read_ply(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
@@ -377,7 +359,9 @@ def render_points(
 def _write_png(path: str | Path, image: np.ndarray) -> Path:
     from PIL import Image
 
-    return _atomic_write(path, lambda tmp: Image.fromarray(image).save(tmp, format="PNG"))
+    with atomic_file(path) as tmp:
+        Image.fromarray(image).save(tmp, format="PNG")
+    return Path(path)
 
 
 def render_points_png(

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
+from xwam_core.atomic import temporary_sibling
 from xwam_core.data.episode import Episode, ViewFrames
 from xwam_core.data.store import (
     CODEBASE_VERSION,
@@ -167,7 +167,7 @@ class EpisodeStore:
         return FrameCache(cache_path, self)
 
     def _build_cache(self, cache_path: Path) -> None:
-        tmp = cache_path.parent / f".{cache_path.name}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp = temporary_sibling(cache_path)
         tmp.mkdir(parents=True)
         try:
             n = self.num_frames
@@ -212,9 +212,11 @@ class EpisodeStore:
                         np.asarray(cols[extrinsics_key(v)].to_pylist(), np.float32),
                     )
             (tmp / "done.json").write_text(json.dumps({"frames": n}))
+            # not atomic.replace_folder: a complete cache is never replaced. If another process built
+            # it meanwhile, the rename fails on the non-empty folder and theirs (as good) is kept.
             try:
                 os.replace(tmp, cache_path)
-            except OSError:  # another process built it at the same time: theirs is as good
+            except OSError:
                 shutil.rmtree(tmp, ignore_errors=True)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
