@@ -69,3 +69,18 @@ def test_sample_loss_is_the_velocity_loss_times_t_squared(setup):
 def test_unknown_video_loss_is_refused(setup):
     with pytest.raises(XWAMError, match=r"train\.video_loss = 'x0': expected one of velocity, sample"):
         objective(setup, "x0")
+
+
+def test_loss_masks_follow_the_drawn_timesteps_and_depth(setup):
+    """What train.py averages over: action/state losses only where t_action > 0, depth where there is depth."""
+    batch = setup[-1]
+    with torch.no_grad():
+        losses = objective(setup, "velocity")(batch, seed=0, step=0, first_index=0, train=False)
+    t_action = torch.cat(
+        [sample_noise_levels(NoiseSamplerConfig(), 1, sample_generator(0, 0, i)).t_action for i in range(4)]
+    )
+    assert 0 < int((t_action > 0).sum()) < 4  # this draw has both clean and noisy actions
+    assert torch.equal(losses["action_mask"], (t_action > 0).float())
+    assert torch.equal(losses["state_mask"], losses["action_mask"])
+    assert torch.equal(losses["depth_mask"], batch["has_depth"].float())
+    assert torch.equal(losses["video_mask"], torch.ones(4))
