@@ -1,4 +1,4 @@
-"""Reading an episode store: metadata, whole episodes, and the decoded frame cache used by training.
+"""Reading an episode store: its metadata and the decoded frame cache that training and inference read.
 
 The frame cache (`STORE/cache/frames-v1/`) holds every view's frames decoded once into memory-mapped
 .npy arrays, so training windows are slices of arrays, not PNG decodes. It is built on first use,
@@ -18,12 +18,10 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from xwam_core.atomic import temporary_sibling
-from xwam_core.data.episode import Episode, ViewFrames
 from xwam_core.data.store import (
     CODEBASE_VERSION,
     EPISODES_PATH,
     decode_png,
-    depth_from_mm,
     depth_key,
     extrinsics_key,
     intrinsics_key,
@@ -128,34 +126,6 @@ class EpisodeStore:
                 raise DataError(f"{path}: data file unreadable ({e})") from None
         table = pa.concat_tables(tables)
         return {c: table.column(c) for c in columns}
-
-    # ---------------------------------------------------------------------------------- episodes
-    def read_episode(self, index: int) -> Episode:
-        """Decode one whole episode (for inspection and evaluation; training uses the frame cache)."""
-        meta = self.episodes[index]
-        path = self.path / self.info["data_path"].format(
-            chunk_index=meta.chunk_index, file_index=meta.file_index
-        )
-        table = pq.read_table(path, filters=[("episode_index", "=", index)])
-        views = {}
-        for v in self.views:
-            rgb = np.stack([decode_png(x["bytes"]) for x in table.column(rgb_key(v)).to_pylist()])
-            depth = intr = extr = None
-            if self.has_depth:
-                mm = np.stack([decode_png(x["bytes"]) for x in table.column(depth_key(v)).to_pylist()])
-                depth = depth_from_mm(mm)
-            if self.has_cameras:
-                intr = np.asarray(table.column(intrinsics_key(v)).to_pylist(), dtype=np.float32)
-                extr = np.asarray(table.column(extrinsics_key(v)).to_pylist(), dtype=np.float32)
-            views[v] = ViewFrames(rgb=rgb, depth=depth, intrinsics=intr, extrinsics=extr)
-        return Episode(
-            task=meta.task,
-            views=views,
-            state=np.asarray(table.column("observation.state").to_pylist(), dtype=np.float32),
-            action=np.asarray(table.column("action").to_pylist(), dtype=np.float32),
-            fps=self.fps,
-            success=meta.success,
-        )
 
     # ---------------------------------------------------------------------------------- frame cache
     def frame_cache(self, build: bool = True) -> FrameCache:

@@ -77,10 +77,6 @@ def depth_to_mm(depth_m: np.ndarray) -> np.ndarray:
     return mm.astype(np.uint16)
 
 
-def depth_from_mm(depth_mm: np.ndarray) -> np.ndarray:
-    return depth_mm.astype(np.float32) / 1000.0
-
-
 # ------------------------------------------------------------------------------------------ schema
 def _features(info: SourceInfo) -> dict[str, dict[str, Any]]:
     h, w = info.image_size
