@@ -12,8 +12,16 @@ import pytest
 os.environ.setdefault("MUJOCO_GL", "egl")
 
 from xwam_core.data.episode import Episode, ViewFrames
+from xwam_core.data.reader import EpisodeStore
 from xwam_core.data.sources.base import EpisodeSource, SourceInfo
-from xwam_core.data.store import StoreWriter
+from xwam_core.data.store import (
+    StoreWriter,
+    decode_png,
+    depth_key,
+    extrinsics_key,
+    intrinsics_key,
+    rgb_key,
+)
 
 
 def synthetic_episode(
@@ -99,12 +107,72 @@ class SyntheticSource(EpisodeSource):
             )
 
 
+class RecordingProgress:
+    """A `xwam_core.progress.Progress` that records every task: label -> {total, done, info}."""
+
+    def __init__(self) -> None:
+        self.tasks: dict[str, dict] = {}
+        self.lines: list[str] = []
+
+    def task(self, label: str, total: int, completed: int = 0) -> _RecordedTask:
+        self.tasks[label] = {"total": total, "done": completed, "info": None}
+        return _RecordedTask(self.tasks[label])
+
+    def log(self, message: str) -> None:
+        self.lines.append(message)
+
+
+class _RecordedTask:
+    def __init__(self, record: dict) -> None:
+        self.record = record
+
+    def advance(self, n: int = 1, info: str | None = None) -> None:
+        self.record["done"] += n
+        if info is not None:
+            self.record["info"] = info
+
+
 def write_store(path: Path, source: EpisodeSource) -> list[Episode]:
     episodes = list(source.episodes())
     with StoreWriter(path, source.info()) as writer:
         for ep in episodes:
             writer.add(ep)
     return episodes
+
+
+def read_episode(store: EpisodeStore, index: int) -> Episode:
+    """Decode one whole episode straight from the store's parquet rows (not through the frame cache)."""
+    import pyarrow.parquet as pq
+
+    meta = store.episodes[index]
+    path = store.path / store.info["data_path"].format(
+        chunk_index=meta.chunk_index, file_index=meta.file_index
+    )
+    table = pq.read_table(path, filters=[("episode_index", "=", index)])
+
+    def images(key: str) -> np.ndarray:
+        return np.stack([decode_png(cell["bytes"]) for cell in table.column(key).to_pylist()])
+
+    def matrices(key: str) -> np.ndarray:
+        return np.asarray(table.column(key).to_pylist(), dtype=np.float32)
+
+    views = {
+        v: ViewFrames(
+            rgb=images(rgb_key(v)),
+            depth=images(depth_key(v)).astype(np.float32) / 1000.0 if store.has_depth else None,
+            intrinsics=matrices(intrinsics_key(v)) if store.has_cameras else None,
+            extrinsics=matrices(extrinsics_key(v)) if store.has_cameras else None,
+        )
+        for v in store.views
+    }
+    return Episode(
+        task=meta.task,
+        views=views,
+        state=matrices("observation.state"),
+        action=matrices("action"),
+        fps=store.fps,
+        success=meta.success,
+    )
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ ray-cast analytically (ray-plane and ray-sphere intersection) into depth maps of
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -105,3 +106,14 @@ def dense_visible_surface(scene: Scene, supersample: int = 3) -> np.ndarray:
         rays = np.linalg.solve(fine, np.stack([u, v, np.ones_like(u)]).astype(np.float64))
         chunks.append((pose[:3, :3] @ (rays * fine_depth[v, u])).T + pose[:3, 3])
     return np.concatenate(chunks)
+
+
+def read_ply(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """Points (N, 3) float64 and colours (N, 3) uint8 (None if the file has none) of a PLY file."""
+    import open3d
+
+    cloud = open3d.io.read_point_cloud(str(path), format="ply")
+    points = np.asarray(cloud.points, dtype=np.float64)
+    if not cloud.has_colors():
+        return points, None
+    return points, np.clip(np.round(np.asarray(cloud.colors) * 255.0), 0, 255).astype(np.uint8)

@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from tests.video_helpers import encode_gray_video
 from xwam_core.data.video import encode_video
 
 TASKS = ("pick up the red cube", "open the top drawer")
@@ -121,7 +122,6 @@ def make_lerobot_dataset(
     state_dim: int = 6,
     action_dim: int = 7,
     nan_action: tuple[int, int] | None = None,
-    codec: str | None = None,
     seed: int = 0,
 ) -> dict:
     """Write a LeRobot dataset at `root` and return its ground truth (see the module docstring).
@@ -176,7 +176,7 @@ def make_lerobot_dataset(
     features: dict[str, dict] = {}
     for c in cameras:
         if rgb_form == "video":
-            features[rgb_key[c]] = _video_feature(h, w, 3, fps, codec or "libx264", False)
+            features[rgb_key[c]] = _video_feature(h, w, 3, fps, "libx264", False)
         else:
             features[rgb_key[c]] = {
                 "dtype": "image",
@@ -185,7 +185,7 @@ def make_lerobot_dataset(
             }
         if with_depth:
             if depth_form == "video":
-                features[depth_key[c]] = _video_feature(h, w, 1, fps, codec or "libx264", True)
+                features[depth_key[c]] = _video_feature(h, w, 1, fps, "libx264", True)
             elif depth_form == "video16":
                 features[depth_key[c]] = _video_feature(h, w, 1, fps, "ffv1", True, pix_fmt="gray16le")
             else:
@@ -263,17 +263,15 @@ def make_lerobot_dataset(
         used = ""
         for c in cameras:
             if rgb_form == "video":
-                used = encode_video(
-                    path_for(rgb_key[c]), np.concatenate([ep["rgb"][c] for ep in eps]), fps, codec=codec
-                )
+                used = encode_video(path_for(rgb_key[c]), np.concatenate([ep["rgb"][c] for ep in eps]), fps)
             if with_depth and depth_form == "video":
                 units = [
                     np.clip(np.round(ep["depth"][c] / depth_scale), 0, 255).astype(np.uint8) for ep in eps
                 ]
-                used = encode_video(path_for(depth_key[c]), np.concatenate(units), fps, codec=codec)
+                used = encode_gray_video(path_for(depth_key[c]), np.concatenate(units), fps)
             if with_depth and depth_form == "video16":
                 mm = [np.round(ep["depth"][c] * 1000).astype(np.uint16) for ep in eps]
-                encode_video(path_for(depth_key[c]), np.concatenate(mm), fps)  # ffv1 gray16le
+                encode_gray_video(path_for(depth_key[c]), np.concatenate(mm), fps)  # ffv1 gray16le
         return used
 
     video_keys = [rgb_key[c] for c in cameras if rgb_form == "video"]

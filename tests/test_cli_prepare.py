@@ -7,7 +7,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from tests.conftest import SyntheticSource
+from tests.conftest import SyntheticSource, read_episode
 from xwam_cli.main import app
 from xwam_core.data import sources
 from xwam_core.data.reader import EpisodeStore
@@ -66,6 +66,8 @@ def test_prepare_synthetic_writes_store_and_summary(tmp_path, synthetic_source):
         "seconds",
     ):
         assert word in result.output
+    # not a terminal: the bar is a plain line when its task completes, with the last episode's status
+    assert "prepare synthetic episodes: 2/2 push (" in result.output
     store = EpisodeStore(out)
     assert len(store.episodes) == 2
     assert "[prepare]" in (out / "meta" / "recipe.toml").read_text()
@@ -152,10 +154,10 @@ def test_issue_command_produces_valid_store(tmp_path):
     assert sorted(store.tasks) == ["push-v3", "reach-v3"]
     info = json.loads((out / "meta" / "info.json").read_text())
     assert info["xwam"]["source_options"]["seed"] == 0
-    ep = store.read_episode(0)
+    ep = read_episode(store, 0)
     ep.validate()
     # reproducible: the same command gives the same data
     out2 = tmp_path / "mw2"
     runner.invoke(app, [*ISSUE_COMMAND, "--out", str(out2)])
-    ep2 = EpisodeStore(out2).read_episode(0)
+    ep2 = read_episode(EpisodeStore(out2), 0)
     assert (ep.views["corner2"].rgb == ep2.views["corner2"].rgb).all() and (ep.action == ep2.action).all()

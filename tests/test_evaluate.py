@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.conftest import RecordingProgress
 from tests.run_fixtures import app, one_line_error, other_store, runner, scene_run, tiny_checkpoint, world_run
 from xwam_core.evaluate import PSNR_CAP_DB, evaluate_run
 from xwam_core.geometry import chamfer_distance, fuse_views
@@ -124,7 +125,10 @@ def test_numbers_are_the_metric_functions_applied_by_hand(run_copy, tmp_path_fac
 def test_identical_frames_cap_psnr_and_give_zero_error(tmp_path):
     run = load_run(scene_run(tmp_path / "scene"))  # prediction == truth, and the scene never moves
     specs = [METRICS[n] for n in ("psnr", "ssim", "absrel", "delta1", "chamfer", "action_mse")]
-    report = evaluate_run(run, specs)
+    progress = RecordingProgress()
+    report = evaluate_run(run, specs, progress=progress)
+    assert progress.tasks["metrics"] == {"total": 6, "done": 6, "info": "action_mse"}
+    assert progress.tasks["chamfer clouds"]["done"] == progress.tasks["chamfer clouds"]["total"] == 2
     m = report["metrics"]
     assert m["psnr"]["model"]["overall"] == PSNR_CAP_DB
     assert m["psnr"]["baselines"]["repeat_frame"]["overall"] == PSNR_CAP_DB

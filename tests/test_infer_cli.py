@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.conftest import read_episode
 from tests.run_fixtures import (
     app,
     no_temporaries,
@@ -17,9 +18,9 @@ from tests.run_fixtures import (
     tiny_checkpoint,
     world_run,
 )
+from tests.video_helpers import decode_video
 from xwam_core.cameras import hand_poses, predicted_cameras
 from xwam_core.data.reader import EpisodeStore
-from xwam_core.data.video import decode_video
 from xwam_core.infer_run import evenly_spaced, parse_episodes
 from xwam_core.runs import load_run, store_fingerprint
 
@@ -49,7 +50,7 @@ def test_world_run_is_complete_and_matches_the_store(ckpt, tmp_path_factory):
     np.testing.assert_array_equal(run["pred_extrinsics"], run["extrinsics"])  # fixed views keep their pose
     # windows evenly spaced over the 14 - 9 + 1 = 6 starts; truth in dataset units, straight from the store
     assert run["frame_index"].tolist() == [0, 5] and run["episode_index"].tolist() == [2, 2]
-    episode = EpisodeStore(store_path).read_episode(2)
+    episode = read_episode(EpisodeStore(store_path), 2)
     for w, start in enumerate(run["frame_index"]):
         np.testing.assert_allclose(run["true_actions"][w], episode.action[start : start + k], rtol=1e-6)
         np.testing.assert_allclose(run["true_states"][w], episode.state[start : start + 9 : 2], rtol=1e-6)
@@ -64,7 +65,7 @@ def test_world_run_is_complete_and_matches_the_store(ckpt, tmp_path_factory):
     rgb = np.zeros((2, 5, 32, 32, 3))
     depth = np.zeros((2, 5, 32, 32))
     for e in (0, 1):
-        episode = store.read_episode(e)
+        episode = read_episode(store, e)
         for start in range(6):
             for vi, view in enumerate(("a", "b")):
                 rgb[vi] += episode.views[view].rgb[start : start + 9 : 2] / 12

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.conftest import SyntheticSource, write_store
+from tests.conftest import RecordingProgress, SyntheticSource, write_store
+from xwam_core import mean_frame
 from xwam_core.data.reader import EpisodeStore
 from xwam_core.data.windows import WindowDataset, WindowLayout
 from xwam_core.mean_frame import mean_future_frames
@@ -31,9 +32,12 @@ def by_hand(store: EpisodeStore, window: WindowLayout, episodes: list[int], rows
 
 def test_mean_of_the_other_episodes_windows(store):
     window = WindowLayout(future_frames=2, frame_stride=2)
-    frames = mean_future_frames(store, window, ["a", "b"], exclude=[1])
+    progress = RecordingProgress()
+    frames = mean_future_frames(store, window, ["a", "b"], exclude=[1], progress=progress)
     rgb, depth, count = by_hand(store, window, [0, 2])
     assert frames is not None and frames.windows == count and frames.episodes == [0, 2]
+    bar = progress.tasks["mean-frame baseline"]
+    assert bar["total"] == bar["done"] == count
     assert frames.rgb.shape == (2, 3, 16, 16, 3) and frames.rgb.dtype == np.float32
     np.testing.assert_allclose(frames.rgb, rgb, rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(frames.depth, depth, rtol=1e-5, atol=1e-6)
@@ -62,9 +66,10 @@ def test_invalid_depth_is_left_out_of_the_mean(store, monkeypatch):
     np.testing.assert_allclose(frames.depth[0], odd, rtol=1e-5)  # not pulled towards 0 by the holes
 
 
-def test_at_most_max_windows_evenly_spaced_and_none_without_other_episodes(store):
+def test_at_most_max_windows_evenly_spaced_and_none_without_other_episodes(store, monkeypatch):
     window = WindowLayout(future_frames=2, frame_stride=2)
-    frames = mean_future_frames(store, window, ["a", "b"], exclude=[], max_windows=3)
+    monkeypatch.setattr(mean_frame, "MAX_WINDOWS", 3)  # the cap, small enough for this store
+    frames = mean_future_frames(store, window, ["a", "b"], exclude=[])
     count = len(WindowDataset(store, window, episodes=[0, 1, 2]))
     rows = np.unique(np.linspace(0, count - 1, 3).round().astype(int)).tolist()
     rgb, _, _ = by_hand(store, window, [0, 1, 2], rows)

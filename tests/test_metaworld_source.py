@@ -471,7 +471,6 @@ def test_default_quality_depth_matches_fast():
         ({"views": ["frontview"]}, "frontview"),
         ({"size": 32}, "32"),
         ({"size": 300}, "300"),
-        ({"height": 300}, "300"),
         ({"episodes": 0}, "episodes=0"),
         ({"render_quality": "ultra"}, "ultra"),
         ({"max_steps": 0}, "max_steps=0"),

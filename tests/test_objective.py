@@ -87,3 +87,18 @@ def test_the_video_loss_takes_the_heads_form(setup):
 def test_a_recipe_cannot_choose_the_video_loss():
     with pytest.raises(XWAMError, match=r"unknown key 'train\.video_loss'"):
         load_recipe(TINY_RECIPE, ["train.video_loss=velocity"])  # the model's head decides it
+
+
+def test_loss_masks_follow_the_drawn_timesteps_and_depth(setup):
+    """What train.py averages over: action/state losses only where t_action > 0, depth where there is depth."""
+    batch = setup[-1]
+    with torch.no_grad():
+        losses = objective(setup)(batch, seed=0, step=0, first_index=0, train=False)
+    t_action = torch.cat(
+        [sample_noise_levels(NoiseSamplerConfig(), 1, sample_generator(0, 0, i)).t_action for i in range(4)]
+    )
+    assert 0 < int((t_action > 0).sum()) < 4  # this draw has both clean and noisy actions
+    assert torch.equal(losses["action_mask"], (t_action > 0).float())
+    assert torch.equal(losses["state_mask"], losses["action_mask"])
+    assert torch.equal(losses["depth_mask"], batch["has_depth"].float())
+    assert torch.equal(losses["video_mask"], torch.ones(4))

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from tests import geometry_scene
+from tests.conftest import RecordingProgress
 from tests.run_fixtures import (
     app,
     no_temporaries,
@@ -22,7 +23,7 @@ from tests.run_fixtures import (
     tiny_checkpoint,
     world_run,
 )
-from xwam_core.geometry import chamfer_distance, read_ply
+from xwam_core.geometry import chamfer_distance
 from xwam_core.reconstruct import reconstruct_run, step_cloud
 from xwam_core.runs import load_run
 
@@ -58,7 +59,9 @@ def test_clouds_previews_and_index(run_copy):
     for w in range(2):
         for t in (1, 4):
             for which, prefix, poses in (("pred", "pred", "pred_extrinsics"), ("true", "true", "extrinsics")):
-                points, colors = read_ply(run_copy / "points" / f"window-{w:03d}" / f"t{t}_{which}.ply")
+                points, colors = geometry_scene.read_ply(
+                    run_copy / "points" / f"window-{w:03d}" / f"t{t}_{which}.ply"
+                )
                 want_p, want_c = by_hand(
                     run[f"{prefix}_depth"][w, :, t],
                     run[f"{prefix}_rgb"][w, :, t],
@@ -81,12 +84,14 @@ def test_clouds_previews_and_index(run_copy):
 
 def test_known_geometry_comes_back(tmp_path):
     run_path = scene_run(tmp_path / "scene")
-    summary = reconstruct_run(run_path, tsdf=True)
+    progress = RecordingProgress()
+    summary = reconstruct_run(run_path, tsdf=True, progress=progress)
     assert summary.windows == 1 and summary.steps == 2
-    points, _ = read_ply(run_path / "points" / "window-000" / "t2_pred.ply")
+    assert progress.tasks["steps"] == {"total": 2, "done": 2, "info": "window 1/1 t+2"}
+    points, _ = geometry_scene.read_ply(run_path / "points" / "window-000" / "t2_pred.ply")
     assert len(points) > 4000
     assert geometry_scene.distance_to_surface(points).max() < 1e-5  # float32 depth and poses
-    truth, _ = read_ply(run_path / "points" / "window-000" / "t2_true.ply")
+    truth, _ = geometry_scene.read_ply(run_path / "points" / "window-000" / "t2_true.ply")
     assert chamfer_distance(points, truth) < 1e-9
     mesh_path = run_path / "points" / "window-000" / "t2_pred_mesh.ply"
     import open3d

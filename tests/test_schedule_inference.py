@@ -53,7 +53,9 @@ class Oracle:
                 "t_video": t_video.clone(),
                 "t_action": t_action.clone(),
                 "run_depth": run_depth,
+                "video": video.clone(),
                 "actions": actions.clone(),
+                "states": states.clone(),
             }
         )
         self.path_error = max(
@@ -138,15 +140,9 @@ ASYNC = [c for c in CONFIGS if c.schedule == "async" and c.num_steps_action < c.
 @pytest.mark.parametrize("config", ASYNC, ids=ids)
 def test_async_actions_are_clean_and_frozen_while_video_is_still_noisy(config):
     oracle = Oracle(seed=2)
-    schedule = DenoisingSchedule(config)
-    seen = {}
-
-    def on_step(step, video, actions, states):
-        if step == config.num_steps_action:
-            seen.update(video=video.clone(), actions=actions.clone(), states=states.clone())
-
-    schedule(oracle, *oracle.start(), mode="world", on_step=on_step)
+    DenoisingSchedule(config)(oracle, *oracle.start(), mode="world")
     t_a = config.num_steps_action
+    seen = oracle.calls[t_a]  # what the model is fed after T_action steps
     assert_recovers(seen["actions"], oracle, "actions")
     assert_recovers(seen["states"], oracle, "states")
     # Video sits exactly where the shifted sigma schedule says, still far from clean.

@@ -11,7 +11,7 @@ import pytest
 pytest.importorskip("metaworld")
 
 from tests.run_fixtures import app, metaworld_checkpoint, one_line_error, runner, tiny_checkpoint
-from xwam_core.data.video import decode_video
+from tests.video_helpers import decode_video
 
 pytestmark = pytest.mark.sim
 

@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import SyntheticSource, synthetic_episode, write_store
+from tests.conftest import SyntheticSource, read_episode, synthetic_episode, write_store
 from xwam_core.data.reader import EpisodeStore
 from xwam_core.data.store import StoreWriter
 from xwam_core.errors import DataError
@@ -51,7 +51,7 @@ def test_round_trip_exact(synthetic_store):
     store = EpisodeStore(path)
     assert store.views == ["front", "side"] and store.tasks == ["reach", "push"]
     for i, original in enumerate(episodes):
-        back = store.read_episode(i)
+        back = read_episode(store, i)
         assert back.task == original.task and back.success == original.success
         np.testing.assert_array_equal(back.state, original.state)
         np.testing.assert_array_equal(back.action, original.action)
@@ -146,7 +146,7 @@ def test_store_without_depth_or_cameras(tmp_path):
     store = EpisodeStore(path)
     assert not store.has_depth and not store.has_cameras
     assert "observation.depth.front" not in store.info["features"]
-    ep = store.read_episode(0)
+    ep = read_episode(store, 0)
     assert ep.views["front"].depth is None and ep.views["front"].intrinsics is None
 
 

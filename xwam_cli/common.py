@@ -73,20 +73,6 @@ def _toml_value(value: Any) -> str:
     return json.dumps(str(value))
 
 
-def progress_bar(title: str) -> Progress:
-    """Deprecated: being replaced by RichProgress (every core loop takes a xwam_core.progress.Progress)."""
-    return Progress(
-        TextColumn(f"[bold]{title}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        console=err_console,
-    )
-
-
 class RichProgress:
     """The CLI's `xwam_core.progress.Progress`: one rich bar per task (label, bar, n/total, info, time, ETA).
 

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from xwam_cli.common import RichProgress, console, fail, progress_bar, split_csv, user_errors
+from xwam_cli.common import RichProgress, console, fail, split_csv, user_errors
 
 EXAMPLES = """
 [bold]Examples[/]
@@ -233,16 +233,9 @@ def _evaluate_offline(
         specs = applicable_metrics(run, with_lpips=bool(lpips_weights or os.environ.get(LPIPS_WEIGHTS_ENV)))
     check_metrics(run, specs)
     lpips = LPIPSMetric(lpips_weights) if any(s.name == "lpips" for s in specs) else None
-    with progress_bar("evaluate") as progress:
-        task = progress.add_task("metrics", total=len(specs), info="")
-        done = [0]
-
-        def on_metric(name: str) -> None:
-            progress.update(task, completed=done[0], info=name)
-            done[0] += 1
-
+    with RichProgress("evaluate") as progress:
         report = evaluate_run(
-            run, specs, lpips=lpips, max_depth=max_depth, voxel_size=voxel_size, on_metric=on_metric
+            run, specs, lpips=lpips, max_depth=max_depth, voxel_size=voxel_size, progress=progress
         )
     path = write_json_atomic(out or default_out(run), report)
     console.print(offline_table(report))

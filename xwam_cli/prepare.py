@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from xwam_cli.common import console, fail, human_bytes, progress_bar, recipe_with, split_csv, user_errors
+from xwam_cli.common import RichProgress, console, fail, human_bytes, recipe_with, split_csv, user_errors
 from xwam_core.data.store import StoreSummary
 
 EXAMPLES = """
@@ -89,22 +89,8 @@ def prepare(
 
     from xwam_core.data.prepare import prepare_store
 
-    progress = progress_bar("{task.description}")
-    state: dict[str, object] = {}
-
-    def on_start(total: int) -> None:  # called once the options are checked: no bar before an error
-        progress.start()
-        state["task"] = progress.add_task(f"{resolved.prepare.source} episodes", total=total, info="")
-
-    def on_episode(ep: object) -> None:
-        ok = "success" if getattr(ep, "success", False) else "no success"
-        progress.update(state["task"], advance=1, info=f"{getattr(ep, 'task', '')} ({ok})")  # type: ignore[arg-type]
-
-    try:
-        summary = prepare_store(resolved, on_start=on_start, on_episode=on_episode)
-    finally:
-        if state:
-            progress.stop()
+    with RichProgress("prepare") as progress:
+        summary = prepare_store(resolved, progress)
     print_summary(summary)
 
 

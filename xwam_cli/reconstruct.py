@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from xwam_cli.common import console, progress_bar, user_errors
+from xwam_cli.common import RichProgress, console, user_errors
 
 EXAMPLES = """
 [bold]Examples[/]
@@ -42,28 +42,10 @@ def reconstruct(
     """
     from xwam_core.reconstruct import reconstruct_run
 
-    progress = progress_bar("reconstruct")
-    state: dict[str, int] = {}
-
-    def on_start(total: int) -> None:
-        progress.start()
-        state["task"] = progress.add_task("steps", total=total, info="")
-
-    def on_step(n: int) -> None:
-        progress.update(state["task"], advance=n)
-
-    try:
+    with RichProgress("reconstruct") as progress:
         s = reconstruct_run(
-            run,
-            tsdf=tsdf,
-            voxel_size=voxel_size,
-            max_depth=max_depth,
-            overwrite=overwrite,
-            on_start=on_start,
-            on_step=on_step,
+            run, tsdf=tsdf, voxel_size=voxel_size, max_depth=max_depth, overwrite=overwrite, progress=progress
         )
-    finally:
-        progress.stop()
     table = Table(title=f"point clouds {s.out_dir}", show_header=False)
     table.add_column(style="bold")
     table.add_column()

@@ -83,12 +83,6 @@ def atomic_file(final: Path | str) -> Iterator[Path]:
         raise
 
 
-def write_bytes_atomic(path: Path | str, data: bytes) -> Path:
-    with atomic_file(path) as tmp:
-        tmp.write_bytes(data)
-    return Path(path)
-
-
 def write_text_atomic(path: Path | str, text: str) -> Path:
     with atomic_file(path) as tmp:
         tmp.write_text(text)

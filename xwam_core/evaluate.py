@@ -21,7 +21,6 @@ are left out of the means and counted.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ import numpy as np
 from xwam_core.errors import XWAMError
 from xwam_core.geometry import chamfer_distance
 from xwam_core.metrics import METRICS, MetricSpec
+from xwam_core.progress import SILENT, Progress
 from xwam_core.reconstruct import step_cloud
 from xwam_core.runs import RunData, json_number
 
@@ -121,10 +121,11 @@ def chamfer_values(
     run: RunData,
     max_depth: float | None = None,
     voxel_size: float | None = None,
-    on_item: Callable[[], None] | None = None,
+    progress: Progress = SILENT,
 ) -> dict[str, np.ndarray]:
     """Chamfer distances (N, F) of the model's and the repeat-frame baseline's fused clouds to the truth's."""
     n, steps = run.num_windows, run["pred_depth"].shape[2] - 1
+    bar = progress.task("chamfer clouds", total=n * steps)
     out = {"model": np.full((n, steps), np.nan), "repeat_frame": np.full((n, steps), np.nan)}
     for w in range(n):
         repeat, _ = step_cloud(run, w, 0, "repeat", max_depth, voxel_size)
@@ -136,8 +137,7 @@ def chamfer_values(
                     out["model"][w, t - 1] = chamfer_distance(pred, true)
                 if len(repeat):
                     out["repeat_frame"][w, t - 1] = chamfer_distance(repeat, true)
-            if on_item is not None:
-                on_item()
+            bar.advance()
     return out
 
 
@@ -156,15 +156,15 @@ def evaluate_run(
     lpips: Any = None,
     max_depth: float | None = None,
     voxel_size: float | None = None,
-    on_metric: Callable[[str], None] | None = None,
+    progress: Progress = SILENT,
 ) -> dict[str, Any]:
     """metrics.json's content: every metric of `specs` for the model and its baselines."""
     check_metrics(run, specs)
     limit = run.max_depth if max_depth is None else max_depth
     result: dict[str, Any] = {}
+    bar = progress.task("metrics", total=len(specs))
     for spec in specs:
-        if on_metric is not None:
-            on_metric(spec.name)
+        bar.advance(0, info=spec.name)  # the metric being computed, before its (possibly long) work
         entry: dict[str, Any] = {
             "kind": spec.kind,
             "unit": spec.unit,
@@ -183,7 +183,7 @@ def evaluate_run(
                 entry["capped_at_db"] = PSNR_CAP_DB
                 entry["capped"] = {k: int((v >= PSNR_CAP_DB).sum()) for k, v in values.items()}
         elif spec.kind == "points":
-            values = chamfer_values(run, limit, voxel_size)
+            values = chamfer_values(run, limit, voxel_size, progress)
             entry["model"] = _summarise(values["model"], None)
             entry["baselines"]["repeat_frame"] = _summarise(values["repeat_frame"], None)
             entry["count"] = int(values["model"].size)
@@ -196,6 +196,7 @@ def evaluate_run(
                 entry["baselines"][name] = {"overall": json_number(scalars[name])}
             entry["count"] = int(run["true_actions"].size)
         result[spec.name] = entry
+        bar.advance()
     m = run.manifest
     return {
         "run": str(run.path.resolve()),

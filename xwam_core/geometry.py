@@ -13,9 +13,7 @@ Numpy in and out; open3d is imported only by the functions that need it.
 
 from __future__ import annotations
 
-import os
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from scipy.spatial import cKDTree
 
+from xwam_core.atomic import atomic_file
 from xwam_core.errors import XWAMError
 
 if TYPE_CHECKING:
@@ -187,21 +186,6 @@ def _from_open3d(cloud: open3d.geometry.PointCloud) -> tuple[np.ndarray, np.ndar
     return points, np.clip(np.round(np.asarray(cloud.colors) * 255.0), 0, 255).astype(np.uint8)
 
 
-def _atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
-    """Call write(temporary path with the same suffix) beside `path`, then rename it onto `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def write_ply(path: str | Path, points: np.ndarray, colors: np.ndarray | None = None) -> Path:
     """Write a binary PLY point cloud (colours uint8 RGB) atomically: a crash never leaves half a file."""
     points = _points(points, "write_ply")
@@ -209,20 +193,10 @@ def write_ply(path: str | Path, points: np.ndarray, colors: np.ndarray | None = 
         raise XWAMError(f"write_ply: colors have shape {np.asarray(colors).shape}, expected {points.shape}")
     cloud = _to_open3d(points, colors)
     o3d = _open3d()
-
-    def write(tmp: str) -> None:
-        if not o3d.io.write_point_cloud(tmp, cloud, write_ascii=False):
+    with atomic_file(path) as tmp:
+        if not o3d.io.write_point_cloud(str(tmp), cloud, write_ascii=False):
             raise XWAMError(f"write_ply: open3d could not write {path}")
-
-    return _atomic_write(path, write)
-
-
-def read_ply(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
-    """Points (N, 3) float64 and colours (N, 3) uint8 (None if the file has none) of a PLY file."""
-    path = Path(path)
-    if not path.is_file():
-        raise XWAMError(f"read_ply: {path} does not exist")
-    return _from_open3d(_open3d().io.read_point_cloud(str(path), format="ply"))
+    return Path(path)
 
 
 def tsdf_mesh(
@@ -286,6 +260,9 @@ def tsdf_mesh(
 # --- previews -----------------------------------------------------------------------------------
 
 
+SPLAT_PX = 1  # a point covers the (2 * SPLAT_PX + 1)^2 pixels around its projection
+
+
 @dataclass(frozen=True)
 class RenderView:
     """A pinhole camera for previews: intrinsics, camera-to-world (OpenCV axes) and image size."""
@@ -336,10 +313,9 @@ def render_points(
     points: np.ndarray,
     colors: np.ndarray | None,
     view: RenderView,
-    point_px: int = 1,
     background: tuple[int, int, int] = (255, 255, 255),
 ) -> np.ndarray:
-    """A (H, W, 3) uint8 picture of a cloud by z-buffered square splats of (2 * point_px + 1) pixels.
+    """A (H, W, 3) uint8 picture of a cloud by z-buffered square splats of (2 * SPLAT_PX + 1) pixels.
 
     Points without colours are shaded by distance to the camera (near dark, far light).
     """
@@ -358,7 +334,7 @@ def render_points(
     front = z > 0
     uv, z, colors = uv[front], z[front], colors[front]
     pixel = np.round(uv).astype(np.int64)
-    offsets = np.arange(-point_px, point_px + 1)
+    offsets = np.arange(-SPLAT_PX, SPLAT_PX + 1)
     du, dv = (g.ravel() for g in np.meshgrid(offsets, offsets))
     us = (pixel[:, 0:1] + du).ravel()  # (N * S,)
     vs = (pixel[:, 1:2] + dv).ravel()
@@ -374,43 +350,20 @@ def render_points(
     return image
 
 
-def _write_png(path: str | Path, image: np.ndarray) -> Path:
-    from PIL import Image
-
-    return _atomic_write(path, lambda tmp: Image.fromarray(image).save(tmp, format="PNG"))
-
-
-def render_points_png(
-    path: str | Path,
-    points: np.ndarray,
-    colors: np.ndarray | None = None,
-    view: RenderView | None = None,
-    point_px: int = 1,
-) -> Path:
-    """Write a fixed-viewpoint PNG of a point cloud (headless); `view` defaults to auto_view(points)."""
-    view = view if view is not None else auto_view(points)
-    return _write_png(path, render_points(points, colors, view, point_px))
-
-
 def side_by_side_png(
     path: str | Path,
     left_points: np.ndarray,
     left_colors: np.ndarray | None,
     right_points: np.ndarray,
     right_colors: np.ndarray | None,
+    view: RenderView,
     titles: tuple[str, str] = ("prediction", "truth"),
-    view: RenderView | None = None,
-    point_px: int = 1,
 ) -> Path:
-    """Write one PNG with two clouds seen from the SAME camera (framed on the right one, the truth), titled."""
+    """Write one PNG with two clouds seen from the SAME camera `view`, titled."""
     from PIL import Image, ImageDraw
 
-    if view is None:
-        framing = right_points if len(right_points) else left_points
-        view = auto_view(framing)
     panels = [
-        render_points(p, c, view, point_px)
-        for p, c in ((left_points, left_colors), (right_points, right_colors))
+        render_points(p, c, view) for p, c in ((left_points, left_colors), (right_points, right_colors))
     ]
     gap, banner = 8, 18
     canvas = Image.new("RGB", (2 * view.width + gap, view.height + banner), (255, 255, 255))
@@ -419,4 +372,6 @@ def side_by_side_png(
         x = i * (view.width + gap)
         canvas.paste(Image.fromarray(panel), (x, banner))
         draw.text((x + 4, 3), title, fill=(0, 0, 0))
-    return _write_png(path, np.asarray(canvas))
+    with atomic_file(path) as tmp:
+        canvas.save(tmp, format="PNG")
+    return Path(path)

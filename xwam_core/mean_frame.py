@@ -38,10 +38,9 @@ def mean_future_frames(
     window: WindowLayout,
     views: list[str],
     exclude: list[int],
-    max_windows: int = MAX_WINDOWS,
     progress: Progress = SILENT,
 ) -> MeanFrames | None:
-    """The mean frame of up to `max_windows` windows of every episode not in `exclude`; None if there is none."""
+    """The mean frame of up to MAX_WINDOWS windows of every episode not in `exclude`; None if there is none."""
     excluded = set(exclude)
     episodes = [  # episodes too short for one window give none (WindowDataset refuses a set with none)
         i for i, e in enumerate(store.episodes) if i not in excluded and e.length >= window.span
@@ -49,7 +48,7 @@ def mean_future_frames(
     if not episodes:
         return None
     dataset = WindowDataset(store, window, views=views, episodes=episodes, normalize=False)
-    rows = np.unique(np.linspace(0, len(dataset) - 1, min(max_windows, len(dataset))).round().astype(int))
+    rows = np.unique(np.linspace(0, len(dataset) - 1, min(MAX_WINDOWS, len(dataset))).round().astype(int))
     bar = progress.task("mean-frame baseline", total=len(rows))
     shape = (len(views), window.num_frames, *store.image_size)
     rgb_sum = np.zeros((*shape, 3), np.float64)
@@ -63,7 +62,7 @@ def mean_future_frames(
             valid = depth > 0
             depth_sum += np.where(valid, depth, 0.0)
             depth_count += valid
-        bar.advance()
+        bar.advance(info="other episodes")
     mean_depth = (depth_sum / np.maximum(depth_count, 1)).astype(np.float32) if store.has_depth else None
     used = sorted({int(dataset.windows[int(r), 0]) for r in rows})
     return MeanFrames((rgb_sum / len(rows)).astype(np.float32), mean_depth, used, len(rows))

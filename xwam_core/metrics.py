@@ -25,6 +25,7 @@ from xwam_core.geometry import chamfer_distance
 
 ArrayLike = np.ndarray | torch.Tensor
 LPIPS_WEIGHTS_ENV = "XWAM_LPIPS_WEIGHTS"
+LPIPS_BATCH = 16  # image pairs per AlexNet forward
 
 
 def _float64(x: ArrayLike) -> torch.Tensor:
@@ -57,29 +58,19 @@ def psnr(pred: ArrayLike, target: ArrayLike, data_range: float) -> np.ndarray:
 SSIM_K1, SSIM_K2 = 0.01, 0.03
 
 
-def _ssim_window(gaussian: bool) -> tuple[torch.Tensor, float]:
-    """1-D window taps and the covariance normalisation of the chosen SSIM setting."""
-    if gaussian:  # Wang et al. 2004: 11 taps, sigma 1.5 (scipy's truncate 3.5 -> radius 5)
-        x = torch.arange(-5, 6, dtype=torch.float64)
-        taps = torch.exp(-0.5 * (x / 1.5) ** 2)
-        return taps / taps.sum(), 1.0  # population covariance
-    size = 7  # skimage's default: 7x7 uniform window, sample covariance
-    return torch.full((size,), 1.0 / size, dtype=torch.float64), size * size / (size * size - 1)
-
-
-def ssim(pred: ArrayLike, target: ArrayLike, data_range: float, gaussian: bool = True) -> np.ndarray:
+def ssim(pred: ArrayLike, target: ArrayLike, data_range: float) -> np.ndarray:
     """Structural similarity per image, in [-1, 1] (1 = identical; higher is better).
 
-    gaussian=True (default, the setting papers report; Wang et al. 2004): 11x11 Gaussian window with
-    sigma 1.5, population covariance, K1 = 0.01, K2 = 0.03. Equals skimage's
-    structural_similarity(..., channel_axis=-1, gaussian_weights=True, sigma=1.5,
-    use_sample_covariance=False, data_range=data_range).
-    gaussian=False: skimage's defaults (7x7 uniform window, sample covariance).
+    The setting papers report (Wang et al. 2004): 11x11 Gaussian window with sigma 1.5, population
+    covariance, K1 = 0.01, K2 = 0.03. Equals skimage's structural_similarity(..., channel_axis=-1,
+    gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=data_range).
     The SSIM map is averaged over the valid window positions (no padding) and over channels.
-    Images (..., H, W, C) with H, W >= the window size.
+    Images (..., H, W, C) with H, W >= 11.
     """
     p, t = _image_pair(pred, target, "ssim")
-    taps, cov_norm = _ssim_window(gaussian)
+    x = torch.arange(-5, 6, dtype=torch.float64)  # 11 taps, sigma 1.5 (scipy's truncate 3.5 -> radius 5)
+    taps = torch.exp(-0.5 * (x / 1.5) ** 2)
+    taps = taps / taps.sum()
     size = len(taps)
     height, width, channels = p.shape[-3:]
     if height < size or width < size:
@@ -94,9 +85,9 @@ def ssim(pred: ArrayLike, target: ArrayLike, data_range: float, gaussian: bool =
         return F.conv2d(x, taps.view(1, 1, 1, size))
 
     mu_p, mu_t = blur(p), blur(t)
-    var_p = cov_norm * (blur(p * p) - mu_p * mu_p)
-    var_t = cov_norm * (blur(t * t) - mu_t * mu_t)
-    cov = cov_norm * (blur(p * t) - mu_p * mu_t)
+    var_p = blur(p * p) - mu_p * mu_p
+    var_t = blur(t * t) - mu_t * mu_t
+    cov = blur(p * t) - mu_p * mu_t
     c1, c2 = (SSIM_K1 * data_range) ** 2, (SSIM_K2 * data_range) ** 2
     ssim_map = ((2 * mu_p * mu_t + c1) * (2 * cov + c2)) / ((mu_p**2 + mu_t**2 + c1) * (var_p + var_t + c2))
     per_image = ssim_map.reshape(-1, channels, *ssim_map.shape[-2:]).mean(dim=(1, 2, 3))
@@ -152,32 +143,21 @@ def depth_delta1(
     return _per_map_mean(hit.astype(np.float64), mask)
 
 
-def _action_error(pred: ArrayLike, target: ArrayLike, mask: ArrayLike | None, name: str, power: int) -> float:
+def _action_error(pred: ArrayLike, target: ArrayLike, name: str, power: int) -> float:
     p, t = np.asarray(_float64(pred)), np.asarray(_float64(target))
     if p.shape != t.shape or p.ndim < 1:
         raise XWAMError(f"{name}: prediction {p.shape} and target {t.shape} must be equal (..., D)")
-    error = np.abs(p - t) ** power
-    if mask is not None:
-        keep = np.asarray(mask).astype(bool)
-        if keep.shape != (p.shape[-1],):
-            raise XWAMError(f"{name}: dimension mask has shape {keep.shape}, expected ({p.shape[-1]},)")
-        if not keep.any():
-            raise XWAMError(f"{name}: the dimension mask selects no action dimension")
-        error = error[..., keep]
-    return float(error.mean())
+    return float((np.abs(p - t) ** power).mean())
 
 
-def action_mse(pred: ArrayLike, target: ArrayLike, mask: ArrayLike | None = None) -> float:
-    """Mean squared error over all elements of (..., D) actions (lower better, in squared action units).
-
-    `mask` (D,) bool keeps only some action dimensions (e.g. drop the gripper).
-    """
-    return _action_error(pred, target, mask, "action_mse", 2)
+def action_mse(pred: ArrayLike, target: ArrayLike) -> float:
+    """Mean squared error over all elements of (..., D) actions (lower better, in squared action units)."""
+    return _action_error(pred, target, "action_mse", 2)
 
 
-def action_l1(pred: ArrayLike, target: ArrayLike, mask: ArrayLike | None = None) -> float:
+def action_l1(pred: ArrayLike, target: ArrayLike) -> float:
     """Mean absolute error over all elements of (..., D) actions (lower better, in action units)."""
-    return _action_error(pred, target, mask, "action_l1", 1)
+    return _action_error(pred, target, "action_l1", 1)
 
 
 # --- LPIPS --------------------------------------------------------------------------------------
@@ -214,7 +194,7 @@ class LPIPSMetric:
     Nothing is downloaded; without weights the constructor refuses with one line.
     """
 
-    def __init__(self, weights_path: str | Path | None = None, device: str = "cpu", batch_size: int = 16):
+    def __init__(self, weights_path: str | Path | None = None, device: str = "cpu"):
         path_str = str(weights_path) if weights_path is not None else os.environ.get(LPIPS_WEIGHTS_ENV)
         if not path_str:
             raise XWAMError(
@@ -252,7 +232,7 @@ class LPIPSMetric:
             first = str(err).strip().splitlines()[-1].strip()
             raise XWAMError(f"LPIPS weights {path}: do not fit AlexNet ({first})") from err
         self.model = model.eval().to(device)
-        self.device, self.batch_size, self.path = device, batch_size, path
+        self.device, self.path = device, path
 
     @torch.no_grad()
     def __call__(self, pred: ArrayLike, target: ArrayLike, data_range: float = 255.0) -> np.ndarray:
@@ -268,8 +248,8 @@ class LPIPSMetric:
         p = (p.reshape(-1, height, width, 3).permute(0, 3, 1, 2) / data_range * 2 - 1).float()
         t = (t.reshape(-1, height, width, 3).permute(0, 3, 1, 2) / data_range * 2 - 1).float()
         out = []
-        for start in range(0, len(p), self.batch_size):
-            chunk = slice(start, start + self.batch_size)
+        for start in range(0, len(p), LPIPS_BATCH):
+            chunk = slice(start, start + LPIPS_BATCH)
             out.append(self.model(p[chunk].to(self.device), t[chunk].to(self.device)).flatten().cpu())
         return torch.cat(out).to(torch.float64).reshape(lead).numpy()
 

@@ -14,7 +14,6 @@ cannot be predicted. The same rule builds all three clouds.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ import numpy as np
 from xwam_core.atomic import atomic_folder, write_json_atomic
 from xwam_core.errors import XWAMError
 from xwam_core.geometry import fuse_views
+from xwam_core.progress import SILENT, Progress
 from xwam_core.runs import RunData, load_run
 
 WHICH = ("pred", "true", "repeat")
@@ -122,8 +122,7 @@ def reconstruct_run(
     voxel_size: float | None = None,
     max_depth: float | None = None,
     overwrite: bool = False,
-    on_start: Callable[[int], None] | None = None,
-    on_step: Callable[[int], None] | None = None,
+    progress: Progress = SILENT,
 ) -> ReconstructSummary:
     """Write RUN/points/: per window a folder with PLY clouds, previews and (tsdf) meshes; index.json."""
     from xwam_core.geometry import (
@@ -147,8 +146,7 @@ def reconstruct_run(
         raise XWAMError(f"{out}: already exists; pass --overwrite to replace it")
     n_windows = run.num_windows
     steps = list(range(1, run["pred_depth"].shape[2]))
-    if on_start is not None:
-        on_start(n_windows * len(steps))
+    bar = progress.task("steps", total=n_windows * len(steps))
     index: dict[str, Any] = {
         "max_depth": limit,
         "voxel_size": voxel_size,
@@ -218,8 +216,7 @@ def reconstruct_run(
                 summary.points_pred.append(len(pp))
                 summary.points_true.append(len(tp))
                 summary.files += len(files)
-                if on_step is not None:
-                    on_step(1)
+                bar.advance(info=f"window {w + 1}/{n_windows} t+{t}")
             _overview(panels, [f"t+{t}" for t in steps], tmp / folder / "overview.png")
             entry["overview"] = f"{folder}/overview.png"
             summary.files += 1

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -186,6 +185,3 @@ def check_store(run: RunData, store: str | Path | None = None) -> Path:
 def safe_name(name: str) -> str:
     """A file-name-safe version of a view or task name."""
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in name) or "_"
-
-
-ProgressFn = Callable[[int, int], None]  # (done, total)

@@ -3,26 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from pathlib import Path
 
-from xwam_core.data.episode import Episode
 from xwam_core.data.sources import make_source
 from xwam_core.data.store import StoreSummary, StoreWriter
 from xwam_core.errors import DataError
+from xwam_core.progress import SILENT, Progress
 from xwam_core.recipe import PrepareConfig, Recipe, recipe_to_toml
 
 
-def prepare_store(
-    recipe: Recipe,
-    on_start: Callable[[int], None] | None = None,
-    on_episode: Callable[[Episode], None] | None = None,
-) -> StoreSummary:
+def prepare_store(recipe: Recipe, progress: Progress = SILENT) -> StoreSummary:
     """Build the store `recipe.prepare.out` from `recipe.prepare.source`.
 
-    Options are checked before any episode is generated; an existing store is only replaced with
-    `overwrite`; on any error (or Ctrl-C) nothing is left behind. The resolved recipe is saved in
-    `meta/recipe.toml`.
+    Options are checked before any episode is generated (so no bar starts before an error); an
+    existing store is only replaced with `overwrite`; on any error (or Ctrl-C) nothing is left behind.
+    The resolved recipe is saved in `meta/recipe.toml`.
     """
     cfg: PrepareConfig = recipe.prepare
     if not cfg.out:
@@ -37,11 +32,9 @@ def prepare_store(
     with StoreWriter(out, info, overwrite=cfg.overwrite, source_options=options) as writer:
         (writer.tmp / "meta").mkdir(parents=True, exist_ok=True)
         (writer.tmp / "meta" / "recipe.toml").write_text(recipe_to_toml(recipe))
-        if on_start:
-            on_start(info.num_episodes)
+        bar = progress.task(f"{cfg.source} episodes", total=info.num_episodes)
         for episode in source.episodes():
             writer.add(episode)
-            if on_episode:
-                on_episode(episode)
+            bar.advance(info=f"{episode.task} ({'success' if episode.success else 'no success'})")
     assert writer.summary is not None
     return writer.summary

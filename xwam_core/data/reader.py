@@ -1,4 +1,4 @@
-"""Reading an episode store: metadata, whole episodes, and the decoded frame cache used by training.
+"""Reading an episode store: its metadata and the decoded frame cache that training and inference read.
 
 The frame cache (`STORE/cache/frames-v1/`) holds every view's frames decoded once into memory-mapped
 .npy arrays, so training windows are slices of arrays, not PNG decodes. It is built on first use,
@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,12 +17,11 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from xwam_core.data.episode import Episode, ViewFrames
+from xwam_core.atomic import temporary_sibling
 from xwam_core.data.store import (
     CODEBASE_VERSION,
     EPISODES_PATH,
     decode_png,
-    depth_from_mm,
     depth_key,
     extrinsics_key,
     intrinsics_key,
@@ -129,34 +127,6 @@ class EpisodeStore:
         table = pa.concat_tables(tables)
         return {c: table.column(c) for c in columns}
 
-    # ---------------------------------------------------------------------------------- episodes
-    def read_episode(self, index: int) -> Episode:
-        """Decode one whole episode (for inspection and evaluation; training uses the frame cache)."""
-        meta = self.episodes[index]
-        path = self.path / self.info["data_path"].format(
-            chunk_index=meta.chunk_index, file_index=meta.file_index
-        )
-        table = pq.read_table(path, filters=[("episode_index", "=", index)])
-        views = {}
-        for v in self.views:
-            rgb = np.stack([decode_png(x["bytes"]) for x in table.column(rgb_key(v)).to_pylist()])
-            depth = intr = extr = None
-            if self.has_depth:
-                mm = np.stack([decode_png(x["bytes"]) for x in table.column(depth_key(v)).to_pylist()])
-                depth = depth_from_mm(mm)
-            if self.has_cameras:
-                intr = np.asarray(table.column(intrinsics_key(v)).to_pylist(), dtype=np.float32)
-                extr = np.asarray(table.column(extrinsics_key(v)).to_pylist(), dtype=np.float32)
-            views[v] = ViewFrames(rgb=rgb, depth=depth, intrinsics=intr, extrinsics=extr)
-        return Episode(
-            task=meta.task,
-            views=views,
-            state=np.asarray(table.column("observation.state").to_pylist(), dtype=np.float32),
-            action=np.asarray(table.column("action").to_pylist(), dtype=np.float32),
-            fps=self.fps,
-            success=meta.success,
-        )
-
     # ---------------------------------------------------------------------------------- frame cache
     def frame_cache(self, build: bool = True) -> FrameCache:
         cache_path = self.path / CACHE_DIR
@@ -167,7 +137,7 @@ class EpisodeStore:
         return FrameCache(cache_path, self)
 
     def _build_cache(self, cache_path: Path) -> None:
-        tmp = cache_path.parent / f".{cache_path.name}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp = temporary_sibling(cache_path)
         tmp.mkdir(parents=True)
         try:
             n = self.num_frames
@@ -212,9 +182,11 @@ class EpisodeStore:
                         np.asarray(cols[extrinsics_key(v)].to_pylist(), np.float32),
                     )
             (tmp / "done.json").write_text(json.dumps({"frames": n}))
+            # not atomic.replace_folder: a complete cache is never replaced. If another process built
+            # it meanwhile, the rename fails on the non-empty folder and theirs (as good) is kept.
             try:
                 os.replace(tmp, cache_path)
-            except OSError:  # another process built it at the same time: theirs is as good
+            except OSError:
                 shutil.rmtree(tmp, ignore_errors=True)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from xwam_core.atomic import replace_folder, temporary_sibling
 from xwam_core.data.episode import Episode, ViewFrames
 from xwam_core.data.sources.base import SourceInfo
 from xwam_core.data.stats import RunningStats
@@ -76,10 +75,6 @@ def depth_to_mm(depth_m: np.ndarray) -> np.ndarray:
     mm = np.rint(depth_m * 1000.0)
     mm[(mm <= 0) | (mm > DEPTH_MAX_MM)] = 0
     return mm.astype(np.uint16)
-
-
-def depth_from_mm(depth_mm: np.ndarray) -> np.ndarray:
-    return depth_mm.astype(np.float32) / 1000.0
 
 
 # ------------------------------------------------------------------------------------------ schema
@@ -182,7 +177,7 @@ class StoreWriter:
             raise DataError(f"{self.out}: exists and is not a folder")
         # parent folders are made as needed and removed again if the store is not written
         self._made_parents = [p for p in reversed(self.out.parents) if not p.exists()]
-        self.tmp = self.out.parent / f".{self.out.name}.tmp-{uuid.uuid4().hex[:8]}"
+        self.tmp = temporary_sibling(self.out)
         self.features = _features(info)
         self.schema = _arrow_schema(self.features)
         self.summary: StoreSummary | None = None
@@ -308,7 +303,7 @@ class StoreWriter:
             if not self._episodes:
                 raise DataError(f"{self.out}: the source produced no episodes")
             self._write_meta()
-            self._replace_target()
+            replace_folder(self.tmp, self.out)
         except BaseException:
             self._discard()
             raise
@@ -366,12 +361,3 @@ class StoreWriter:
         )
         tasks.to_parquet(meta / "tasks.parquet")
         pd.DataFrame(self._episodes).to_parquet(self.tmp / EPISODES_PATH, index=False)
-
-    def _replace_target(self) -> None:
-        if self.out.exists():
-            trash = self.out.parent / f".{self.out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(self.out, trash)
-            os.replace(self.tmp, self.out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(self.tmp, self.out)

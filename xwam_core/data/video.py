@@ -1,4 +1,4 @@
-"""PyAV helpers: sequential video decoding (for sources) and encoding (for tests / fixtures).
+"""PyAV helpers: sequential video decoding (for sources) and RGB encoding (run and rollout videos).
 
 Decoding is streaming: a `VideoReader` keeps one container open and decodes forward, handing out
 the frames nearest to the requested timestamps. Several consecutive requests on one file (e.g. the
@@ -48,60 +48,33 @@ def pix_fmt_bits(pix_fmt: str | None) -> int:
         return 8
 
 
-def encode_video(
-    path: str | os.PathLike,
-    frames: np.ndarray,
-    fps: float,
-    codec: str | None = None,
-    pix_fmt: str | None = None,
-    options: dict[str, str] | None = None,
-    gop: int = 10,
-) -> str:
-    """Write frames to a video file and return the codec used (a keyframe every `gop` frames).
+def encode_video(path: str | os.PathLike, frames: np.ndarray, fps: float) -> str:
+    """Write uint8 (T, H, W, 3) RGB frames (H, W even) to a yuv420p video; return the codec used.
 
-    frames: uint8 (T, H, W, 3) RGB, uint8 (T, H, W) grey (stored in the luma plane) or uint16
-    (T, H, W) grey (needs a lossless high-bit codec such as ffv1 with pix_fmt gray16le).
-    H and W must be even for yuv420p.
+    libx264 at crf 16 (else mpeg4 with the quantiser pinned low): near-lossless, a keyframe every 10 frames.
     """
     frames = np.asarray(frames)
-    if frames.ndim == 4 and frames.shape[-1] == 3 and frames.dtype == np.uint8:
-        in_fmt = RGB
-    elif frames.ndim == 3 and frames.dtype == np.uint8:
-        in_fmt = GRAY
-    elif frames.ndim == 3 and frames.dtype == np.uint16:
-        in_fmt = GRAY16
-    else:
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise DataError(
-            f"{path}: cannot encode frames {frames.dtype} {frames.shape}; expected uint8 (T,H,W,3) or (T,H,W)"
+            f"{path}: cannot encode frames {frames.dtype} {frames.shape}; expected uint8 (T,H,W,3)"
         )
     h, w = frames.shape[1:3]
-    if in_fmt == GRAY16:
-        codec = codec or "ffv1"
-        pix_fmt = pix_fmt or "gray16le"
-    else:
-        codec = codec or available_codec()
-        pix_fmt = pix_fmt or "yuv420p"
-    if pix_fmt.startswith("yuv420") and (h % 2 or w % 2):
-        raise DataError(f"{path}: {pix_fmt} needs even image sizes, got {h}x{w}")
-    if options is None:
-        if codec in ("libx264", "libx265"):
-            options = {"crf": "16", "preset": "veryfast"}
-        elif codec == "mpeg4":
-            options = {"qmin": "1", "qmax": "2"}
-        else:
-            options = {}
+    if h % 2 or w % 2:
+        raise DataError(f"{path}: yuv420p needs even image sizes, got {h}x{w}")
+    codec = available_codec()
+    options = {"crf": "16", "preset": "veryfast"} if codec == "libx264" else {"qmin": "1", "qmax": "2"}
     rate = Fraction(fps).limit_denominator(1001)
     os.makedirs(os.path.dirname(os.fspath(path)) or ".", exist_ok=True)
     with av.open(os.fspath(path), mode="w") as container:
         stream = container.add_stream(codec, rate=rate, options=options)
         assert isinstance(stream, av.video.stream.VideoStream)
-        stream.width, stream.height, stream.pix_fmt = w, h, pix_fmt
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
         if codec == "mpeg4":  # near-lossless: quantiser pinned low, bit rate unconstrained
             stream.codec_context.bit_rate = 20_000_000
         stream.codec_context.time_base = 1 / rate
-        stream.codec_context.gop_size = gop
+        stream.codec_context.gop_size = 10
         for i, arr in enumerate(frames):
-            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(arr), format=in_fmt)
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(arr), format=RGB)
             frame.pts = i
             frame.time_base = 1 / rate
             for packet in stream.encode(frame):
@@ -250,18 +223,3 @@ class VideoReader:
         if self._container is None:
             return None
         return self._stream.codec_context.pix_fmt
-
-
-def decode_video(path: str | os.PathLike, fmt: str = RGB) -> np.ndarray:
-    """Every frame of a video file, in order (for tests and small files)."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: video file not found")
-    try:
-        with av.open(path) as container:
-            stream = container.streams.video[0]
-            return np.stack([f.to_ndarray(format=fmt) for f in container.decode(stream)])
-    except DataError:
-        raise
-    except Exception as exc:
-        raise DataError(f"{path}: cannot decode video ({type(exc).__name__}: {exc})") from None

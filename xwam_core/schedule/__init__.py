@@ -2,10 +2,8 @@
 
 from xwam_core.schedule.flow import (
     add_noise,
-    masked_mse,
     model_timestep,
     shift_timesteps,
-    unshift_timesteps,
     velocity_target,
 )
 from xwam_core.schedule.inference import (
@@ -20,8 +18,6 @@ from xwam_core.schedule.inference import (
 from xwam_core.schedule.sampler import (
     NoiseSample,
     NoiseSamplerConfig,
-    action_state_loss_weight,
-    depth_loss_weight,
     sample_noise_levels,
 )
 from xwam_core.schedule.unipc import FlowUniPC
@@ -34,16 +30,12 @@ __all__ = [
     "InferenceScheduleConfig",
     "NoiseSample",
     "NoiseSamplerConfig",
-    "action_state_loss_weight",
     "add_noise",
-    "depth_loss_weight",
     "initial_latents",
     "make_flow_unipc",
-    "masked_mse",
     "model_denoiser",
     "model_timestep",
     "sample_noise_levels",
     "shift_timesteps",
-    "unshift_timesteps",
     "velocity_target",
 ]

@@ -27,22 +27,6 @@ def shift_timesteps(t: torch.Tensor, shift: float) -> torch.Tensor:
     return shift * t / (1.0 + (shift - 1.0) * t)
 
 
-def unshift_timesteps(t_shifted: torch.Tensor, shift: float) -> torch.Tensor:
-    """Inverse of `shift_timesteps`: t = t' / (s - (s - 1) t')."""
-    return t_shifted / (shift - (shift - 1.0) * t_shifted)
-
-
 def model_timestep(t: torch.Tensor) -> torch.Tensor:
     """The timestep the transformer is fed: t * 1000, float (not rounded)."""
     return t * NUM_TRAIN_TIMESTEPS
-
-
-def masked_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Mean squared error over the elements where `weight` (broadcastable to pred) is non-zero.
-
-    Returns 0 (with a gradient path) when nothing is weighted, so a batch of all-clean actions
-    does not produce NaN.
-    """
-    weight = weight.to(pred.dtype).expand_as(pred)
-    total = weight.sum()
-    return ((pred - target) ** 2 * weight).sum() / total.clamp_min(1.0)

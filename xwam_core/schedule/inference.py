@@ -17,7 +17,6 @@ Latent frame 0 of the video and state 0 are the clean condition: they are never 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -100,9 +99,6 @@ class DenoiseResult:
     video: torch.Tensor | None  # (B, V, C, F, h, w) latents; frame 0 is the given condition
     depth: torch.Tensor | None  # (B, V, C, F, h, w) depth latents from the last denoiser call
     num_denoiser_calls: int
-
-
-StepCallback = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
 def make_flow_unipc(num_steps: int, shift: float = 5.0, solver_order: int = 2) -> UniPCMultistepScheduler:
@@ -200,14 +196,12 @@ class DenoisingSchedule:
         *,
         mode: str = "world",
         uncond_denoiser: Denoiser | None = None,
-        on_step: StepCallback | None = None,
     ) -> DenoiseResult:
         """Denoise from the initial tensors (see `initial_latents`) and return the clean streams.
 
         video (B, V, C, F, h, w): frame 0 the clean condition, frames 1.. the starting noise;
         actions (B, K, Da): starting noise; states (B, S, Ds): state 0 the clean condition, 1.. noise.
-        `uncond_denoiser` (null prompt) is required when guidance_scale != 1. `on_step(step, video,
-        actions, states)` sees the model inputs after each step (1-based); clone what you keep.
+        `uncond_denoiser` (null prompt) is required when guidance_scale != 1.
         """
         if mode not in MODES:
             raise ValueError(f"mode: expected one of {', '.join(MODES)}, got {mode!r}")
@@ -249,10 +243,8 @@ class DenoisingSchedule:
             if step < self.num_steps_action:
                 self.actions.step(step, v_actions, actions_in, out=actions_in)
                 self.states.step(step, v_states[:, 1:], states_noisy, out=states_noisy)
-            if mode == "world" or step < num_calls - 1 or on_step is not None:
+            if mode == "world" or step < num_calls - 1:
                 self.video.step(step, v_video[:, :, :, 1:], video_noisy, out=video_noisy)
-            if on_step is not None:
-                on_step(step + 1, video_in, actions_in, states_in)
 
         return DenoiseResult(
             actions=actions_in,

@@ -90,26 +90,6 @@ def sample_noise_levels(
     )
 
 
-def action_state_loss_weight(sample: NoiseSample, valid_dims: torch.Tensor) -> torch.Tensor:
-    """(B, 1, D) float weight for an action or state loss on (B, N, D) tensors.
-
-    Zero where the sample's actions are clean (t_action = 0) or the dimension is not valid for the
-    embodiment; `valid_dims` is (D,) or (B, D) bool.
-    """
-    valid = valid_dims.to(torch.bool)
-    if valid.ndim == 1:
-        valid = valid.unsqueeze(0)  # (1, D)
-    return (sample.action_loss_on[:, None] & valid).unsqueeze(1).float()  # (B, 1, D)
-
-
-def depth_loss_weight(has_depth: torch.Tensor, ndim: int = 6) -> torch.Tensor:
-    """Float weight broadcastable to a depth latent of `ndim` dims (B, V, C, F, h, w).
-
-    `has_depth` is (B,) or (B, V) bool: False where the sample (or view) has no depth.
-    """
-    return has_depth.float().reshape(has_depth.shape + (1,) * (ndim - has_depth.ndim))
-
-
 def _sample_beta(
     a: float, b: float, n: int, generator: torch.Generator | None, device: torch.device
 ) -> torch.Tensor:

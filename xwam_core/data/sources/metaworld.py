@@ -259,7 +259,6 @@ class MetaWorldSource(EpisodeSource):
         seed: int = 0,
         max_steps: int = 150,
         render_quality: str = "fast",
-        height: int | None = None,
     ) -> None:
         if isinstance(tasks, str) or not tasks:
             raise DataError(
@@ -276,11 +275,10 @@ class MetaWorldSource(EpisodeSource):
                 )
         if len(set(views)) != len(views) or len(set(tasks)) != len(tasks):
             raise DataError(f"metaworld: tasks {tasks} / views {views} repeat a name; expected each once")
-        for key, value in (("size", size), ("height", size if height is None else height)):
-            if not isinstance(value, int) or isinstance(value, bool) or not MIN_SIZE <= value <= MAX_SIZE:
-                raise DataError(
-                    f"metaworld: {key}={value!r} is out of range; expected {MIN_SIZE} to {MAX_SIZE} pixels"
-                )
+        if not isinstance(size, int) or isinstance(size, bool) or not MIN_SIZE <= size <= MAX_SIZE:
+            raise DataError(
+                f"metaworld: size={size!r} is out of range; expected {MIN_SIZE} to {MAX_SIZE} pixels"
+            )
         if not isinstance(episodes, int) or isinstance(episodes, bool) or episodes < 1:
             raise DataError(f"metaworld: episodes={episodes!r}; expected an integer >= 1 (episodes per task)")
         if (
@@ -307,8 +305,7 @@ class MetaWorldSource(EpisodeSource):
         self.tasks = list(tasks)
         self.num_episodes_per_task = episodes
         self.views = list(views)
-        self.width = size
-        self.height = size if height is None else height
+        self.height = self.width = size  # square images
         self.seed = seed
         self.max_steps = max_steps
         self.render_quality = render_quality
