@@ -60,7 +60,7 @@ def main() -> None:
 
         store = EpisodeStore(store_path)
         t0 = time.perf_counter()
-        store.frame_cache(build=True)
+        store.frame_cache()
         report.add("cache_build_s", time.perf_counter() - t0, "s", f"{store.num_frames} frames x 3 views")
 
         dataset = WindowDataset(store, WindowLayout(future_frames=8, frame_stride=4))

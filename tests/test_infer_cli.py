@@ -21,7 +21,8 @@ from tests.run_fixtures import (
 from tests.video_helpers import decode_video
 from xwam_core.cameras import hand_poses, predicted_cameras
 from xwam_core.data.reader import EpisodeStore
-from xwam_core.infer_run import evenly_spaced, parse_episodes
+from xwam_core.infer_options import parse_episodes
+from xwam_core.infer_run import evenly_spaced
 from xwam_core.runs import load_run, store_fingerprint
 
 
@@ -218,3 +219,31 @@ def test_wrist_camera_follows_the_predicted_hand():
     out = predicted_cameras(extrinsics, [False, True], moved, states[:, 0], list(range(7)))
     np.testing.assert_allclose(out[:, 1, 1:, 0, 3], cams[:, 1:, 0, 3] + 0.1, atol=1e-5)
     np.testing.assert_allclose(out[:, 0], extrinsics[:, 0])
+
+
+def test_the_recorded_command_line_comes_from_the_options():
+    """Every infer option is defined once (xwam_core.infer_options): the CLI's options are generated from
+    it, and the command a run records spells out each of them and parses back to the same options."""
+    import shlex
+
+    import typer
+
+    from xwam_cli.common import options_command
+    from xwam_core.infer_options import InferOptions
+
+    opts = InferOptions(Path("ck"), Path("st"), Path("o"), episodes=[3, 4], mode="policy", videos=False)
+    line = opts.command_line()
+    assert line == (
+        "xwam infer --ckpt ck --data st --out o --episodes 3,4 --mode policy --windows-per-episode 4 "
+        "--batch-size 1 --seed 0 --no-videos"
+    )
+    parsed: list[InferOptions] = []
+    app = typer.Typer()
+    app.command()(options_command(InferOptions, parsed.append))
+    result = runner.invoke(app, shlex.split(line)[2:])
+    assert result.exit_code == 0, result.output
+    assert parsed == [opts]
+    overwrite = InferOptions(Path("a"), Path("b"), Path("c"), num_steps_action=3, overwrite=True)
+    result = runner.invoke(app, shlex.split(overwrite.command_line())[2:])
+    assert result.exit_code == 0, result.output
+    assert parsed[-1] == overwrite

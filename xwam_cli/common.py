@@ -135,6 +135,48 @@ class _RichTask:
             )
 
 
+def options_command(options_class: type, run: Callable[[Any], None]) -> Callable[..., None]:
+    """A typer command whose options are the fields of `options_class` made with xwam_core's `option()`
+    (type, default, help and flag defined once there); it calls `run(options_class(**values))`."""
+    import dataclasses
+    import inspect
+    import typing
+
+    hints = typing.get_type_hints(options_class)
+    params, parsers = [], {}
+    for f in dataclasses.fields(options_class):
+        if "help" not in f.metadata:
+            continue
+        from xwam_core.infer_options import flag_of
+
+        parse = f.metadata["parse"]
+        cli_type = hints[f.name]
+        if parse is not None and not isinstance(parse, type):  # text on the command line, parsed
+            cli_type = str | None if f.default is None else str
+        if parse is not None:
+            parsers[f.name] = parse
+        flags = [flag_of(f)] if f.metadata["flag"] or cli_type is not bool else []
+        required = f.default is dataclasses.MISSING
+        params.append(
+            inspect.Parameter(
+                f.name,
+                inspect.Parameter.KEYWORD_ONLY,
+                default=inspect.Parameter.empty if required else f.default,
+                annotation=typing.Annotated[cli_type, typer.Option(*flags, help=f.metadata["help"])],
+            )
+        )
+
+    def command(**values: Any) -> None:
+        for name, parse in parsers.items():
+            if values[name] is not None:
+                values[name] = parse(values[name])
+        run(options_class(**values))
+
+    command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    return command
+
+
 def split_csv(text: str | None) -> list[str] | None:
     if text is None:
         return None

@@ -76,7 +76,7 @@ def moving_views(store: EpisodeStore, views: list[str]) -> list[bool]:
     """Whether each view's recorded camera ever moves in the store (a wrist camera)."""
     if not store.has_cameras:
         return [False] * len(views)
-    cache = store.frame_cache(build=True)
+    cache = store.frame_cache()
     out = []
     for v in views:
         poses = cache.extrinsics[v]

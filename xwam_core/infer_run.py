@@ -32,6 +32,7 @@ from xwam_core.checkpoint import resolve
 from xwam_core.data.reader import EpisodeStore
 from xwam_core.data.windows import WindowDataset, collate_windows, split_episodes
 from xwam_core.errors import XWAMError
+from xwam_core.infer_options import InferOptions
 from xwam_core.mean_frame import mean_future_frames
 from xwam_core.normalizer import Normalizer
 from xwam_core.policy import Policy, Prediction
@@ -50,23 +51,6 @@ MAX_DEPTH_FRACTION = 0.9  # clouds keep depth <= 0.9 x the model's (farthest) fa
 
 
 @dataclass
-class InferOptions:
-    checkpoint: str | Path
-    store: str | Path
-    out: str | Path
-    episodes: list[int] | None = None  # None: held-out (training store) or all
-    mode: str = "world"
-    windows_per_episode: int = 4
-    batch_size: int = 1
-    seed: int = 0
-    num_steps_video: int | None = None
-    num_steps_action: int | None = None
-    overwrite: bool = False
-    videos: bool = True
-    command: str = ""
-
-
-@dataclass
 class InferSummary:
     run_dir: Path
     mode: str
@@ -81,28 +65,6 @@ class InferSummary:
 
 
 # ------------------------------------------------------------------------------------ helpers
-def parse_episodes(text: str | None) -> list[int] | None:
-    """'3,4' or '0-2,7' -> [3, 4] / [0, 1, 2, 7]; None/'' -> None."""
-    if text is None or not text.strip():
-        return None
-    out: list[int] = []
-    for part in (p.strip() for p in text.split(",")):
-        if not part:
-            continue
-        try:
-            if "-" in part[1:]:
-                lo, hi = part.split("-", 1)
-                first, last = int(lo), int(hi)
-                if last < first:
-                    raise ValueError
-                out.extend(range(first, last + 1))
-            else:
-                out.append(int(part))
-        except ValueError:
-            raise XWAMError(f"--episodes {text!r}: expected episode indices like 3,4 or 0-2,7") from None
-    return list(dict.fromkeys(out))
-
-
 def evenly_spaced(count: int, k: int) -> list[int]:
     """k indices spread evenly over range(count), first and last included (all of them if k >= count)."""
     if k >= count:

@@ -23,7 +23,7 @@ import numpy as np
 from xwam_core.atomic import atomic_folder, write_json_atomic
 from xwam_core.errors import XWAMError
 from xwam_core.geometry import fuse_views
-from xwam_core.progress import SILENT, Progress
+from xwam_core.progress import SILENT, Progress, ProgressTask
 from xwam_core.runs import RunData, load_run
 
 WHICH = ("pred", "true", "repeat")
@@ -125,15 +125,6 @@ def reconstruct_run(
     progress: Progress = SILENT,
 ) -> ReconstructSummary:
     """Write RUN/points/: per window a folder with PLY clouds, previews and (tsdf) meshes; index.json."""
-    from xwam_core.geometry import (
-        RenderView,
-        auto_view,
-        render_points,
-        side_by_side_png,
-        tsdf_mesh,
-        write_ply,
-    )
-
     run = load_run(run_path)
     require_geometry(run, "reconstruction")
     if voxel_size is not None and voxel_size <= 0:
@@ -157,72 +148,95 @@ def reconstruct_run(
     summary = ReconstructSummary(out, n_windows, len(steps), 0, meshes=tsdf)
     with atomic_folder(out, overwrite=overwrite) as tmp:
         for w in range(n_windows):
-            folder = f"window-{w:03d}"
-            (tmp / folder).mkdir()
-            entry: dict[str, Any] = {
-                "folder": folder,
-                "episode": int(run["episode_index"][w]),
-                "frame": int(run["frame_index"][w]),
-                "steps": [],
-            }
-            clouds = {
-                t: (
-                    step_cloud(run, w, t, "pred", limit, voxel_size),
-                    step_cloud(run, w, t, "true", limit, voxel_size),
-                )
-                for t in steps
-            }
-            framing = next((c[1][0] for c in clouds.values() if len(c[1][0])), None)
-            if framing is None:
-                framing = next((c[0][0] for c in clouds.values() if len(c[0][0])), np.zeros((1, 3)))
-            view = auto_view(_core(framing), *PREVIEW_SIZE)  # one camera for every step of the window
-            small = RenderView(
-                np.array(
-                    [
-                        [view.K[0, 0] / 2, 0, (OVERVIEW_SIZE[1] - 1) / 2],
-                        [0, view.K[1, 1] / 2, (OVERVIEW_SIZE[0] - 1) / 2],
-                        [0, 0, 1],
-                    ]
-                ),
-                view.cam_to_world,
-                *OVERVIEW_SIZE,
-            )
-            panels = []
-            for t in steps:
-                (pp, pc), (tp, tc) = clouds[t]
-                files = {}
-                for name, pts, col in (("pred", pp, pc), ("true", tp, tc)):
-                    if len(pts):
-                        write_ply(tmp / folder / f"t{t}_{name}.ply", pts, col)
-                        files[name] = f"{folder}/t{t}_{name}.ply"
-                side_by_side_png(
-                    tmp / folder / f"t{t}.png",
-                    pp,
-                    pc,
-                    tp,
-                    tc,
-                    titles=(f"prediction t+{t}", f"truth t+{t}"),
-                    view=view,
-                )
-                files["preview"] = f"{folder}/t{t}.png"
-                panels.append([render_points(pp, pc, small), render_points(tp, tc, small)])
-                if tsdf:
-                    files.update(
-                        _meshes(run, w, t, limit, voxel_size, framing, tmp / folder, folder, tsdf_mesh)
-                    )
-                entry["steps"].append(
-                    {"step": t, "points_pred": len(pp), "points_true": len(tp), "files": files}
-                )
-                summary.points_pred.append(len(pp))
-                summary.points_true.append(len(tp))
-                summary.files += len(files)
-                bar.advance(info=f"window {w + 1}/{n_windows} t+{t}")
-            _overview(panels, [f"t+{t}" for t in steps], tmp / folder / "overview.png")
-            entry["overview"] = f"{folder}/overview.png"
-            summary.files += 1
+            entry = _reconstruct_window(run, w, steps, limit, voxel_size, tsdf, tmp, summary, bar)
             index["windows"].append(entry)
         write_json_atomic(tmp / "index.json", index)
     return summary
+
+
+def _preview_cameras(framing: np.ndarray) -> tuple[Any, Any]:
+    """One camera for every step of a window, framing `framing`: full-size previews and the overview's."""
+    from xwam_core.geometry import RenderView, auto_view
+
+    view = auto_view(_core(framing), *PREVIEW_SIZE)
+    small = RenderView(
+        np.array(
+            [
+                [view.K[0, 0] / 2, 0, (OVERVIEW_SIZE[1] - 1) / 2],
+                [0, view.K[1, 1] / 2, (OVERVIEW_SIZE[0] - 1) / 2],
+                [0, 0, 1],
+            ]
+        ),
+        view.cam_to_world,
+        *OVERVIEW_SIZE,
+    )
+    return view, small
+
+
+def _reconstruct_window(
+    run: RunData,
+    w: int,
+    steps: list[int],
+    limit: float,
+    voxel_size: float | None,
+    tsdf: bool,
+    root: Path,
+    summary: ReconstructSummary,
+    bar: ProgressTask,
+) -> dict[str, Any]:
+    """Window `w`'s folder under `root`: per step the PLY clouds, a preview PNG and (tsdf) meshes, then
+    an overview of all steps. Returns its entry of index.json and counts into `summary`."""
+    from xwam_core.geometry import render_points, side_by_side_png, tsdf_mesh, write_ply
+
+    folder = f"window-{w:03d}"
+    (root / folder).mkdir()
+    entry: dict[str, Any] = {
+        "folder": folder,
+        "episode": int(run["episode_index"][w]),
+        "frame": int(run["frame_index"][w]),
+        "steps": [],
+    }
+    clouds = {
+        t: (
+            step_cloud(run, w, t, "pred", limit, voxel_size),
+            step_cloud(run, w, t, "true", limit, voxel_size),
+        )
+        for t in steps
+    }
+    framing = next((c[1][0] for c in clouds.values() if len(c[1][0])), None)
+    if framing is None:
+        framing = next((c[0][0] for c in clouds.values() if len(c[0][0])), np.zeros((1, 3)))
+    view, small = _preview_cameras(framing)
+    panels = []
+    for t in steps:
+        (pp, pc), (tp, tc) = clouds[t]
+        files = {}
+        for name, pts, col in (("pred", pp, pc), ("true", tp, tc)):
+            if len(pts):
+                write_ply(root / folder / f"t{t}_{name}.ply", pts, col)
+                files[name] = f"{folder}/t{t}_{name}.ply"
+        side_by_side_png(
+            root / folder / f"t{t}.png",
+            pp,
+            pc,
+            tp,
+            tc,
+            view=view,
+            titles=(f"prediction t+{t}", f"truth t+{t}"),
+        )
+        files["preview"] = f"{folder}/t{t}.png"
+        panels.append([render_points(pp, pc, small), render_points(tp, tc, small)])
+        if tsdf:
+            files.update(_meshes(run, w, t, limit, voxel_size, framing, root / folder, folder, tsdf_mesh))
+        entry["steps"].append({"step": t, "points_pred": len(pp), "points_true": len(tp), "files": files})
+        summary.points_pred.append(len(pp))
+        summary.points_true.append(len(tp))
+        summary.files += len(files)
+        bar.advance(info=f"window {w + 1}/{run.num_windows} t+{t}")
+    _overview(panels, [f"t+{t}" for t in steps], root / folder / "overview.png")
+    entry["overview"] = f"{folder}/overview.png"
+    summary.files += 1
+    return entry
 
 
 def _meshes(

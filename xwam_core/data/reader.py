@@ -128,11 +128,10 @@ class EpisodeStore:
         return {c: table.column(c) for c in columns}
 
     # ---------------------------------------------------------------------------------- frame cache
-    def frame_cache(self, build: bool = True) -> FrameCache:
+    def frame_cache(self) -> FrameCache:
+        """The decoded-frame cache, built on first use."""
         cache_path = self.path / CACHE_DIR
         if not (cache_path / "done.json").exists():
-            if not build:
-                raise DataError(f"{cache_path}: frame cache missing")
             self._build_cache(cache_path)
         return FrameCache(cache_path, self)
 

@@ -77,7 +77,7 @@ class WindowDataset(Dataset):
         bad = [e for e in self.episode_ids if e not in all_eps]
         if bad:
             raise DataError(f"{self.store.path}: has no episode(s) {bad}; it has 0..{len(all_eps) - 1}")
-        self.cache = self.store.frame_cache(build=True)
+        self.cache = self.store.frame_cache()
         starts = []
         for e in self.episode_ids:
             meta = self.store.episodes[e]
