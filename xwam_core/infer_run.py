@@ -23,13 +23,13 @@ import math
 import platform
 import statistics
 import time
+import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import tomllib
 import torch
 
 from xwam_core.atomic import atomic_folder, write_json_atomic

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import dataclasses
+import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,7 +17,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import tomli_w
-import tomllib
 
 from xwam_core.data.augment import AugmentConfig
 from xwam_core.errors import RecipeError
