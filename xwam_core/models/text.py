@@ -146,7 +146,12 @@ def encode_prompts_umt5(
 
     `path_or_hub_id`: a pipeline folder with `tokenizer/` and `text_encoder/`, a folder holding both, or a hub id.
     """
-    from transformers import AutoTokenizer, UMT5EncoderModel
+    try:
+        from transformers import AutoTokenizer, UMT5EncoderModel
+    except ImportError as e:
+        raise XWAMError(
+            f"UMT5 prompt embeddings need transformers: pip install 'xwam[train]' ({e})"
+        ) from None
 
     source = str(path_or_hub_id)
     path = Path(source).expanduser()
