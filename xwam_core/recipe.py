@@ -75,7 +75,7 @@ class DataConfig:
     frame_stride: int = 4  # store frames between two window frames; K = F * stride actions
     views: list[str] = field(default_factory=list)  # empty: the store's views in its order
     episodes: list[int] = field(default_factory=list)  # empty: all
-    val_episodes: int = 1  # the last N episodes are held out for validation
+    val_episodes: int = 1  # held out for validation, taken in turn from each task (its newest episode)
     num_workers: int = 2
     batch_size: int = 4  # the GLOBAL batch: split evenly over the processes
 
