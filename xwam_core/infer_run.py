@@ -13,7 +13,7 @@ training one is fed to the model the way it was trained.
 
 Cameras of the prediction (`pred_extrinsics`): a fixed view keeps its recorded pose. A moving (wrist)
 view's future poses follow the PREDICTED end-effector pose times the hand-eye transform measured at the
-observed frame (METHOD.md section 6) when the state holds the pose (ee_x..ee_qz); otherwise the
+observed frame (docs/method.md section 7) when the state holds the pose (ee_x..ee_qz); otherwise the
 recorded poses are used and the manifest says so (they reveal where the camera went).
 """
 

@@ -1,4 +1,4 @@
-"""Per-dimension statistics of a store (meta/stats.json) and the quantile normalization of METHOD.md.
+"""Per-dimension statistics of a store (meta/stats.json) and the quantile normalization (docs/method.md, 2).
 
 Every key gets min, max, mean, std, count, q01 and q99. Images get per-channel statistics in [0, 1]
 (LeRobot's convention, shape (3, 1, 1)) from a frame subsample; depth gets metres over valid pixels.
@@ -69,7 +69,7 @@ class RunningStats:
 
 
 class QuantileNormalizer:
-    """x -> 2 (x - q01) / (q99 - q01) - 1 per dimension (METHOD.md section 2), and back.
+    """x -> 2 (x - q01) / (q99 - q01) - 1 per dimension (docs/method.md section 2), and back.
 
     Dimensions whose q01 == q99 (constant in the data) map to 0 and back to their constant.
     """

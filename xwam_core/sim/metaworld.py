@@ -6,7 +6,7 @@ Each query renders the checkpoint's views at its image size with the episode sto
 conventions (xwam_core.data.sources.metaworld: same cameras, renderer, intrinsics) and reads the state
 the way the store records it (hand xyz, quaternion wxyz, gripper opening), normalizes it with the
 checkpoint's statistics, and executes the WHOLE predicted action chunk open loop before the next query
-(METHOD.md section 5). Actions are clipped to [-1, 1] as the environment applies them. An episode
+(docs/method.md section 6). Actions are clipped to [-1, 1] as the environment applies them. An episode
 succeeds if Meta-World's info["success"] is true after any step (then it stops), else it runs
 `max_steps` steps.
 
