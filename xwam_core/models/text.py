@@ -1,8 +1,9 @@
 """Text conditioning: task indices -> text embeddings (B, L, text_dim) for the transformer's cross-attention.
 
 Two implementations behind one interface:
-- `PrecomputedText`: UMT5 embeddings computed once per task (`encode_prompts_umt5`, the `prepare` step)
-  and cached in a safetensors file; real recipes (text_dim 4096, L = 512, as Wan2.2 was trained).
+- `PrecomputedText`: UMT5 embeddings computed once per task (`PrecomputedText.from_prompts(tasks).save(path)`,
+  in Python: no command writes them) and cached in a safetensors file (`model.text_cache`); real recipes
+  (text_dim 4096, L = 512, as Wan2.2 was trained).
 - `TaskEmbeddingText`: a learned embedding per task; tiny recipes, no text encoder needed.
 Both keep an "empty prompt" row for classifier-free guidance dropout (`drop=`).
 """
