@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -89,3 +91,9 @@ def test_task_embedding_text_is_learned():
 def test_encode_prompts_umt5_bad_folder(tmp_path):
     with pytest.raises(XWAMError, match="UMT5"):
         encode_prompts_umt5(["x"], tmp_path)
+
+
+def test_encode_prompts_umt5_without_transformers_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` now raises ImportError
+    with pytest.raises(XWAMError, match=r"need transformers: pip install 'xwam\[train\]'"):
+        encode_prompts_umt5(["x"], "any/hub-id")

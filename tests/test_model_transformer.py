@@ -226,7 +226,7 @@ def test_one_prompt_broadcasts_over_the_batch(model):
 
 
 def test_action_and_state_rope_positions_follow_the_layout(model):
-    # 32 actions and 9 states over 3 latent frames: action i at i/16, state j at j/4 (METHOD.md section 2).
+    # 32 actions and 9 states over 3 latent frames: action i at i/16, state j at j/4 (docs/method.md, 2).
     from xwam_core.models.transformer import _Layout
 
     rope = model.wan.rope

@@ -1,4 +1,4 @@
-"""Asynchronous denoising against an oracle velocity: pins the UniPC flow conventions (METHOD.md 4).
+"""Asynchronous denoising against an oracle velocity: pins the UniPC flow conventions (docs/method.md, 4).
 
 The oracle knows x0 and eps of every stream and returns eps - x0 whatever it is fed, so an exact
 solver must walk the straight path x_t = (1 - t) x0 + t eps from eps (t = 1) to x0 (t = 0). It also

@@ -1,4 +1,4 @@
-"""ANS training sampler: ordering, clean fraction and marginals over 100,000 draws (METHOD.md 4)."""
+"""ANS training sampler: ordering, clean fraction and marginals over 100,000 draws (docs/method.md, 4)."""
 
 from __future__ import annotations
 

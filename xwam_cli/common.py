@@ -6,7 +6,7 @@ import functools
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -20,7 +20,9 @@ from rich.progress import (
 )
 
 from xwam_core.errors import XWAMError
-from xwam_core.recipe import Recipe, load_recipe
+
+if TYPE_CHECKING:  # xwam_core.recipe imports torch and diffusers: `xwam --help` must not wait for them
+    from xwam_core.recipe import Recipe
 
 console = Console()
 err_console = Console(stderr=True)
@@ -51,6 +53,8 @@ def user_errors(fn: F) -> F:
 
 def recipe_with(recipe_path: Path | None, overrides: list[str] | None, cli: dict[str, Any]) -> Recipe:
     """Recipe file (or defaults) + `--set` overrides + explicit CLI options (those win)."""
+    from xwam_core.recipe import load_recipe
+
     sets = list(overrides or [])
     for key, value in cli.items():
         if value is None:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
 
 from xwam_cli.common import RichProgress, console, fail, human_bytes, recipe_with, split_csv, user_errors
-from xwam_core.data.store import StoreSummary
+
+if TYPE_CHECKING:
+    from xwam_core.data.store import StoreSummary
 
 EXAMPLES = """
 [bold]Examples[/]

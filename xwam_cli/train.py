@@ -22,8 +22,8 @@ EXAMPLES = """
 FINETUNE_EXAMPLES = """
 [bold]Examples[/]
 
-  xwam finetune recipes/finetune_metaworld.toml --init runs/tiny/checkpoints/step-00002000
-  xwam finetune recipes/finetune_metaworld.toml --init CKPT --set train.lora_rank=16
+  xwam finetune recipes/finetune_tiny.toml --init out/demo/run
+  xwam finetune recipes/finetune_tiny.toml --init CKPT --set train.lora_rank=16
 """
 
 RecipeArg = Annotated[Path, typer.Argument(help="Recipe TOML (see recipes/).", exists=False)]

@@ -12,10 +12,9 @@ the new folder is for inference and `xwam finetune --init`.
 from __future__ import annotations
 
 import json
+import tomllib
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from xwam_core.checkpoint import DataSpec, PolicyParts, export_checkpoint
 from xwam_core.data.windows import WindowLayout

@@ -110,7 +110,10 @@ def build_text(cfg: ModelConfig, layout: Layout, text_dim: int) -> TextCondition
         return TaskEmbeddingText(len(layout.tasks), text_dim, cfg.text_seq_len)
     if cfg.text == "umt5":
         if not cfg.text_cache:
-            raise XWAMError("model.text = 'umt5' needs model.text_cache (embeddings made by `xwam prepare`)")
+            raise XWAMError(
+                "model.text = 'umt5' needs model.text_cache, a file written by "
+                "xwam_core.models.text.PrecomputedText.from_prompts(tasks).save(path)"
+            )
         text = PrecomputedText.load(cfg.text_cache)
         missing = [t for t in layout.tasks if t not in (text.tasks or [])]
         if missing:

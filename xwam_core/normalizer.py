@@ -16,7 +16,7 @@ from xwam_core.errors import XWAMError
 
 
 class QuantileNormalizer:
-    """x -> 2 (x - q01) / (q99 - q01) - 1 per dimension (METHOD.md section 2), and back.
+    """x -> 2 (x - q01) / (q99 - q01) - 1 per dimension (docs/method.md section 2), and back.
 
     Dimensions whose q01 == q99 (constant in the data) map to 0 and back to their constant.
     """

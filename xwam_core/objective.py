@@ -1,4 +1,4 @@
-"""The X-WAM training objective (METHOD.md sections 3-5) as one module, so DDP/FSDP wrap it whole.
+"""The X-WAM training objective (docs/method.md sections 3-5) as one module, so DDP/FSDP wrap it whole.
 
 batch (from xwam_core.data.windows) -> augmentation -> codec latents (RGB and inverse depth) -> ANS
 timesteps -> noised video/actions/states -> the transformer -> per-sample losses:

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import dataclasses
+import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,7 +17,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import tomli_w
-import tomllib
 
 from xwam_core.data.augment import AugmentConfig
 from xwam_core.errors import RecipeError
@@ -74,7 +74,7 @@ class DataConfig:
     future_frames: int = 8  # F: frames predicted after the current one
     frame_stride: int = 4  # store frames between two window frames; K = F * stride actions
     views: list[str] = field(default_factory=list)  # empty: the store's views in its order
-    val_episodes: int = 1  # the last N episodes are held out for validation
+    val_episodes: int = 1  # held out for validation, taken in turn from each task (its newest episode)
     num_workers: int = 2
     batch_size: int = 4  # the GLOBAL batch: split evenly over the processes
 

@@ -1,4 +1,4 @@
-"""Training augmentation (METHOD.md section 5), on batched tensors after the loader.
+"""Training augmentation (docs/method.md section 6), on batched tensors after the loader.
 
 - Per view: a random crop of `crop_scale` of each side, resized back to the original size (bilinear
   for RGB, nearest for depth so no depth is invented at edges). The same crop for every frame of a

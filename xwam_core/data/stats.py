@@ -1,4 +1,4 @@
-"""Per-dimension statistics of a store (meta/stats.json); xwam_core.normalizer turns them into the normalization.
+"""Per-dimension statistics of a store (meta/stats.json); xwam_core.normalizer turns them into the normalization (docs/method.md, 2).
 
 Every key gets min, max, mean, std, count, q01 and q99. Images get per-channel statistics in [0, 1]
 (LeRobot's convention, shape (3, 1, 1)) from a frame subsample; depth gets metres over valid pixels.

@@ -3,7 +3,7 @@
 Both codecs share the Wan VAE's time layout: a clip of 1 + k*T frames (T = temporal factor) becomes
 1 + k latent frames, the first frame alone. Frames are (B, 3, T, H, W) in [-1, 1]; latents are
 (B, C, F, h, w). Depth goes through the same codec as an image: inverse depth scaled to [-1, 1] over
-a recorded [near, far] range and repeated to 3 channels (METHOD.md section 3).
+a recorded [near, far] range and repeated to 3 channels (docs/method.md section 3).
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "condition_broadcast": True,
         **_LAYOUT,
     },
-    # Wan2.2-TI2V-5B geometry (METHOD.md section 1) plus the depth copy of its last 10 blocks.
+    # Wan2.2-TI2V-5B geometry (docs/method.md section 1) plus the depth copy of its last 10 blocks.
     "base": {
         "patch_size": (1, 2, 2),
         "num_attention_heads": 24,

@@ -1,8 +1,9 @@
 """Text conditioning: task indices -> text embeddings (B, L, text_dim) for the transformer's cross-attention.
 
 Two implementations behind one interface:
-- `PrecomputedText`: UMT5 embeddings computed once per task (`encode_prompts_umt5`, the `prepare` step)
-  and cached in a safetensors file; real recipes (text_dim 4096, L = 512, as Wan2.2 was trained).
+- `PrecomputedText`: UMT5 embeddings computed once per task (`PrecomputedText.from_prompts(tasks).save(path)`,
+  in Python: no command writes them) and cached in a safetensors file (`model.text_cache`); real recipes
+  (text_dim 4096, L = 512, as Wan2.2 was trained).
 - `TaskEmbeddingText`: a learned embedding per task; tiny recipes, no text encoder needed.
 Both keep an "empty prompt" row for classifier-free guidance dropout (`drop=`).
 """
@@ -146,7 +147,12 @@ def encode_prompts_umt5(
 
     `path_or_hub_id`: a pipeline folder with `tokenizer/` and `text_encoder/`, a folder holding both, or a hub id.
     """
-    from transformers import AutoTokenizer, UMT5EncoderModel
+    try:
+        from transformers import AutoTokenizer, UMT5EncoderModel
+    except ImportError as e:
+        raise XWAMError(
+            f"UMT5 prompt embeddings need transformers: pip install 'xwam[train]' ({e})"
+        ) from None
 
     source = str(path_or_hub_id)
     path = Path(source).expanduser()

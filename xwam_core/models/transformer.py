@@ -1,6 +1,6 @@
 """The X-WAM transformer: a Wan2.2 video DiT that also denoises actions and states and regresses depth.
 
-One token sequence (METHOD.md section 2), per sample:
+One token sequence (docs/method.md section 2), per sample:
 
     [ video tokens, frame-major (latent frame, view, h, w) | K action tokens | S state tokens ]
 
@@ -584,7 +584,7 @@ class XWAMTransformer(ModelMixin, ConfigMixin):  # type: ignore[misc]
         )
         # Actions and states sit on the time axis of the latent frames they cover: the future spans
         # f - 1 latent frames, so action i is at i (f-1)/K and state j at j (f-1)/(S-1)
-        # (32 actions, 9 states, 3 latent frames: i/16 and j/4, METHOD.md section 2).
+        # (32 actions, 9 states, 3 latent frames: i/16 and j/4, docs/method.md section 2).
         span = max(f - 1, 1)
         k, s = layout.num_actions, layout.num_states
         positions = torch.cat(

@@ -1,6 +1,6 @@
 """Flow matching as X-WAM uses it for every stream (video, actions, states).
 
-x_t = (1 - t) x_0 + t eps, velocity target v = eps - x_0, model timestep t * 1000 (METHOD.md section 4).
+x_t = (1 - t) x_0 + t eps, velocity target v = eps - x_0, model timestep t * 1000 (docs/method.md section 4).
 t = 1 is pure noise and t = 0 is clean data, so denoising integrates dx/dt = v from t = 1 down to 0.
 """
 

@@ -1,4 +1,4 @@
-"""Asynchronous denoising (METHOD.md section 4): policy mode and world mode.
+"""Asynchronous denoising (docs/method.md section 4): policy mode and world mode.
 
 One multistep UniPC solver per stream (video, actions, states), with the schedule of diffusers'
 `UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=5,

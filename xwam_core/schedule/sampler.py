@@ -1,6 +1,6 @@
 """Training timestep sampler: Asynchronous Noise Sampling (ANS) and the two ablation modes.
 
-METHOD.md section 4. Per sample, in `ans` mode:
+docs/method.md section 4. Per sample, in `ans` mode:
   with probability p_clean_action: t_action = 0, t_video ~ U(0, 1)   (action-conditioned video;
                                    action and state losses masked)
   otherwise: t_action ~ U(0, 1), b ~ Beta(a, b), t_video = t_action + (1 - t_action) b

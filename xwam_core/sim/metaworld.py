@@ -7,7 +7,7 @@ conventions (xwam_core.data.sources.metaworld: same cameras, renderer, intrinsic
 the way the store records it (hand xyz, quaternion wxyz, gripper opening), and hands both to the
 Policy (xwam_core.policy), which normalizes with the checkpoint's statistics and queues the predicted
 chunk: `policy.actions_per_query` actions run open loop before the next query (default: the whole
-chunk, METHOD.md section 5). Actions are clipped to [-1, 1] as the environment applies them. An episode
+chunk, docs/method.md section 6). Actions are clipped to [-1, 1] as the environment applies them. An episode
 succeeds if Meta-World's info["success"] is true after any step (then it stops), else it runs
 `max_steps` steps.
 
