@@ -114,41 +114,39 @@ def test_training_reduces_loss_and_writes_a_run(small_store, tmp_path):
 
 def test_sigkill_and_resume_is_bit_identical(small_store, tmp_path):
     """Kill -9 mid-run, resume from the newest checkpoint: the same final weights as no crash."""
-    steps = 8
+    steps = 12
     ref = tmp_path / "ref"  # same kind of process (threads, env) as the crashed one: bit-exact comparison
     ref_run = cli("pretrain", str(TINY), *sets(tiny_overrides(small_store, ref, steps)))
     crash = tmp_path / "crash"
     args = ["pretrain", str(TINY), *sets(tiny_overrides(small_store, crash, steps))]
     proc = cli(*args)
-    seen: set[str] = set()
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        for ckpt in checkpoint_dirs(crash):  # every checkpoint visible on disk is complete and readable
-            if ckpt.name not in seen:
-                XWAMTransformer.from_pretrained(ckpt / "model")
-                load_training_state(ckpt)
-                load_policy_parts(ckpt)
-                seen.add(ckpt.name)
-        if "step-00000004" in seen:
-            time.sleep(0.5)  # somewhere in steps 5-6
-            proc.send_signal(signal.SIGKILL)
+        if "step-00000004" in {p.name for p in checkpoint_dirs(crash)}:
+            proc.send_signal(signal.SIGKILL)  # at once: somewhere in steps 5-6 (each takes a while)
             break
-        time.sleep(0.05)
+        time.sleep(0.02)
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL, proc.stdout.read() if proc.stdout else ""
-    assert "step-00000008" not in {p.name for p in checkpoint_dirs(crash)}
+    left = checkpoint_dirs(crash)
+    assert f"step-{steps:08d}" not in {p.name for p in left}
+    for ckpt in left:  # every checkpoint on disk after the kill is complete and readable
+        XWAMTransformer.from_pretrained(ckpt / "model")
+        load_training_state(ckpt)
+        load_policy_parts(ckpt)
 
     resumed = cli(*args, "--resume", "latest")
     output, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, output
     ref_output, _ = ref_run.communicate(timeout=300)
     assert ref_run.returncode == 0, ref_output
-    a, b = weights(ref / "checkpoints" / "step-00000008"), weights(crash / "checkpoints" / "step-00000008")
+    final = f"step-{steps:08d}"
+    a, b = weights(ref / "checkpoints" / final), weights(crash / "checkpoints" / final)
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    ref_opt = load_training_state(ref / "checkpoints" / "step-00000008").optimizer
-    crash_opt = load_training_state(crash / "checkpoints" / "step-00000008").optimizer
+    ref_opt = load_training_state(ref / "checkpoints" / final).optimizer
+    crash_opt = load_training_state(crash / "checkpoints" / final).optimizer
     for pid, state in ref_opt["state"].items():
         assert torch.equal(state["exp_avg_sq"], crash_opt["state"][pid]["exp_avg_sq"])
 
