@@ -30,12 +30,10 @@ def _base(factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def train_tiny(store: Path, out: Path, steps: int = 2, model: str = "") -> Path:
-    """A tiny 2-block model trained `steps` steps; `model`: more model.overrides, e.g. "depth_condition = true"."""
-    from xwam_core.recipe import load_recipe
-    from xwam_core.train import train
-
-    overrides = [
+def tiny_overrides(store: Path, out: Path, steps: int = 2, model: str = "") -> list[str]:
+    """--set overrides of the tiny recipe for a 2-block model trained `steps` steps on `store`;
+    `model`: more model.overrides, e.g. "depth_condition = true"."""
+    return [
         f"data.store={store}",
         "data.future_frames=4",
         "data.frame_stride=2",
@@ -51,7 +49,14 @@ def train_tiny(store: Path, out: Path, steps: int = 2, model: str = "") -> Path:
         "inference.num_steps_video=2",
         "inference.num_steps_action=2",
     ]
-    return train(load_recipe(TINY, overrides)).checkpoint
+
+
+def train_tiny(store: Path, out: Path, steps: int = 2, model: str = "") -> Path:
+    """A tiny 2-block model trained `steps` steps (see tiny_overrides); returns its checkpoint."""
+    from xwam_core.recipe import load_recipe
+    from xwam_core.train import train
+
+    return train(load_recipe(TINY, tiny_overrides(store, out, steps, model))).checkpoint
 
 
 def tiny_checkpoint(factory: pytest.TempPathFactory) -> tuple[Path, Path]:

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tests.conftest import SyntheticSource, write_store
-from tests.run_fixtures import ROOT, app, one_line_error, runner, tiny_checkpoint
+from tests.run_fixtures import ROOT, app, one_line_error, runner, tiny_checkpoint, tiny_overrides
 from xwam_core.checkpoint import MARKER, checkpoint_dirs, load_policy_parts
 from xwam_core.data.reader import EpisodeStore
 from xwam_core.data.windows import WindowDataset
@@ -130,23 +130,7 @@ def test_lora_finetune_infers_evaluates_resumes_and_finetunes_again(tmp_path_fac
         ),
     )
     out = tmp_path / "lora"
-    overrides = [
-        f"data.store={store}",
-        "data.future_frames=4",
-        "data.frame_stride=2",
-        "data.batch_size=2",
-        "data.num_workers=0",
-        "data.val_episodes=1",
-        "model.overrides={num_layers = 2, num_depth_blocks = 1}",
-        "train.lora_rank=4",
-        "train.max_steps=4",
-        "train.checkpoint_every=2",
-        "train.val_every=1000",
-        "train.warmup_steps=1",
-        f"train.out={out}",
-        "inference.num_steps_video=2",
-        "inference.num_steps_action=2",
-    ]
+    overrides = [*tiny_overrides(store, out, steps=4), "train.lora_rank=4", "train.checkpoint_every=2"]
     full = train(load_recipe(TINY, overrides), init=base)
     ckpt = full.checkpoint
     weights = load_file(ckpt / "model" / "diffusion_pytorch_model.safetensors")
@@ -214,19 +198,7 @@ def test_lora_finetune_infers_evaluates_resumes_and_finetunes_again(tmp_path_fac
     assert [p.name for p in checkpoint_dirs(half)] == ["step-00000002", "step-00000004"]
 
     # and the LoRA checkpoint is a starting point like any other
-    again = train(
-        load_recipe(
-            TINY,
-            [
-                *overrides[:-3],
-                f"train.out={tmp_path / 'again'}",
-                "train.lora_rank=0",
-                "train.max_steps=1",
-                "train.checkpoint_every=1",
-            ],
-        ),
-        init=ckpt,
-    )
+    again = train(load_recipe(TINY, tiny_overrides(store, tmp_path / "again", steps=1)), init=ckpt)
     assert "tensors loaded" in again.init_report
 
 
