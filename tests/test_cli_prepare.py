@@ -112,6 +112,18 @@ def test_unknown_source_and_missing_out(tmp_path):
 
 
 @pytest.mark.parametrize(
+    "option", [["--tasks", "reach-v3"], ["--episodes", "3"], ["--size", "64"], ["--seed", "1"]]
+)
+def test_metaworld_options_are_refused_for_lerobot(tmp_path, option):
+    """An option the chosen source does not have is refused, never silently ignored."""
+    result = runner.invoke(
+        app, ["prepare", "lerobot", str(tmp_path / "ds"), "--out", str(tmp_path / "o"), *option]
+    )
+    assert_one_line_error(result, option[0], "metaworld source")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
     ("args", "needle"),
     [
         (["--tasks", "fly-v3"], "fly-v3"),

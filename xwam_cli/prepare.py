@@ -66,6 +66,17 @@ def prepare(
         if name == "lerobot":
             if len(rest) != 1:
                 fail("lerobot source takes one dataset folder: xwam prepare lerobot PATH --out DIR")
+            metaworld_only = {
+                "--tasks": tasks,
+                "--episodes": episodes,
+                "--size": size,
+                "--seed": seed,
+                "--max-steps": max_steps,
+                "--render-quality": render_quality,
+            }
+            given = [flag for flag, value in metaworld_only.items() if value is not None]
+            if given:
+                fail(f"{given[0]} is an option of the metaworld source, not of lerobot")
             cli["prepare.lerobot.path"] = rest[0]
             if views:
                 pairs = split_csv(views) or []
