@@ -16,7 +16,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from xwam_core.checkpoint import DataSpec, PolicyParts, export_checkpoint
+from xwam_core.checkpoint import MARKER, DataSpec, PolicyParts, export_checkpoint
 from xwam_core.data.windows import WindowLayout
 from xwam_core.errors import XWAMError
 from xwam_core.models.codecs import describe_codec
@@ -92,6 +92,8 @@ def _v0_folder(path: Path) -> Path:
         if not steps:
             raise XWAMError(f"{path}: run folder has no checkpoint")
         path = steps[-1]
+    if (path / MARKER).is_file():
+        raise XWAMError(f"{path}: already an xwam checkpoint (format 1); nothing to convert")
     if not (path / "layout.json").is_file() or not (path / "model" / "config.json").is_file():
         raise XWAMError(f"{path}: not an xwam-v0 checkpoint (expected layout.json and model/config.json)")
     return path
