@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import warnings
 import zlib
 from collections.abc import Callable
@@ -35,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from xwam_core.atomic import atomic_file
 from xwam_core.errors import XWAMError
 from xwam_core.policy import Policy
 from xwam_core.progress import SILENT, Progress
@@ -172,14 +172,8 @@ class _VideoWriter:
     def close(self) -> str:
         from xwam_core.data.video import encode_video
 
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.parent / f".{self.path.stem}.tmp{self.path.suffix}"
-        try:
+        with atomic_file(self.path) as tmp:
             encode_video(tmp, np.stack(self.frames), VIDEO_FPS)
-            os.replace(tmp, self.path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
         return str(self.path)
 
 
