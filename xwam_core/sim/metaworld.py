@@ -27,7 +27,6 @@ import json
 import math
 import warnings
 import zlib
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -187,11 +186,9 @@ def evaluate_metaworld(
     video_dir: str | Path | None = None,
     baselines: bool = True,
     progress: Progress = SILENT,
-    on_rollout: Callable[[Rollout], None] | None = None,
 ) -> SimResult:
-    """Roll the policy (and the baselines) out on `episodes` held-out starts per task.
-
-    `on_rollout` receives each finished rollout (the CLI shows its outcome beside the bar)."""
+    """Roll the policy (and the baselines) out on `episodes` held-out starts per task; each finished
+    rollout's outcome is the progress bar's status text."""
     from xwam_core.data.sources import metaworld as mw
 
     _check(policy, tasks, episodes, max_steps)
@@ -245,8 +242,6 @@ def evaluate_metaworld(
                         result.rollouts.append(rollout)
                         outcome = "success" if rollout.success else "fail"
                         bar.advance(info=f"{task} #{i} {which}: {outcome} ({rollout.steps} steps)")
-                        if on_rollout is not None:
-                            on_rollout(rollout)
             finally:
                 gl.make_current()
                 task_sim.free()
