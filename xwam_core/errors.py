@@ -1,5 +1,7 @@
 """User-facing errors: one line that names the file/key/value and what was expected."""
 
+from __future__ import annotations
+
 
 class XWAMError(Exception):
     """An error caused by the user's input. The CLI prints it as one line and exits non-zero."""
@@ -11,3 +13,10 @@ class RecipeError(XWAMError):
 
 class DataError(XWAMError):
     """A source, store or episode that is missing, corrupt or inconsistent."""
+
+
+def require(ok: bool, key: str, expected: str, value: object) -> None:
+    """Refuse a setting outside its range with the recipe's one line, unless `ok`:
+    `train.lr: expected a learning rate > 0, got -0.001` (the recipe loader puts the file name in front)."""
+    if not ok:
+        raise RecipeError(f"{key}: expected {expected}, got {value!r}")
