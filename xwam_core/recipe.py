@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 import tomli_w
 
 from xwam_core.data.augment import AugmentConfig
-from xwam_core.errors import RecipeError, require
+from xwam_core.errors import RecipeError, os_error_line, require
 from xwam_core.schedule.inference import InferenceScheduleConfig
 from xwam_core.schedule.sampler import NoiseSamplerConfig
 
@@ -397,25 +397,38 @@ def recipe_from_dict(table: dict[str, Any], where: str = "recipe", cls: type[T] 
     return _build(cls, table, "", where)
 
 
-def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> Recipe:
-    """Load a recipe file (or the defaults when `path` is None) and apply `--set` overrides."""
+def load_recipe(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    overrides_from: str = "--set overrides",
+) -> Recipe:
+    """Load a recipe file (or the defaults when `path` is None), apply `section.key=value` overrides and
+    check every range. Errors name the file, followed by `(with <overrides_from>)` when there are overrides."""
     table: dict[str, Any] = {}
     where = "recipe"
     if path is not None:
         where = str(path)
         p = Path(path)
+        if p.is_dir():
+            raise RecipeError(f"{where}: is a folder; expected a recipe TOML file (see recipes/)")
         if not p.is_file():
             raise RecipeError(f"{where}: recipe file not found")
         try:
-            table = tomllib.loads(p.read_text())
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise RecipeError(f"{where}: not UTF-8 text; expected a TOML file") from None
+        except OSError as e:
+            raise RecipeError(f"{where}: cannot be read ({os_error_line(e)})") from None
+        if not text.strip():
+            raise RecipeError(f"{where}: empty; expected TOML settings (see recipes/tiny_cpu.toml)")
+        try:
+            table = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
             raise RecipeError(f"{where}: not valid TOML ({e})") from None
-        except UnicodeDecodeError:
-            raise RecipeError(f"{where}: not a text file (expected TOML)") from None
     overrides = overrides or []
     if overrides:
         table = apply_overrides(table, overrides)
-        where = f"{where} (with --set overrides)"
+        where = f"{where} (with {overrides_from})"
     recipe: Recipe = recipe_from_dict(table, where)
     try:
         recipe.validate()
