@@ -170,11 +170,12 @@ def recipe_with(recipe_path: Path | None, overrides: list[str] | None, cli: dict
     from xwam_core.recipe import load_recipe
 
     sets = list(overrides or [])
-    for key, value in cli.items():
-        if value is None:
-            continue
-        sets.append(f"{key}={_toml_value(value)}")
-    return load_recipe(recipe_path, sets)
+    options = [f"{key}={_toml_value(value)}" for key, value in cli.items() if value is not None]
+    # an error names where a bad value came from: the file, its --set overrides, the command's options
+    sources = [
+        name for name, given in (("--set overrides", sets), ("command-line options", options)) if given
+    ]
+    return load_recipe(recipe_path, sets + options, " and ".join(sources))
 
 
 def _toml_value(value: Any) -> str:
@@ -293,6 +294,18 @@ def options_command(options_class: type, run: Callable[[Any], None]) -> Callable
     command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     command.__annotations__ = {p.name: p.annotation for p in params}
     return command
+
+
+def check_output(path: Path, flag: str, folder: bool = False) -> None:
+    """Refuse, before any work, an output path that cannot be written: a file where a folder goes (or the
+    other way round), or a path under a file."""
+    if folder and path.exists() and not path.is_dir():
+        raise XWAMError(f"{flag} {path}: is a file; expected a folder")
+    if not folder and path.is_dir():
+        raise XWAMError(f"{flag} {path}: is a folder; expected a file path")
+    ancestor = next((p for p in path.parents if p.exists()), None)  # the nearest one that exists
+    if ancestor is not None and not ancestor.is_dir():
+        raise XWAMError(f"{flag} {path}: {ancestor} is a file; expected a folder")
 
 
 def split_csv(text: str | None) -> list[str] | None:

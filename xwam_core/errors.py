@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+import os
+
 
 class XWAMError(Exception):
     """An error caused by the user's input. The CLI prints it as one line and exits non-zero."""
@@ -43,10 +46,10 @@ _OS_ERRORS: dict[str, str] = {
 def os_error_line(error: OSError) -> str:
     """An OSError as the project's one line: the path(s) the OS names, what happened, what was expected
     (`out/run: on a read-only file system; expected a writable location for outputs [EROFS]`)."""
-    import errno
-
     name = errno.errorcode.get(error.errno or -1, "")
     what = _OS_ERRORS.get(name) or (error.strerror or str(error) or type(error).__name__)
+    if name == "EEXIST" and error.filename is not None and os.path.isfile(error.filename):
+        what = "already exists as a file; expected a folder, or nothing, there"  # mkdir over a file
     paths = [str(p) for p in (error.filename, error.filename2) if p is not None]
     where = " -> ".join(paths) if paths else "a file operation (the OS named no path)"
     return f"{where}: {what}" + (f" [{name}]" if name else "")
