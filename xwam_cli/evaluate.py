@@ -261,6 +261,8 @@ def _evaluate_sim(
         raise XWAMError(f"--sim {sim!r}: the simulators are: metaworld")
     if ckpt is None:
         raise XWAMError("--sim metaworld needs --ckpt CKPT (the checkpoint to roll out)")
+    if seed < 0:
+        raise XWAMError(f"--seed {seed}: expected an integer >= 0")
     if out is not None:
         check_output(out, "--out")
     if video is not None:

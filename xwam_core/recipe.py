@@ -161,7 +161,6 @@ class ModelConfig:
     overrides: dict[str, int | float | bool | str] = field(default_factory=dict)
 
     def validate(self) -> None:
-        # `overrides` are checked against XWAMTransformer's arguments when the model is built
         from xwam_core.models.presets import PRESETS
 
         require(self.preset in PRESETS, "model.preset", f"one of {', '.join(PRESETS)}", self.preset)
@@ -183,6 +182,30 @@ class ModelConfig:
                 "[near, far] in metres with 0 < near < far",
                 pair,
             )
+        if self.overrides:
+            self._validate_override_types()
+
+    def _validate_override_types(self) -> None:
+        """Each override has the type of XWAMTransformer's default for it (`num_layers = 'x'` is refused
+        here, not deep in the model). Unknown names and ranges are the model's to check when it is built."""
+        import inspect
+
+        from xwam_core.models.transformer import XWAMTransformer
+
+        params = inspect.signature(XWAMTransformer.__init__).parameters
+        for name, value in self.overrides.items():
+            default = params[name].default if name in params else None
+            for kind, expected in (
+                (bool, "true/false"),
+                (int, "an integer"),
+                (float, "a number"),
+                (str, "a string"),
+            ):
+                if isinstance(default, kind):
+                    accepted = (int, float) if kind is float else kind
+                    ok = isinstance(value, accepted) and (kind is bool or not isinstance(value, bool))
+                    require(ok, f"model.overrides.{name}", expected, value)
+                    break
 
 
 @dataclass
@@ -263,7 +286,8 @@ class Recipe:
 
     def validate(self) -> None:
         """Every section's ranges; raises the RecipeError of the first setting outside its range."""
-        require(self.seed >= 0, "seed", "an integer >= 0", self.seed)
+        # numpy's legacy seeding (data-loader workers) takes 32-bit seeds
+        require(0 <= self.seed < 2**32, "seed", "an integer in [0, 2**32 - 1]", self.seed)
         self.prepare.validate()
         self.data.validate()
         self.model.validate()
