@@ -18,7 +18,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.run_fixtures import TINY, app, one_line_error, other_store, runner, tiny_checkpoint, world_run
+from tests.run_fixtures import (
+    TINY,
+    app,
+    metaworld_checkpoint,
+    one_line_error,
+    other_store,
+    runner,
+    tiny_checkpoint,
+    world_run,
+)
 
 
 @dataclass
@@ -30,6 +39,7 @@ class Env:
     ckpt: Path
     shared_run: Path
     other_store: Path
+    mw_ckpt: Path | None = None  # a checkpoint shaped for Meta-World, for the --sim cases
 
     @property
     def run(self) -> Path:
@@ -59,6 +69,27 @@ class Env:
             *extra,
         ]
 
+    def pretrain_small(self, *sets: str) -> list[str]:
+        """pretrain with settings the tiny store fits (a 2-block model, short windows), then `sets`."""
+        fits = [
+            "data.future_frames=4",
+            "data.frame_stride=2",
+            "data.num_workers=0",
+            "data.batch_size=2",
+            "model.overrides={num_layers = 2, num_depth_blocks = 1}",
+        ]
+        return self.pretrain(*fits, *sets)
+
+    def sim(self, *extra: str) -> list[str]:
+        assert self.mw_ckpt is not None
+        return ["evaluate", "--sim", "metaworld", "--ckpt", str(self.mw_ckpt), "--tasks", "reach-v3", *extra]
+
+    def lerobot_info(self, content: str) -> list[str]:
+        """prepare from a LeRobot folder whose meta/info.json is `content`."""
+        (self.tmp / "ds" / "meta").mkdir(parents=True)
+        (self.tmp / "ds" / "meta" / "info.json").write_text(content)
+        return ["prepare", "lerobot", str(self.tmp / "ds"), "--out", str(self.tmp / "o")]
+
     def pretrain(self, *sets: str) -> list[str]:
         args = [
             "pretrain",
@@ -78,6 +109,7 @@ class Case:
     id: str
     args: Callable[[Env], list[str]]
     needles: tuple[str, ...]
+    sim: bool = False  # needs the Meta-World simulator (and its checkpoint)
 
 
 def edit_manifest(run: Path, change: Callable[[dict], object]) -> Path:
@@ -703,6 +735,242 @@ CASES: list[Case] = [
         lambda e: ["convert", "xwam-v0", str(e.ckpt), "--out", str(e.tmp / "c")],
         ("nothing to convert",),
     ),
+    # ---- settings that only the data, the model or the checkpoint can refuse
+    Case("pretrain-view-absent", lambda e: e.pretrain_small("data.views=['zz']"), ("has no view(s) ['zz']",)),
+    Case(
+        "pretrain-val-too-many",
+        lambda e: e.pretrain_small("data.val_episodes=5"),
+        ("val_episodes=5", "3 episodes"),
+    ),
+    Case(
+        "pretrain-batch-too-big",
+        lambda e: e.pretrain_small("data.batch_size=1000"),
+        ("global batch of 1000",),
+    ),
+    Case(
+        "pretrain-stride-too-long",
+        lambda e: e.pretrain_small("data.frame_stride=100"),
+        ("no episode is long enough",),
+    ),
+    Case("pretrain-umt5-no-cache", lambda e: e.pretrain_small("model.text='umt5'"), ("model.text_cache",)),
+    Case(
+        "pretrain-umt5-cache-missing",
+        lambda e: e.pretrain_small("model.text='umt5'", f"model.text_cache='{e.tmp / 'te.safetensors'}'"),
+        ("te.safetensors",),
+    ),
+    Case(
+        "pretrain-override-unknown",
+        lambda e: e.pretrain_small("model.overrides={layers = 2}"),
+        ("['layers']",),
+    ),
+    Case(
+        "pretrain-override-wrong-type",
+        lambda e: e.pretrain_small("model.overrides={num_layers = 'two'}"),
+        ("model.overrides.num_layers", "an integer", "'two'"),
+    ),
+    Case(
+        "pretrain-override-depth-blocks",
+        lambda e: e.pretrain_small("model.overrides={num_layers = 2, num_depth_blocks = 3}"),
+        ("num_depth_blocks=3",),
+    ),
+    Case("pretrain-init-missing", lambda e: e.pretrain_small(f"model.init='{e.tmp / 'wan'}'"), ("wan",)),
+    Case(
+        "pretrain-action-dim-small", lambda e: e.pretrain_small("model.action_dim=2"), ("model.action_dim=2",)
+    ),
+    Case("pretrain-seed-too-big", lambda e: e.pretrain_small("seed=4294967296"), ("seed", "2**32 - 1")),
+    Case(
+        "pretrain-store-is-file",
+        lambda e: e.pretrain_small(f"data.store='{e.file('s.txt', 'x')}'"),
+        ("s.txt",),
+    ),
+    Case(
+        "pretrain-resume-missing", lambda e: [*e.pretrain_small(), "--resume", str(e.tmp / "nock")], ("nock",)
+    ),
+    Case(
+        "finetune-init-is-store",
+        lambda e: ["finetune", *e.pretrain_small()[1:], "--init", str(e.store)],
+        ("not an xwam checkpoint",),
+    ),
+    Case(
+        "infer-ckpt-run-without-checkpoints",
+        lambda e: ["infer", "--ckpt", str(e.tmp), "--data", str(e.store), "--out", str(e.tmp / "o")],
+        ("not an xwam checkpoint",),
+    ),
+    Case("infer-steps-video-negative", lambda e: e.infer("--num-steps-video", "-1"), ("num_steps_video",)),
+    # ---- more evaluate options and damaged runs
+    Case(
+        "evaluate-metrics-empty", lambda e: ["evaluate", str(e.run), "--metrics", ""], ("--metrics is empty",)
+    ),
+    Case(
+        "evaluate-metrics-commas",
+        lambda e: ["evaluate", str(e.run), "--metrics", ",,"],
+        ("--metrics is empty",),
+    ),
+    Case(
+        "evaluate-lpips-weights-garbage",
+        lambda e: [
+            "evaluate",
+            str(e.run),
+            "--metrics",
+            "lpips",
+            "--lpips-weights",
+            str(e.file("w.safetensors", b"x" * 64)),
+        ],
+        ("w.safetensors",),
+    ),
+    Case(
+        "evaluate-policy-run-image-metric",
+        lambda e: [
+            "evaluate",
+            damaged(e, lambda r: edit_manifest(r, lambda m: set_(m, "mode", "policy"))),
+            "--metrics",
+            "psnr",
+        ],
+        ("cannot compute psnr", "policy-mode"),
+    ),
+    Case(
+        "evaluate-manifest-views-count",
+        lambda e: [
+            "evaluate",
+            damaged(e, lambda r: edit_manifest(r, lambda m: set_(m, "views", ["a", "b", "c"]))),
+        ],
+        ("array 'pred_rgb'", "V=3"),
+    ),
+    Case(
+        "evaluate-manifest-episodes-strings",
+        lambda e: ["evaluate", damaged(e, lambda r: edit_manifest(r, lambda m: set_(m, "episodes", ["x"])))],
+        ("'episodes' is ['x']",),
+    ),
+    Case(
+        "evaluate-manifest-empty",
+        lambda e: ["evaluate", damaged(e, lambda r: (r / "manifest.json").write_text(""))],
+        ("manifest.json", "not valid JSON"),
+    ),
+    Case(
+        "evaluate-manifest-is-folder",
+        lambda e: [
+            "evaluate",
+            damaged(e, lambda r: ((r / "manifest.json").unlink(), (r / "manifest.json").mkdir())),
+        ],
+        ("manifest.json", "unreadable"),
+    ),
+    Case(
+        "evaluate-manifest-max-depth-nan",
+        lambda e: [
+            "evaluate",
+            damaged(e, lambda r: edit_manifest(r, lambda m: set_(m, "max_depth", float("nan")))),
+        ],
+        ("'max_depth' is nan",),
+    ),
+    Case(
+        "evaluate-npz-is-folder",
+        lambda e: [
+            "evaluate",
+            damaged(e, lambda r: ((r / "predictions.npz").unlink(), (r / "predictions.npz").mkdir())),
+        ],
+        ("predictions.npz", "missing"),
+    ),
+    Case(
+        "evaluate-npz-task-numbers",
+        lambda e: ["evaluate", damaged(e, lambda r: edit_arrays(r, lambda a: set_(a, "task", np.zeros(2))))],
+        ("array 'task'", "float64", "str"),
+    ),
+    Case(
+        "evaluate-npz-mean-rgb-shape",
+        lambda e: [
+            "evaluate",
+            damaged(e, lambda r: edit_arrays(r, lambda a: set_(a, "mean_rgb", a["mean_rgb"][:, :2]))),
+        ],
+        ("array 'mean_rgb'", "T=5"),
+    ),
+    Case(
+        "evaluate-npz-no-windows",
+        lambda e: [
+            "evaluate",
+            damaged(
+                e,
+                lambda r: edit_arrays(
+                    r, lambda a: a.update({k: v[:0] for k, v in a.items() if k[:4] != "mean"})
+                ),
+            ),
+        ],
+        ("no windows",),
+    ),
+    Case(
+        "evaluate-npz-actions-shape",
+        lambda e: [
+            "evaluate",
+            damaged(e, lambda r: edit_arrays(r, lambda a: set_(a, "mean_action", np.zeros(7)))),
+        ],
+        ("array 'mean_action'", "A=4"),
+    ),
+    # ---- more prepare sources
+    Case(
+        "prepare-lerobot-by-set-without-path",
+        lambda e: ["prepare", "--set", "prepare.source='lerobot'", "--out", str(e.tmp / "o")],
+        ("needs a dataset folder",),
+    ),
+    Case(
+        "prepare-lerobot-path-is-file",
+        lambda e: ["prepare", "lerobot", str(e.file("ds.txt", "x")), "--out", str(e.tmp / "o")],
+        ("ds.txt",),
+    ),
+    Case(
+        "prepare-lerobot-empty-folder",
+        lambda e: (
+            (e.tmp / "ds").mkdir() or ["prepare", "lerobot", str(e.tmp / "ds"), "--out", str(e.tmp / "o")]
+        ),
+        ("meta/info.json",),
+    ),
+    Case("prepare-lerobot-info-a-list", lambda e: e.lerobot_info("[]"), ("info.json", "JSON object")),
+    Case("prepare-lerobot-info-lacks-keys", lambda e: e.lerobot_info('{"fps": "x"}'), ("info.json",)),
+    Case("prepare-lerobot-info-not-json", lambda e: e.lerobot_info("{ nope"), ("info.json",)),
+    Case(
+        "prepare-metaworld-unknown-task",
+        lambda e: ["prepare", "metaworld", "--tasks", "fly-v3", "--out", str(e.tmp / "o")],
+        ("unknown task 'fly-v3'",),
+        sim=True,
+    ),
+    Case(
+        "prepare-metaworld-unknown-view",
+        lambda e: ["prepare", "metaworld", "--views", "ceiling", "--out", str(e.tmp / "o")],
+        ("unknown view 'ceiling'",),
+        sim=True,
+    ),
+    Case(
+        "prepare-metaworld-seed-negative",
+        lambda e: ["prepare", "metaworld", "--seed", "-1", "--out", str(e.tmp / "o")],
+        ("prepare.metaworld.seed",),
+    ),
+    # ---- convert
+    Case(
+        "convert-not-a-v0-checkpoint",
+        lambda e: ["convert", "xwam-v0", str(e.tmp), "--out", str(e.tmp / "c")],
+        ("not an xwam-v0 checkpoint",),
+    ),
+    # ---- closed loop
+    Case("sim-episodes-zero", lambda e: e.sim("--episodes", "0"), ("--episodes 0",), sim=True),
+    Case("sim-max-steps-zero", lambda e: e.sim("--max-steps", "0"), ("--max-steps 0",), sim=True),
+    Case("sim-seed-negative", lambda e: e.sim("--seed", "-1"), ("--seed -1",), sim=True),
+    Case(
+        "sim-render-quality",
+        lambda e: e.sim("--render-quality", "best"),
+        ("--render-quality 'best'",),
+        sim=True,
+    ),
+    Case(
+        "sim-unknown-task",
+        lambda e: [*e.sim()[:-1], "fly-v3"],
+        ("unknown Meta-World task 'fly-v3'",),
+        sim=True,
+    ),
+    Case("sim-no-tasks", lambda e: [*e.sim()[:-1], ","], ("needs --tasks",), sim=True),
+    Case(
+        "sim-checkpoint-not-metaworld",
+        lambda e: ["evaluate", "--sim", "metaworld", "--ckpt", str(e.ckpt), "--tasks", "reach-v3"],
+        ("incompatible checkpoint for Meta-World",),
+        sim=True,
+    ),
 ]
 
 
@@ -724,9 +992,12 @@ def snapshot(*roots: Path) -> dict[str, tuple[int, int]]:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_bad_input_is_one_line_and_writes_nothing(case, shared, tmp_path, monkeypatch):
+def test_bad_input_is_one_line_and_writes_nothing(case, shared, tmp_path, tmp_path_factory, monkeypatch):
     monkeypatch.delenv("XWAM_DEBUG", raising=False)
     env = Env(tmp_path, shared["store"], shared["ckpt"], shared["run"], shared["other"])
+    if case.sim:
+        pytest.importorskip("metaworld")
+        env.mw_ckpt = metaworld_checkpoint(tmp_path_factory)
     args = case.args(env)  # makes the case's files and damage first
     roots = (tmp_path, shared["store"], shared["ckpt"], shared["run"])
     before = snapshot(*roots)
