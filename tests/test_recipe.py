@@ -87,6 +87,7 @@ def test_shipped_recipes_load(path):
 # Every range the recipe checks when it is loaded: (--set override, the key and the value the line names).
 OUT_OF_RANGE = [
     ("seed=-1", "seed", "-1"),
+    ("seed=4294967296", "seed", "4294967296"),
     ("prepare.metaworld.episodes=0", "prepare.metaworld.episodes", "0"),
     ("prepare.metaworld.size=32", "prepare.metaworld.size", "32"),
     ("prepare.metaworld.size=300", "prepare.metaworld.size", "300"),
@@ -115,6 +116,8 @@ OUT_OF_RANGE = [
     ("model.depth_far=0.01", "model.depth_far", "0.01"),
     ("model.depth_ranges={a = [2.0, 1.0]}", "model.depth_ranges.a", "[2.0, 1.0]"),
     ("model.depth_ranges={a = [1.0]}", "model.depth_ranges.a", "[1.0]"),
+    ("model.overrides={num_layers = 'two'}", "model.overrides.num_layers", "'two'"),
+    ("model.overrides={depth_condition = 1}", "model.overrides.depth_condition", "1"),
     ("noise.mode='async'", "noise.mode", "'async'"),
     ("noise.p_clean_action=1.5", "noise.p_clean_action", "1.5"),
     ("noise.p_drop_text=-0.1", "noise.p_drop_text", "-0.1"),
