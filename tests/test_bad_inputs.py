@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from tests.run_fixtures import (
     TINY,
@@ -1073,8 +1074,14 @@ def test_debug_off_means_off(monkeypatch, tmp_path):
         (OSError(28, "No space left on device"), ("the OS named no path", "no space left")),
         (FileNotFoundError(2, "No such file", "a.ply", None, "b.ply"), ("a.ply -> b.ply", "no such file")),
         (MemoryError(), ("out of memory", "data.batch_size")),
+        (
+            torch.OutOfMemoryError(
+                "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has 1.00 GiB free."
+            ),
+            ("out of memory (CUDA out of memory. Tried to allocate 2.00 GiB);", "data.batch_size"),
+        ),
     ],
-    ids=["read-only", "full-disk", "permission", "no-path", "rename", "memory"],
+    ids=["read-only", "full-disk", "permission", "no-path", "rename", "memory", "gpu-memory"],
 )
 def test_file_system_errors_are_one_line_naming_the_path(monkeypatch, tmp_path, error, needles):
     monkeypatch.delenv("XWAM_DEBUG", raising=False)

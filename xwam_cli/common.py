@@ -43,13 +43,10 @@ console = Console()
 err_console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
-
 DEBUG_ENV = "XWAM_DEBUG"
 INTERRUPTED_TRUTH = (
     "nothing partial was left: outputs are written under a temporary name and renamed only when complete"
 )
-
-
 _debug_option = False  # `xwam --debug`: set by the app's callback on every invocation
 
 
@@ -88,6 +85,20 @@ def _bug_line(error: BaseException) -> str:
     )
 
 
+def _out_of_memory(error: BaseException) -> bool:
+    """Host memory (MemoryError) or an accelerator's (torch.OutOfMemoryError, named so torch stays unimported)."""
+    return isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError"
+
+
+def _memory_line(error: BaseException) -> str:
+    # torch's first two sentences: what ran out and how much it tried to allocate; the rest is tuning advice
+    detail = ". ".join(one_line(str(error)).split(". ")[:2]).rstrip(".")
+    return (
+        f"out of memory{f' ({detail})' if detail else ''}; expected a smaller data.batch_size, image size "
+        "or model, or a machine with more memory"
+    )
+
+
 def user_errors(fn: F) -> F:
     """The error boundary of one command: every failure ends in one `error:` line and a non-zero exit.
 
@@ -110,12 +121,9 @@ def user_errors(fn: F) -> F:
         except OSError as e:
             _traceback_if_debug()
             fail(os_error_line(e))
-        except MemoryError:
-            _traceback_if_debug()
-            fail("out of memory; expected a smaller data.batch_size, image size or model (or more memory)")
         except Exception as e:
             _traceback_if_debug()
-            fail(_bug_line(e))
+            fail(_memory_line(e) if _out_of_memory(e) else _bug_line(e))
 
     return wrapper  # type: ignore[return-value]
 
