@@ -869,7 +869,7 @@ CASES: list[Case] = [
             "evaluate",
             damaged(e, lambda r: ((r / "predictions.npz").unlink(), (r / "predictions.npz").mkdir())),
         ],
-        ("predictions.npz", "missing"),
+        ("predictions.npz", "is a folder"),
     ),
     Case(
         "evaluate-npz-task-numbers",

@@ -274,6 +274,8 @@ def _check_manifest(manifest: dict[str, Any], where: Path) -> None:
 
 def _read_predictions(npz_path: Path) -> dict[str, np.ndarray]:
     """The arrays of predictions.npz; a missing, truncated or foreign file is one line."""
+    if npz_path.is_dir():
+        raise XWAMError(f"{npz_path}: is a folder; expected the .npz of predictions `xwam infer` writes")
     if not npz_path.is_file():
         raise XWAMError(f"{npz_path}: missing; the run folder is incomplete (rerun `xwam infer`)")
     if not zipfile.is_zipfile(npz_path):
