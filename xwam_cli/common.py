@@ -1,15 +1,24 @@
-"""What every command shares: one-line errors, the console, recipe loading with CLI overrides."""
+"""What every command shares: the error boundary, the console, recipe loading with CLI overrides.
+
+The error boundary (`user_errors` on every command, `XWAMGroup` for the command line itself) keeps the
+promise of README.md: bad input ends with one `error:` line naming the path/key/value and what was
+expected, and a non-zero exit. The full traceback is shown only with `xwam --debug CMD ...` or
+XWAM_DEBUG=1; an unexpected exception (a bug) is one line too, saying so and how to see its traceback.
+"""
 
 from __future__ import annotations
 
 import functools
+import os
 import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -18,8 +27,14 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from typer.core import TyperGroup
 
-from xwam_core.errors import XWAMError
+try:  # typer >= 0.2x carries its own copy of click
+    from typer._click.exceptions import ClickException
+except ImportError:  # older typer runs on click itself
+    from click import ClickException  # type: ignore[assignment,no-redef]
+
+from xwam_core.errors import XWAMError, os_error_line
 
 if TYPE_CHECKING:  # xwam_core.recipe imports torch and diffusers: `xwam --help` must not wait for them
     from xwam_core.recipe import Recipe
@@ -28,27 +43,134 @@ console = Console()
 err_console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
+DEBUG_ENV = "XWAM_DEBUG"
+INTERRUPTED_TRUTH = (
+    "nothing partial was left: outputs are written under a temporary name and renamed only when complete"
+)
+_debug_option = False  # `xwam --debug`: set by the app's callback on every invocation
 
-def fail(message: str, code: int = 1) -> None:
+
+def set_debug(on: bool) -> None:
+    """Record the `--debug` option of this invocation (xwam_cli.main's callback)."""
+    global _debug_option
+    _debug_option = on
+
+
+def debug_enabled() -> bool:
+    """Whether errors show their traceback: `xwam --debug ...` or XWAM_DEBUG=1 (not 0/false/no)."""
+    return _debug_option or os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def one_line(text: str) -> str:
+    """Text on one line (a message from a library may span several)."""
+    return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
     """Print one clear line to stderr and exit non-zero."""
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]error:[/] {escape(one_line(message))}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
+def interrupted(what_is_on_disk: str = INTERRUPTED_TRUTH) -> NoReturn:
+    """Ctrl-C: one line saying what is on disk now, exit 130 (the shell's code for SIGINT)."""
+    err_console.print(f"[bold red]interrupted[/]: {escape(what_is_on_disk)}", highlight=False, soft_wrap=True)
+    raise typer.Exit(130)
+
+
+def _bug_line(error: BaseException) -> str:
+    return (
+        f"unexpected {type(error).__name__}: {one_line(str(error)) or '(no message)'}; this is a bug in xwam, "
+        f"not in your input: rerun with `xwam --debug ...` (or {DEBUG_ENV}=1) for the traceback and report it"
+    )
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    """Host memory (MemoryError) or an accelerator's (torch.OutOfMemoryError, named so torch stays unimported)."""
+    return isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError"
+
+
+def _memory_line(error: BaseException) -> str:
+    # torch's first two sentences: what ran out and how much it tried to allocate; the rest is tuning advice
+    detail = ". ".join(one_line(str(error)).split(". ")[:2]).rstrip(".")
+    return (
+        f"out of memory{f' ({detail})' if detail else ''}; expected a smaller data.batch_size, image size "
+        "or model, or a machine with more memory"
+    )
+
+
 def user_errors(fn: F) -> F:
-    """Turn user-input errors into one line and a non-zero exit instead of a traceback."""
+    """The error boundary of one command: every failure ends in one `error:` line and a non-zero exit.
+
+    XWAMError (input, settings, damaged files) and OSError (file system) say what and where; anything
+    else is a bug and says so. With --debug / XWAM_DEBUG=1 the traceback is printed before the line.
+    Ctrl-C goes to `interrupted`. typer/click exits and usage errors pass through (XWAMGroup prints those).
+    """
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except XWAMError as e:
-            fail(str(e))
+        except (typer.Exit, typer.Abort, ClickException):
+            raise
         except KeyboardInterrupt:
-            err_console.print("[bold red]interrupted[/]: nothing was written")
-            raise typer.Exit(130) from None
+            interrupted()
+        except XWAMError as e:
+            _traceback_if_debug()
+            fail(str(e))
+        except OSError as e:
+            _traceback_if_debug()
+            fail(os_error_line(e))
+        except Exception as e:
+            _traceback_if_debug()
+            fail(_memory_line(e) if _out_of_memory(e) else _bug_line(e))
 
     return wrapper  # type: ignore[return-value]
+
+
+def _traceback_if_debug() -> None:
+    if debug_enabled():
+        traceback.print_exc(file=sys.stderr)
+
+
+class XWAMGroup(TyperGroup):
+    """The `xwam` command group: a usage error (a missing, unknown or mistyped option or argument) ends in
+    the same one `error:` line as every other error, instead of click's usage box."""
+
+    def main(  # type: ignore[override]
+        self,
+        args: Any = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        try:
+            result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except ClickException as e:
+            if not standalone_mode:
+                raise
+            if type(e).__name__ == "NoArgsIsHelpError":  # bare `xwam`: the help is already printed
+                sys.exit(e.exit_code)
+            err_console.print(f"[bold red]error:[/] {escape(usage_line(e))}", highlight=False, soft_wrap=True)
+            sys.exit(e.exit_code)
+        except typer.Abort:  # end of input at a prompt
+            if not standalone_mode:
+                raise
+            err_console.print("[bold red]aborted[/]", highlight=False)
+            sys.exit(1)
+        if not standalone_mode:
+            return result
+        # standalone: a command's typer.Exit(code) comes back as its code; a finished command as None
+        sys.exit(result if isinstance(result, int) else 0)
+
+
+def usage_line(error: ClickException) -> str:
+    """click's message (`Missing option '--ckpt'.`) as the project's line, with where to look."""
+    message = one_line(error.format_message()).rstrip(".")
+    message = message[:1].lower() + message[1:]
+    ctx = getattr(error, "ctx", None)
+    return f"{message}; see '{ctx.command_path} --help'" if ctx is not None else message
 
 
 def recipe_with(recipe_path: Path | None, overrides: list[str] | None, cli: dict[str, Any]) -> Recipe:
@@ -56,11 +178,12 @@ def recipe_with(recipe_path: Path | None, overrides: list[str] | None, cli: dict
     from xwam_core.recipe import load_recipe
 
     sets = list(overrides or [])
-    for key, value in cli.items():
-        if value is None:
-            continue
-        sets.append(f"{key}={_toml_value(value)}")
-    return load_recipe(recipe_path, sets)
+    options = [f"{key}={_toml_value(value)}" for key, value in cli.items() if value is not None]
+    # an error names where a bad value came from: the file, its --set overrides, the command's options
+    sources = [
+        name for name, given in (("--set overrides", sets), ("command-line options", options)) if given
+    ]
+    return load_recipe(recipe_path, sets + options, " and ".join(sources))
 
 
 def _toml_value(value: Any) -> str:
@@ -111,7 +234,7 @@ class RichProgress:
         return _RichTask(self, self._bars.add_task(label, total=total, completed=completed, info=""), label)
 
     def log(self, message: str) -> None:
-        err_console.print(message, highlight=False)
+        err_console.print(escape(message), highlight=False)
 
 
 class _RichTask:
@@ -179,6 +302,18 @@ def options_command(options_class: type, run: Callable[[Any], None]) -> Callable
     command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     command.__annotations__ = {p.name: p.annotation for p in params}
     return command
+
+
+def check_output(path: Path, flag: str, folder: bool = False) -> None:
+    """Refuse, before any work, an output path that cannot be written: a file where a folder goes (or the
+    other way round), or a path under a file."""
+    if folder and path.exists() and not path.is_dir():
+        raise XWAMError(f"{flag} {path}: is a file; expected a folder")
+    if not folder and path.is_dir():
+        raise XWAMError(f"{flag} {path}: is a folder; expected a file path")
+    ancestor = next((p for p in path.parents if p.exists()), None)  # the nearest one that exists
+    if ancestor is not None and not ancestor.is_dir():
+        raise XWAMError(f"{flag} {path}: {ancestor} is a file; expected a folder")
 
 
 def split_csv(text: str | None) -> list[str] | None:

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from xwam_cli.common import RichProgress, console, fail, split_csv, user_errors
+from xwam_cli.common import RichProgress, check_output, console, fail, split_csv, user_errors
 
 EXAMPLES = """
 [bold]Examples[/]
@@ -232,6 +232,7 @@ def _evaluate_offline(
     if specs is None:
         specs = applicable_metrics(run, with_lpips=bool(lpips_weights or os.environ.get(LPIPS_WEIGHTS_ENV)))
     check_metrics(run, specs)
+    check_output(out or default_out(run), "--out")
     lpips = LPIPSMetric(lpips_weights) if any(s.name == "lpips" for s in specs) else None
     with RichProgress("evaluate") as progress:
         report = evaluate_run(
@@ -260,6 +261,12 @@ def _evaluate_sim(
         raise XWAMError(f"--sim {sim!r}: the simulators are: metaworld")
     if ckpt is None:
         raise XWAMError("--sim metaworld needs --ckpt CKPT (the checkpoint to roll out)")
+    if seed < 0:
+        raise XWAMError(f"--seed {seed}: expected an integer >= 0")
+    if out is not None:
+        check_output(out, "--out")
+    if video is not None:
+        check_output(video, "--video", folder=True)
     from xwam_core.atomic import write_json_atomic
     from xwam_core.policy import Policy
     from xwam_core.sim.metaworld import evaluate_metaworld

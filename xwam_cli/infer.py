@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rich.table import Table
 
-from xwam_cli.common import RichProgress, console, options_command, user_errors
+from xwam_cli.common import RichProgress, check_output, console, options_command, user_errors
 from xwam_core.infer_options import InferOptions
 
 EXAMPLES = """
@@ -25,6 +25,7 @@ def run(opts: InferOptions) -> None:
     """
     from xwam_core.infer_run import infer_run
 
+    check_output(opts.out, "--out", folder=True)  # before the model is loaded and any window predicted
     opts.command = opts.command_line()
     with RichProgress("infer") as progress:
         summary = infer_run(opts, progress)

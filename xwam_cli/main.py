@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
 
 from xwam_cli import convert, evaluate, infer, prepare, reconstruct, train
+from xwam_cli.common import DEBUG_ENV, XWAMGroup, set_debug
 
 app = typer.Typer(
     name="xwam",
+    cls=XWAMGroup,
     help="Unified 4D world-action models (X-WAM): robot episodes -> actions + future multi-view RGB-D.",
     no_args_is_help=True,
     add_completion=False,
@@ -17,8 +21,17 @@ app = typer.Typer(
 
 
 @app.callback()
-def main() -> None:
+def main(
+    debug: Annotated[
+        bool,
+        typer.Option(
+            "--debug",
+            help=f"On an error, print the full traceback before the one-line message (or set {DEBUG_ENV}=1).",
+        ),
+    ] = False,
+) -> None:
     """Unified 4D world-action models (X-WAM): robot episodes -> actions + future multi-view RGB-D."""
+    set_debug(debug)
 
 
 app.command(name="prepare", epilog=prepare.EXAMPLES)(prepare.prepare)

@@ -8,7 +8,16 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.table import Table
 
-from xwam_cli.common import RichProgress, console, fail, human_bytes, recipe_with, split_csv, user_errors
+from xwam_cli.common import (
+    RichProgress,
+    check_output,
+    console,
+    fail,
+    human_bytes,
+    recipe_with,
+    split_csv,
+    user_errors,
+)
 
 if TYPE_CHECKING:
     from xwam_core.data.store import StoreSummary
@@ -99,6 +108,8 @@ def prepare(
                 }
             )
     resolved = recipe_with(recipe, set_, cli)
+    if resolved.prepare.out:
+        check_output(Path(resolved.prepare.out), "--out", folder=True)
 
     from xwam_core.data.prepare import prepare_store
 

@@ -1,5 +1,10 @@
 """User-facing errors: one line that names the file/key/value and what was expected."""
 
+from __future__ import annotations
+
+import errno
+import os
+
 
 class XWAMError(Exception):
     """An error caused by the user's input. The CLI prints it as one line and exits non-zero."""
@@ -11,3 +16,40 @@ class RecipeError(XWAMError):
 
 class DataError(XWAMError):
     """A source, store or episode that is missing, corrupt or inconsistent."""
+
+
+def require(ok: bool, key: str, expected: str, value: object) -> None:
+    """Refuse a setting outside its range with the recipe's one line, unless `ok`:
+    `train.lr: expected a learning rate > 0, got -0.001` (the recipe loader puts the file name in front)."""
+    if not ok:
+        raise RecipeError(f"{key}: expected {expected}, got {value!r}")
+
+
+# errno -> what happened and what was expected instead; the path (when the OS names one) goes in front
+_OS_ERRORS: dict[str, str] = {
+    "ENOENT": "no such file or folder",
+    "EACCES": "permission denied; expected a path this user may read (and write, for outputs)",
+    "EPERM": "operation not permitted; expected a path this user may read (and write, for outputs)",
+    "EROFS": "on a read-only file system; expected a writable location for outputs",
+    "ENOSPC": "no space left on the device; free some space or write elsewhere",
+    "EDQUOT": "disk quota exceeded; free some space or write elsewhere",
+    "EISDIR": "is a folder; expected a file",
+    "ENOTDIR": "a part of this path is a file; expected a folder",
+    "ENOTEMPTY": "folder not empty",
+    "EEXIST": "already exists",
+    "ENAMETOOLONG": "name too long for the file system",
+    "ELOOP": "too many symbolic links",
+    "EMFILE": "too many open files; raise `ulimit -n` or lower data.num_workers",
+}
+
+
+def os_error_line(error: OSError) -> str:
+    """An OSError as the project's one line: the path(s) the OS names, what happened, what was expected
+    (`out/run: on a read-only file system; expected a writable location for outputs [EROFS]`)."""
+    name = errno.errorcode.get(error.errno or -1, "")
+    what = _OS_ERRORS.get(name) or (error.strerror or str(error) or type(error).__name__)
+    if name == "EEXIST" and error.filename is not None and os.path.isfile(error.filename):
+        what = "already exists as a file; expected a folder, or nothing, there"  # mkdir over a file
+    paths = [str(p) for p in (error.filename, error.filename2) if p is not None]
+    where = " -> ".join(paths) if paths else "a file operation (the OS named no path)"
+    return f"{where}: {what}" + (f" [{name}]" if name else "")

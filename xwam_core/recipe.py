@@ -3,12 +3,16 @@
 - `load_recipe(path, overrides)` reads a TOML file, applies `section.key=value` overrides and checks
   every key and type against the dataclasses below: an unknown key, a wrong type or a missing
   required value is a `RecipeError` naming the file, the key and what was expected.
+- Then every section's `validate()` checks the ranges (a batch size >= 1, a learning rate > 0, ...):
+  a value outside is a `RecipeError` naming the file, the key, the value and the range. NaN and
+  infinity are refused anywhere a number is expected. docs/recipes.md lists the ranges.
 - `recipe_to_toml(recipe)` writes the resolved recipe back (saved with every output).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import types
 import typing
@@ -19,13 +23,15 @@ from typing import Any, TypeVar
 import tomli_w
 
 from xwam_core.data.augment import AugmentConfig
-from xwam_core.errors import RecipeError
+from xwam_core.errors import RecipeError, os_error_line, require
 from xwam_core.schedule.inference import InferenceScheduleConfig
 from xwam_core.schedule.sampler import NoiseSamplerConfig
 
 T = TypeVar("T")
 
 REQUIRED: Any = dataclasses.MISSING  # marker for documentation: fields without a default are required
+TEXT_KINDS = ("task", "umt5")
+MIXED_PRECISIONS = ("auto", "no", "bf16", "fp16")
 
 
 # ----------------------------------------------------------------------------------------- sections
@@ -41,6 +47,35 @@ class MetaWorldSourceConfig:
     max_steps: int = 150
     render_quality: str = "fast"  # "fast" (no shadows/reflections/multisampling) or "default"
 
+    def validate(self) -> None:
+        """The ranges MetaWorldSource enforces, checked when the recipe is loaded (task and camera names
+        need the simulator: the source checks those)."""
+        from xwam_core.data.sources import metaworld as mw  # light: the simulator is imported lazily
+
+        key = "prepare.metaworld"
+        require(bool(self.tasks), f"{key}.tasks", "a non-empty list of task names", self.tasks)
+        require(bool(self.views), f"{key}.views", "a non-empty list of camera names", self.views)
+        require(self.episodes >= 1, f"{key}.episodes", "an integer >= 1 (episodes per task)", self.episodes)
+        require(
+            mw.MIN_SIZE <= self.size <= mw.MAX_SIZE,
+            f"{key}.size",
+            f"an image size from {mw.MIN_SIZE} to {mw.MAX_SIZE} pixels",
+            self.size,
+        )
+        require(self.seed >= 0, f"{key}.seed", "an integer >= 0", self.seed)
+        require(
+            1 <= self.max_steps <= mw.MAX_STEPS_LIMIT,
+            f"{key}.max_steps",
+            f"an integer from 1 to {mw.MAX_STEPS_LIMIT} (Meta-World's horizon)",
+            self.max_steps,
+        )
+        require(
+            self.render_quality in mw.RENDER_QUALITIES,
+            f"{key}.render_quality",
+            f"one of {', '.join(mw.RENDER_QUALITIES)}",
+            self.render_quality,
+        )
+
 
 @dataclass
 class LeRobotSourceConfig:
@@ -54,6 +89,15 @@ class LeRobotSourceConfig:
     action_key: str = "action"
     depth_scale: float = 0.0  # metres per unit for 8-bit depth video; 0: unknown
 
+    def validate(self) -> None:
+        key = "prepare.lerobot"
+        require(
+            self.depth_scale >= 0, f"{key}.depth_scale", "metres per unit >= 0 (0: unknown)", self.depth_scale
+        )
+        require(all(e >= 0 for e in self.episodes), f"{key}.episodes", "episode indices >= 0", self.episodes)
+        require(bool(self.state_key), f"{key}.state_key", "a column name", self.state_key)
+        require(bool(self.action_key), f"{key}.action_key", "a column name", self.action_key)
+
 
 @dataclass
 class PrepareConfig:
@@ -64,6 +108,11 @@ class PrepareConfig:
     overwrite: bool = False
     metaworld: MetaWorldSourceConfig = field(default_factory=MetaWorldSourceConfig)
     lerobot: LeRobotSourceConfig = field(default_factory=LeRobotSourceConfig)
+
+    def validate(self) -> None:
+        # `source` is checked by xwam_core.data.sources.make_source: sources can be registered at run time
+        self.metaworld.validate()
+        self.lerobot.validate()
 
 
 @dataclass
@@ -77,6 +126,19 @@ class DataConfig:
     val_episodes: int = 1  # held out for validation, taken in turn from each task (its newest episode)
     num_workers: int = 2
     batch_size: int = 4  # the GLOBAL batch: split evenly over the processes
+
+    def validate(self) -> None:
+        require(self.future_frames >= 1, "data.future_frames", "an integer >= 1", self.future_frames)
+        require(self.frame_stride >= 1, "data.frame_stride", "an integer >= 1", self.frame_stride)
+        require(len(set(self.views)) == len(self.views), "data.views", "each view once", self.views)
+        require(self.val_episodes >= 0, "data.val_episodes", "an integer >= 0", self.val_episodes)
+        require(
+            self.num_workers >= 0,
+            "data.num_workers",
+            "an integer >= 0 (0: load in the main process)",
+            self.num_workers,
+        )
+        require(self.batch_size >= 1, "data.batch_size", "an integer >= 1", self.batch_size)
 
 
 @dataclass
@@ -97,6 +159,53 @@ class ModelConfig:
     depth_ranges: dict[str, list[float]] = field(default_factory=dict)
     # any other XWAMTransformer argument, e.g. {num_layers = 8, attention_head_dim = 64}
     overrides: dict[str, int | float | bool | str] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        from xwam_core.models.presets import PRESETS
+
+        require(self.preset in PRESETS, "model.preset", f"one of {', '.join(PRESETS)}", self.preset)
+        require(self.text in TEXT_KINDS, "model.text", f"one of {', '.join(TEXT_KINDS)}", self.text)
+        require(self.text_seq_len >= 1, "model.text_seq_len", "an integer >= 1", self.text_seq_len)
+        require(self.action_dim >= 0, "model.action_dim", "an integer >= 0 (0: the store's)", self.action_dim)
+        require(self.state_dim >= 0, "model.state_dim", "an integer >= 0 (0: the store's)", self.state_dim)
+        require(self.depth_near > 0, "model.depth_near", "metres > 0", self.depth_near)
+        require(
+            self.depth_near < self.depth_far,
+            "model.depth_far",
+            f"metres > depth_near={self.depth_near}",
+            self.depth_far,
+        )
+        for view, pair in self.depth_ranges.items():
+            require(
+                len(pair) == 2 and 0 < pair[0] < pair[1],
+                f"model.depth_ranges.{view}",
+                "[near, far] in metres with 0 < near < far",
+                pair,
+            )
+        if self.overrides:
+            self._validate_override_types()
+
+    def _validate_override_types(self) -> None:
+        """Each override has the type of XWAMTransformer's default for it (`num_layers = 'x'` is refused
+        here, not deep in the model). Unknown names and ranges are the model's to check when it is built."""
+        import inspect
+
+        from xwam_core.models.transformer import XWAMTransformer
+
+        params = inspect.signature(XWAMTransformer.__init__).parameters
+        for name, value in self.overrides.items():
+            default = params[name].default if name in params else None
+            for kind, expected in (
+                (bool, "true/false"),
+                (int, "an integer"),
+                (float, "a number"),
+                (str, "a string"),
+            ):
+                if isinstance(default, kind):
+                    accepted = (int, float) if kind is float else kind
+                    ok = isinstance(value, accepted) and (kind is bool or not isinstance(value, bool))
+                    require(ok, f"model.overrides.{name}", expected, value)
+                    break
 
 
 @dataclass
@@ -122,6 +231,45 @@ class TrainConfig:
     lora_rank: int = 0  # finetune: >0 trains LoRA adapters on the trunk (peft) plus the new parts
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
+    def validate(self) -> None:
+        require(bool(self.out), "train.out", "a run folder", self.out)
+        require(self.max_steps >= 1, "train.max_steps", "an integer >= 1", self.max_steps)
+        require(self.lr > 0, "train.lr", "a learning rate > 0", self.lr)
+        require(self.weight_decay >= 0, "train.weight_decay", "a number >= 0", self.weight_decay)
+        require(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            "train.betas",
+            "two numbers in [0, 1) (Adam's beta1, beta2)",
+            self.betas,
+        )
+        require(self.warmup_steps >= 0, "train.warmup_steps", "an integer >= 0", self.warmup_steps)
+        require(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", "a fraction in [0, 1]", self.min_lr_ratio)
+        require(self.grad_clip >= 0, "train.grad_clip", "a norm >= 0 (0: no clipping)", self.grad_clip)
+        require(
+            self.mixed_precision in MIXED_PRECISIONS,
+            "train.mixed_precision",
+            f"one of {', '.join(MIXED_PRECISIONS)}",
+            self.mixed_precision,
+        )
+        require(0 <= self.ema_decay < 1, "train.ema_decay", "a decay in [0, 1) (0: no EMA)", self.ema_decay)
+        require(self.val_every >= 0, "train.val_every", "an integer >= 0 (0: no validation)", self.val_every)
+        require(self.val_batches >= 1, "train.val_batches", "an integer >= 1", self.val_batches)
+        require(
+            self.checkpoint_every >= 0,
+            "train.checkpoint_every",
+            "an integer >= 0 (0: only at the end)",
+            self.checkpoint_every,
+        )
+        require(
+            self.keep_last >= 0,
+            "train.keep_last",
+            "an integer >= 0 (0: keep every checkpoint)",
+            self.keep_last,
+        )
+        require(self.log_every >= 0, "train.log_every", "an integer >= 0", self.log_every)
+        require(self.lora_rank >= 0, "train.lora_rank", "an integer >= 0 (0: no LoRA)", self.lora_rank)
+        self.augment.validate()
+
 
 @dataclass
 class Recipe:
@@ -135,6 +283,17 @@ class Recipe:
     noise: NoiseSamplerConfig = field(default_factory=NoiseSamplerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     inference: InferenceScheduleConfig = field(default_factory=InferenceScheduleConfig)
+
+    def validate(self) -> None:
+        """Every section's ranges; raises the RecipeError of the first setting outside its range."""
+        # numpy's legacy seeding (data-loader workers) takes 32-bit seeds
+        require(0 <= self.seed < 2**32, "seed", "an integer in [0, 2**32 - 1]", self.seed)
+        self.prepare.validate()
+        self.data.validate()
+        self.model.validate()
+        self.noise.validate()
+        self.train.validate()
+        self.inference.validate()
 
 
 # ------------------------------------------------------------------------------------ type checking
@@ -161,6 +320,8 @@ def _convert(value: Any, tp: Any, key: str, where: str) -> Any:
     def fail() -> RecipeError:
         return RecipeError(f"{where}: key '{key}' expects {_type_name(tp)}, got {_describe(value)}")
 
+    if isinstance(value, float) and not math.isfinite(value):
+        raise RecipeError(f"{where}: key '{key}' expects a finite number, got {value}")
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
@@ -260,26 +421,44 @@ def recipe_from_dict(table: dict[str, Any], where: str = "recipe", cls: type[T] 
     return _build(cls, table, "", where)
 
 
-def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> Recipe:
-    """Load a recipe file (or the defaults when `path` is None) and apply `--set` overrides."""
+def load_recipe(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    overrides_from: str = "--set overrides",
+) -> Recipe:
+    """Load a recipe file (or the defaults when `path` is None), apply `section.key=value` overrides and
+    check every range. Errors name the file, followed by `(with <overrides_from>)` when there are overrides."""
     table: dict[str, Any] = {}
     where = "recipe"
     if path is not None:
         where = str(path)
         p = Path(path)
+        if p.is_dir():
+            raise RecipeError(f"{where}: is a folder; expected a recipe TOML file (see recipes/)")
         if not p.is_file():
             raise RecipeError(f"{where}: recipe file not found")
         try:
-            table = tomllib.loads(p.read_text())
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise RecipeError(f"{where}: not UTF-8 text; expected a TOML file") from None
+        except OSError as e:
+            raise RecipeError(f"{where}: cannot be read ({os_error_line(e)})") from None
+        if not text.strip():
+            raise RecipeError(f"{where}: empty; expected TOML settings (see recipes/tiny_cpu.toml)")
+        try:
+            table = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
             raise RecipeError(f"{where}: not valid TOML ({e})") from None
-        except UnicodeDecodeError:
-            raise RecipeError(f"{where}: not a text file (expected TOML)") from None
     overrides = overrides or []
     if overrides:
         table = apply_overrides(table, overrides)
-        where = f"{where} (with --set overrides)"
-    return recipe_from_dict(table, where)
+        where = f"{where} (with {overrides_from})"
+    recipe: Recipe = recipe_from_dict(table, where)
+    try:
+        recipe.validate()
+    except RecipeError as e:
+        raise RecipeError(f"{where}: {e}") from None
+    return recipe
 
 
 def recipe_to_dict(recipe: Any) -> dict[str, Any]:

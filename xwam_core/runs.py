@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,6 +64,48 @@ COMMON_ARRAYS = (
     "latency_s",
     "mean_action",
 )
+# What evaluate and reconstruct read, checked once by load_run. Axes: N windows, V views (the manifest's),
+# T = future_frames + 1 frames, K actions, A action dims, S state dims, H x W pixels; digits are fixed
+# sizes. Kinds: "int", "float", "uint8", "str".
+ARRAY_SPECS: dict[str, tuple[str, str]] = {
+    "episode_index": ("N", "int"),
+    "frame_index": ("N", "int"),
+    "task": ("N", "str"),
+    "pred_actions": ("N K A", "float"),
+    "true_actions": ("N K A", "float"),
+    "pred_states": ("N T S", "float"),
+    "true_states": ("N T S", "float"),
+    "latency_s": ("N", "float"),
+    "mean_action": ("A", "float"),
+    "pred_rgb": ("N V T H W 3", "uint8"),
+    "true_rgb": ("N V T H W 3", "uint8"),
+    "pred_depth": ("N V T H W", "float"),
+    "true_depth": ("N V T H W", "float"),
+    "intrinsics": ("N V T 3 3", "float"),
+    "extrinsics": ("N V T 4 4", "float"),
+    "pred_extrinsics": ("N V T 4 4", "float"),
+    "mean_rgb": ("V T H W 3", "float"),
+    "mean_depth": ("V T H W", "float"),
+}
+_KINDS = {"int": "iu", "float": "f", "str": "U"}  # numpy dtype kinds; uint8 is checked exactly
+AXES = {"N": "windows", "V": "views", "T": "frames", "K": "actions", "A": "action dims", "S": "state dims"}
+# manifest key -> (JSON type, what it holds); the keys evaluate and reconstruct read
+MANIFEST_KEYS: dict[str, tuple[type | tuple[type, ...], str]] = {
+    "mode": (str, "'world' or 'policy'"),
+    "views": (list, "a list of view names"),
+    "store": (str, "the episode store's path"),
+    "store_has_depth": (bool, "true/false"),
+    "store_has_cameras": (bool, "true/false"),
+    "max_depth": ((int, float), "a depth > 0 in metres"),
+    "episodes": (list, "a list of episode indices"),
+    "future_frames": (int, "an integer >= 1"),
+}
+OPTIONAL_MANIFEST_KEYS: dict[str, tuple[type | tuple[type, ...], str]] = {
+    "store_fingerprint": (str, "a string"),
+    "checkpoint": (str, "the checkpoint's path"),
+    "episodes_reason": (str, "a string"),
+    "mean_frame": (dict, "a table"),
+}
 
 
 # ------------------------------------------------------------------------------------ store identity
@@ -138,7 +182,9 @@ class RunData:
 
 
 def load_run(path: str | Path) -> RunData:
-    """Read a run folder written by `xwam infer`, or one XWAMError naming what is wrong with it."""
+    """Read a run folder written by `xwam infer`, or one XWAMError naming what is wrong with it: a missing
+    or damaged file, a manifest key that is missing or of the wrong type, an array of the wrong shape or
+    dtype. Checked once here, so evaluate and reconstruct can trust what they read."""
     path = Path(path)
     if not path.is_dir():
         raise XWAMError(f"{path}: run folder not found (expected a folder made by `xwam infer`)")
@@ -149,21 +195,129 @@ def load_run(path: str | Path) -> RunData:
         raise XWAMError(f"{manifest_path}: missing; is {path} a run folder made by `xwam infer`?") from None
     except json.JSONDecodeError as e:
         raise XWAMError(f"{manifest_path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    except (UnicodeDecodeError, OSError) as e:
+        raise XWAMError(
+            f"{manifest_path}: unreadable ({_reason(e)}); expected the JSON `xwam infer` writes"
+        ) from None
+    if not isinstance(manifest, dict):
+        raise XWAMError(
+            f"{manifest_path}: a JSON {type(manifest).__name__}; expected an object of run settings"
+        )
     if manifest.get("xwam_run") != RUN_FORMAT:
         raise XWAMError(f"{manifest_path}: run format {manifest.get('xwam_run')!r}, expected {RUN_FORMAT}")
+    _check_manifest(manifest, manifest_path)
     npz_path = path / PREDICTIONS
-    try:
-        with np.load(npz_path, allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
-    except FileNotFoundError:
-        raise XWAMError(f"{npz_path}: missing; the run folder is incomplete") from None
-    except (ValueError, OSError) as e:
-        raise XWAMError(f"{npz_path}: unreadable ({e})") from None
-    needed = COMMON_ARRAYS + (WORLD_ARRAYS if manifest.get("mode") == "world" else ())
+    arrays = _read_predictions(npz_path)
+    needed = COMMON_ARRAYS + (WORLD_ARRAYS if manifest["mode"] == "world" else ())
     missing = [k for k in needed if k not in arrays]
     if missing:
         raise XWAMError(f"{npz_path}: lacks array(s) {missing}")
+    _check_arrays(arrays, npz_path, views=len(manifest["views"]), frames=manifest["future_frames"] + 1)
+    if "mean_rgb" in arrays:
+        info = manifest.get("mean_frame")
+        if not (
+            isinstance(info, dict)
+            and isinstance(info.get("windows"), int)
+            and isinstance(info.get("episodes"), list)
+        ):
+            raise XWAMError(
+                f"{manifest_path}: 'mean_frame' is {info!r}; expected a table with 'windows' (an integer) and "
+                "'episodes' (a list), as predictions.npz has the mean-frame baseline"
+            )
     return RunData(path, manifest, arrays)
+
+
+def _reason(error: BaseException) -> str:
+    first = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {first[0]}" if first else type(error).__name__
+
+
+def _check_manifest(manifest: dict[str, Any], where: Path) -> None:
+    """Every key evaluate and reconstruct read is there, with its JSON type (one line for the first that is not)."""
+
+    def check(key: str, kind: type | tuple[type, ...], expected: str) -> None:
+        value = manifest[key]
+        ok = isinstance(value, kind) and not (isinstance(value, bool) and kind in (int, (int, float)))
+        if not ok:
+            raise XWAMError(f"{where}: '{key}' is {value!r}; expected {expected}")
+
+    for key, (kind, expected) in MANIFEST_KEYS.items():
+        if key not in manifest:
+            raise XWAMError(f"{where}: lacks '{key}' ({expected}); is it a run folder made by `xwam infer`?")
+        check(key, kind, expected)
+    for key, (kind, expected) in OPTIONAL_MANIFEST_KEYS.items():
+        if key in manifest:
+            check(key, kind, expected)
+    checks = [
+        ("mode", manifest["mode"] in ("world", "policy"), "'world' or 'policy'"),
+        (
+            "views",
+            bool(manifest["views"]) and all(isinstance(v, str) for v in manifest["views"]),
+            "view names",
+        ),
+        (
+            "episodes",
+            all(isinstance(e, int) and not isinstance(e, bool) for e in manifest["episodes"]),
+            "episode indices",
+        ),
+        (
+            "max_depth",
+            np.isfinite(manifest["max_depth"]) and manifest["max_depth"] > 0,
+            "a depth > 0 in metres",
+        ),
+        ("future_frames", manifest["future_frames"] >= 1, "an integer >= 1"),
+    ]
+    for key, ok, expected in checks:
+        if not ok:
+            raise XWAMError(f"{where}: '{key}' is {manifest[key]!r}; expected {expected}")
+
+
+def _read_predictions(npz_path: Path) -> dict[str, np.ndarray]:
+    """The arrays of predictions.npz; a missing, truncated or foreign file is one line."""
+    if npz_path.is_dir():
+        raise XWAMError(f"{npz_path}: is a folder; expected the .npz of predictions `xwam infer` writes")
+    if not npz_path.is_file():
+        raise XWAMError(f"{npz_path}: missing; the run folder is incomplete (rerun `xwam infer`)")
+    if not zipfile.is_zipfile(npz_path):
+        raise XWAMError(
+            f"{npz_path}: not a zip archive (truncated, or not written by `xwam infer`); expected the .npz "
+            "of predictions `xwam infer` writes"
+        )
+    try:
+        with np.load(npz_path, allow_pickle=False) as npz:
+            return {k: npz[k] for k in npz.files}
+    except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, OSError, KeyError) as e:
+        raise XWAMError(
+            f"{npz_path}: unreadable ({_reason(e)}); expected the .npz `xwam infer` writes"
+        ) from None
+
+
+def _check_arrays(arrays: dict[str, np.ndarray], where: Path, views: int, frames: int) -> None:
+    """Shapes and dtypes against ARRAY_SPECS: an axis letter has one length in every array (V and T come
+    from the manifest). One line naming the first array that does not fit."""
+    sizes: dict[str, int] = {"V": views, "T": frames}
+    for name, (axes_text, kind) in ARRAY_SPECS.items():
+        if name not in arrays:
+            continue
+        array, axes = arrays[name], axes_text.split()
+        dtype_ok = array.dtype == np.uint8 if kind == "uint8" else array.dtype.kind in _KINDS[kind]
+        if not dtype_ok:
+            raise XWAMError(f"{where}: array '{name}' has dtype {array.dtype}; expected {kind}")
+        fits = array.ndim == len(axes)
+        for axis, n in zip(axes, array.shape, strict=False):
+            fits = fits and n == (int(axis) if axis.isdigit() else sizes.setdefault(axis, n))
+        if not fits:
+            expected = ", ".join(
+                axis if axis.isdigit() else f"{axis}={sizes[axis]}" if axis in sizes else axis
+                for axis in axes
+            )
+            named = "; ".join(f"{a}: {AXES[a]}" for a in axes if a in AXES and a in sizes)
+            raise XWAMError(
+                f"{where}: array '{name}' has shape {tuple(array.shape)}; expected ({expected})"
+                + (f" ({named})" if named else "")
+            )
+    if sizes.get("N", 1) < 1:
+        raise XWAMError(f"{where}: no windows; expected at least one prediction")
 
 
 def check_store(run: RunData, store: str | Path | None = None) -> Path:
@@ -172,8 +326,13 @@ def check_store(run: RunData, store: str | Path | None = None) -> Path:
     if not (path / "meta" / "info.json").is_file():
         hint = "" if store is not None else "; pass --data STORE if it moved"
         raise XWAMError(f"{path}: the run's episode store is not there (run {run.path}){hint}")
+    expected = run.manifest.get("store_fingerprint")
+    if expected is None:
+        raise XWAMError(
+            f"{run.path / MANIFEST}: has no 'store_fingerprint', so the store cannot be matched to the run; "
+            "rerun `xwam infer`"
+        )
     found = store_fingerprint(path)
-    expected = run.manifest["store_fingerprint"]
     if found != expected:
         raise XWAMError(
             f"{path}: store fingerprint {found} differs from the run's {expected} ({run.path} was made "

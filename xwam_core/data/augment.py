@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from xwam_core.errors import require
+
 
 @dataclass
 class AugmentConfig:
@@ -27,6 +29,20 @@ class AugmentConfig:
     contrast: float = 0.2
     saturation: float = 0.2
     hue: float = 0.05
+
+    def validate(self) -> None:
+        """Raise RecipeError naming the first field outside its range (the recipe loader calls it)."""
+        key = "train.augment"
+        require(
+            0.0 < self.crop_scale <= 1.0,
+            f"{key}.crop_scale",
+            "a fraction of the side in (0, 1]",
+            self.crop_scale,
+        )
+        for name in ("brightness", "contrast", "saturation"):  # factors 1 +- value must stay >= 0
+            value = getattr(self, name)
+            require(0.0 <= value <= 1.0, f"{key}.{name}", "a jitter strength in [0, 1]", value)
+        require(0.0 <= self.hue <= 0.5, f"{key}.hue", "a hue shift in [0, 0.5] turns", self.hue)
 
 
 def _grayscale(rgb: torch.Tensor) -> torch.Tensor:

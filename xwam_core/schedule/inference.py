@@ -17,13 +17,14 @@ Latent frame 0 of the video and state 0 are the clean condition: they are never 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 from diffusers.schedulers.scheduling_unipc_multistep import UniPCMultistepScheduler
 
-from xwam_core.errors import RecipeError
+from xwam_core.errors import require
 from xwam_core.schedule.flow import NUM_TRAIN_TIMESTEPS
 from xwam_core.schedule.unipc import FlowUniPC
 
@@ -64,30 +65,36 @@ class InferenceScheduleConfig:
     guidance_scale: float = 1.0  # classifier-free guidance; 1 = one pass, no null-prompt call
 
     def validate(self) -> None:
-        """Raise RecipeError naming the first field outside its range."""
-        if self.schedule not in SCHEDULES:
-            raise RecipeError(
-                f"inference.schedule: expected one of {', '.join(SCHEDULES)}, got {self.schedule!r}"
-            )
-        if self.num_steps_video < 1:
-            raise RecipeError(
-                f"inference.num_steps_video: expected an integer >= 1, got {self.num_steps_video}"
-            )
-        if not 1 <= self.num_steps_action <= self.num_steps_video:
-            raise RecipeError(
-                f"inference.num_steps_action: expected an integer in [1, num_steps_video={self.num_steps_video}],"
-                f" got {self.num_steps_action}"
-            )
-        if self.unipc_impl not in UNIPC_IMPLS:
-            raise RecipeError(
-                f"inference.unipc_impl: expected one of {', '.join(UNIPC_IMPLS)}, got {self.unipc_impl!r}"
-            )
-        if not self.shift > 0:
-            raise RecipeError(f"inference.shift: expected a number > 0, got {self.shift}")
-        if self.solver_order not in (1, 2, 3):
-            raise RecipeError(f"inference.solver_order: expected 1, 2 or 3, got {self.solver_order}")
-        if not self.guidance_scale >= 1.0:
-            raise RecipeError(f"inference.guidance_scale: expected a number >= 1, got {self.guidance_scale}")
+        """Raise RecipeError naming the first field outside its range (the recipe loader, checkpoint loading
+        and the Policy call it)."""
+        require(
+            self.schedule in SCHEDULES, "inference.schedule", f"one of {', '.join(SCHEDULES)}", self.schedule
+        )
+        require(
+            self.num_steps_video >= 1, "inference.num_steps_video", "an integer >= 1", self.num_steps_video
+        )
+        require(
+            1 <= self.num_steps_action <= self.num_steps_video,
+            "inference.num_steps_action",
+            f"an integer in [1, num_steps_video={self.num_steps_video}]",
+            self.num_steps_action,
+        )
+        require(
+            self.unipc_impl in UNIPC_IMPLS,
+            "inference.unipc_impl",
+            f"one of {', '.join(UNIPC_IMPLS)}",
+            self.unipc_impl,
+        )
+        require(
+            self.shift > 0 and math.isfinite(self.shift), "inference.shift", "a finite number > 0", self.shift
+        )
+        require(self.solver_order in (1, 2, 3), "inference.solver_order", "1, 2 or 3", self.solver_order)
+        require(
+            1.0 <= self.guidance_scale < math.inf,
+            "inference.guidance_scale",
+            "a finite number >= 1",
+            self.guidance_scale,
+        )
 
 
 @dataclass

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from xwam_core.errors import RecipeError
+from xwam_core.errors import RecipeError, require
 from xwam_core.schedule.flow import shift_timesteps
 
 SAMPLER_MODES = ("ans", "sync", "decoupled")
@@ -34,17 +34,14 @@ class NoiseSamplerConfig:
     p_drop_text: float = 0.1  # classifier-free guidance: fraction of prompts replaced by the null one
 
     def validate(self) -> None:
-        """Raise RecipeError naming the first field outside its range."""
-        if self.mode not in SAMPLER_MODES:
-            raise RecipeError(f"noise.mode: expected one of {', '.join(SAMPLER_MODES)}, got {self.mode!r}")
+        """Raise RecipeError naming the first field outside its range (the recipe loader calls it)."""
+        require(self.mode in SAMPLER_MODES, "noise.mode", f"one of {', '.join(SAMPLER_MODES)}", self.mode)
         for name in ("p_clean_action", "p_drop_text"):
             value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise RecipeError(f"noise.{name}: expected a probability in [0, 1], got {value}")
+            require(0.0 <= value <= 1.0, f"noise.{name}", "a probability in [0, 1]", value)
         for name in ("lag_beta_a", "lag_beta_b", "shift"):
             value = getattr(self, name)
-            if not (value > 0.0 and math.isfinite(value)):
-                raise RecipeError(f"noise.{name}: expected a finite number > 0, got {value}")
+            require(value > 0.0 and math.isfinite(value), f"noise.{name}", "a finite number > 0", value)
 
 
 @dataclass
