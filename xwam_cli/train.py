@@ -58,6 +58,9 @@ def _run(
             f"{info['processes']} process(es) on {info['device']}, precision {info['mixed_precision']}\n"
             f"model: {info['init']}"
         )
+        for note in trainer.notes:  # a stale lock taken over, leftovers of interrupted runs removed
+            err_console.print(note, highlight=False, soft_wrap=True)
+        trainer.notes.clear()
         with RichProgress("train") as progress:
             result = trainer.fit(progress)
     except TrainingInterrupted as e:
@@ -68,7 +71,8 @@ def _run(
     if result.start_step >= result.steps:
         console.print(
             f"nothing to train: {result.checkpoint} is at step {result.steps} and train.max_steps is "
-            f"{recipe.train.max_steps}; raise train.max_steps to train further"
+            f"{recipe.train.max_steps}; raise train.max_steps to train further",
+            soft_wrap=True,
         )
         return
     table = Table(title=f"run {result.run_dir}", show_header=False)

@@ -395,9 +395,9 @@ def load_training_state(path: Path) -> TrainingState:
     """The training part of checkpoint `path`, every file checked: one line naming the file and what is
     wrong if one is missing, cut short or malformed (the model's weights are checked, not loaded)."""
     root = path / TRAINING
+    verify_checkpoint(path)  # first: a training/ folder the marker lists but the disk lacks is damage
     if not root.is_dir():
         raise XWAMError(f"{path}: holds no training state ({TRAINING}/ missing); cannot resume from it")
-    verify_checkpoint(path)
     trainer_file = root / "trainer.json"
     trainer = _read_json(trainer_file)
     step = _expect(trainer_file, trainer, "step", _is_count, "a non-negative integer")

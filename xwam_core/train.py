@@ -529,7 +529,8 @@ class Trainer:
         if [len(g["params"]) for g in groups] != [len(g["params"]) for g in self.optimizer.param_groups]:
             raise XWAMError(
                 f"{root / 'optimizer.json'}: parameter groups of {[len(g['params']) for g in groups]} "
-                f"parameters, this recipe optimises {[len(g['params']) for g in self.optimizer.param_groups]}"
+                f"parameters, this recipe optimises {[len(g['params']) for g in self.optimizer.param_groups]}; "
+                "resume with the recipe the run used"
             )
         for pid, entry in state.optimizer["state"].items():
             if not 0 <= pid < len(params):
