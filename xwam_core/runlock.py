@@ -88,6 +88,7 @@ class RunLock:
 
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = run_dir
+        self.key = str(run_dir.resolve())  # how this process's registry knows the folder
         self.path = run_dir / LOCK_NAME
         self.taken_over: LockOwner | None = None  # the dead owner whose stale lock this one replaced
         self.users = 0
@@ -173,13 +174,12 @@ _held_guard = threading.Lock()
 def acquire_run(run_dir: str | Path) -> RunLock:
     """This process's ownership of `run_dir` (one flock per process, counted over its users)."""
     run_dir = Path(run_dir)
-    key = str(run_dir.resolve())
     with _held_guard:
-        lock = _held.get(key)
+        lock = _held.get(str(run_dir.resolve()))
         if lock is None:
             lock = RunLock(run_dir)
             lock.acquire()
-            _held[key] = lock
+            _held[lock.key] = lock
         lock.users += 1
         return lock
 
@@ -190,14 +190,16 @@ def release_run(lock: RunLock) -> None:
         lock.users -= 1
         if lock.users > 0:
             return
-        _held.pop(str(lock.run_dir.resolve()), None)
+        _held.pop(lock.key, None)
         lock.release()
 
 
 def _forget_in_child() -> None:
+    global _held_guard
     for lock in _held.values():
         lock.forget()
     _held.clear()
+    _held_guard = threading.Lock()  # another thread may have held it at the fork
 
 
 os.register_at_fork(after_in_child=_forget_in_child)

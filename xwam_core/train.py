@@ -5,7 +5,9 @@ The same code runs on a CPU, one GPU, many GPUs (DDP or FSDP) and many nodes: la
     global batch -> this process's slice -> TrainingObjective (per-sample losses) -> masked means
     normalised over the global batch -> backward -> clip -> AdamW -> warm-up + cosine LR -> EMA.
 `Trainer` has build / train_step / validate / save / resume / fit (torchtitan's shape). Checkpoints
-(xwam_core.checkpoint) are atomic and pickle-free; `resume` continues bit-exactly.
+(xwam_core.checkpoint) are atomic and pickle-free; `resume` continues bit-exactly, RNG states included.
+One process owns the run folder at a time (xwam_core.runlock); Ctrl-C or SIGTERM ends `fit` after the
+current step with a checkpoint of it (TrainingInterrupted says what is on disk).
 """
 
 from __future__ import annotations
@@ -381,6 +383,11 @@ class Trainer:
             try:
                 lock = runlock.acquire_run(self.run_dir)
                 self._release = weakref.finalize(self, runlock.release_run, lock)
+                if resume is None and not overwrite and runlock.is_run(self.run_dir):
+                    raise XWAMError(
+                        f"{self.run_dir}: already holds a run (recipe.toml or checkpoints); continue it with "
+                        "--resume latest, replace it with --overwrite, or give train.out another folder"
+                    )
                 if lock.users == 1:  # the first owner in this process: nothing here is being written
                     if lock.taken_over is not None:
                         self.notes.append(
@@ -390,11 +397,6 @@ class Trainer:
                     removed = runlock.remove_leftovers(self.run_dir)
                     if removed:
                         self.notes.append(removed)
-                if resume is None and not overwrite and runlock.is_run(self.run_dir):
-                    raise XWAMError(
-                        f"{self.run_dir}: already holds a run (recipe.toml or checkpoints); continue it with "
-                        "--resume latest, replace it with --overwrite, or give train.out another folder"
-                    )
             except XWAMError as e:
                 self.close()
                 error = str(e)
