@@ -159,7 +159,8 @@ def test_random_sigkills_with_resume_end_bit_identical(tmp_path):
         while line is not None and (line := lines.get(timeout=60)) is not None:
             output.append(line)
         outputs.append("".join(output))
-        print(f"life {life}: from step {resumed}, {phase} kill at {kills[-1:]}, {time.time() - t0:.0f} s")
+        ending = f"killed aiming at {phase}: {kills[-1]}" if phase else "ran to the end"
+        print(f"life {life}: from step {resumed}, {ending}, {time.time() - t0:.0f} s")
         if phase is None:
             assert proc.returncode == 0, outputs[-1]
         else:
