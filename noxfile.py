@@ -78,6 +78,7 @@ def demo(session: nox.Session) -> None:
         f"data.store={out}/store",
         "--set",
         f"train.out={out}/run",
+        "--overwrite",  # a rerun replaces the previous demo's run (pretrain refuses an existing run otherwise)
         env=env,
     )
     session.run(

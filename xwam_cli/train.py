@@ -8,14 +8,15 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from xwam_cli.common import RichProgress, console, recipe_with, user_errors
+from xwam_cli.common import RichProgress, console, err_console, recipe_with, user_errors
 
 EXAMPLES = """
 [bold]Examples[/]
 
   xwam pretrain recipes/tiny_cpu.toml
   xwam pretrain recipes/tiny_cpu.toml --set train.max_steps=200 --set train.out=runs/quick
-  xwam pretrain recipes/tiny_cpu.toml --resume latest
+  xwam pretrain recipes/tiny_cpu.toml --resume latest      # after Ctrl-C, SIGTERM or a crash
+  xwam pretrain recipes/tiny_cpu.toml --overwrite          # replace the run in train.out
   accelerate launch --multi_gpu --num_processes 8 -m xwam_cli.main pretrain recipes/base.toml
 """
 
@@ -32,22 +33,48 @@ ResumeOpt = Annotated[
     str | None,
     typer.Option(help="Continue a run: 'latest' (newest checkpoint in train.out) or a checkpoint path."),
 ]
+OverwriteOpt = Annotated[
+    bool,
+    typer.Option(
+        "--overwrite",
+        help="Replace the run already in train.out (removed once the first step has run; without this "
+        "flag or --resume such a folder is refused).",
+    ),
+]
 
 
-def _run(recipe_path: Path, set_: list[str] | None, init: str | None, resume: str | None) -> None:
+def _run(
+    recipe_path: Path, set_: list[str] | None, init: str | None, resume: str | None, overwrite: bool
+) -> None:
     recipe = recipe_with(recipe_path, set_, {})
-    from xwam_core.train import Trainer
+    from xwam_core.train import Trainer, TrainingInterrupted
 
-    trainer = Trainer(recipe, init=init, resume=resume)
-    info = trainer.describe()
-    console.print(
-        f"[bold]{recipe.name}[/]: {info['parameters'] / 1e6:.2f} M trainable parameters, "
-        f"{info['train_windows']} training / {info['val_windows']} held-out windows, "
-        f"{info['processes']} process(es) on {info['device']}, precision {info['mixed_precision']}\n"
-        f"model: {info['init']}"
-    )
-    with RichProgress("train") as progress:
-        result = trainer.fit(progress)
+    trainer = Trainer(recipe, init=init, resume=resume, overwrite=overwrite)
+    try:
+        info = trainer.describe()
+        console.print(
+            f"[bold]{recipe.name}[/]: {info['parameters'] / 1e6:.2f} M trainable parameters, "
+            f"{info['train_windows']} training / {info['val_windows']} held-out windows, "
+            f"{info['processes']} process(es) on {info['device']}, precision {info['mixed_precision']}\n"
+            f"model: {info['init']}"
+        )
+        for note in trainer.notes:  # a stale lock taken over, leftovers of interrupted runs removed
+            err_console.print(note, highlight=False, soft_wrap=True)
+        trainer.notes.clear()
+        with RichProgress("train") as progress:
+            result = trainer.fit(progress)
+    except TrainingInterrupted as e:
+        err_console.print(f"[bold yellow]{e}[/]", highlight=False, soft_wrap=True)
+        raise typer.Exit(e.exit_code) from None
+    finally:
+        trainer.close()
+    if result.start_step >= result.steps:
+        console.print(
+            f"nothing to train: {result.checkpoint} is at step {result.steps} and train.max_steps is "
+            f"{recipe.train.max_steps}; raise train.max_steps to train further",
+            soft_wrap=True,
+        )
+        return
     table = Table(title=f"run {result.run_dir}", show_header=False)
     table.add_column(style="bold")
     table.add_column()
@@ -67,9 +94,13 @@ def _run(recipe_path: Path, set_: list[str] | None, init: str | None, resume: st
 
 
 @user_errors
-def pretrain(recipe: RecipeArg, set_: SetOpt = None, resume: ResumeOpt = None) -> None:
-    """Train a world-action model from a video prior (model.init) or from scratch (tiny recipes)."""
-    _run(recipe, set_, None, resume)
+def pretrain(
+    recipe: RecipeArg, set_: SetOpt = None, resume: ResumeOpt = None, overwrite: OverwriteOpt = False
+) -> None:
+    """Train a world-action model from a video prior (model.init) or from scratch (tiny recipes).
+
+    Ctrl-C or SIGTERM ends the run after the current step with a checkpoint of it."""
+    _run(recipe, set_, None, resume, overwrite)
 
 
 @user_errors
@@ -80,6 +111,9 @@ def finetune(
     ],
     set_: SetOpt = None,
     resume: ResumeOpt = None,
+    overwrite: OverwriteOpt = False,
 ) -> None:
-    """Adapt a checkpoint to new data; mismatched heads/embeddings are re-initialised and listed."""
-    _run(recipe, set_, init, resume)
+    """Adapt a checkpoint to new data; mismatched heads/embeddings are re-initialised and listed.
+
+    Ctrl-C or SIGTERM ends the run after the current step with a checkpoint of it."""
+    _run(recipe, set_, init, resume, overwrite)

@@ -17,14 +17,19 @@
                              ema.safetensors (with EMA)
 
 Written under a temporary name and renamed when complete (xwam_core.atomic), so a crash never leaves a
-broken checkpoint; a run keeps `keep_last` of them in RUN/checkpoints/step-NNNNNNNN/. Nothing is ever
-unpickled: tensors are safetensors, everything else JSON. Folders written before format 1 (no
-xwam_checkpoint.json) are refused with the `xwam convert xwam-v0` command that upgrades them.
+broken checkpoint; a run keeps `keep_last` of them in RUN/checkpoints/step-NNNNNNNN/, and prunes older ones
+by renaming them to `.step-NNNNNNNN.pruned-XXXXXXXX` before deleting them, so a checkpoint under its own
+name is always complete. What a kill leaves (`.step-*.tmp-*`, `.step-*.old-*`, `.step-*.pruned-*`) is
+removed by the next run that owns the folder (remove_checkpoint_leftovers). Nothing is ever unpickled:
+tensors are safetensors, everything else JSON. Reading a training state checks every file and names the
+one that is missing, cut short or malformed. Folders written before format 1 (no xwam_checkpoint.json)
+are refused with the `xwam convert xwam-v0` command that upgrades them.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import shutil
@@ -34,9 +39,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from xwam_core.atomic import atomic_folder, fsync_tree, write_json_atomic
+from xwam_core.atomic import OLD_MARK, atomic_folder, fsync_tree, temporary_sibling, write_json_atomic
 from xwam_core.data.windows import WindowLayout
 from xwam_core.errors import XWAMError
 from xwam_core.normalizer import Normalizer
@@ -45,6 +51,10 @@ FORMAT_VERSION = 1
 MARKER = "xwam_checkpoint.json"
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 TRAINING = "training"
+PRUNED_MARK = ".pruned-"
+# what interrupted writes leave in RUN/checkpoints: a temporary being written (.tmp-), a step moved aside to
+# be replaced (.old-, complete until its replacement is in place) or to be deleted (.pruned-)
+LEFTOVER = re.compile(r"^\.(step-\d{8})(\.tmp-|\.old-|\.pruned-)[0-9a-f]{8}$")
 
 
 # ------------------------------------------------------------------------------------ what it holds
@@ -102,6 +112,39 @@ class PolicyParts:
 
 
 @dataclass
+class RngState:
+    """Every global RNG a run draws from: torch (CPU and each CUDA device), numpy and python."""
+
+    tensors: dict[str, torch.Tensor]  # torch_cpu, torch_cuda_<i>
+    meta: dict[str, Any]  # {"numpy": [...], "python": [...]}, JSON-able
+
+    @classmethod
+    def capture(cls) -> RngState:
+        tensors = {"torch_cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            for i, s in enumerate(torch.cuda.get_rng_state_all()):
+                tensors[f"torch_cuda_{i}"] = s
+        np_state: Any = np.random.get_state()
+        py_state = random.getstate()
+        meta = {
+            "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+            "python": [py_state[0], list(py_state[1]), py_state[2]],
+        }
+        return cls(tensors, meta)
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.tensors["torch_cpu"])
+        if torch.cuda.is_available():
+            cuda = [self.tensors[k] for k in sorted(self.tensors) if k.startswith("torch_cuda_")]
+            if len(cuda) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(cuda)
+        n = self.meta["numpy"]
+        np.random.set_state((n[0], np.asarray(n[1], dtype=np.uint32), *n[2:]))
+        p = self.meta["python"]
+        random.setstate((p[0], tuple(p[1]), p[2]))
+
+
+@dataclass
 class TrainingState:
     """What resuming needs besides the weights inference uses."""
 
@@ -111,6 +154,7 @@ class TrainingState:
     history: list[dict[str, float]] = field(default_factory=list)
     ema: dict[str, torch.Tensor] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    rng: RngState | None = None  # when saving: None captures the RNGs as they are at the write
 
 
 # ------------------------------------------------------------------------------------ finding them
@@ -157,7 +201,7 @@ def resolve_resume(run_dir: str | Path, resume: str) -> Path | None:
         dirs = checkpoint_dirs(run_dir)
         return resolve(dirs[-1]) if dirs else None
     path = resolve(resume)
-    if not (path / TRAINING / "trainer.json").is_file():
+    if _read_json(path / MARKER).get("training_state") is False:
         raise XWAMError(f"{path}: holds no training state (exported for inference only); cannot resume")
     return path
 
@@ -207,11 +251,11 @@ def write_training_state(folder: Path, state: TrainingState) -> None:
     opt_tensors, opt_meta = _flatten_optimizer(state.optimizer)
     save_file(opt_tensors, root / "optimizer.safetensors")
     write_json_atomic(root / "optimizer.json", opt_meta)
-    rng_tensors, rng_meta = _rng_state()
-    save_file(rng_tensors, root / "rng.safetensors")
+    rng = state.rng if state.rng is not None else RngState.capture()
+    save_file(rng.tensors, root / "rng.safetensors")
     if state.ema is not None:
         save_file({k: v.contiguous().cpu() for k, v in state.ema.items()}, root / "ema.safetensors")
-    trainer = {**state.extra, "history": state.history, "scheduler": state.scheduler, "rng": rng_meta}
+    trainer = {**state.extra, "history": state.history, "scheduler": state.scheduler, "rng": rng.meta}
     write_json_atomic(root / "trainer.json", trainer)
 
 
@@ -226,9 +270,49 @@ def save_checkpoint(
             write_training_state(tmp, state)
         write_policy_parts(tmp, parts)
         fsync_tree(tmp)
-    for old in checkpoint_dirs(run_dir)[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+    prune_checkpoints(run_dir, keep_last)
     return final
+
+
+def prune_checkpoints(run_dir: str | Path, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` checkpoints (0 keeps all). Each is first renamed to a hidden
+    `.step-N.pruned-*` name, so a kill mid-deletion never leaves a partial folder under a checkpoint's name."""
+    for old in checkpoint_dirs(run_dir)[:-keep_last] if keep_last > 0 else []:
+        doomed = temporary_sibling(old, PRUNED_MARK)
+        os.replace(old, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+
+
+def remove_checkpoint_leftovers(run_dir: str | Path) -> tuple[list[tuple[Path, int]], list[Path]]:
+    """Remove what interrupted writes left in RUN/checkpoints: returns ([(removed, bytes)], [restored]).
+
+    A step moved aside for its replacement (`.step-N.old-*`) whose replacement never arrived is complete
+    (it is only deleted after the swap): it is renamed back when it verifies, not deleted. Call only while
+    owning the run (xwam_core.runlock), when no write of it can be under way."""
+    from xwam_core.runlock import tree_bytes
+
+    root = Path(run_dir) / "checkpoints"
+    removed: list[tuple[Path, int]] = []
+    restored: list[Path] = []
+    if not root.is_dir():
+        return removed, restored
+    for entry in sorted(root.iterdir()):
+        match = LEFTOVER.match(entry.name)
+        if match is None or not entry.is_dir():
+            continue
+        final = root / match.group(1)
+        if match.group(2) == OLD_MARK and not final.exists():
+            try:
+                verify_checkpoint(entry)
+            except XWAMError:
+                pass
+            else:
+                os.replace(entry, final)
+                restored.append(final)
+                continue
+        removed.append((entry, tree_bytes(entry)))
+        shutil.rmtree(entry, ignore_errors=True)
+    return removed, restored
 
 
 def export_checkpoint(parts: PolicyParts, out: str | Path, overwrite: bool = False) -> Path:
@@ -291,28 +375,99 @@ def load_text(path: Path, text_dim: int) -> Any:
     return text
 
 
+def verify_checkpoint(path: Path) -> None:
+    """Check without loading that checkpoint `path` is whole: its marker, every file the marker lists, and
+    every safetensors file complete (the header covers the file: a truncated one fails). One line if not."""
+    meta = _read_json(path / MARKER)
+    listed = meta.get("files")
+    if not isinstance(listed, list) or not all(isinstance(n, str) for n in listed):
+        raise XWAMError(
+            f"{path / MARKER}: 'files' is {_short(listed)}, expected the list of the folder's files"
+        )
+    for name in listed:
+        if not (path / name).exists():
+            raise XWAMError(f"{path}: checkpoint lacks {name} (listed in {MARKER}); the folder is incomplete")
+    for file in sorted(path.rglob("*.safetensors")):
+        _check_safetensors(file)
+
+
 def load_training_state(path: Path) -> TrainingState:
-    """The training part of checkpoint `path`; one clear line if it is missing or damaged."""
+    """The training part of checkpoint `path`, every file checked: one line naming the file and what is
+    wrong if one is missing, cut short or malformed (the model's weights are checked, not loaded)."""
     root = path / TRAINING
-    trainer = _read_json(root / "trainer.json")
-    try:
-        opt_meta = _read_json(root / "optimizer.json")
-        optimizer = _unflatten_optimizer(load_file(root / "optimizer.safetensors"), opt_meta)
-        trainable = load_file(root / "trainable.safetensors")
-        ema = load_file(root / "ema.safetensors") if (root / "ema.safetensors").is_file() else None
-        scheduler = trainer["scheduler"]
-    except XWAMError:
-        raise
-    except Exception as e:
-        raise XWAMError(f"{root}: training state unreadable ({type(e).__name__}: {e})") from None
+    verify_checkpoint(path)  # first: a training/ folder the marker lists but the disk lacks is damage
+    if not root.is_dir():
+        raise XWAMError(f"{path}: holds no training state ({TRAINING}/ missing); cannot resume from it")
+    trainer_file = root / "trainer.json"
+    trainer = _read_json(trainer_file)
+    step = _expect(trainer_file, trainer, "step", _is_count, "a non-negative integer")
+    if "processes" in trainer:
+        _expect(trainer_file, trainer, "processes", lambda v: _is_count(v) and v > 0, "a positive integer")
+    history = _expect(
+        trainer_file,
+        trainer,
+        "history",
+        lambda v: (
+            isinstance(v, list)
+            and all(isinstance(h, dict) and all(_is_number(x) for x in h.values()) for h in v)
+        ),
+        "a list of {name: number} entries",
+    )
+    scheduler = _expect(trainer_file, trainer, "scheduler", lambda v: isinstance(v, dict), "an object")
+    _expect(trainer_file, scheduler, "last_epoch", _is_int, "an integer", "scheduler.")
+    _expect(trainer_file, scheduler, "base_lrs", _is_numbers, "a list of numbers", "scheduler.")
+    rng_meta = _expect(trainer_file, trainer, "rng", lambda v: isinstance(v, dict), "an object")
+    _expect(trainer_file, rng_meta, "numpy", _is_numpy_state, "numpy's MT19937 state", "rng.")
+    _expect(trainer_file, rng_meta, "python", _is_python_state, "python's random state", "rng.")
+
+    rng_tensors = _load_tensors(root / "rng.safetensors")
+    cpu = rng_tensors.get("torch_cpu")
+    expected_rng = torch.get_rng_state()
+    if cpu is None or cpu.dtype != torch.uint8 or cpu.shape != expected_rng.shape:
+        raise XWAMError(
+            f"{root / 'rng.safetensors'}: 'torch_cpu' is {_describe_tensor(cpu)}, expected a uint8 tensor "
+            f"of shape {tuple(expected_rng.shape)}"
+        )
+    opt_file = root / "optimizer.json"
+    opt_meta = _read_json(opt_file)
+    groups = _expect(
+        opt_file,
+        opt_meta,
+        "param_groups",
+        lambda v: (
+            isinstance(v, list)
+            and all(
+                isinstance(g, dict)
+                and isinstance(g.get("params"), list)
+                and all(_is_int(i) for i in g["params"])
+                for g in v
+            )
+        ),
+        "a list of parameter groups, each with its 'params' indices",
+    )
+    opt_state = _expect(
+        opt_file,
+        opt_meta,
+        "state",
+        lambda v: isinstance(v, dict) and all(k.isdigit() and isinstance(e, dict) for k, e in v.items()),
+        "an object of per-parameter states keyed by index",
+    )
+    opt_tensors = _load_tensors(root / "optimizer.safetensors")
+    for pid, entry in opt_state.items():
+        for key, value in entry.items():
+            if isinstance(value, dict) and value.get("tensor") not in opt_tensors:
+                raise XWAMError(
+                    f"{opt_file}: state {pid}.{key} refers to tensor {value.get('tensor')!r}, which "
+                    f"{root / 'optimizer.safetensors'} lacks"
+                )
+    optimizer = _unflatten_optimizer(opt_tensors, {"param_groups": groups, "state": opt_state})
+    trainable = _load_tensors(root / "trainable.safetensors")
+    ema = _load_tensors(root / "ema.safetensors") if (root / "ema.safetensors").exists() else None
     extra = {k: v for k, v in trainer.items() if k not in ("history", "scheduler", "rng")}
-    return TrainingState(trainable, optimizer, scheduler, list(trainer.get("history", [])), ema, extra)
-
-
-def restore_rng(path: Path) -> None:
-    """Set torch, numpy and python RNGs to what they were when checkpoint `path` was written."""
-    root = path / TRAINING
-    _set_rng_state(load_file(root / "rng.safetensors"), _read_json(root / "trainer.json")["rng"])
+    extra["step"] = step
+    return TrainingState(
+        trainable, optimizer, scheduler, list(history), ema, extra, RngState(rng_tensors, rng_meta)
+    )
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -368,27 +523,93 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    tensors = {"torch_cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"torch_cuda_{i}"] = s
-    np_state: Any = np.random.get_state()
-    py_state = random.getstate()
-    meta = {
-        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
-        "python": [py_state[0], list(py_state[1]), py_state[2]],
-    }
-    return tensors, meta
+def _check_safetensors(file: Path) -> None:
+    try:
+        with safe_open(str(file), "pt"):
+            pass
+    except Exception as e:  # safetensors raises its own error kinds for a damaged header
+        raise XWAMError(
+            f"{file}: not a complete safetensors file ({_reason(e)}); it was probably cut short"
+        ) from None
 
 
-def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    torch.set_rng_state(tensors["torch_cpu"])
-    if torch.cuda.is_available():
-        cuda = [tensors[k] for k in sorted(tensors) if k.startswith("torch_cuda_")]
-        if len(cuda) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(cuda)
-    n = meta["numpy"]
-    np.random.set_state((n[0], np.asarray(n[1], dtype=np.uint32), *n[2:]))
-    p = meta["python"]
-    random.setstate((p[0], tuple(p[1]), p[2]))
+def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
+    if not file.exists():
+        raise XWAMError(f"{file.parent.parent}: checkpoint lacks {file.parent.name}/{file.name}")
+    try:
+        return load_file(file)
+    except Exception as e:  # safetensors raises its own error kinds for a damaged file
+        raise XWAMError(
+            f"{file}: not a complete safetensors file ({_reason(e)}); it was probably cut short"
+        ) from None
+
+
+def _reason(error: Exception) -> str:
+    text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return text.replace("Error while deserializing header: ", "")
+
+
+def _expect(file: Path, data: dict[str, Any], key: str, ok: Any, expected: str, prefix: str = "") -> Any:
+    """data[key] if ok(data[key]); else one line naming the file, the key, the value and what was expected."""
+    if key not in data:
+        raise XWAMError(f"{file}: key '{prefix}{key}' is missing (expected {expected})")
+    value = data[key]
+    if not ok(value):
+        raise XWAMError(f"{file}: '{prefix}{key}' is {_short(value)}, expected {expected}")
+    return value
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _describe_tensor(tensor: torch.Tensor | None) -> str:
+    return "missing" if tensor is None else f"{tensor.dtype} of shape {tuple(tensor.shape)}"
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_count(value: Any) -> bool:
+    return _is_int(value) and value >= 0
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_numbers(value: Any) -> bool:
+    return isinstance(value, list) and all(_is_number(v) for v in value)
+
+
+def _is_numpy_state(value: Any) -> bool:
+    """['MT19937', 624 key words, position, has_gauss, cached_gaussian]"""
+    return (
+        isinstance(value, list)
+        and len(value) == 5
+        and value[0] == "MT19937"
+        and isinstance(value[1], list)
+        and len(value[1]) == 624
+        and all(_is_int(k) and 0 <= k < 2**32 for k in value[1])
+        and _is_int(value[2])
+        and 0 <= value[2] <= 624
+        and _is_int(value[3])
+        and _is_number(value[4])
+    )
+
+
+def _is_python_state(value: Any) -> bool:
+    """[version, 625 words (624 + position), cached gaussian or null]"""
+    return (
+        isinstance(value, list)
+        and len(value) == 3
+        and _is_int(value[0])
+        and isinstance(value[1], list)
+        and len(value[1]) == 625
+        and all(_is_int(k) and 0 <= k < 2**32 for k in value[1][:624])
+        and _is_int(value[1][624])
+        and 0 <= value[1][624] <= 624
+        and (value[2] is None or _is_number(value[2]))
+    )

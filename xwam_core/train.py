@@ -5,13 +5,18 @@ The same code runs on a CPU, one GPU, many GPUs (DDP or FSDP) and many nodes: la
     global batch -> this process's slice -> TrainingObjective (per-sample losses) -> masked means
     normalised over the global batch -> backward -> clip -> AdamW -> warm-up + cosine LR -> EMA.
 `Trainer` has build / train_step / validate / save / resume / fit (torchtitan's shape). Checkpoints
-(xwam_core.checkpoint) are atomic and pickle-free; `resume` continues bit-exactly.
+(xwam_core.checkpoint) are atomic and pickle-free; `resume` continues bit-exactly, RNG states included.
+One process owns the run folder at a time (xwam_core.runlock); Ctrl-C or SIGTERM ends `fit` after the
+current step with a checkpoint of it (TrainingInterrupted says what is on disk).
 """
 
 from __future__ import annotations
 
 import math
+import signal
+import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +27,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from xwam_core import checkpoint as ckpt_io
+from xwam_core import runlock
 from xwam_core.atomic import atomic_file, write_json_atomic, write_text_atomic
 from xwam_core.data.reader import EpisodeStore
 from xwam_core.data.windows import WindowDataset, WindowLayout, collate_windows, split_episodes
@@ -93,6 +99,7 @@ class TrainResult:
     checkpoint: Path
     history: list[dict[str, float]]
     init_report: str
+    start_step: int = 0  # where this fit began (== steps: nothing was left to train)
 
 
 def _reduce_losses(
@@ -115,42 +122,137 @@ def _reduce_losses(
     return total, logs  # type: ignore[return-value]
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM ended training early; the message says exactly what is on disk.
+
+    A KeyboardInterrupt, so code that stops on Ctrl-C stops on it; the CLI prints the message and exits
+    with 128 + the signal's number (130 for Ctrl-C, 143 for SIGTERM)."""
+
+    def __init__(self, message: str, signum: int, step: int, checkpoint: Path | None) -> None:
+        super().__init__(message)
+        self.message, self.signum, self.step, self.checkpoint = message, signum, step, checkpoint
+
+    def __str__(self) -> str:
+        return self.message
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+class _StopRequest:
+    """SIGINT/SIGTERM handlers while `fit` runs (main thread only: Python delivers signals there).
+
+    The first signal asks the loop to stop after the current step (which is then checkpointed); a second
+    one raises KeyboardInterrupt where the run stands (the checkpoint write is atomic: a partial one is
+    never left under a checkpoint's name). Launchers (torchrun, accelerate launch) forward the terminal's
+    Ctrl-C to workers that already received it from the terminal: a repeat within DEBOUNCE_S of the first
+    signal is the same request, not a second one."""
+
+    DEBOUNCE_S = 1.0
+
+    def __init__(self) -> None:
+        self.signum: int | None = None  # the first signal (or the one another process received)
+        self.second: int | None = None
+        self._first_at = 0.0
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        self._previous = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        now = time.monotonic()
+        if self.signum is None:
+            self.signum, self._first_at = signum, now
+        elif now - self._first_at > self.DEBOUNCE_S:
+            self.second = signum
+            raise KeyboardInterrupt
+
+
+def _signal_name(signum: int) -> str:
+    return signal.Signals(signum).name
+
+
+def _workers_leave_interrupts_to_the_trainer(worker_id: int) -> None:
+    """DataLoader workers ignore SIGINT/SIGTERM: a Ctrl-C reaches the whole process group, and a worker
+    that died of it would break the step the trainer is finishing (the workers end with the loader)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class Trainer:
     """pretrain and finetune: `build` everything, then `fit` calls train_step / validate / save.
 
     trainer = Trainer(recipe, init="runs/base", resume="latest")   # builds, restores on resume
     print(trainer.describe())
     result = trainer.fit(progress)
+
+    From construction until `fit` ends (or `close`), this process owns train.out (xwam_core.runlock):
+    another process is refused, and what interrupted runs left there is removed. A folder that already
+    holds a run is refused unless `resume` continues it or `overwrite` replaces it (after the first step,
+    so an early failure leaves the old run whole). Ctrl-C or SIGTERM in `fit` stops after the current
+    step with a checkpoint of it and raises TrainingInterrupted.
     """
 
-    def __init__(self, recipe: Any, init: str | Path | None = None, resume: str | None = None) -> None:
+    def __init__(
+        self,
+        recipe: Any,
+        init: str | Path | None = None,
+        resume: str | None = None,
+        overwrite: bool = False,
+    ) -> None:
         self.recipe = recipe
         self.cfg: TrainConfig = recipe.train
+        if self.cfg.max_steps < 1:
+            raise XWAMError(f"train.max_steps={self.cfg.max_steps}: expected at least 1 step")
+        if resume is not None and overwrite:
+            raise XWAMError(
+                f"--resume {resume} and --overwrite contradict each other: resume continues the run in "
+                f"{self.cfg.out}, overwrite replaces it"
+            )
         self.run_dir = Path(self.cfg.out)
         self.init = None if init is None else Path(init)
+        self.overwrite = overwrite
         self.step = 0
         self.history: list[dict[str, float]] = []
         self.last_checkpoint: Path | None = None
-        self.build()
-        self.resume_path = ckpt_io.resolve_resume(self.run_dir, resume) if resume else None
-        if self.resume_path is not None:
-            self.resume(self.resume_path)
-        self._prepare()
+        self.notes: list[str] = []  # lines for the user: a stale lock taken over, leftovers removed
+        self._owning = False
+        self._release: Callable[[], Any] | None = None
+        self._saved_step: int | None = None  # the step whose checkpoint exists (written or resumed from)
+        self._saving: int | None = None  # the step being written, while it is
+        self._start_processes()
+        self._take_run_folder(resume, overwrite)
+        try:
+            self.build()
+            self.resume_path = self._resume_from(resume) if resume else None
+            self._prepare()
+        except BaseException:
+            self.close()
+            raise
 
     # ---- build -------------------------------------------------------------------------------------
-    def build(self) -> None:
-        """Data first (a missing store fails before anything is built), then model, objective, optimiser."""
+    def _start_processes(self) -> None:
+        """The store (a missing one fails before anything else) and accelerate's processes."""
         from accelerate import Accelerator
-        from accelerate.utils import DistributedDataParallelKwargs, set_seed
+        from accelerate.utils import DistributedDataParallelKwargs
 
-        recipe, cfg = self.recipe, self.cfg
+        cfg = self.cfg
         mixed = cfg.mixed_precision
         if mixed == "auto":
             mixed = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
         if mixed not in ("no", "bf16", "fp16"):
             raise XWAMError(f"train.mixed_precision={cfg.mixed_precision!r}: expected auto, no, bf16 or fp16")
         self.mixed_precision = mixed
-        self.store = EpisodeStore(recipe.data.store)
+        self.store = EpisodeStore(self.recipe.data.store)
         # DDP must be told when some parameters get no gradient: the depth branch on a store without depth
         ddp = DistributedDataParallelKwargs(
             find_unused_parameters=not self.store.has_depth or cfg.lora_rank > 0
@@ -160,6 +262,12 @@ class Trainer:
             mixed_precision=mixed, kwargs_handlers=[ddp], cpu=not torch.cuda.is_available()
         )
         self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
+
+    def build(self) -> None:
+        """Data sets, model, objective, optimiser (the store and processes are already up)."""
+        from accelerate.utils import set_seed
+
+        recipe, cfg = self.recipe, self.cfg
         set_seed(recipe.seed)
 
         window = WindowLayout(recipe.data.future_frames, recipe.data.frame_stride)
@@ -220,6 +328,10 @@ class Trainer:
             collate_fn=collate_windows,
             persistent_workers=workers > 0,
             prefetch_factor=4 if workers > 0 else None,
+            # its own generator: making an iterator draws a seed for the workers, which from the global
+            # RNG would leave a resumed run one draw ahead of an uninterrupted one
+            generator=torch.Generator().manual_seed(recipe.seed),
+            worker_init_fn=_workers_leave_interrupts_to_the_trainer if workers > 0 else None,
         )
 
     def describe(self) -> dict[str, Any]:
@@ -262,12 +374,76 @@ class Trainer:
         assert self.val_set is not None
         return validate(self.objective, self.val_set, self.recipe, self.accelerator, self.cfg.val_batches)
 
+    # ---- the run folder ----------------------------------------------------------------------------
+    def _take_run_folder(self, resume: str | None, overwrite: bool) -> None:
+        """Own train.out (the main process holds the lock; every process agrees on the outcome), remove
+        what interrupted runs left there, and refuse a folder that holds a run unless resumed or replaced."""
+        error = None
+        if self.accelerator.is_main_process:
+            try:
+                lock = runlock.acquire_run(self.run_dir)
+                self._release = weakref.finalize(self, runlock.release_run, lock)
+                if resume is None and not overwrite and runlock.is_run(self.run_dir):
+                    raise XWAMError(
+                        f"{self.run_dir}: already holds a run (recipe.toml or checkpoints); continue it with "
+                        "--resume latest, replace it with --overwrite, or give train.out another folder"
+                    )
+                if lock.users == 1:  # the first owner in this process: nothing here is being written
+                    if lock.taken_over is not None:
+                        self.notes.append(
+                            f"{self.run_dir}: took over the stale lock of {lock.taken_over.describe()}, "
+                            "which is no longer running"
+                        )
+                    removed = runlock.remove_leftovers(self.run_dir)
+                    if removed:
+                        self.notes.append(removed)
+            except XWAMError as e:
+                self.close()
+                error = str(e)
+        error = self._agree(error)
+        if error is not None:
+            raise XWAMError(error)
+        self._owning = True
+
+    def _own(self) -> None:
+        """Own train.out again after `close` (a second `fit`, a `save` after it)."""
+        if self._owning:
+            return
+        error = None
+        if self.accelerator.is_main_process:
+            try:
+                lock = runlock.acquire_run(self.run_dir)
+                self._release = weakref.finalize(self, runlock.release_run, lock)
+            except XWAMError as e:
+                error = str(e)
+        error = self._agree(error)
+        if error is not None:
+            raise XWAMError(error)
+        self._owning = True
+
+    def close(self) -> None:
+        """Give train.out up (fit does when it ends); the Trainer owns it again if it is used further."""
+        if self._release is not None:
+            self._release()
+            self._release = None
+        self._owning = False
+
+    def _agree(self, error: str | None) -> str | None:
+        """The main process's outcome, on every process."""
+        if self.world == 1:
+            return error
+        from accelerate.utils import broadcast_object_list
+
+        return broadcast_object_list([error], from_process=0)[0]
+
     # ---- checkpoints --------------------------------------------------------------------------------
     def save(self) -> Path:
         """Checkpoint the current step (every process calls it; the main process writes)."""
         acc = self.accelerator
+        self._own()
         acc.wait_for_everyone()
         path = self.run_dir / "checkpoints" / f"step-{self.step:08d}"
+        self._saving = self.step
         if acc.is_main_process:
             objective = acc.unwrap_model(self.objective)
             optimizer = self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer
@@ -281,7 +457,8 @@ class Trainer:
             )
             path = ckpt_io.save_checkpoint(self.run_dir, self.policy_parts(), state, self.cfg.keep_last)
         acc.wait_for_everyone()
-        self.last_checkpoint = path
+        self._saving = None
+        self.last_checkpoint, self._saved_step = path, self.step
         return path
 
     def policy_parts(self) -> ckpt_io.PolicyParts:
@@ -309,9 +486,36 @@ class Trainer:
             step=self.step,
         )
 
+    def _resume_from(self, resume: str) -> Path | None:
+        """Resolve `resume` ('latest' or a path) and restore it; a damaged newest checkpoint is named, with
+        the older one to give by path instead."""
+        try:
+            path = ckpt_io.resolve_resume(self.run_dir, resume)
+            state = ckpt_io.load_training_state(path) if path is not None else None
+        except XWAMError as e:
+            if resume != "latest":
+                raise
+            dirs = ckpt_io.checkpoint_dirs(self.run_dir)
+            older = (
+                f"resume from an older one by path: --resume {dirs[-2]}"
+                if len(dirs) > 1
+                else "there is no older one to resume from"
+            )
+            raise XWAMError(
+                f"{e} (--resume latest: the newest checkpoint {dirs[-1].name} is damaged; {older})"
+            ) from None
+        if path is None or state is None:
+            return None
+        self._restore(path, state)
+        return path
+
     def resume(self, path: Path) -> None:
         """Continue from checkpoint `path`: trainable weights, optimiser, scheduler, EMA, RNG, step."""
-        state = ckpt_io.load_training_state(path)
+        self._restore(path, ckpt_io.load_training_state(path))
+
+    def _restore(self, path: Path, state: ckpt_io.TrainingState) -> None:
+        """Put a loaded training state in place, checking first that it fits what this recipe built."""
+        root = path / ckpt_io.TRAINING
         named = {n: p for n, p in self.objective.named_parameters() if p.requires_grad}
         missing = sorted(set(named) - set(state.trainable))
         extra = sorted(set(state.trainable) - set(named))
@@ -320,18 +524,53 @@ class Trainer:
                 f"{path}: was trained with other parameters than this recipe builds "
                 f"(missing {missing[:3]}, unexpected {extra[:3]}); resume with the recipe the run used"
             )
+        for name, param in named.items():
+            _same_shape(root / "trainable.safetensors", name, state.trainable[name], param)
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        groups = state.optimizer["param_groups"]
+        if [len(g["params"]) for g in groups] != [len(g["params"]) for g in self.optimizer.param_groups]:
+            raise XWAMError(
+                f"{root / 'optimizer.json'}: parameter groups of {[len(g['params']) for g in groups]} "
+                f"parameters, this recipe optimises {[len(g['params']) for g in self.optimizer.param_groups]}; "
+                "resume with the recipe the run used"
+            )
+        for pid, entry in state.optimizer["state"].items():
+            if not 0 <= pid < len(params):
+                raise XWAMError(f"{root / 'optimizer.json'}: state for parameter {pid} of {len(params)}")
+            for key, value in entry.items():
+                if torch.is_tensor(value) and key != "step":
+                    _same_shape(root / "optimizer.safetensors", f"{pid}.{key}", value, params[pid])
+        if len(state.scheduler["base_lrs"]) != len(groups):
+            raise XWAMError(
+                f"{root / 'trainer.json'}: 'scheduler.base_lrs' has {len(state.scheduler['base_lrs'])} "
+                f"entries, expected one per parameter group ({len(groups)})"
+            )
+        if self.ema is not None and state.ema is not None:
+            shadows = self.ema.shadow_params
+            for i, p in enumerate(shadows):
+                if f"shadow.{i}" not in state.ema:
+                    raise XWAMError(
+                        f"{root / 'ema.safetensors'}: lacks 'shadow.{i}' ({len(shadows)} expected)"
+                    )
+                _same_shape(root / "ema.safetensors", f"shadow.{i}", state.ema[f"shadow.{i}"], p)
+        try:
+            self.optimizer.load_state_dict(state.optimizer)
+        except (ValueError, KeyError, TypeError, RuntimeError) as e:
+            raise XWAMError(
+                f"{root / 'optimizer.json'}: does not fit this recipe's optimiser ({e})"
+            ) from None
+        self.scheduler.load_state_dict(state.scheduler)
         with torch.no_grad():
             for name, param in named.items():
                 param.copy_(state.trainable[name])
-        self.optimizer.load_state_dict(state.optimizer)
-        self.scheduler.load_state_dict(state.scheduler)
         if self.ema is not None and state.ema is not None:
             for i, p in enumerate(self.ema.shadow_params):
                 p.data.copy_(state.ema[f"shadow.{i}"])
-            self.ema.optimization_step = int(state.ema["optimization_step"])
-        ckpt_io.restore_rng(path)
-        self.step, self.history = int(state.extra["step"]), state.history
-        self.last_checkpoint = path
+            self.ema.optimization_step = int(state.ema.get("optimization_step", torch.tensor(0)))
+        if state.rng is not None:
+            state.rng.restore()  # last: building drew from the RNGs; nothing may draw between here and step 1
+        self.step, self.history = int(state.extra["step"]), list(state.history)
+        self.last_checkpoint, self._saved_step = path, self.step
 
     def _ema_tensors(self) -> dict[str, torch.Tensor] | None:
         if self.ema is None:
@@ -341,40 +580,64 @@ class Trainer:
 
     # ---- the loop -----------------------------------------------------------------------------------
     def fit(self, progress: Progress = SILENT) -> TrainResult:
-        """Train to train.max_steps, validating and checkpointing as the recipe says."""
-        cfg, acc = self.cfg, self.accelerator
-        if acc.is_main_process:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(self.run_dir / "recipe.toml", _recipe_toml(self.recipe))
-        tracker = _Tracker(self.run_dir / "logs") if acc.is_main_process else None
+        """Train to train.max_steps, validating and checkpointing as the recipe says.
+
+        Ctrl-C or SIGTERM: the current step ends, is checkpointed, and TrainingInterrupted says so."""
+        for note in self.notes:
+            progress.log(note)
+        self.notes = []
+        if self.step >= self.cfg.max_steps:  # a resumed run that has already reached max_steps
+            self.close()
+            return self._result(self.step, 0.0, None)
+        self._own()
+        stop = _StopRequest()
+        try:
+            with stop:
+                try:
+                    return self._loop(progress, stop)
+                except KeyboardInterrupt as e:
+                    if isinstance(e, TrainingInterrupted):
+                        raise
+                    raise self._interrupted_again(stop) from None
+        finally:
+            self.close()
+
+    def _loop(self, progress: Progress, stop: _StopRequest) -> TrainResult:
+        cfg = self.cfg
         bar = progress.task("steps", total=cfg.max_steps, completed=self.step)
         start_step, t0 = self.step, time.perf_counter()
         val_loss: float | None = None
+        tracker: _Tracker | None = None
         data = iter(self.loader)
-        while self.step < cfg.max_steps:
-            logs = self.train_step(next(data))
-            done = self.step
-            if (
-                self.val_set is not None
-                and cfg.val_every > 0
-                and (done % cfg.val_every == 0 or done == cfg.max_steps)
-            ):
-                val_loss = logs["val_loss"] = self.validate()
-            self.history.append({"step": done, **logs})
+        try:
+            while self.step < cfg.max_steps and not self._stop_agreed(stop):
+                logs = self.train_step(next(data))
+                done = self.step
+                if done == start_step + 1:  # the run does something: its outputs begin
+                    tracker = self._begin_outputs()
+                if (
+                    self.val_set is not None
+                    and cfg.val_every > 0
+                    and (done % cfg.val_every == 0 or done == cfg.max_steps)
+                ):
+                    val_loss = logs["val_loss"] = self.validate()
+                self.history.append({"step": done, **logs})
+                if tracker is not None:
+                    tracker.log(done, logs)
+                rate = (done - start_step) / max(time.perf_counter() - t0, 1e-9)
+                val = f" val {logs['val_loss']:.4f}" if "val_loss" in logs else ""
+                bar.advance(info=f"loss {logs['loss']:.4f}{val} lr {logs['lr']:.2e} {rate:.2f} it/s")
+                if (cfg.checkpoint_every > 0 and done % cfg.checkpoint_every == 0) or done == cfg.max_steps:
+                    self.save()
+        finally:
             if tracker is not None:
-                tracker.log(done, logs)
-            rate = (done - start_step) / max(time.perf_counter() - t0, 1e-9)
-            val = f" val {logs['val_loss']:.4f}" if "val_loss" in logs else ""
-            bar.advance(info=f"loss {logs['loss']:.4f}{val} lr {logs['lr']:.2e} {rate:.2f} it/s")
-            if (cfg.checkpoint_every > 0 and done % cfg.checkpoint_every == 0) or done == cfg.max_steps:
-                self.save()
+                tracker.close()
+        if self.step < cfg.max_steps:
+            assert stop.signum is not None
+            raise self._interrupted(stop.signum, start_step)
         seconds = time.perf_counter() - t0
         samples_per_s = (self.step - start_step) * self.recipe.data.batch_size / max(seconds, 1e-9)
-        if tracker is not None:
-            tracker.close()
-        if self.last_checkpoint is None:  # max_steps already reached by the resumed checkpoint
-            self.last_checkpoint = self.save()
-        if acc.is_main_process:
+        if self.accelerator.is_main_process:
             _plot_losses(self.history, self.run_dir / "loss_curve.png")
             summary = {
                 "steps": cfg.max_steps,
@@ -385,17 +648,104 @@ class Trainer:
                 "init": self.init_report,
             }
             write_json_atomic(self.run_dir / "summary.json", summary)
-        acc.wait_for_everyone()
+        self.accelerator.wait_for_everyone()
+        return self._result(start_step, seconds, val_loss)
+
+    def _result(self, start_step: int, seconds: float, val_loss: float | None) -> TrainResult:
+        assert self.last_checkpoint is not None
         return TrainResult(
             run_dir=self.run_dir,
-            steps=cfg.max_steps,
+            steps=self.step,
             final_loss=float(self.history[-1]["loss"]) if self.history else float("nan"),
             final_val_loss=val_loss,
             seconds=seconds,
-            samples_per_s=samples_per_s,
+            samples_per_s=(self.step - start_step) * self.recipe.data.batch_size / max(seconds, 1e-9),
             checkpoint=self.last_checkpoint,
             history=self.history,
             init_report=self.init_report,
+            start_step=start_step,
+        )
+
+    def _begin_outputs(self) -> _Tracker | None:
+        """After the first step: replace the old run (--overwrite), write recipe.toml, open the logs."""
+        if not self.accelerator.is_main_process:
+            return None
+        if self.overwrite:
+            runlock.clear_run(self.run_dir)
+            self.overwrite = False
+        write_text_atomic(self.run_dir / "recipe.toml", _recipe_toml(self.recipe))
+        return _Tracker(self.run_dir / "logs")
+
+    def _stop_agreed(self, stop: _StopRequest) -> bool:
+        """Whether any process was asked to stop (all processes then stop after the same step)."""
+        if self.world > 1:
+            flags = self.accelerator.gather(torch.tensor([stop.signum or 0], device=self.accelerator.device))
+            agreed = int(flags.max())
+            if agreed and stop.signum is None:
+                stop.signum = agreed
+        return stop.signum is not None
+
+    def _interrupted(self, signum: int, start_step: int) -> TrainingInterrupted:
+        """The first signal stopped the loop after a step: checkpoint that step and say so."""
+        how = f"interrupted ({_signal_name(signum)})"
+        if self.step == start_step and self._saved_step is None:
+            return TrainingInterrupted(
+                f"{how} before the first step: nothing was written", signum, self.step, None
+            )
+        if self.step == start_step:
+            return TrainingInterrupted(
+                f"{how} at step {self.step} before training further: {self.last_checkpoint} is still the "
+                "newest checkpoint; continue with --resume latest",
+                signum,
+                self.step,
+                self.last_checkpoint,
+            )
+        path = self.last_checkpoint if self._saved_step == self.step else self.save()
+        assert path is not None
+        return TrainingInterrupted(
+            f"{how} at step {self.step}: checkpoint {path} written; continue with --resume latest",
+            signum,
+            self.step,
+            path,
+        )
+
+    def _interrupted_again(self, stop: _StopRequest) -> TrainingInterrupted:
+        """A second signal (or a KeyboardInterrupt from elsewhere) broke off a step or a checkpoint write:
+        say what is on disk, as found there."""
+        signum = stop.second or stop.signum or signal.SIGINT
+        if self._saving is not None:
+            what = (
+                f"while checkpoint step-{self._saving:08d} was being written: that checkpoint was not written "
+                "(it is written under a temporary name and renamed only when complete)"
+            )
+        else:
+            what = f"at step {self.step}, during step {self.step + 1}: that step was not checkpointed"
+        self._saving = None
+        dirs = ckpt_io.checkpoint_dirs(self.run_dir)
+        left = sorted(p.name for p in (self.run_dir / "checkpoints").glob(".step-*.tmp-*"))
+        if dirs:
+            on_disk = f"the newest complete checkpoint is {dirs[-1]}; continue with --resume latest"
+        elif (self.run_dir / "recipe.toml").exists():
+            on_disk = f"no checkpoint was written ({self.run_dir} holds recipe.toml and logs/); start again with --overwrite"
+        else:
+            on_disk = "nothing was written"
+        if left:
+            on_disk += (
+                f" ({', '.join(left)} was left half-written: the next run in {self.run_dir} removes it)"
+            )
+        return TrainingInterrupted(
+            f"interrupted again ({_signal_name(signum)}) {what}; {on_disk}",
+            signum,
+            self.step,
+            dirs[-1] if dirs else None,
+        )
+
+
+def _same_shape(file: Path, name: str, saved: torch.Tensor, param: torch.Tensor) -> None:
+    if tuple(saved.shape) != tuple(param.shape):
+        raise XWAMError(
+            f"{file}: '{name}' has shape {tuple(saved.shape)}, this recipe builds {tuple(param.shape)}; "
+            "resume with the recipe the run used"
         )
 
 
@@ -406,10 +756,15 @@ def _recipe_toml(recipe: Any) -> str:
 
 
 def train(
-    recipe: Any, init: str | Path | None = None, resume: str | None = None, progress: Progress = SILENT
+    recipe: Any,
+    init: str | Path | None = None,
+    resume: str | None = None,
+    progress: Progress = SILENT,
+    overwrite: bool = False,
 ) -> TrainResult:
-    """Build a Trainer and fit it: `init` fine-tunes from a checkpoint, `resume` is 'latest' or a path."""
-    return Trainer(recipe, init=init, resume=resume).fit(progress)
+    """Build a Trainer and fit it: `init` fine-tunes from a checkpoint, `resume` is 'latest' or a path,
+    `overwrite` replaces a run already in train.out."""
+    return Trainer(recipe, init=init, resume=resume, overwrite=overwrite).fit(progress)
 
 
 @torch.no_grad()
