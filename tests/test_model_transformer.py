@@ -304,3 +304,9 @@ def test_bad_config_raises():
         XWAMTransformer(**{**CONFIG, "num_depth_blocks": 4})
     with pytest.raises(XWAMError, match="depth range"):
         XWAMTransformer(**{**CONFIG, "depth_near": 2.0, "depth_far": 1.0})
+
+
+@pytest.mark.parametrize("name", ["num_attention_heads", "attention_head_dim", "ffn_dim", "num_layers"])
+def test_sizes_below_one_are_one_line(name):
+    with pytest.raises(XWAMError, match=rf"{name}=0: expected an integer >= 1"):
+        XWAMTransformer(**{**CONFIG, name: 0})

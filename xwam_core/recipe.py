@@ -227,7 +227,7 @@ class TrainConfig:
     val_batches: int = 4
     checkpoint_every: int = 200
     keep_last: int = 3
-    log_every: int = 10
+    log_every: int = 10  # TensorBoard scalars every N steps (and at validations and the end); 0: every step
     lora_rank: int = 0  # finetune: >0 trains LoRA adapters on the trunk (peft) plus the new parts
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 

@@ -286,7 +286,7 @@ class Trainer:
             model = add_lora(model, cfg.lora_rank)
         if cfg.gradient_checkpointing:
             model.enable_gradient_checkpointing()
-        recipe.noise.validate()
+        recipe.validate()  # ranges, for recipes built in Python too (load_recipe already checked a file)
         self.objective = TrainingObjective(
             model,
             text,
@@ -622,8 +622,9 @@ class Trainer:
                 ):
                     val_loss = logs["val_loss"] = self.validate()
                 self.history.append({"step": done, **logs})
-                if tracker is not None:
-                    tracker.log(done, logs)
+                every = cfg.log_every or 1
+                if tracker is not None and (done % every == 0 or "val_loss" in logs or done == cfg.max_steps):
+                    tracker.log(done, logs)  # TensorBoard every train.log_every steps
                 rate = (done - start_step) / max(time.perf_counter() - t0, 1e-9)
                 val = f" val {logs['val_loss']:.4f}" if "val_loss" in logs else ""
                 bar.advance(info=f"loss {logs['loss']:.4f}{val} lr {logs['lr']:.2e} {rate:.2f} it/s")

@@ -364,6 +364,21 @@ class XWAMTransformer(ModelMixin, ConfigMixin):  # type: ignore[misc]
         gate_init_logit: float = -4.0,
     ) -> None:
         super().__init__()
+        sizes = {
+            "num_attention_heads": num_attention_heads,
+            "attention_head_dim": attention_head_dim,
+            "in_channels": in_channels,
+            "text_dim": text_dim,
+            "freq_dim": freq_dim,
+            "ffn_dim": ffn_dim,
+            "num_layers": num_layers,
+            "num_actions": num_actions,
+            "num_states": num_states,
+        }
+        small = {k: v for k, v in sizes.items() if not (isinstance(v, int) and v >= 1)}
+        if small:
+            name, value = next(iter(small.items()))
+            raise XWAMError(f"{name}={value!r}: expected an integer >= 1")
         if not 0 <= num_depth_blocks <= num_layers:
             raise XWAMError(f"num_depth_blocks={num_depth_blocks}: expected 0..num_layers ({num_layers})")
         if num_views < 1 or action_dim < 1 or state_dim < 1:
