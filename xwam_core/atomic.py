@@ -35,7 +35,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -459,8 +459,11 @@ def atomic_file(final: Path | str, notify: Notify | None = None) -> Iterator[Pat
         yield tmp
         os.replace(tmp, final)
     except BaseException as exc:
-        written = _bytes_on_disk(tmp) if tmp.exists() else None
-        tmp.unlink(missing_ok=True)
+        written = None
+        if tmp.exists() or tmp.is_symlink():
+            written = _bytes_on_disk(tmp)
+            with suppress(OSError):  # cleaning up must not hide the failure itself
+                tmp.unlink()
         remove_empty(made)
         err = disk_error(exc, final, written)
         if err is not None and err is not exc:
