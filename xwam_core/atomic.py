@@ -194,7 +194,11 @@ def _bytes_on_disk(path: Path) -> int:
 
 # ------------------------------------------------------------------------------------ temporaries
 def temporary_sibling(final: Path, mark: str = TMP_MARK) -> Path:
-    """`.NAME<mark>XXXXXXXX` beside `final` (keeps a file's suffix, so writers that read it still work)."""
+    """`.NAME<mark>XXXXXXXX` beside `final` (keeps a file's suffix, so writers that read it still work).
+
+    A temporary folder must be made by atomic_folder, which holds the lock that tells cleaners its
+    writer is alive; one made by hand from this name looks abandoned to them.
+    """
     tag = uuid.uuid4().hex[:8]
     if final.suffix and mark == TMP_MARK:
         return final.parent / f".{final.stem}{mark}{tag}{final.suffix}"
@@ -308,7 +312,10 @@ def remove_temporary(found: Temporary) -> bool:
     using it meanwhile is never cut short (it sees its folder gone and takes another name)."""
     path = found.path
     if not path.is_dir():
-        path.unlink(missing_ok=True)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError:  # e.g. a read-only folder: the write that follows reports it
+            return False
         return True
     fd = None
     if fcntl is not None:
