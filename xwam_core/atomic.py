@@ -162,7 +162,8 @@ def free_bytes(path: Path) -> int | None:
 
 
 def check_free_space(path: Path, needed: int, hint: str = "") -> None:
-    """Refuse, before writing anything, a write of `needed` bytes under `path` that cannot fit."""
+    """Refuse, before writing anything, a write of `needed` bytes to `path` that cannot fit (the free
+    space is that of its nearest existing folder)."""
     free = free_bytes(path)
     if free is not None and free < needed:
         raise DiskError(errno.ENOSPC, path, needed=needed, hint=hint)
@@ -433,7 +434,7 @@ def atomic_folder(
         report(remove_stale_temporaries(final), notify)
         made = make_parents(final)
         if needed_bytes is not None:
-            check_free_space(final.parent, needed_bytes)
+            check_free_space(final, needed_bytes)
         tmp, fd = _owned_temporary(final)
         yield tmp
         replace_folder(tmp, final, overwrite=overwrite)
