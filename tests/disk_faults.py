@@ -83,13 +83,21 @@ def read_only(folder: Path) -> Iterator[list[str]]:
 
 
 def _mount(*args: str) -> None:
-    result = subprocess.run(["mount", *args], capture_output=True, text=True)
+    try:
+        result = subprocess.run(["mount", *args], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        pytest.skip(f"cannot mount here ({exc})")
     if result.returncode != 0:
         pytest.skip(f"cannot mount here ({' '.join(args)}: {result.stderr.strip() or result.returncode})")
 
 
 def _umount(path: Path) -> None:
-    subprocess.run(["umount", "-l", str(path)], capture_output=True)
+    subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=60)
+
+
+def remount_read_only(path: Path) -> None:
+    """Make the tmpfs mounted at `path` read-only (after filling it)."""
+    _mount("-o", "remount,ro", str(path))
 
 
 @contextmanager
@@ -99,7 +107,7 @@ def tmpfs(path: Path, size: str, read_only: bool = False) -> Iterator[Path]:
     _mount("-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path))
     try:
         if read_only:
-            _mount("-o", "remount,ro", str(path))
+            remount_read_only(path)
         yield path
     finally:
         _umount(path)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import SyntheticSource, write_store
-from tests.disk_faults import read_only, read_only_bind, tmpfs
+from tests.disk_faults import read_only, read_only_bind, remount_read_only, tmpfs
 from tests.run_fixtures import (
     app,
     no_temporaries,
@@ -150,7 +150,7 @@ def test_read_only_mount_outputs(ckpt, run, tmp_path, synthetic_source, monkeypa
     _copy_run(run, staging / "run")
     with tmpfs(tmp_path / "ro", "8m") as ro:
         shutil.copytree(staging / "run", ro / "run")
-        subprocess.run(["mount", "-o", "remount,ro", str(ro)], check=True)
+        remount_read_only(ro)
         cases = {
             "prepare": (["prepare", "synthetic", "--out", str(ro / "store")], ro / "store"),
             "infer": (
