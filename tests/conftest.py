@@ -24,6 +24,21 @@ from xwam_core.data.store import (
 )
 
 
+@pytest.fixture(autouse=True, scope="session")
+def frame_cache_in_session_folder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Frame caches go to the session's temporary folder, never to the user's ~/.cache/xwam."""
+    from xwam_core.data.frame_cache import CACHE_ENV
+
+    root = tmp_path_factory.getbasetemp() / "xwam-cache"
+    before = os.environ.get(CACHE_ENV)
+    os.environ[CACHE_ENV] = str(root)
+    yield root
+    if before is None:
+        os.environ.pop(CACHE_ENV, None)
+    else:
+        os.environ[CACHE_ENV] = before
+
+
 def synthetic_episode(
     rng: np.random.Generator,
     length: int,

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tests.conftest import SyntheticSource, write_store
+from xwam_core.data.frame_cache import cache_folder
 from xwam_core.data.reader import EpisodeStore
 from xwam_core.data.windows import WindowDataset, WindowLayout, make_loader, split_episodes
 from xwam_core.errors import DataError
@@ -89,12 +90,14 @@ def test_window_errors(synthetic_store):
     assert train == [0] and val == [1, 2]
 
 
-def test_frame_cache_is_built_once_and_atomically(synthetic_store):
+def test_frame_cache_is_built_once_and_atomically(synthetic_store, tmp_path, monkeypatch):
     path, _ = synthetic_store
+    monkeypatch.setenv("XWAM_CACHE", str(tmp_path / "cache"))
     WindowDataset(path, WindowLayout(2, 2))
-    cache = path / "cache" / "frames-v1"
-    assert (cache / "done.json").is_file()
+    cache = cache_folder(EpisodeStore(path))
+    assert cache.is_relative_to(tmp_path / "cache") and (cache / "done.json").is_file()
+    assert not (path / "cache").exists()  # the store itself is only read
     stamp = (cache / "done.json").stat().st_mtime_ns
     WindowDataset(path, WindowLayout(2, 2))
     assert (cache / "done.json").stat().st_mtime_ns == stamp
-    assert not [p for p in (path / "cache").iterdir() if p.name.startswith(".")]
+    assert not [p for p in cache.parent.iterdir() if p.name.startswith(".")]

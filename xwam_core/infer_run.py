@@ -339,7 +339,8 @@ class InferenceRun:
     def write(self, result: dict[str, np.ndarray], manifest: dict[str, Any]) -> list[str]:
         """The run folder, atomically: predictions.npz, manifest.json and (world mode) a video per view."""
         files = [MANIFEST, PREDICTIONS]
-        with atomic_folder(self.out, overwrite=self.opts.overwrite) as tmp:
+        needed = sum(a.nbytes for a in result.values())  # predictions.npz; videos add a little
+        with atomic_folder(self.out, overwrite=self.opts.overwrite, needed_bytes=needed) as tmp:
             np.savez(tmp / PREDICTIONS, **result)  # type: ignore[arg-type]
             if self.world and self.opts.videos:
                 files += self._write_videos(tmp, result)

@@ -16,7 +16,8 @@ def prepare_store(recipe: Recipe, progress: Progress = SILENT) -> StoreSummary:
     """Build the store `recipe.prepare.out` from `recipe.prepare.source`.
 
     Options are checked before any episode is generated (so no bar starts before an error); an
-    existing store is only replaced with `overwrite`; on any error (or Ctrl-C) nothing is left behind.
+    existing store is only replaced with `overwrite`; on any error (or Ctrl-C) nothing is left behind, and
+    what an interrupted earlier run left beside `out` is removed (a line each through `progress.log`).
     The resolved recipe is saved in `meta/recipe.toml`.
     """
     cfg: PrepareConfig = recipe.prepare
@@ -29,7 +30,9 @@ def prepare_store(recipe: Recipe, progress: Progress = SILENT) -> StoreSummary:
     info = source.info()
     section = getattr(cfg, cfg.source, None)  # the source's own options, recorded with the store
     options = dataclasses.asdict(section) if section is not None else {}
-    with StoreWriter(out, info, overwrite=cfg.overwrite, source_options=options) as writer:
+    with StoreWriter(
+        out, info, overwrite=cfg.overwrite, source_options=options, notify=progress.log
+    ) as writer:
         (writer.tmp / "meta").mkdir(parents=True, exist_ok=True)
         (writer.tmp / "meta" / "recipe.toml").write_text(recipe_to_toml(recipe))
         bar = progress.task(f"{cfg.source} episodes", total=info.num_episodes)

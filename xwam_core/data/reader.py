@@ -1,35 +1,35 @@
-"""Reading an episode store: its metadata and the decoded frame cache that training and inference read.
+"""Reading an episode store: its metadata, checked when the store is opened, and its frame cache.
 
-The frame cache (`STORE/cache/frames-v1/`) holds every view's frames decoded once into memory-mapped
-.npy arrays, so training windows are slices of arrays, not PNG decodes. It is built on first use,
-atomically (temporary folder + rename); deleting it is always safe.
+Opening a store reads and checks only metadata (meta/info.json, stats.json, tasks and episodes) and that
+every data file is there, so a damaged store is refused with one line naming the file and what was
+expected before any work starts. Frames are read through the decoded-frame cache
+(xwam_core.data.frame_cache), which lives outside the store: a store can be read-only.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pyarrow.parquet as pq
-
-from xwam_core.atomic import temporary_sibling
-from xwam_core.data.store import (
-    CODEBASE_VERSION,
-    EPISODES_PATH,
-    decode_png,
-    depth_key,
-    extrinsics_key,
-    intrinsics_key,
-    rgb_key,
-)
+from xwam_core.atomic import Notify
+from xwam_core.data.frame_cache import FrameCache, open_frame_cache, reason_of
+from xwam_core.data.store import CODEBASE_VERSION, EPISODES_PATH
 from xwam_core.errors import DataError
 
-CACHE_DIR = "cache/frames-v1"
+__all__ = ["EpisodeMeta", "EpisodeStore", "FrameCache"]
+
+EPISODE_COLUMNS = (
+    "episode_index",
+    "tasks",
+    "length",
+    "success",
+    "dataset_from_index",
+    "data/chunk_index",
+    "data/file_index",
+)
 
 
 @dataclass
@@ -50,50 +50,114 @@ class EpisodeStore:
         self.path = Path(path)
         if not self.path.is_dir():
             raise DataError(f"{self.path}: store not found (expected a folder made by `xwam prepare`)")
-        info_path = self.path / "meta" / "info.json"
-        try:
-            self.info: dict[str, Any] = json.loads(info_path.read_text())
-        except FileNotFoundError:
-            raise DataError(f"{info_path}: missing; is {self.path} an episode store?") from None
-        except json.JSONDecodeError as e:
-            raise DataError(f"{info_path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-        if self.info.get("codebase_version") != CODEBASE_VERSION or "xwam" not in self.info:
-            raise DataError(
-                f"{info_path}: not an xwam store (codebase_version {self.info.get('codebase_version')!r}, "
-                f"expected {CODEBASE_VERSION!r} with an 'xwam' section); import LeRobot datasets with "
-                "`xwam prepare lerobot`"
-            )
+        self.info: dict[str, Any] = self._read_info()
         x = self.info["xwam"]
         self.views: list[str] = list(x["views"])
         self.image_size: tuple[int, int] = (int(x["image_size"][0]), int(x["image_size"][1]))
         self.has_depth: bool = bool(x["has_depth"])
         self.has_cameras: bool = bool(x["has_cameras"])
         self.fps: float = float(self.info["fps"])
-        stats_path = self.path / "meta" / "stats.json"
-        try:
-            self.stats: dict[str, Any] = json.loads(stats_path.read_text())
-        except (FileNotFoundError, json.JSONDecodeError) as e:
-            raise DataError(f"{stats_path}: missing or unreadable ({e})") from None
-        try:
-            import pandas as pd
+        self.stats: dict[str, Any] = self._read_stats()
+        self.tasks: list[str] = self._read_tasks()
+        self.episodes: list[EpisodeMeta] = self._read_episodes()
+        for data_file in self.data_files():
+            if not data_file.is_file():
+                raise DataError(f"{data_file}: data file missing (meta/episodes lists episodes in it)")
 
-            tasks = pd.read_parquet(self.path / "meta" / "tasks.parquet")
-            episodes = pd.read_parquet(self.path / EPISODES_PATH)
-        except Exception as e:
-            raise DataError(f"{self.path / 'meta'}: tasks/episodes metadata unreadable ({e})") from None
-        self.tasks: list[str] = [str(t) for t in tasks.sort_values("task_index").index]
-        self.episodes: list[EpisodeMeta] = [
-            EpisodeMeta(
-                index=int(r["episode_index"]),
-                task=str(r["tasks"][0]),
-                length=int(r["length"]),
-                success=bool(r["success"]),
-                start=int(r["dataset_from_index"]),
-                chunk_index=int(r["data/chunk_index"]),
-                file_index=int(r["data/file_index"]),
+    # ---------------------------------------------------------------------------------- checks
+    def _read_info(self) -> dict[str, Any]:
+        info_path = self.path / "meta" / "info.json"
+        info = _read_json(info_path, f"is {self.path} an episode store?")
+        if info.get("codebase_version") != CODEBASE_VERSION:
+            raise DataError(
+                f"{info_path}: not an xwam store (codebase_version {_short(info.get('codebase_version'))}, "
+                f"expected {CODEBASE_VERSION!r}); import LeRobot datasets with "
+                "`xwam prepare lerobot`"
             )
-            for _, r in episodes.iterrows()
-        ]
+        if not isinstance(info.get("xwam"), dict):
+            raise DataError(
+                f"{info_path}: not an xwam store (no 'xwam' section with views, image size, depth and "
+                "cameras); import LeRobot datasets with `xwam prepare lerobot`"
+            )
+        for key, check, expected in (
+            ("fps", _positive_number, "a number > 0"),
+            ("total_frames", _count, "an integer >= 0"),
+            ("data_path", _data_path, "a path pattern with {chunk_index} and {file_index}"),
+            ("features.observation.state.names", _names, "a list of state dimension names"),
+            ("features.action.names", _names, "a list of action dimension names"),
+            ("xwam.views", _views, "a non-empty list of distinct view names"),
+            ("xwam.image_size", _image_size, "two sizes in pixels (height, width)"),
+            ("xwam.has_depth", _bool, "true or false"),
+            ("xwam.has_cameras", _bool, "true or false"),
+        ):
+            value = _lookup(info, key)
+            if value is _MISSING:
+                raise DataError(f"{info_path}: lacks {key!r}; expected {expected}")
+            if not check(value):
+                raise DataError(f"{info_path}: {key!r} is {_short(value)}, expected {expected}")
+        return info
+
+    def _read_stats(self) -> dict[str, Any]:
+        stats_path = self.path / "meta" / "stats.json"
+        stats = _read_json(stats_path, "re-run `xwam prepare`")
+        for key, names in (("action", self.action_names), ("observation.state", self.state_names)):
+            entry = stats.get(key)
+            if not isinstance(entry, dict):
+                raise DataError(f"{stats_path}: lacks statistics of {key!r}; re-run `xwam prepare`")
+            for stat in ("q01", "q99", "mean"):  # the normalization and the mean-action baseline
+                values = entry.get(stat)
+                expected = f"{len(names)} finite numbers (one per {key} dimension)"
+                if not isinstance(values, list) or len(values) != len(names):
+                    raise DataError(f"{stats_path}: {key}.{stat} is {_short(values)}, expected {expected}")
+                bad = [i for i, v in enumerate(values) if not (_number(v) and math.isfinite(v))]
+                if bad:
+                    raise DataError(
+                        f"{stats_path}: {key}.{stat} of dimension {bad[0]} is {values[bad[0]]!r}, expected {expected}"
+                    )
+        return stats
+
+    def _read_tasks(self) -> list[str]:
+        tasks = _read_parquet(self.path / "meta" / "tasks.parquet", ["task_index"])
+        return [str(t) for t in tasks.sort_values("task_index").index]
+
+    def _read_episodes(self) -> list[EpisodeMeta]:
+        path = self.path / EPISODES_PATH
+        table = _read_parquet(path, list(EPISODE_COLUMNS))
+        episodes = []
+        start = 0
+        try:
+            for i, r in enumerate(table.to_dict("records")):
+                meta = EpisodeMeta(
+                    index=int(r["episode_index"]),
+                    task=str(r["tasks"][0]),
+                    length=int(r["length"]),
+                    success=bool(r["success"]),
+                    start=int(r["dataset_from_index"]),
+                    chunk_index=int(r["data/chunk_index"]),
+                    file_index=int(r["data/file_index"]),
+                )
+                if meta.index != i or meta.start != start or meta.length < 1:
+                    raise DataError(
+                        f"{path}: row {i} is episode {meta.index} at frames {meta.start}.."
+                        f"{meta.start + meta.length - 1}, expected episode {i} starting at frame {start} "
+                        "(episodes are stored in order, back to back)"
+                    )
+                if meta.task not in self.tasks:
+                    raise DataError(
+                        f"{path}: episode {i} has task {meta.task!r}, which meta/tasks.parquet lacks"
+                    )
+                episodes.append(meta)
+                start += meta.length
+        except (TypeError, ValueError, IndexError, KeyError) as exc:
+            raise DataError(
+                f"{path}: row {len(episodes)} is malformed ({type(exc).__name__}: {exc})"
+            ) from None
+        if not episodes or start != self.num_frames:
+            raise DataError(
+                f"{path}: {len(episodes)} episodes of {start} frames in all, meta/info.json's total_frames "
+                f"says {self.num_frames}"
+            )
+        return episodes
 
     # ---------------------------------------------------------------------------------- meta
     @property
@@ -112,131 +176,120 @@ class EpisodeStore:
         pairs = sorted({(e.chunk_index, e.file_index) for e in self.episodes})
         return [self.path / self.info["data_path"].format(chunk_index=c, file_index=f) for c, f in pairs]
 
-    def _read_columns(self, columns: list[str]) -> dict[str, Any]:
+    def read_columns(self, columns: list[str]) -> dict[str, Any]:
         """Columns of the whole store, as pyarrow arrays in global frame order."""
         import pyarrow as pa
+        import pyarrow.parquet as pq
 
         tables = []
         for path in self.data_files():
             try:
                 tables.append(pq.read_table(path, columns=columns))
             except FileNotFoundError:
-                raise DataError(f"{path}: data file missing") from None
-            except (pa.ArrowInvalid, OSError) as e:
-                raise DataError(f"{path}: data file unreadable ({e})") from None
+                raise DataError(f"{path}: data file missing (meta/episodes lists episodes in it)") from None
+            except (pa.ArrowException, OSError) as e:
+                raise DataError(
+                    f"{path}: data file unreadable ({reason_of(e, path)}); re-run `xwam prepare`"
+                ) from None
         table = pa.concat_tables(tables)
         return {c: table.column(c) for c in columns}
 
     # ---------------------------------------------------------------------------------- frame cache
-    def frame_cache(self) -> FrameCache:
-        """The decoded-frame cache, built on first use."""
-        cache_path = self.path / CACHE_DIR
-        if not (cache_path / "done.json").exists():
-            self._build_cache(cache_path)
-        return FrameCache(cache_path, self)
-
-    def _build_cache(self, cache_path: Path) -> None:
-        tmp = temporary_sibling(cache_path)
-        tmp.mkdir(parents=True)
-        try:
-            n = self.num_frames
-            h, w = self.image_size
-            arrays: dict[str, np.memmap] = {}
-            for v in self.views:
-                arrays[rgb_key(v)] = np.lib.format.open_memmap(
-                    tmp / f"rgb.{v}.npy", "w+", np.uint8, (n, h, w, 3)
-                )
-                if self.has_depth:
-                    arrays[depth_key(v)] = np.lib.format.open_memmap(
-                        tmp / f"depth_mm.{v}.npy", "w+", np.uint16, (n, h, w)
-                    )
-            offset = 0
-            for path in self.data_files():
-                pf = pq.ParquetFile(path)
-                for batch in pf.iter_batches(batch_size=256, columns=list(arrays)):
-                    rows = batch.num_rows
-                    for key, arr in arrays.items():
-                        for i, cell in enumerate(batch.column(key).to_pylist()):
-                            arr[offset + i] = decode_png(cell["bytes"])
-                    offset += rows
-            if offset != n:
-                raise DataError(f"{self.path}: data files hold {offset} frames, meta/info.json says {n}")
-            for arr in arrays.values():
-                arr.flush()
-            small = ["observation.state", "action", "episode_index", "frame_index"]
-            if self.has_cameras:
-                small += [intrinsics_key(v) for v in self.views] + [extrinsics_key(v) for v in self.views]
-            cols = self._read_columns(small)
-            np.save(tmp / "state.npy", np.asarray(cols["observation.state"].to_pylist(), np.float32))
-            np.save(tmp / "action.npy", np.asarray(cols["action"].to_pylist(), np.float32))
-            np.save(tmp / "episode_index.npy", np.asarray(cols["episode_index"].to_pylist(), np.int64))
-            if self.has_cameras:
-                for v in self.views:
-                    np.save(
-                        tmp / f"intrinsics.{v}.npy",
-                        np.asarray(cols[intrinsics_key(v)].to_pylist(), np.float32),
-                    )
-                    np.save(
-                        tmp / f"extrinsics.{v}.npy",
-                        np.asarray(cols[extrinsics_key(v)].to_pylist(), np.float32),
-                    )
-            (tmp / "done.json").write_text(json.dumps({"frames": n}))
-            # not atomic.replace_folder: a complete cache is never replaced. If another process built
-            # it meanwhile, the rename fails on the non-empty folder and theirs (as good) is kept.
-            try:
-                os.replace(tmp, cache_path)
-            except OSError:
-                shutil.rmtree(tmp, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+    def frame_cache(self, root: Path | None = None, notify: Notify | None = None) -> FrameCache:
+        """The decoded-frame cache (outside the store: see xwam_core.data.frame_cache), built on first use."""
+        return open_frame_cache(self, root, notify)
 
 
-class FrameCache:
-    """Memory-mapped decoded frames of a store, indexed by global frame index.
+# ------------------------------------------------------------------------------------ checks
+_MISSING = object()
 
-    Arrays are opened lazily, once per process (each DataLoader worker maps them itself).
-    """
 
-    def __init__(self, path: Path, store: EpisodeStore):
-        self.path = path
-        self.views = store.views
-        self.has_depth = store.has_depth
-        self.has_cameras = store.has_cameras
-        self.state = np.load(path / "state.npy")
-        self.action = np.load(path / "action.npy")
-        self.intrinsics = {}
-        self.extrinsics = {}
-        if self.has_cameras:
-            for v in self.views:
-                self.intrinsics[v] = np.load(path / f"intrinsics.{v}.npy")
-                self.extrinsics[v] = np.load(path / f"extrinsics.{v}.npy")
-        self._rgb: dict[str, np.ndarray] | None = None
-        self._depth: dict[str, np.ndarray] | None = None
+def _read_json(path: Path, hint: str) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(f"{path}: missing; {hint}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        where = f" ({e.msg} at line {e.lineno})" if isinstance(e, json.JSONDecodeError) else ""
+        raise DataError(f"{path}: not valid JSON{where}; {hint}") from None
+    except OSError as e:
+        raise DataError(f"{path}: unreadable ({e.strerror or e})") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: holds {type(data).__name__}, expected a JSON object; {hint}")
+    return data
 
-    def __getstate__(self) -> dict[str, Any]:  # workers re-open the maps themselves
-        state = self.__dict__.copy()
-        state["_rgb"] = state["_depth"] = None
-        return state
 
-    def _open(self) -> None:
-        def load(name: str) -> np.ndarray:
-            # a plain ndarray view of the map: indexing skips np.memmap's per-call Python overhead
-            return np.load(self.path / name, mmap_mode="r").view(np.ndarray)
+def _read_parquet(path: Path, columns: list[str]) -> Any:
+    """A metadata Parquet file as a DataFrame, checked to have `columns`."""
+    import pandas as pd
+    import pyarrow as pa
 
-        self._rgb = {v: load(f"rgb.{v}.npy") for v in self.views}
-        self._depth = {v: load(f"depth_mm.{v}.npy") for v in self.views} if self.has_depth else {}
+    try:
+        frame = pd.read_parquet(path)
+    except FileNotFoundError:
+        raise DataError(f"{path}: missing; re-run `xwam prepare`") from None
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise DataError(
+            f"{path}: not a readable Parquet file ({reason_of(e, path)}); re-run `xwam prepare`"
+        ) from None
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise DataError(f"{path}: lacks column(s) {missing}; re-run `xwam prepare`")
+    return frame
 
-    def rgb(self, view: str, frames: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        """(T, H, W, 3) uint8 frames of one view, written into `out` when given."""
-        if self._rgb is None:
-            self._open()
-        assert self._rgb is not None
-        return np.take(self._rgb[view], frames, axis=0, out=out)
 
-    def depth_mm(self, view: str, frames: np.ndarray) -> np.ndarray:
-        """(T, H, W) uint16 millimetres of one view."""
-        if self._depth is None:
-            self._open()
-        assert self._depth is not None
-        return np.take(self._depth[view], frames, axis=0)
+def _lookup(data: dict[str, Any], dotted: str) -> Any:
+    """info['features']['observation.state']['names'] for 'features.observation.state.names' (keys may
+    hold dots: the longest key that matches is taken)."""
+    value: Any = data
+    rest = dotted
+    while rest:
+        if not isinstance(value, dict):
+            return _MISSING
+        for key in sorted(value, key=len, reverse=True):
+            if rest == key or rest.startswith(key + "."):
+                value, rest = value[key], rest[len(key) + 1 :]
+                break
+        else:
+            return _MISSING
+    return value
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _positive_number(v: Any) -> bool:
+    return _number(v) and math.isfinite(v) and v > 0
+
+
+def _count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _bool(v: Any) -> bool:
+    return isinstance(v, bool)
+
+
+def _names(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(n, str) for n in v)
+
+
+def _views(v: Any) -> bool:
+    return _names(v) and len(v) > 0 and len(set(v)) == len(v)
+
+
+def _image_size(v: Any) -> bool:
+    return isinstance(v, list) and len(v) == 2 and all(_count(x) and x > 0 for x in v)
+
+
+def _data_path(v: Any) -> bool:
+    try:
+        return isinstance(v, str) and v.format(chunk_index=0, file_index=0) != v
+    except (KeyError, IndexError, ValueError):
+        return False

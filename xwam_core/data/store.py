@@ -11,15 +11,17 @@ view `observation.images.<view>` (PNG), `observation.depth.<view>` (16-bit PNG, 
 invalid), `observation.cameras.<view>.intrinsics` (3x3), `observation.cameras.<view>.extrinsics`
 (4x4 camera-to-world, OpenCV axes).
 
-Writing is atomic: the store is built in a hidden temporary folder next to the target and renamed.
+Writing is atomic: the store is built in a hidden temporary folder next to the target and renamed
+(xwam_core.atomic.atomic_folder, which also removes what an interrupted earlier run left there and turns
+a full or read-only disk into one line).
 """
 
 from __future__ import annotations
 
 import io
 import json
-import shutil
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from xwam_core.atomic import replace_folder, temporary_sibling
+from xwam_core.atomic import Notify, atomic_folder
 from xwam_core.data.episode import Episode, ViewFrames
 from xwam_core.data.sources.base import SourceInfo
 from xwam_core.data.stats import RunningStats
@@ -165,22 +167,29 @@ class StoreWriter:
     >>> summary = writer.summary
     """
 
+    tmp: Path  # the temporary folder the store is built in, while inside the `with` block
+
     def __init__(
-        self, out: str | Path, info: SourceInfo, overwrite: bool = False, source_options: dict | None = None
+        self,
+        out: str | Path,
+        info: SourceInfo,
+        overwrite: bool = False,
+        source_options: dict | None = None,
+        notify: Notify | None = None,
     ):
         self.out = Path(out)
         self.info = info
+        self.overwrite = overwrite
+        self.notify = notify
         self.source_options = source_options or {}
         if self.out.exists() and not overwrite:
             raise DataError(f"{self.out}: already exists; pass --overwrite to replace it")
         if self.out.exists() and not self.out.is_dir():
             raise DataError(f"{self.out}: exists and is not a folder")
-        # parent folders are made as needed and removed again if the store is not written
-        self._made_parents = [p for p in reversed(self.out.parents) if not p.exists()]
-        self.tmp = temporary_sibling(self.out)
         self.features = _features(info)
         self.schema = _arrow_schema(self.features)
         self.summary: StoreSummary | None = None
+        self._stack = ExitStack()
         self._t0 = time.perf_counter()
         self._tasks: dict[str, int] = {}
         self._episodes: list[dict[str, Any]] = []
@@ -190,25 +199,20 @@ class StoreWriter:
         self._parquet: pq.ParquetWriter | None = None
         self._stats = RunningStats()
 
-    # context manager: clean up the temporary folder on any error (KeyboardInterrupt included)
+    # context manager: the store is built in atomic_folder's temporary folder, which is renamed onto
+    # `out` when complete and removed (with parent folders made for it) on any error, Ctrl-C included
     def __enter__(self) -> StoreWriter:
-        self.tmp.mkdir(parents=True)
+        self.tmp = self._stack.enter_context(
+            atomic_folder(self.out, overwrite=self.overwrite, notify=self.notify)
+        )
         return self
 
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
         if exc_type is not None:
             self._close_parquet()
-            self._discard()
-            return
+            return bool(self._stack.__exit__(exc_type, exc, tb))
         self.finish()
-
-    def _discard(self) -> None:
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        for parent in reversed(self._made_parents):  # deepest first; only if still empty
-            try:
-                parent.rmdir()
-            except OSError:
-                break
+        return False
 
     # -------------------------------------------------------------------------------- episodes
     def add(self, episode: Episode) -> None:
@@ -298,15 +302,12 @@ class StoreWriter:
 
     # -------------------------------------------------------------------------------- finish
     def finish(self) -> StoreSummary:
-        self._close_parquet()
-        try:
+        """Write the metadata and move the store into place (called on leaving the `with` block)."""
+        with self._stack:  # an error here discards the temporary folder like one while adding
+            self._close_parquet()
             if not self._episodes:
                 raise DataError(f"{self.out}: the source produced no episodes")
             self._write_meta()
-            replace_folder(self.tmp, self.out)
-        except BaseException:
-            self._discard()
-            raise
         successes = sum(e["success"] for e in self._episodes)
         self.summary = StoreSummary(
             path=str(self.out),
