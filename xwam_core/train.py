@@ -211,8 +211,7 @@ class Trainer:
     ) -> None:
         self.recipe = recipe
         self.cfg: TrainConfig = recipe.train
-        if self.cfg.max_steps < 1:
-            raise XWAMError(f"train.max_steps={self.cfg.max_steps}: expected at least 1 step")
+        recipe.validate()  # ranges (train.max_steps >= 1, ...), for recipes built in Python too
         if resume is not None and overwrite:
             raise XWAMError(
                 f"--resume {resume} and --overwrite contradict each other: resume continues the run in "
@@ -230,9 +229,11 @@ class Trainer:
         self._saved_step: int | None = None  # the step whose checkpoint exists (written or resumed from)
         self._saving: int | None = None  # the step being written, while it is
         self._start_processes()
+        self.build()  # everything that can refuse the recipe, before the run folder is touched
+        if resume is not None and resume != "latest":
+            ckpt_io.resolve_resume(self.run_dir, resume)  # a wrong path, before the run folder is touched
         self._take_run_folder(resume, overwrite)
         try:
-            self.build()
             self.resume_path = self._resume_from(resume) if resume else None
             self._prepare()
         except BaseException:
@@ -286,7 +287,6 @@ class Trainer:
             model = add_lora(model, cfg.lora_rank)
         if cfg.gradient_checkpointing:
             model.enable_gradient_checkpointing()
-        recipe.validate()  # ranges, for recipes built in Python too (load_recipe already checked a file)
         self.objective = TrainingObjective(
             model,
             text,
@@ -311,19 +311,22 @@ class Trainer:
             from diffusers.training_utils import EMAModel
 
             self.ema = EMAModel(self.objective.model.parameters(), decay=cfg.ema_decay)
+        # the data order (it refuses a global batch the data or the processes cannot fill); _prepare
+        # starts it where the run stands
+        self.sampler = GlobalBatchSampler(
+            len(self.train_set), recipe.data.batch_size, self.rank, self.world, recipe.seed
+        )
 
     def _prepare(self) -> None:
         """Wrap for the processes (DDP) and start the data where the run stands."""
         self.objective, self.optimizer = self.accelerator.prepare(self.objective, self.optimizer)
         recipe = self.recipe
-        sampler = GlobalBatchSampler(
-            len(self.train_set), recipe.data.batch_size, self.rank, self.world, recipe.seed, self.step
-        )
-        self.local_batch = sampler.local
+        self.sampler.start_step = self.step
+        self.local_batch = self.sampler.local
         workers = recipe.data.num_workers
         self.loader = DataLoader(
             self.train_set,
-            batch_sampler=sampler,
+            batch_sampler=self.sampler,
             num_workers=workers,
             collate_fn=collate_windows,
             persistent_workers=workers > 0,
