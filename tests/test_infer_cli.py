@@ -121,6 +121,7 @@ def test_existing_run_needs_overwrite_and_is_replaced_whole(ckpt, tmp_path):
     store, checkpoint = ckpt
     out = tmp_path / "run"
     out.mkdir()
+    (out / "manifest.json").write_text("{}")  # an earlier run (--overwrite replaces only runs)
     (out / "stale.txt").write_text("old")
     base = [
         "infer",

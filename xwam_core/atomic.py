@@ -410,16 +410,32 @@ def _owned_temporary(final: Path) -> tuple[Path, int | None]:
     raise XWAMError(f"{final}: could not claim a temporary folder beside it (removed 5 times while starting)")
 
 
+def check_replaceable(final: Path, replaces: str) -> None:
+    """Refuse to replace what this writer did not write (see atomic_folder's `replaces`)."""
+    resolved, here = final.resolve(), Path.cwd().resolve()
+    if resolved == here or resolved in here.parents:
+        raise XWAMError(f"{final}: is the working directory or a folder above it; refusing to replace it")
+    if final.is_dir() and not (final / replaces).exists() and any(final.iterdir()):
+        raise XWAMError(
+            f"{final}: exists and holds no {replaces}, so it is not what this command writes; "
+            "refusing to replace it with --overwrite (give another folder)"
+        )
+
+
 @contextmanager
 def atomic_folder(
     final: Path | str,
     overwrite: bool = False,
     needed_bytes: int | None = None,
     notify: Notify | None = None,
+    replaces: str | None = None,
 ) -> Iterator[Path]:
     """Yield a temporary folder beside `final`; on success it replaces `final`.
 
-    Refuses an existing `final` unless `overwrite`. First removes the stale temporaries of `final` left
+    Refuses an existing `final` unless `overwrite`; with `replaces` (a file this writer puts in its
+    folders, e.g. "manifest.json"), `overwrite` only replaces an empty folder or one holding that file,
+    and never the working directory or a folder above it, so a mistyped --out cannot delete a home or
+    source folder. First removes the stale temporaries of `final` left
     by interrupted writes (a line each through `notify`). `needed_bytes`, when known, is checked against
     the free space before anything is written. On any error the temporary folder (and parent folders
     made for it) are removed, `final` is untouched, and a disk failure becomes one DiskError line.
@@ -427,6 +443,8 @@ def atomic_folder(
     final = Path(final)
     if final.exists() and not overwrite:
         raise TargetExists(f"{final}: already exists; pass --overwrite to replace it")
+    if final.exists() and replaces is not None:
+        check_replaceable(final, replaces)
     made: list[Path] = []
     tmp: Path | None = None
     fd: int | None = None

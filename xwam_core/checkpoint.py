@@ -317,7 +317,7 @@ def remove_checkpoint_leftovers(run_dir: str | Path) -> tuple[list[tuple[Path, i
 
 def export_checkpoint(parts: PolicyParts, out: str | Path, overwrite: bool = False) -> Path:
     """A checkpoint folder for inference only (no training state) at `out`."""
-    with atomic_folder(Path(out), overwrite=overwrite) as tmp:
+    with atomic_folder(Path(out), overwrite=overwrite, replaces=MARKER) as tmp:
         write_policy_parts(tmp, parts)
         fsync_tree(tmp)
     return Path(out)

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from xwam_core.atomic import atomic_folder, write_json_atomic
+from xwam_core.atomic import atomic_folder, check_replaceable, write_json_atomic
 from xwam_core.cameras import moving_views, pose_indices, predicted_cameras
 from xwam_core.checkpoint import resolve
 from xwam_core.data.reader import EpisodeStore
@@ -148,6 +148,8 @@ class InferenceRun:
         self.out = Path(opts.out)
         if self.out.exists() and not opts.overwrite:
             raise XWAMError(f"{self.out}: already exists; pass --overwrite to replace it")
+        if self.out.exists():
+            check_replaceable(self.out, MANIFEST)  # before any work: --overwrite replaces only a run
         self.world = opts.mode == "world"
         self.store = EpisodeStore(opts.store)
         self.checkpoint = resolve(opts.checkpoint)
@@ -340,7 +342,9 @@ class InferenceRun:
         """The run folder, atomically: predictions.npz, manifest.json and (world mode) a video per view."""
         files = [MANIFEST, PREDICTIONS]
         needed = sum(a.nbytes for a in result.values())  # predictions.npz; videos add a little
-        with atomic_folder(self.out, overwrite=self.opts.overwrite, needed_bytes=needed) as tmp:
+        with atomic_folder(
+            self.out, overwrite=self.opts.overwrite, needed_bytes=needed, replaces=MANIFEST
+        ) as tmp:
             np.savez(tmp / PREDICTIONS, **result)  # type: ignore[arg-type]
             if self.world and self.opts.videos:
                 files += self._write_videos(tmp, result)

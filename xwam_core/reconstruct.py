@@ -146,7 +146,7 @@ def reconstruct_run(
         "windows": [],
     }
     summary = ReconstructSummary(out, n_windows, len(steps), 0, meshes=tsdf)
-    with atomic_folder(out, overwrite=overwrite) as tmp:
+    with atomic_folder(out, overwrite=overwrite, replaces="index.json") as tmp:
         for w in range(n_windows):
             entry = _reconstruct_window(run, w, steps, limit, voxel_size, tsdf, tmp, summary, bar)
             index["windows"].append(entry)

@@ -203,7 +203,7 @@ class StoreWriter:
     # `out` when complete and removed (with parent folders made for it) on any error, Ctrl-C included
     def __enter__(self) -> StoreWriter:
         self.tmp = self._stack.enter_context(
-            atomic_folder(self.out, overwrite=self.overwrite, notify=self.notify)
+            atomic_folder(self.out, overwrite=self.overwrite, notify=self.notify, replaces="meta/info.json")
         )
         return self
 
