@@ -1,8 +1,8 @@
 """Atomic writes: the one place outputs are written so a crash never leaves half a file or folder.
 
-Every writer makes a temporary sibling named `.NAME.tmp-XXXXXXXX` (recognisable, hidden) and renames
+Every writer makes a temporary sibling named `.NAME.tmp-<hex8>` (recognisable, hidden) and renames
 it onto the target only when complete. Replacing an existing folder moves the old one aside first
-(`.NAME.old-XXXXXXXX`), swaps the new one in, then deletes the old one, so there is never a moment
+(`.NAME.old-<hex8>`), swaps the new one in, then deletes the old one, so there is never a moment
 without a complete target on disk.
 
     with atomic_folder(Path("out/run"), overwrite=True) as tmp:
@@ -195,7 +195,7 @@ def _bytes_on_disk(path: Path) -> int:
 
 # ------------------------------------------------------------------------------------ temporaries
 def temporary_sibling(final: Path, mark: str = TMP_MARK) -> Path:
-    """`.NAME<mark>XXXXXXXX` beside `final` (keeps a file's suffix, so writers that read it still work).
+    """`.NAME<mark><hex8>` beside `final` (keeps a file's suffix, so writers that read it still work).
 
     A temporary folder must be made by atomic_folder, which holds the lock that tells cleaners its
     writer is alive; one made by hand from this name looks abandoned to them.

@@ -18,7 +18,7 @@
 
 Written under a temporary name and renamed when complete (xwam_core.atomic), so a crash never leaves a
 broken checkpoint; a run keeps `keep_last` of them in RUN/checkpoints/step-NNNNNNNN/, and prunes older ones
-by renaming them to `.step-NNNNNNNN.pruned-XXXXXXXX` before deleting them, so a checkpoint under its own
+by renaming them to `.step-NNNNNNNN.pruned-<hex8>` before deleting them, so a checkpoint under its own
 name is always complete. What a kill leaves (`.step-*.tmp-*`, `.step-*.old-*`, `.step-*.pruned-*`) is
 removed by the next run that owns the folder (remove_checkpoint_leftovers). Nothing is ever unpickled:
 tensors are safetensors, everything else JSON. Reading a training state checks every file and names the
