@@ -97,3 +97,25 @@ def test_encode_prompts_umt5_without_transformers_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` now raises ImportError
     with pytest.raises(XWAMError, match=r"need transformers: pip install 'xwam\[train\]'"):
         encode_prompts_umt5(["x"], "any/hub-id")
+
+
+def test_a_umt5_cache_in_another_task_order_gives_each_task_its_own_row(tmp_path):
+    """The model is fed the store's task indices: build_text reorders the cache's rows by task name (a cache
+    written for other tasks or in another order used to give tasks the wrong embedding), and a
+    checkpoint saves exactly those rows."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from xwam_core.factory import build_text
+    from xwam_core.recipe import ModelConfig
+
+    cache_tasks = ["push", "extra", "reach"]
+    table = torch.arange(3 * 2 * 4, dtype=torch.float32).reshape(3, 2, 4)
+    PrecomputedText(table, torch.zeros(2, 4), cache_tasks).save(tmp_path / "cache.safetensors")
+    layout = SimpleNamespace(tasks=["reach", "push"])  # the store's order
+    cfg = ModelConfig(text="umt5", text_cache=str(tmp_path / "cache.safetensors"))
+    text = build_text(cfg, layout, 4)  # type: ignore[arg-type]
+    assert text.tasks == ["reach", "push"] and text.num_tasks == 2
+    assert torch.equal(text(torch.tensor([0, 1])), table[[2, 0]])
+    assert torch.equal(text.empty(1)[0], torch.zeros(2, 4))

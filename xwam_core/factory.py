@@ -114,11 +114,14 @@ def build_text(cfg: ModelConfig, layout: Layout, text_dim: int) -> TextCondition
                 "model.text = 'umt5' needs model.text_cache, a file written by "
                 "xwam_core.models.text.PrecomputedText.from_prompts(tasks).save(path)"
             )
-        text = PrecomputedText.load(cfg.text_cache)
-        missing = [t for t in layout.tasks if t not in (text.tasks or [])]
+        cache = PrecomputedText.load(cfg.text_cache)
+        missing = [t for t in layout.tasks if t not in cache.tasks]
         if missing:
             raise XWAMError(f"{cfg.text_cache}: has no embedding for task(s) {missing[:3]}")
-        return text
+        # rows in the store's task order (the model is fed the store's task indices), by name
+        table = cache.table()
+        rows = [cache.tasks.index(t) for t in layout.tasks]
+        return PrecomputedText(table[rows], table[-1], list(layout.tasks))
     raise XWAMError(f"model.text = {cfg.text!r}: expected 'task' or 'umt5'")
 
 
