@@ -32,15 +32,18 @@ def _decode(path: Path, fmt: str) -> np.ndarray:
         return np.stack([f.to_ndarray(format=fmt) for f in c.decode(c.streams.video[0])])
 
 
-def _grey(length: int, episode: int, cam: int) -> np.ndarray:
-    h, w = SIZE
+def _grey(length: int, episode: int, cam: int, size: tuple[int, int] = SIZE) -> np.ndarray:
+    h, w = size
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     out = [40 + 120 * xx / w + 40 * yy / h + 5 * t + 10 * episode + 20 * cam for t in range(length)]
     return np.clip(np.stack(out), 0, 255).round().astype(np.uint8)
 
 
 def make_release(
-    root: Path, arms: tuple[str, ...] = ("left", "right"), flat_rotm: bool = False
+    root: Path,
+    arms: tuple[str, ...] = ("left", "right"),
+    flat_rotm: bool = False,
+    size: tuple[int, int] = SIZE,
 ) -> list[dict]:
     """Two episodes, views 'head' (static) and 'wrist' (dynamic), each clip frames 2..10 of a 12-frame mp4."""
     rng = np.random.default_rng(0)
@@ -50,8 +53,8 @@ def make_release(
         obs, views = {}, {}
         for cam, (view, kind) in enumerate((("wrist", "dynamic"), ("head", "static"))):
             rgb_rel, depth_rel = f"video/ep{e}_{view}.mp4", f"depth/ep{e}_{view}.mp4"
-            encode_video(root / rgb_rel, synthetic_rgb(VIDEO_FRAMES, SIZE, cam, e), FPS)
-            encode_gray_video(root / depth_rel, _grey(VIDEO_FRAMES, e, cam), FPS)
+            encode_video(root / rgb_rel, synthetic_rgb(VIDEO_FRAMES, size, cam, e), FPS)
+            encode_gray_video(root / depth_rel, _grey(VIDEO_FRAMES, e, cam, size), FPS)
             obs[view] = {
                 "rgb_path": rgb_rel,
                 "depth_path": depth_rel,
@@ -240,4 +243,36 @@ def test_recipe_section_and_help():
 def test_missing_path_one_line(tmp_path):
     one_line_error(
         runner.invoke(app(), ["prepare", "xwam-release", "--out", str(tmp_path / "s")]), "xwam-release"
+    )
+
+
+def test_trains_and_reconstruct_refuses_its_infer_run(tmp_path):
+    """Training uses the relative depth; `xwam reconstruct` on an infer run of the store refuses in one line."""
+    from tests.run_fixtures import TINY, tiny_overrides
+    from xwam_core.recipe import load_recipe
+    from xwam_core.train import train
+
+    make_release(tmp_path / "release", size=(64, 64))
+    store = tmp_path / "store"
+    assert _prepare(tmp_path / "release", store).exit_code == 0
+    overrides = [*tiny_overrides(store, tmp_path / "run"), "data.frame_stride=1"]
+    ckpt = train(load_recipe(TINY, [*overrides, "model.depth_near=0.001", "model.depth_far=0.3"])).checkpoint
+    run = tmp_path / "infer"
+    args = [
+        "infer",
+        "--ckpt",
+        str(ckpt),
+        "--data",
+        str(store),
+        "--out",
+        str(run),
+        "--windows-per-episode",
+        "1",
+    ]
+    result = runner.invoke(app(), args)
+    assert result.exit_code == 0, result.output
+    assert json.loads((run / "manifest.json").read_text())["store_depth_kind"] == "relative"
+    one_line_error(
+        runner.invoke(app(), ["reconstruct", str(run)]),
+        "depth is relative (imported from the xwam release): point clouds need metric depth",
     )
