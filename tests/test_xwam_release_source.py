@@ -190,7 +190,11 @@ def _bad_cases(src: Path):
     def no_rgb(m):
         m["observations"]["wrist"]["rgb_path"] = "video/missing.mp4"
 
+    def other_fps(m):
+        m["observations"]["wrist"]["fps"] = 15
+
     return [
+        (other_fps, ["episode_000001.json", "fps", "expected 10.0 for every view"]),
         (drop_prompt, ["episode_000001.json", "missing key 'prompt'"]),
         (short_actions, ["episode_000001.json", "'actions' has shape (7, 14)", "num_frames 8"]),
         (short_pos, ["episode_000001.json", "left_ee_pos", "(6, 3)"]),

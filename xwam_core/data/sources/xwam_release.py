@@ -74,6 +74,11 @@ class XWAMReleaseSource(EpisodeSource):
         for p, m in zip(self._files, self._metas, strict=True):
             if sorted(m["observations"]) != self._views:
                 raise DataError(f"{p}: views {sorted(m['observations'])}, expected {self._views} like {p0}")
+            rates = {v: float(o["fps"]) for v, o in m["observations"].items()}
+            if any(r != self._fps for r in rates.values()):
+                raise DataError(
+                    f"{p}: observations' fps {rates}; expected {self._fps} for every view, like {p0}"
+                )
             dim = np.asarray(m[self._action_key]).reshape(m["num_frames"], -1).shape[1]
             if dim != self._action_dim:
                 raise DataError(
