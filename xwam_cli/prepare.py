@@ -27,6 +27,7 @@ EXAMPLES = """
 
   xwam prepare metaworld --tasks reach-v3,push-v3 --episodes 4 --views corner2,topview --size 64 --seed 0 --out data/mw
   xwam prepare lerobot path/to/lerobot_dataset --views observation.images.front=front --out data/mine
+  xwam prepare xwam-release path/to/release_dataset --out data/release
   xwam prepare --recipe recipes/tiny_cpu.toml --set prepare.metaworld.episodes=8
 """
 
@@ -35,7 +36,10 @@ EXAMPLES = """
 def prepare(
     source: Annotated[
         list[str] | None,
-        typer.Argument(help="'metaworld', or 'lerobot PATH' (a LeRobot v2.1/v3.0 dataset folder)."),
+        typer.Argument(
+            help="'metaworld', 'lerobot PATH' (a LeRobot v2.1/v3.0 dataset folder), or 'xwam-release PATH' "
+            "(the X-WAM authors' release layout: data/chunk-*/episode_*.json, video/, depth/; relative depth, no cameras)."
+        ),
     ] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Store folder to create.")] = None,
     tasks: Annotated[
@@ -64,7 +68,7 @@ def prepare(
 ) -> None:
     """Turn robot episodes into the episode store that every later command reads.
 
-    The store is a LeRobot v3.0 dataset folder with RGB, metric depth and cameras per view. It is built in a temporary folder and renamed when complete: an interrupted run leaves nothing behind.
+    The store is a LeRobot v3.0 dataset folder with RGB, metric depth and cameras per view (xwam-release: relative depth, no cameras). It is built in a temporary folder and renamed when complete: an interrupted run leaves nothing behind.
     """
     cli: dict[str, object] = {"prepare.out": str(out) if out else None}
     if overwrite:
@@ -72,7 +76,23 @@ def prepare(
     if source:
         name, *rest = source
         cli["prepare.source"] = name
-        if name == "lerobot":
+        if name == "xwam-release":
+            if len(rest) != 1:
+                fail("xwam-release source takes one dataset folder: xwam prepare xwam-release PATH --out DIR")
+            other = {
+                "--tasks": tasks,
+                "--episodes": episodes,
+                "--views": views,
+                "--size": size,
+                "--seed": seed,
+                "--max-steps": max_steps,
+                "--render-quality": render_quality,
+            }
+            given = [flag for flag, value in other.items() if value is not None]
+            if given:
+                fail(f"{given[0]} is not an option of the xwam-release source")
+            cli["prepare.xwam_release.path"] = rest[0]
+        elif name == "lerobot":
             if len(rest) != 1:
                 fail("lerobot source takes one dataset folder: xwam prepare lerobot PATH --out DIR")
             metaworld_only = {
@@ -95,7 +115,7 @@ def prepare(
                 cli["prepare.lerobot.views"] = dict(p.split("=", 1) for p in pairs)
         elif rest:
             fail(f"source '{name}' takes no path argument (got {' '.join(rest)!r})")
-        if name != "lerobot":
+        if name not in ("lerobot", "xwam-release"):
             cli.update(
                 {
                     "prepare.metaworld.tasks": split_csv(tasks),

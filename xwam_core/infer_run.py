@@ -304,6 +304,7 @@ class InferenceRun:
             "store_fingerprint": store_fingerprint(store.path),
             "store_has_depth": store.has_depth,
             "store_has_cameras": store.has_cameras,
+            "store_depth_kind": store.depth_kind,
             "mode": opts.mode,
             "views": list(spec.views),
             "tasks": list(spec.tasks),

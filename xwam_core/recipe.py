@@ -100,19 +100,37 @@ class LeRobotSourceConfig:
 
 
 @dataclass
+class XWAMReleaseSourceConfig:
+    """Options of the `xwam-release` source (import the X-WAM authors' release dataset layout)."""
+
+    path: str = ""
+    raw_actions: bool = False  # true: import each episode's `raw_actions` instead of `actions`
+
+    def validate(self) -> None:
+        require(
+            isinstance(self.raw_actions, bool),
+            "prepare.xwam_release.raw_actions",
+            "true or false",
+            self.raw_actions,
+        )
+
+
+@dataclass
 class PrepareConfig:
     """`xwam prepare`: which source, where the store goes."""
 
-    source: str = "metaworld"  # "metaworld" or "lerobot"
+    source: str = "metaworld"  # "metaworld", "lerobot" or "xwam-release"
     out: str = ""
     overwrite: bool = False
     metaworld: MetaWorldSourceConfig = field(default_factory=MetaWorldSourceConfig)
     lerobot: LeRobotSourceConfig = field(default_factory=LeRobotSourceConfig)
+    xwam_release: XWAMReleaseSourceConfig = field(default_factory=XWAMReleaseSourceConfig)
 
     def validate(self) -> None:
         # `source` is checked by xwam_core.data.sources.make_source: sources can be registered at run time
         self.metaworld.validate()
         self.lerobot.validate()
+        self.xwam_release.validate()
 
 
 @dataclass

@@ -34,6 +34,10 @@ OVERVIEW_SIZE = (180, 240)
 def require_geometry(run: RunData, command: str) -> None:
     """One line unless the run has predicted depth, recorded depth and cameras."""
     run.require_world(command)
+    if run.depth_kind == "relative":
+        raise XWAMError(
+            f"{run.path}: depth is relative (imported from the xwam release): point clouds need metric depth"
+        )
     if not run.has_cameras:
         raise XWAMError(
             f"{run.path}: the run's store {run.manifest['store']} has no cameras (intrinsics/extrinsics), "

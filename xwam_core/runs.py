@@ -167,6 +167,11 @@ class RunData:
         return bool(self.manifest["store_has_cameras"])
 
     @property
+    def depth_kind(self) -> str:
+        """'metric', or 'relative' for a store imported from the xwam release (older runs: metric)."""
+        return str(self.manifest.get("store_depth_kind", "metric"))
+
+    @property
     def max_depth(self) -> float:
         return float(self.manifest["max_depth"])
 

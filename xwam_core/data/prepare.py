@@ -28,7 +28,9 @@ def prepare_store(recipe: Recipe, progress: Progress = SILENT) -> StoreSummary:
         raise DataError(f"{out}: already exists; pass --overwrite to replace it")
     source = make_source(cfg)
     info = source.info()
-    section = getattr(cfg, cfg.source, None)  # the source's own options, recorded with the store
+    section = getattr(
+        cfg, cfg.source.replace("-", "_"), None
+    )  # the source's own options, recorded with the store
     options = dataclasses.asdict(section) if section is not None else {}
     with StoreWriter(
         out, info, overwrite=cfg.overwrite, source_options=options, notify=progress.log

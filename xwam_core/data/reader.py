@@ -56,6 +56,8 @@ class EpisodeStore:
         self.image_size: tuple[int, int] = (int(x["image_size"][0]), int(x["image_size"][1]))
         self.has_depth: bool = bool(x["has_depth"])
         self.has_cameras: bool = bool(x["has_cameras"])
+        # "relative" (imported from the xwam release): usable for training, not for point clouds
+        self.depth_kind: str = str(x.get("depth_kind", "metric"))
         self.fps: float = float(self.info["fps"])
         self.stats: dict[str, Any] = self._read_stats()
         self.tasks: list[str] = self._read_tasks()

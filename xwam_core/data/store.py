@@ -351,6 +351,7 @@ class StoreWriter:
                 "has_depth": self.info.has_depth,
                 "has_cameras": self.info.has_cameras,
                 "depth_unit": "mm",
+                "depth_kind": self.info.depth_kind,
                 "camera_convention": "extrinsics are camera-to-world with OpenCV camera axes",
                 "source_extra": self.info.extra,
             },

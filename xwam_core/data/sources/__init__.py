@@ -50,7 +50,22 @@ def _lerobot(cfg: PrepareConfig) -> EpisodeSource:
     )
 
 
-SOURCES: dict[str, Callable[[PrepareConfig], EpisodeSource]] = {"metaworld": _metaworld, "lerobot": _lerobot}
+def _xwam_release(cfg: PrepareConfig) -> EpisodeSource:
+    from xwam_core.data.sources.xwam_release import XWAMReleaseSource
+
+    xr = cfg.xwam_release
+    if not xr.path:
+        raise DataError(
+            "source 'xwam-release' needs a dataset folder: xwam prepare xwam-release PATH --out DIR"
+        )
+    return XWAMReleaseSource(path=xr.path, raw_actions=xr.raw_actions)
+
+
+SOURCES: dict[str, Callable[[PrepareConfig], EpisodeSource]] = {
+    "metaworld": _metaworld,
+    "lerobot": _lerobot,
+    "xwam-release": _xwam_release,
+}
 
 
 def make_source(cfg: PrepareConfig) -> EpisodeSource:

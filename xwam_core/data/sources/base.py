@@ -23,6 +23,8 @@ class SourceInfo:
     num_episodes: int  # how many episodes iterating will yield (for the progress bar)
     has_depth: bool
     has_cameras: bool
+    # "metric": depth in metres; "relative": not metric (e.g. the xwam release), no point clouds
+    depth_kind: str = "metric"
     extra: dict[str, object] = field(default_factory=dict)
 
 

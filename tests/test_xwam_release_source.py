@@ -1,0 +1,282 @@
+"""`xwam prepare xwam-release PATH`: the X-WAM authors' release layout -> an episode store."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+from scipy.spatial.transform import Rotation
+from typer.testing import CliRunner
+
+from tests.conftest import read_episode
+from tests.lerobot_fixtures import synthetic_rgb
+from tests.run_fixtures import app, one_line_error
+from tests.video_helpers import encode_gray_video
+from xwam_core.data.reader import EpisodeStore
+from xwam_core.data.video import GRAY, RGB, encode_video
+from xwam_core.errors import XWAMError
+
+runner = CliRunner()
+SIZE = (32, 40)
+FPS = 10.0
+VIDEO_FRAMES = 12
+PROMPTS = ("stack the blue bowl", "hand over the cup")
+
+
+def _decode(path: Path, fmt: str) -> np.ndarray:
+    with av.open(os.fspath(path)) as c:
+        return np.stack([f.to_ndarray(format=fmt) for f in c.decode(c.streams.video[0])])
+
+
+def _grey(length: int, episode: int, cam: int, size: tuple[int, int] = SIZE) -> np.ndarray:
+    h, w = size
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    out = [40 + 120 * xx / w + 40 * yy / h + 5 * t + 10 * episode + 20 * cam for t in range(length)]
+    return np.clip(np.stack(out), 0, 255).round().astype(np.uint8)
+
+
+def make_release(
+    root: Path,
+    arms: tuple[str, ...] = ("left", "right"),
+    flat_rotm: bool = False,
+    size: tuple[int, int] = SIZE,
+) -> list[dict]:
+    """Two episodes, views 'head' (static) and 'wrist' (dynamic), each clip frames 2..10 of a 12-frame mp4."""
+    rng = np.random.default_rng(0)
+    truth = []
+    for e in range(2):
+        n, start = 8, 2
+        obs, views = {}, {}
+        for cam, (view, kind) in enumerate((("wrist", "dynamic"), ("head", "static"))):
+            rgb_rel, depth_rel = f"video/ep{e}_{view}.mp4", f"depth/ep{e}_{view}.mp4"
+            encode_video(root / rgb_rel, synthetic_rgb(VIDEO_FRAMES, size, cam, e), FPS)
+            encode_gray_video(root / depth_rel, _grey(VIDEO_FRAMES, e, cam, size), FPS)
+            obs[view] = {
+                "rgb_path": rgb_rel,
+                "depth_path": depth_rel,
+                "fps": FPS,
+                "type": kind,
+                "start": start,
+                "end": start + n,
+            }
+            views[view] = (
+                _decode(root / rgb_rel, RGB)[start : start + n],
+                _decode(root / depth_rel, GRAY)[start : start + n],
+            )
+        proprios, rot = {}, {}
+        for arm in arms:
+            rotm = Rotation.random(n, random_state=int(rng.integers(1000))).as_matrix()
+            rot[arm] = rotm
+            proprios[f"{arm}_ee_pos"] = rng.normal(size=(n, 3)).astype(np.float32).tolist()
+            proprios[f"{arm}_ee_rotm"] = (rotm.reshape(n, 9) if flat_rotm else rotm).tolist()
+            proprios[f"{arm}_gripper_pos"] = rng.uniform(size=(n, 1)).astype(np.float32).tolist()
+        actions = rng.normal(size=(n, 14)).astype(np.float32)
+        meta = {
+            "num_frames": n,
+            "prompt": PROMPTS[e],
+            "observations": obs,
+            "proprios": proprios,
+            "actions": actions.tolist(),
+            "raw_actions": (actions * 2).tolist(),
+        }
+        path = root / "data" / "chunk-000" / f"episode_{e:06d}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(meta))
+        truth.append({"meta": meta, "views": views, "rot": rot, "actions": actions})
+    return truth
+
+
+def _prepare(src: Path, out: Path, *extra: str):
+    return runner.invoke(app(), ["prepare", "xwam-release", str(src), "--out", str(out), *extra])
+
+
+@pytest.mark.parametrize("arms", [("left", "right"), ("right",)])
+def test_roundtrip(tmp_path, arms):
+    src, out = tmp_path / "release", tmp_path / "store"
+    truth = make_release(src, arms, flat_rotm=len(arms) == 1)
+    result = _prepare(src, out)
+    assert result.exit_code == 0, result.output
+    store = EpisodeStore(out)
+    assert store.views == ["head", "wrist"] and store.image_size == SIZE and store.fps == FPS
+    assert store.has_depth and not store.has_cameras and store.depth_kind == "relative"
+    info = json.loads((out / "meta" / "info.json").read_text())
+    assert info["xwam"]["depth_kind"] == "relative" and info["xwam"]["source"] == "xwam_release"
+    assert info["xwam"]["source_extra"]["arms"] == list(arms)
+    assert store.state_names[:8] == [
+        "left_ee_x", "left_ee_y", "left_ee_z", "left_ee_qw", "left_ee_qx", "left_ee_qy", "left_ee_qz", "left_gripper",
+    ]  # fmt: skip
+    assert len(store.state_names) == 16 and store.action_names == [f"action_{i}" for i in range(14)]
+    for e, t in enumerate(truth):
+        ep = read_episode(store, e)
+        assert ep.task == PROMPTS[e]
+        np.testing.assert_array_equal(ep.action, t["actions"])
+        for i, arm in enumerate(arms):
+            s = ep.state[:, 8 * i : 8 * i + 8]
+            np.testing.assert_array_equal(
+                s[:, :3], np.asarray(t["meta"]["proprios"][f"{arm}_ee_pos"], np.float32)
+            )
+            np.testing.assert_array_equal(
+                s[:, 7], np.asarray(t["meta"]["proprios"][f"{arm}_gripper_pos"], np.float32)[:, 0]
+            )
+            q = s[:, 3:7]
+            assert (q[:, 0] >= 0).all()
+            xyzw = Rotation.from_matrix(t["rot"][arm]).as_quat()
+            wxyz = np.concatenate([xyzw[:, 3:], xyzw[:, :3]], 1)
+            dots = np.abs((q * wxyz).sum(1))
+            np.testing.assert_allclose(dots, 1.0, atol=1e-5)
+            np.testing.assert_allclose(
+                Rotation.from_quat(q[:, [1, 2, 3, 0]]).as_matrix(), t["rot"][arm], atol=1e-5
+            )
+        if len(arms) == 1:
+            assert (ep.state[:, 8:] == 0).all()
+        for view, (rgb, grey) in t["views"].items():
+            vf = ep.views[view]
+            assert vf.intrinsics is None and vf.extrinsics is None
+            np.testing.assert_array_equal(vf.rgb, rgb)  # the store's PNG holds exactly what PyAV decodes
+            assert vf.depth is not None
+            np.testing.assert_array_equal(np.rint(vf.depth * 1000) - 1, grey.astype(np.float32))
+
+
+def test_raw_actions_option(tmp_path):
+    src, out = tmp_path / "release", tmp_path / "store"
+    truth = make_release(src)
+    result = _prepare(src, out, "--set", "prepare.xwam_release.raw_actions=true")
+    assert result.exit_code == 0, result.output
+    np.testing.assert_array_equal(read_episode(EpisodeStore(out), 1).action, truth[1]["actions"] * 2)
+
+
+def test_reconstruct_refuses_relative_depth(tmp_path):
+    from tests.run_fixtures import scene_run
+    from xwam_core.reconstruct import require_geometry
+    from xwam_core.runs import load_run
+
+    run = scene_run(tmp_path / "run")
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["store_depth_kind"] = "relative"
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(
+        XWAMError, match="depth is relative \\(imported from the xwam release\\): point clouds"
+    ):
+        require_geometry(load_run(run), "reconstruction")
+    result = runner.invoke(app(), ["reconstruct", str(run)])
+    one_line_error(result, "depth is relative", "point clouds need metric depth")
+
+
+def _edit(src: Path, e: int, change) -> None:
+    p = src / "data" / "chunk-000" / f"episode_{e:06d}.json"
+    meta = json.loads(p.read_text())
+    change(meta)
+    p.write_text(json.dumps(meta))
+
+
+def _bad_cases(src: Path):
+    def drop_prompt(m):
+        del m["prompt"]
+
+    def short_actions(m):
+        m["actions"] = m["actions"][:-1]
+
+    def short_pos(m):
+        m["proprios"]["left_ee_pos"] = m["proprios"]["left_ee_pos"][:-2]
+
+    def clip_outside(m):
+        m["observations"]["head"]["start"] = 8
+        m["observations"]["head"]["end"] = 16
+
+    def no_rgb(m):
+        m["observations"]["wrist"]["rgb_path"] = "video/missing.mp4"
+
+    def other_fps(m):
+        m["observations"]["wrist"]["fps"] = 15
+
+    return [
+        (other_fps, ["episode_000001.json", "fps", "expected 10.0 for every view"]),
+        (drop_prompt, ["episode_000001.json", "missing key 'prompt'"]),
+        (short_actions, ["episode_000001.json", "'actions' has shape (7, 14)", "num_frames 8"]),
+        (short_pos, ["episode_000001.json", "left_ee_pos", "(6, 3)"]),
+        (clip_outside, ["episode_000001.json", "head", "clip frames 8..16", "inside the video"]),
+        (no_rgb, ["episode_000001.json", "missing.mp4", "not found"]),
+    ]
+
+
+def test_bad_inputs_one_line_each(tmp_path):
+    result = _prepare(tmp_path / "nope", tmp_path / "s0")
+    one_line_error(result, "nope", "folder not found")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    one_line_error(_prepare(empty, tmp_path / "s1"), "no episode json", "data/chunk-*/episode_*.json")
+    src = tmp_path / "release"
+    make_release(src)
+    pristine = (src / "data" / "chunk-000" / "episode_000001.json").read_text()
+    for i, (change, needles) in enumerate(_bad_cases(src)):
+        (src / "data" / "chunk-000" / "episode_000001.json").write_text(pristine)
+        _edit(src, 1, change)
+        out = tmp_path / f"bad{i}"
+        one_line_error(_prepare(src, out), *needles)
+        assert not out.exists()
+    (src / "data" / "chunk-000" / "episode_000001.json").write_text(pristine)
+    (src / "depth" / "ep1_head.mp4").write_bytes(b"not a video")
+    one_line_error(_prepare(src, tmp_path / "bad_mp4"), "ep1_head.mp4", "cannot open video")
+
+
+def test_views_option_rejected(tmp_path):
+    src = tmp_path / "release"
+    src.mkdir()
+    result = runner.invoke(
+        app(), ["prepare", "xwam-release", str(src), "--views", "a=b", "--out", str(tmp_path / "s")]
+    )
+    one_line_error(result, "--views", "xwam-release")
+
+
+def test_recipe_section_and_help():
+    from xwam_core.errors import RecipeError
+    from xwam_core.recipe import load_recipe
+
+    r = load_recipe(None, ["prepare.xwam_release.raw_actions=true", "prepare.xwam_release.path='x'"])
+    assert r.prepare.xwam_release.raw_actions is True and r.prepare.xwam_release.path == "x"
+    with pytest.raises(RecipeError, match=r"prepare\.xwam_release\.raw_actions"):
+        load_recipe(None, ["prepare.xwam_release.raw_actions=3"])
+    result = runner.invoke(app(), ["prepare", "--help"], terminal_width=200)
+    assert result.exit_code == 0 and "xwam-release" in result.output
+
+
+def test_missing_path_one_line(tmp_path):
+    one_line_error(
+        runner.invoke(app(), ["prepare", "xwam-release", "--out", str(tmp_path / "s")]), "xwam-release"
+    )
+
+
+def test_trains_and_reconstruct_refuses_its_infer_run(tmp_path):
+    """Training uses the relative depth; `xwam reconstruct` on an infer run of the store refuses in one line."""
+    from tests.run_fixtures import TINY, tiny_overrides
+    from xwam_core.recipe import load_recipe
+    from xwam_core.train import train
+
+    make_release(tmp_path / "release", size=(64, 64))
+    store = tmp_path / "store"
+    assert _prepare(tmp_path / "release", store).exit_code == 0
+    overrides = [*tiny_overrides(store, tmp_path / "run"), "data.frame_stride=1"]
+    ckpt = train(load_recipe(TINY, [*overrides, "model.depth_near=0.001", "model.depth_far=0.3"])).checkpoint
+    run = tmp_path / "infer"
+    args = [
+        "infer",
+        "--ckpt",
+        str(ckpt),
+        "--data",
+        str(store),
+        "--out",
+        str(run),
+        "--windows-per-episode",
+        "1",
+    ]
+    result = runner.invoke(app(), args)
+    assert result.exit_code == 0, result.output
+    assert json.loads((run / "manifest.json").read_text())["store_depth_kind"] == "relative"
+    one_line_error(
+        runner.invoke(app(), ["reconstruct", str(run)]),
+        "depth is relative (imported from the xwam release): point clouds need metric depth",
+    )
