@@ -56,8 +56,10 @@ def run(opts: InferOptions) -> None:
     for name in summary.files:
         table.add_row("file", str(summary.run_dir / name))
     console.print(table)
-    if summary.mode == "world":
+    if summary.mode == "world" and m.get("store_depth_kind", "metric") == "metric":
         console.print(f"next: xwam reconstruct {summary.run_dir}  /  xwam evaluate {summary.run_dir}")
+    elif summary.mode == "world":  # relative depth (an imported xwam-release store): no point clouds
+        console.print(f"next: xwam evaluate {summary.run_dir}")
 
 
 infer = user_errors(options_command(InferOptions, run))
