@@ -76,36 +76,26 @@ def prepare(
     if source:
         name, *rest = source
         cli["prepare.source"] = name
-        if name == "xwam-release":
+        metaworld_only = {
+            "--tasks": tasks,
+            "--episodes": episodes,
+            "--size": size,
+            "--seed": seed,
+            "--max-steps": max_steps,
+            "--render-quality": render_quality,
+        }
+        if name in ("xwam-release", "lerobot"):  # sources that read a dataset folder
             if len(rest) != 1:
-                fail("xwam-release source takes one dataset folder: xwam prepare xwam-release PATH --out DIR")
-            other = {
-                "--tasks": tasks,
-                "--episodes": episodes,
-                "--views": views,
-                "--size": size,
-                "--seed": seed,
-                "--max-steps": max_steps,
-                "--render-quality": render_quality,
-            }
-            given = [flag for flag, value in other.items() if value is not None]
+                fail(f"{name} source takes one dataset folder: xwam prepare {name} PATH --out DIR")
+            refused = metaworld_only if name == "lerobot" else {**metaworld_only, "--views": views}
+            given = [flag for flag, value in refused.items() if value is not None]
+            if given and name == "lerobot":
+                fail(f"{given[0]} is an option of the metaworld source, not of lerobot")
             if given:
-                fail(f"{given[0]} is not an option of the xwam-release source")
+                fail(f"{given[0]} is not an option of the {name} source")
+        if name == "xwam-release":
             cli["prepare.xwam_release.path"] = rest[0]
         elif name == "lerobot":
-            if len(rest) != 1:
-                fail("lerobot source takes one dataset folder: xwam prepare lerobot PATH --out DIR")
-            metaworld_only = {
-                "--tasks": tasks,
-                "--episodes": episodes,
-                "--size": size,
-                "--seed": seed,
-                "--max-steps": max_steps,
-                "--render-quality": render_quality,
-            }
-            given = [flag for flag, value in metaworld_only.items() if value is not None]
-            if given:
-                fail(f"{given[0]} is an option of the metaworld source, not of lerobot")
             cli["prepare.lerobot.path"] = rest[0]
             if views:
                 pairs = split_csv(views) or []
