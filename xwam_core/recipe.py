@@ -226,6 +226,9 @@ class ModelConfig:
                     break
 
 
+LOSS_WEIGHT_TERMS = ("video", "action", "state", "depth")  # xwam_core.objective.LOSS_TERMS (tested equal)
+
+
 @dataclass
 class TrainConfig:
     """Training: optimiser, schedule, precision, checkpoints, validation."""
@@ -247,6 +250,11 @@ class TrainConfig:
     keep_last: int = 3
     log_every: int = 10  # TensorBoard scalars every N steps (and at validations and the end); 0: every step
     lora_rank: int = 0  # finetune: >0 trains LoRA adapters on the trunk (peft) plus the new parts
+    # Weight of each loss term in the total (video, action, state, depth); a missing term weighs 1.
+    # The paper and the authors' release: all 1.
+    loss_weights: dict[str, float] = field(
+        default_factory=lambda: {"video": 1.0, "action": 1.0, "state": 1.0, "depth": 1.0}
+    )
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def validate(self) -> None:
@@ -286,6 +294,22 @@ class TrainConfig:
         )
         require(self.log_every >= 0, "train.log_every", "an integer >= 0", self.log_every)
         require(self.lora_rank >= 0, "train.lora_rank", "an integer >= 0 (0: no LoRA)", self.lora_rank)
+        for term, weight in self.loss_weights.items():
+            require(
+                term in LOSS_WEIGHT_TERMS,
+                f"train.loss_weights.{term}",
+                f"one of {', '.join(LOSS_WEIGHT_TERMS)}",
+                term,
+            )
+            require(
+                isinstance(weight, (int, float))
+                and not isinstance(weight, bool)
+                and math.isfinite(weight)
+                and weight >= 0,
+                f"train.loss_weights.{term}",
+                "a number >= 0",
+                weight,
+            )
         self.augment.validate()
 
 

@@ -103,10 +103,16 @@ class TrainResult:
 
 
 def _reduce_losses(
-    losses: dict[str, torch.Tensor], accelerator: Any, world: int
+    losses: dict[str, torch.Tensor],
+    accelerator: Any,
+    world: int,
+    weights: dict[str, float] | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Masked means over the GLOBAL batch: sum_local(m*l) * world / sum_global(m); DDP's gradient
-    averaging over processes then gives exactly the single-process gradient."""
+    averaging over processes then gives exactly the single-process gradient. The total is the
+    `weights`-weighted sum of the terms (train.loss_weights; a missing term weighs 1); each term is
+    logged unweighted and `loss` is the weighted total."""
+    weights = weights or {}
     total: Any = 0.0
     logs: dict[str, float] = {}
     for term in LOSS_TERMS:
@@ -114,11 +120,11 @@ def _reduce_losses(
         mask_sum = mask.sum().detach()
         global_mask_sum = accelerator.reduce(mask_sum.clone(), reduction="sum") if world > 1 else mask_sum
         term_loss = (value * mask).sum() * world / global_mask_sum.clamp_min(1.0)
-        total = total + term_loss
+        total = total + float(weights.get(term, 1.0)) * term_loss
         logged = (value * mask).sum().detach()
         logged = accelerator.reduce(logged.clone(), reduction="sum") if world > 1 else logged
         logs[term] = float(logged / global_mask_sum.clamp_min(1.0))
-    logs["loss"] = sum(logs[t] for t in LOSS_TERMS)
+    logs["loss"] = sum(float(weights.get(t, 1.0)) * logs[t] for t in LOSS_TERMS)
     return total, logs  # type: ignore[return-value]
 
 
@@ -360,7 +366,7 @@ class Trainer:
             losses = self.objective(
                 batch, self.recipe.seed, self.step, self.rank * self.local_batch, train=True
             )
-        loss, logs = _reduce_losses(losses, acc, self.world)
+        loss, logs = _reduce_losses(losses, acc, self.world, self.cfg.loss_weights)
         acc.backward(loss)
         if self.cfg.grad_clip > 0:
             acc.clip_grad_norm_(self.params, self.cfg.grad_clip)
@@ -773,7 +779,8 @@ def train(
 
 @torch.no_grad()
 def validate(objective: Any, val_set: WindowDataset, recipe: Any, accelerator: Any, batches: int) -> float:
-    """Held-out loss with fixed noise (seeded by batch index), the same at every evaluation."""
+    """Held-out loss with fixed noise (seeded by batch index), the same at every evaluation; the terms
+    are weighted by train.loss_weights like the training loss."""
     objective.eval()
     world, rank = accelerator.num_processes, accelerator.process_index
     g = recipe.data.batch_size
@@ -798,7 +805,13 @@ def validate(objective: Any, val_set: WindowDataset, recipe: Any, accelerator: A
     if world > 1:
         values = accelerator.reduce(values, reduction="sum")
     k = len(LOSS_TERMS)
-    return float(sum(values[i] / values[k + i].clamp_min(1.0) for i in range(k)))
+    weights = recipe.train.loss_weights
+    return float(
+        sum(
+            float(weights.get(t, 1.0)) * values[i] / values[k + i].clamp_min(1.0)
+            for i, t in enumerate(LOSS_TERMS)
+        )
+    )
 
 
 class _Tracker:
