@@ -188,7 +188,8 @@ def test_permuting_views_with_their_embeddings_permutes_outputs():
 
 
 def test_view_embedding_starts_small_and_matters(model):
-    assert torch.count_nonzero(model.view_embedding) == model.view_embedding.numel()  # the release's N(0, 0.02)
+    # the release's N(0, 0.02)
+    assert torch.count_nonzero(model.view_embedding) == model.view_embedding.numel()
     assert model.view_embedding.abs().max() < 0.2
     assert torch.count_nonzero(XWAMTransformer(**CONFIG, new_parameter_init="pytorch").view_embedding) == 0
     torch.manual_seed(1)

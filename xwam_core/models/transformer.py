@@ -419,7 +419,9 @@ class XWAMTransformer(ModelMixin, ConfigMixin):  # type: ignore[misc]
                 f"action_state_readout={action_state_readout!r}: expected 'last_hidden' (the release) or 'final_norm'"
             )
         if not isinstance(depth_main_kv_grad, bool):
-            raise XWAMError(f"depth_main_kv_grad={depth_main_kv_grad!r}: expected true (the release) or false")
+            raise XWAMError(
+                f"depth_main_kv_grad={depth_main_kv_grad!r}: expected true (the release) or false"
+            )
         if new_parameter_init not in NEW_PARAMETER_INITS:
             raise XWAMError(
                 f"new_parameter_init={new_parameter_init!r}: expected 'release' (the release) or 'pytorch'"
@@ -542,26 +544,20 @@ class XWAMTransformer(ModelMixin, ConfigMixin):  # type: ignore[misc]
                 module.set_processor(XWAMAttnProcessor())  # type: ignore[arg-type]
 
     @classmethod
-    def from_config(  # type: ignore[override]
-        cls, config: Mapping[str, Any] | None = None, return_unused_kwargs: bool = False, **kwargs: Any
+    def from_config(
+        cls, config: dict[str, Any] | None = None, return_unused_kwargs: bool = False, **kwargs: Any
     ) -> Any:
         """diffusers' from_config (which `from_pretrained` also calls), with older configs read as written.
 
         A config without `action_state_readout`, `depth_main_kv_grad` or `new_parameter_init` predates them:
-        it gets the behaviour it was trained with ("final_norm", False, "pytorch"), not today's defaults.
-        A key diffusers lists in `_use_default_values` (a model built in memory with the default) or one
-        passed as a keyword keeps today's default or the keyword's value.
+        it gets the behaviour it was trained with ("final_norm", False, "pytorch"), not today's defaults;
+        a keyword argument still wins. A live model's config always holds all three keys.
         """
-        if isinstance(config, Mapping):
-            defaulted = set(config.get("_use_default_values", ()))
-            legacy = {
-                key: value
-                for key, value in _LEGACY_CONFIG.items()
-                if key not in config and key not in defaulted and key not in kwargs
-            }
+        if isinstance(config, dict):  # diffusers' FrozenDict is one
+            legacy = {k: v for k, v in _LEGACY_CONFIG.items() if k not in config and k not in kwargs}
             if legacy:
                 config = {**config, **legacy}
-        return super().from_config(config, return_unused_kwargs, **kwargs)
+        return super().from_config(cast(dict[str, Any], config), return_unused_kwargs, **kwargs)
 
     @property
     def cfg(self) -> Any:
@@ -917,7 +913,9 @@ class XWAMTransformer(ModelMixin, ConfigMixin):  # type: ignore[misc]
             out = self._final_norm(hidden, temb, self.wan.scale_shift_table)  # (B, N, D)
             video_tokens, rest = out[:, :n_video], out[:, n_video:]
         else:
-            video_tokens = self._final_norm(hidden[:, :n_video], temb[:, :n_video], self.wan.scale_shift_table)
+            video_tokens = self._final_norm(
+                hidden[:, :n_video], temb[:, :n_video], self.wan.scale_shift_table
+            )
             rest = hidden[:, n_video:]  # (B, K + S, D)
         unpatchify = functools.partial(self._unpatchify, layout=layout)
         wan_video = unpatchify(self.wan.proj_out(video_tokens))  # (B, V, C, F, h, w)
