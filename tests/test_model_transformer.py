@@ -74,22 +74,42 @@ def test_depth_branch_off_leaves_main_outputs_bit_identical(model):
     assert torch.equal(on.states, off.states)
 
 
-def test_depth_loss_reaches_shared_blocks_but_not_main_last_blocks():
+def _depth_loss_grads(**overrides):
     torch.manual_seed(0)
-    model = XWAMTransformer(**CONFIG)
+    model = XWAMTransformer(**CONFIG, **overrides)
     model.depth_proj_out.weight.data.normal_()  # any head; gradients must flow regardless
     out = model(**make_inputs())
     out.depth.square().mean().backward()
+    return model
 
-    def has_grad(module):
-        return any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
 
+def _has_grad(module):
+    return any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
+
+
+def test_depth_loss_reaches_shared_blocks_and_main_last_blocks_keys_values():
+    model = _depth_loss_grads()  # the release: the main keys/values are not detached
+    n = CONFIG["num_layers"]
+    # Every main block feeds the depth branch through keys/values: blocks before the last feed later ones'
+    # keys/values as well, so all their weights learn; the last main block only through its keys/values
+    # (precise statements in tests/test_model_release_maths.py).
+    assert all(_has_grad(block) for block in model.wan.blocks[: n - 1])
+    last = model.wan.blocks[n - 1]
+    assert _has_grad(last.attn1.to_k) and _has_grad(last.attn1.to_v)
+    assert not _has_grad(last.attn1.to_q) and not _has_grad(last.ffn) and not _has_grad(last.attn2)
+    assert all(_has_grad(block) for block in model.depth_blocks)
+    assert _has_grad(model.wan.patch_embedding) and _has_grad(model.depth_proj_out)
+    assert not _has_grad(model.wan.proj_out) and not _has_grad(model.action_decoder)
+
+
+def test_detached_option_keeps_depth_loss_out_of_main_last_blocks():
+    model = _depth_loss_grads(depth_main_kv_grad=False)
     n, m = CONFIG["num_layers"], CONFIG["num_depth_blocks"]
-    assert all(has_grad(block) for block in model.wan.blocks[: n - m])  # shared blocks
-    assert not any(has_grad(block) for block in model.wan.blocks[n - m :])  # main branch's last M
-    assert all(has_grad(block) for block in model.depth_blocks)
-    assert has_grad(model.wan.patch_embedding) and has_grad(model.depth_proj_out)
-    assert not has_grad(model.wan.proj_out) and not has_grad(model.action_decoder)
+    assert all(_has_grad(block) for block in model.wan.blocks[: n - m])  # shared blocks
+    assert not any(_has_grad(block) for block in model.wan.blocks[n - m :])  # main branch's last M
+    assert all(_has_grad(block) for block in model.depth_blocks)
+    assert _has_grad(model.wan.patch_embedding) and _has_grad(model.depth_proj_out)
+    assert not _has_grad(model.wan.proj_out) and not _has_grad(model.action_decoder)
 
 
 def test_per_token_timesteps_are_wired(model, monkeypatch):
@@ -167,8 +187,11 @@ def test_permuting_views_with_their_embeddings_permutes_outputs():
     torch.testing.assert_close(permuted.actions, out.actions, rtol=1e-5, atol=1e-5)
 
 
-def test_view_embedding_starts_at_zero_and_matters(model):
-    assert torch.count_nonzero(model.view_embedding) == 0
+def test_view_embedding_starts_small_and_matters(model):
+    # the release's N(0, 0.02)
+    assert torch.count_nonzero(model.view_embedding) == model.view_embedding.numel()
+    assert model.view_embedding.abs().max() < 0.2
+    assert torch.count_nonzero(XWAMTransformer(**CONFIG, new_parameter_init="pytorch").view_embedding) == 0
     torch.manual_seed(1)
     other = XWAMTransformer(**CONFIG).eval()
     other.load_state_dict(model.state_dict())

@@ -4,6 +4,9 @@
 |--------|--------|-------|-------------|-------|----|----------|----------|-----------------------|
 | tiny   | 4      | 128   | 4 x 32      | 256   | 2  | 768      | 64       | PixelCodec(8, 4)      |
 | base   | 30     | 3072  | 24 x 128    | 14336 | 10 | 48       | 4096     | WanVAECodec (Wan2.2)  |
+
+Both take XWAMTransformer's defaults for the maths the authors' release fixes (`action_state_readout`,
+`depth_main_kv_grad`, `new_parameter_init`): the release's. An override names the older alternative.
 """
 
 from __future__ import annotations

@@ -9,6 +9,19 @@ condition embedder, blocks and output head are used as they are. X-WAM adds a vi
 action/state MLP encoders and decoders, per-token timesteps (the clean current frame and current
 state at t = 0) and a depth branch: copies of the last M blocks whose queries attend to their own
 keys/values and to the main branch's keys/values of the same layer, never the other way round.
+
+The defaults are the maths of the authors' release (github sharinka0715/X-WAM, checked by running both
+with the same weights); each has a named alternative, xwam's behaviour before it followed the release:
+- `action_state_readout="last_hidden"`: only the video tokens go through Wan's final norm and the
+  timestep shift/scale before the video head; actions and states are decoded from the last block's raw
+  hidden state. "final_norm": every token goes through the final norm first.
+- `depth_main_kv_grad=True`: the main branch's keys/values the depth queries attend to are not detached,
+  so the depth loss also trains the last M main blocks (through those keys/values only; the main
+  outputs are the same with the depth branch on or off). False: detached.
+- `new_parameter_init="release"`: view embedding, action/state MLP weights and the depth head's weight
+  from N(0, 0.02), their biases 0. "pytorch": zero view embedding and nn.Linear's default init.
+A config.json without these keys was written before they existed and loads with the alternatives
+(`XWAMTransformer.from_config`), so older checkpoints compute what they computed before.
 What the paper's model does without (x-prediction video heads, conditioners for small models trained
 from scratch) plugs in from `xwam_core.models.heads`.
 """
@@ -68,6 +81,16 @@ _WAN_CONFIG_KEYS = (
     "rope_max_seq_len",
 )
 
+# The release's maths (defaults) and the values a config.json written before these keys existed means.
+ACTION_STATE_READOUTS = ("last_hidden", "final_norm")
+NEW_PARAMETER_INITS = ("release", "pytorch")
+_LEGACY_CONFIG: dict[str, Any] = {
+    "action_state_readout": "final_norm",
+    "depth_main_kv_grad": False,
+    "new_parameter_init": "pytorch",
+}
+_RELEASE_INIT_STD = 0.02
+
 # Timestep classes of the per-token timestep: the clean context, the video stream, the action stream.
 _T_CLEAN, _T_VIDEO, _T_ACTION = 0, 1, 2
 
@@ -94,9 +117,15 @@ class CrossKV(NamedTuple):
 
 
 class KVSink:
-    """Receives one main-branch layer's self-attention (key, value) for the depth branch (detached)."""
+    """Receives one main-branch layer's self-attention (key, value) for the depth branch.
 
-    kv: tuple[torch.Tensor, torch.Tensor] | None = None
+    `detach`: hand them over detached (the depth loss then stops at the main branch's keys/values);
+    the release does not detach them.
+    """
+
+    def __init__(self, detach: bool = False) -> None:
+        self.detach = detach
+        self.kv: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 @dataclass
@@ -174,9 +203,8 @@ class XWAMAttnProcessor:
             if rotary_emb is not None:
                 query = _apply_rotary_emb(query, *rotary_emb)
                 key = _apply_rotary_emb(key, *rotary_emb)
-            if kv_sink is not None:
-                # Detached: the depth loss must not reach the main branch's last M blocks.
-                kv_sink.kv = (key.detach(), value.detach())
+            if kv_sink is not None:  # the forward values are the same either way; only gradients differ
+                kv_sink.kv = (key.detach(), value.detach()) if kv_sink.detach else (key, value)
             if kv_extra is not None:
                 key = torch.cat([key, kv_extra[0]], dim=1)  # (B, N_depth + N_main, H, d)
                 value = torch.cat([value, kv_extra[1]], dim=1)
@@ -301,6 +329,16 @@ class _Layout:
         )
 
 
+def _init_linear(layer: nn.Linear, release: bool) -> None:
+    """The release's N(0, 0.02) weight and zero bias, or nn.Linear's own default init."""
+    if release:
+        layer.weight.normal_(std=_RELEASE_INIT_STD)
+        if layer.bias is not None:
+            layer.bias.zero_()
+    else:
+        layer.reset_parameters()
+
+
 def _mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
     """The action/state encoder and decoder shape: Linear, GELU-tanh, Linear."""
     return nn.Sequential(
@@ -325,6 +363,15 @@ class XWAMTransformer(ModelMixin, ConfigMixin):  # type: ignore[misc]
     `condition_broadcast` adds a `CurrentFrameBroadcast`; `depth_condition` an `ObservedDepthConditioner`
     (RGB-D input to the depth branch, whose head is gated against the observed depth). `gate_init_logit` is
     where both gated heads start (sigmoid(-4) ~ 0.018 of the head, the rest the current frame / observed depth).
+
+    The last three choose between the release's maths (the defaults) and xwam's earlier behaviour:
+    `action_state_readout` ("last_hidden": actions and states decoded from the last block's raw hidden state,
+    only video tokens through the final norm; "final_norm": every token through it), `depth_main_kv_grad`
+    (True: the depth loss reaches the main branch's last M blocks through the keys/values the depth queries
+    attend to; False: those are detached) and `new_parameter_init` ("release": N(0, 0.02) weights and zero
+    biases for the view embedding, the action/state MLPs and the depth head; "pytorch": zero view embedding
+    and nn.Linear's default). A config without them (an older checkpoint) means "final_norm", False and
+    "pytorch": see `from_config`.
     """
 
     _supports_gradient_checkpointing = True
@@ -362,8 +409,23 @@ class XWAMTransformer(ModelMixin, ConfigMixin):  # type: ignore[misc]
         condition_broadcast: bool = False,
         depth_condition: bool = False,
         gate_init_logit: float = -4.0,
+        action_state_readout: str = "last_hidden",
+        depth_main_kv_grad: bool = True,
+        new_parameter_init: str = "release",
     ) -> None:
         super().__init__()
+        if action_state_readout not in ACTION_STATE_READOUTS:
+            raise XWAMError(
+                f"action_state_readout={action_state_readout!r}: expected 'last_hidden' (the release) or 'final_norm'"
+            )
+        if not isinstance(depth_main_kv_grad, bool):
+            raise XWAMError(
+                f"depth_main_kv_grad={depth_main_kv_grad!r}: expected true (the release) or false"
+            )
+        if new_parameter_init not in NEW_PARAMETER_INITS:
+            raise XWAMError(
+                f"new_parameter_init={new_parameter_init!r}: expected 'release' (the release) or 'pytorch'"
+            )
         sizes = {
             "num_attention_heads": num_attention_heads,
             "attention_head_dim": attention_head_dim,
@@ -448,14 +510,26 @@ class XWAMTransformer(ModelMixin, ConfigMixin):  # type: ignore[misc]
 
     @torch.no_grad()
     def _init_new_parameters(self) -> None:
-        """Explicit init of the X-WAM additions: zero view embedding, default Linear init, Wan-style head table."""
-        self.view_embedding.zero_()
-        for mlp in (self.action_encoder, self.action_decoder, self.state_encoder, self.state_decoder):
-            for layer in mlp:
-                if isinstance(layer, nn.Linear):
-                    layer.reset_parameters()
+        """Explicit init of the X-WAM additions, as `new_parameter_init` says; Wan-style depth head table.
+
+        "release": view embedding, action/state MLP weights and depth head weight N(0, 0.02), biases 0;
+        "pytorch": zero view embedding, nn.Linear's default init (kaiming-uniform weights and biases).
+        """
+        release = self.cfg.new_parameter_init == "release"
+        linears = [
+            layer
+            for mlp in (self.action_encoder, self.action_decoder, self.state_encoder, self.state_decoder)
+            for layer in mlp
+            if isinstance(layer, nn.Linear)
+        ]
+        if release:
+            self.view_embedding.normal_(std=_RELEASE_INIT_STD)
+        else:
+            self.view_embedding.zero_()
+        for layer in linears:
+            _init_linear(layer, release)
         self.depth_scale_shift_table.normal_(std=self.inner_dim**-0.5)
-        self.depth_proj_out.reset_parameters()
+        _init_linear(self.depth_proj_out, release)
         for plugin in (self.video_head, self.depth_conditioner, self.frame_broadcast):
             if plugin is not None:
                 plugin.reset_parameters()  # no-ops and shut gates: see xwam_core.models.heads
@@ -468,6 +542,22 @@ class XWAMTransformer(ModelMixin, ConfigMixin):  # type: ignore[misc]
                         "Wan I2V checkpoints with an image cross-attention branch are not supported"
                     )
                 module.set_processor(XWAMAttnProcessor())  # type: ignore[arg-type]
+
+    @classmethod
+    def from_config(
+        cls, config: dict[str, Any] | None = None, return_unused_kwargs: bool = False, **kwargs: Any
+    ) -> Any:
+        """diffusers' from_config (which `from_pretrained` also calls), with older configs read as written.
+
+        A config without `action_state_readout`, `depth_main_kv_grad` or `new_parameter_init` predates them:
+        it gets the behaviour it was trained with ("final_norm", False, "pytorch"), not today's defaults;
+        a keyword argument still wins. A live model's config always holds all three keys.
+        """
+        if isinstance(config, dict):  # diffusers' FrozenDict is one
+            legacy = {k: v for k, v in _LEGACY_CONFIG.items() if k not in config and k not in kwargs}
+            if legacy:
+                config = {**config, **legacy}
+        return super().from_config(cast(dict[str, Any], config), return_unused_kwargs, **kwargs)
 
     @property
     def cfg(self) -> Any:
@@ -809,7 +899,7 @@ class XWAMTransformer(ModelMixin, ConfigMixin):  # type: ignore[misc]
         num_layers = len(self.wan.blocks)
         num_depth = len(self.depth_blocks) if run_depth else 0
         first_depth = num_layers - num_depth
-        sinks = [KVSink() for _ in range(num_depth)]
+        sinks = [KVSink(detach=not self.cfg.depth_main_kv_grad) for _ in range(num_depth)]
         depth_hidden = None
         for i, block in enumerate(self.wan.blocks):
             if num_depth and i == first_depth:
@@ -817,14 +907,22 @@ class XWAMTransformer(ModelMixin, ConfigMixin):  # type: ignore[misc]
             attn_in = SelfAttnInputs(cos, sin, kv_sink=sinks[i - first_depth] if i >= first_depth else None)
             hidden = self._block(block, hidden, contexts[i], proj, attn_in)
 
-        out = self._final_norm(hidden, temb, self.wan.scale_shift_table)  # (B, N, D)
+        # Readout. The release: only the video tokens pass the final norm and the timestep shift/scale;
+        # actions and states are decoded from the last block's raw hidden state ("last_hidden").
+        if self.cfg.action_state_readout == "final_norm":
+            out = self._final_norm(hidden, temb, self.wan.scale_shift_table)  # (B, N, D)
+            video_tokens, rest = out[:, :n_video], out[:, n_video:]
+        else:
+            video_tokens = self._final_norm(
+                hidden[:, :n_video], temb[:, :n_video], self.wan.scale_shift_table
+            )
+            rest = hidden[:, n_video:]  # (B, K + S, D)
         unpatchify = functools.partial(self._unpatchify, layout=layout)
-        video_tokens = out[:, :n_video]  # (B, N_video, D)
         wan_video = unpatchify(self.wan.proj_out(video_tokens))  # (B, V, C, F, h, w)
         video_out = self.video_head(wan_video, video_tokens, video, t_video, unpatchify)  # velocity
-        k_end = n_video + layout.num_actions
-        actions_out = self.action_decoder(out[:, n_video:k_end]) if actions is not None else None
-        states_out = self.state_decoder(out[:, k_end:]) if states is not None else None
+        k = layout.num_actions
+        actions_out = self.action_decoder(rest[:, :k]) if actions is not None else None
+        states_out = self.state_decoder(rest[:, k:]) if states is not None else None
 
         depth_out = None
         if depth_hidden is not None:
