@@ -122,7 +122,7 @@ def test_import_paths(module, name):
 
 
 def test_wan_model_parts_and_config(wan):
-    from xwam_core.models.transformer import _WAN_CONFIG_KEYS
+    from xwam_core.models.transformer import WAN_CONFIG_KEYS
 
     owner = "WanTransformer3DModel"
     require(
@@ -151,7 +151,7 @@ def test_wan_model_parts_and_config(wan):
     require(
         tuple(table.shape) == (1, 2, INNER), f"{owner}.scale_shift_table", f"has shape {tuple(table.shape)}"
     )
-    missing = [k for k in (*_WAN_CONFIG_KEYS, "image_dim", "added_kv_proj_dim") if k not in wan.config]
+    missing = [k for k in (*WAN_CONFIG_KEYS, "image_dim", "added_kv_proj_dim") if k not in wan.config]
     require(not missing, f"{owner}.config", f"has no key(s) {missing}")
     require(wan.config.image_dim is None, f"{owner}.config.image_dim", "is not None for a T2V/TI2V model")
 

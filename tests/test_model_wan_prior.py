@@ -163,3 +163,31 @@ def test_bad_sources_raise_one_line_errors(tmp_path, wan_dir):
         XWAMTransformer.from_wan_pretrained(wan_dir, num_layers=2)
     with pytest.raises(XWAMError, match="unknown XWAMTransformer setting"):
         XWAMTransformer.from_wan_pretrained(wan_dir, num_view=2)
+
+
+def test_a_recipe_with_init_keeps_its_xwam_settings(wan_dir):
+    """model.init takes the trunk from the checkpoint and every X-WAM setting (readout, plug-ins, layout)
+    from the recipe: none is dropped on the way to from_wan_pretrained."""
+    from xwam_core.data.windows import WindowLayout
+    from xwam_core.factory import Layout, build_model
+    from xwam_core.recipe import ModelConfig
+
+    layout = Layout(
+        views=["a", "b"],
+        image_size=(32, 32),
+        window=WindowLayout(4, 2),
+        store_action_dim=5,
+        store_state_dim=4,
+        action_dim=5,
+        state_dim=4,
+        tasks=["t"],
+    )
+    cfg = ModelConfig(
+        preset="tiny",
+        init=str(wan_dir),
+        overrides={"action_state_readout": "final_norm", "video_prediction": "gated", "num_depth_blocks": 1},
+    )
+    model, report = build_model(cfg, layout)
+    assert model.config.action_state_readout == "final_norm"
+    assert model.config.video_prediction == "gated" and model.config.num_depth_blocks == 1
+    assert model.config.num_layers == WAN_CONFIG["num_layers"] and "loaded" in report

@@ -206,3 +206,30 @@ def test_finetune_new_embodiment_and_incompatible_init(small_store, tmp_path):
     )
     _one_line_error(wide, "incompatible checkpoint", "num_layers")
     assert not (tmp_path / "w").exists()
+
+
+def test_finetune_keeps_the_init_checkpoints_maths_unless_the_recipe_names_them(small_store, tmp_path):
+    """An older checkpoint (every token through the final norm, detached depth K/V) fine-tunes with its own
+    maths; model.overrides can switch it to the release's."""
+    from xwam_core.data.reader import EpisodeStore
+    from xwam_core.data.windows import WindowLayout
+    from xwam_core.factory import layout_for
+    from xwam_core.finetune import init_from_checkpoint
+
+    old = load_recipe(
+        TINY,
+        [
+            *tiny_overrides(small_store, tmp_path / "old", steps=1),
+            "model.overrides={num_layers = 2, num_depth_blocks = 1, "
+            "action_state_readout = 'final_norm', depth_main_kv_grad = false}",
+        ],
+    )
+    ckpt = train(old).checkpoint
+    recipe = load_recipe(TINY, tiny_overrides(small_store, tmp_path / "ft", steps=1))
+    window = WindowLayout(recipe.data.future_frames, recipe.data.frame_stride)
+    layout = layout_for(EpisodeStore(recipe.data.store), window, recipe.model, None)
+    model, _, _ = init_from_checkpoint(ckpt, recipe.model, layout)
+    assert model.config.action_state_readout == "final_norm" and model.config.depth_main_kv_grad is False
+    recipe.model.overrides = {**recipe.model.overrides, "action_state_readout": "last_hidden"}
+    model, _, _ = init_from_checkpoint(ckpt, recipe.model, layout)
+    assert model.config.action_state_readout == "last_hidden" and model.config.depth_main_kv_grad is False

@@ -16,7 +16,7 @@ from xwam_core.errors import XWAMError
 from xwam_core.models.codecs import Codec, DepthRange
 from xwam_core.models.presets import preset_codec, preset_config
 from xwam_core.models.text import PrecomputedText, TaskEmbeddingText, TextConditioner
-from xwam_core.models.transformer import XWAMTransformer
+from xwam_core.models.transformer import WAN_CONFIG_KEYS, XWAMTransformer
 from xwam_core.recipe import ModelConfig
 
 
@@ -86,23 +86,14 @@ def build_model(cfg: ModelConfig, layout: Layout) -> tuple[XWAMTransformer, str]
     """A new model for the layout: random, or the Wan2.2 prior when `cfg.init` is set. Returns a report."""
     kwargs = model_kwargs(cfg, layout)
     if cfg.init:
+        # the trunk's geometry comes from the checkpoint; every X-WAM setting (layout, readout, depth
+        # gradients, init, plug-ins) from the preset and the recipe's overrides
         model, report = XWAMTransformer.from_wan_pretrained(
-            cfg.init, **{k: v for k, v in kwargs.items() if k in _XWAM_ONLY_KEYS}
+            cfg.init, **{k: v for k, v in kwargs.items() if k not in WAN_CONFIG_KEYS}
         )
         return model, report.summary()
     return XWAMTransformer(**kwargs), "random initialisation"
 
-
-_XWAM_ONLY_KEYS = {
-    "num_views",
-    "action_dim",
-    "state_dim",
-    "num_actions",
-    "num_states",
-    "num_depth_blocks",
-    "depth_near",
-    "depth_far",
-}
 
 
 def build_text(cfg: ModelConfig, layout: Layout, text_dim: int) -> TextConditioner:

@@ -23,6 +23,9 @@ from xwam_core.recipe import ModelConfig
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
+KEPT_MATHS_KEYS = ("action_state_readout", "depth_main_kv_grad")
+
+
 def init_from_checkpoint(
     path: Path, cfg: ModelConfig, layout: Layout
 ) -> tuple[XWAMTransformer, TextConditioner, str]:
@@ -49,6 +52,11 @@ def init_from_checkpoint(
             f"{path}: incompatible checkpoint: its {k}={src_cfg[k]} but the recipe's model needs {kwargs[k]} "
             f"(fine-tuning keeps the trunk; use the same model preset)"
         )
+    # Fine-tuning keeps the checkpoint's maths (an older checkpoint's readout and depth gradients) unless
+    # the recipe's model.overrides names them.
+    for key in KEPT_MATHS_KEYS:
+        if key not in cfg.overrides:
+            kwargs[key] = src_cfg[key]
     model = XWAMTransformer(**kwargs)
     own = model.state_dict()
     loaded, reinit = {}, []

@@ -65,7 +65,7 @@ WAN_HUB_ID = "Wan-AI/Wan2.2-TI2V-5B-Diffusers"
 _ROPE_THETA = 10000.0
 
 # The WanTransformer3DModel arguments X-WAM carries in its own config (the I2V image branch is not supported).
-_WAN_CONFIG_KEYS = (
+WAN_CONFIG_KEYS = (
     "patch_size",
     "num_attention_heads",
     "attention_head_dim",
@@ -592,7 +592,7 @@ class XWAMTransformer(ModelMixin, ConfigMixin):  # type: ignore[misc]
         unknown = sorted(set(xwam_kwargs) - set(cls._get_init_keys(cls)))
         if unknown:
             raise XWAMError(f"from_wan_pretrained: unknown XWAMTransformer setting(s) {unknown}")
-        wan_keys = set(_WAN_CONFIG_KEYS) & set(xwam_kwargs)
+        wan_keys = set(WAN_CONFIG_KEYS) & set(xwam_kwargs)
         if wan_keys:
             raise XWAMError(
                 f"from_wan_pretrained: {sorted(wan_keys)} come from the checkpoint and cannot be set"
@@ -610,7 +610,7 @@ class XWAMTransformer(ModelMixin, ConfigMixin):  # type: ignore[misc]
                 f"{path_or_hub_id}: Wan I2V checkpoints with image cross-attention are not supported"
             )
 
-        config = {k: wan.config[k] for k in _WAN_CONFIG_KEYS} | xwam_kwargs
+        config = {k: wan.config[k] for k in WAN_CONFIG_KEYS} | xwam_kwargs
         with torch.device("meta"):
             model = cls(**config)
         model.wan = wan
