@@ -95,7 +95,6 @@ def build_model(cfg: ModelConfig, layout: Layout) -> tuple[XWAMTransformer, str]
     return XWAMTransformer(**kwargs), "random initialisation"
 
 
-
 def build_text(cfg: ModelConfig, layout: Layout, text_dim: int) -> TextConditioner:
     if cfg.text == "task":
         return TaskEmbeddingText(len(layout.tasks), text_dim, cfg.text_seq_len)
