@@ -364,7 +364,8 @@ def test_missing_path_one_line(tmp_path):
 
 
 def test_trains_and_reconstruct_refuses_its_infer_run(tmp_path):
-    """Training uses the relative depth; `xwam reconstruct` on an infer run of the store refuses in one line."""
+    """Training uses the relative depth (here with data.normalization = "release", which the checkpoint
+    records); `xwam reconstruct` on an infer run of the store refuses in one line."""
     from tests.run_fixtures import TINY, tiny_overrides
     from xwam_core.recipe import load_recipe
     from xwam_core.train import train
@@ -372,8 +373,15 @@ def test_trains_and_reconstruct_refuses_its_infer_run(tmp_path):
     make_release(tmp_path / "release", size=(64, 64))
     store = tmp_path / "store"
     assert _prepare(tmp_path / "release", store).exit_code == 0
-    overrides = [*tiny_overrides(store, tmp_path / "run"), "data.frame_stride=1"]
+    overrides = [
+        *tiny_overrides(store, tmp_path / "run"),
+        "data.frame_stride=1",
+        "data.normalization='release'",
+    ]
     ckpt = train(load_recipe(TINY, [*overrides, "model.depth_near=0.001", "model.depth_far=0.3"])).checkpoint
+    normalizer = json.loads((Path(ckpt) / "normalizer.json").read_text())
+    assert normalizer["normalization"] == "release" and "X-WAM release" in normalizer["rule"]
+    assert normalizer["stats"]["state"]["q01"][3:7] == [-1.0] * 4  # the quaternion: identity
     run = tmp_path / "infer"
     args = [
         "infer",
