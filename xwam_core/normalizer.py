@@ -63,6 +63,9 @@ class Normalizer:
     action_names: list[str]
     state_names: list[str]
     stats: dict[str, dict[str, list[float]]]
+    # how q01/q99 were chosen (data.normalization): "quantile" (the store's) or "release" (the X-WAM
+    # release's rules, xwam_core.data.release_stats); the arithmetic is the same
+    normalization: str = "quantile"
 
     def __post_init__(self) -> None:
         for key, names in (("action", self.action_names), ("state", self.state_names)):
@@ -104,8 +107,18 @@ class Normalizer:
         return np.asarray(self.stats["action"]["mean"], dtype=np.float64)
 
     def to_json(self) -> dict[str, Any]:
+        rule = "2 (x - q01) / (q99 - q01) - 1 per dimension; constant dimensions (q01 == q99) map to 0"
+        if self.normalization == "release":
+            rule += (
+                "; q01/q99 by the X-WAM release's rules (data.normalization = 'release'): quaternion state "
+                "dimensions -1/1 (identity), gripper state dimensions share one pooled pair, action bounds "
+                "symmetric +-max(|q01|, |q99|), gripper actions' quantiles over the steps where the gripper moves"
+            )
+        else:
+            rule += "; q01/q99: the store's 1st/99th percentiles (data.normalization = 'quantile')"
         return {
-            "rule": "2 (x - q01) / (q99 - q01) - 1 per dimension; constant dimensions (q01 == q99) map to 0",
+            "rule": rule,
+            "normalization": self.normalization,
             "action_names": self.action_names,
             "state_names": self.state_names,
             "stats": self.stats,
@@ -113,4 +126,9 @@ class Normalizer:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Normalizer:
-        return cls(list(data["action_names"]), list(data["state_names"]), dict(data["stats"]))
+        return cls(
+            list(data["action_names"]),
+            list(data["state_names"]),
+            dict(data["stats"]),
+            str(data.get("normalization", "quantile")),
+        )

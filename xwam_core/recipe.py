@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 import tomli_w
 
 from xwam_core.data.augment import AugmentConfig
+from xwam_core.data.release_stats import NORMALIZATIONS
 from xwam_core.errors import RecipeError, os_error_line, require
 from xwam_core.schedule.inference import InferenceScheduleConfig
 from xwam_core.schedule.sampler import NoiseSamplerConfig
@@ -144,6 +145,9 @@ class DataConfig:
     val_episodes: int = 1  # held out for validation, taken in turn from each task (its newest episode)
     num_workers: int = 2
     batch_size: int = 4  # the GLOBAL batch: split evenly over the processes
+    # q01/q99 of actions and states: "quantile" (the store's per-dimension percentiles) or "release"
+    # (the X-WAM release's rules: quaternions identity, symmetric action bounds, moving-gripper quantiles)
+    normalization: str = "quantile"
 
     def validate(self) -> None:
         require(self.future_frames >= 1, "data.future_frames", "an integer >= 1", self.future_frames)
@@ -157,6 +161,12 @@ class DataConfig:
             self.num_workers,
         )
         require(self.batch_size >= 1, "data.batch_size", "an integer >= 1", self.batch_size)
+        require(
+            self.normalization in NORMALIZATIONS,
+            "data.normalization",
+            f"one of {', '.join(NORMALIZATIONS)}",
+            self.normalization,
+        )
 
 
 @dataclass

@@ -35,7 +35,6 @@ from xwam_core.errors import XWAMError
 from xwam_core.factory import build_codec, build_model, build_text, layout_for
 from xwam_core.finetune import add_lora, init_from_checkpoint, plain_model
 from xwam_core.models.codecs import describe_codec
-from xwam_core.normalizer import Normalizer
 from xwam_core.objective import LOSS_TERMS, TrainingObjective
 from xwam_core.progress import SILENT, Progress
 from xwam_core.recipe import TrainConfig
@@ -280,8 +279,15 @@ class Trainer:
         window = WindowLayout(recipe.data.future_frames, recipe.data.frame_stride)
         views = recipe.data.views or None
         train_eps, val_eps = split_episodes(self.store, recipe.data.val_episodes)
-        self.train_set = WindowDataset(self.store, window, views=views, episodes=train_eps)
-        self.val_set = WindowDataset(self.store, window, views=views, episodes=val_eps) if val_eps else None
+        norm = recipe.data.normalization
+        self.train_set = WindowDataset(
+            self.store, window, views=views, episodes=train_eps, normalization=norm
+        )
+        self.val_set = (
+            WindowDataset(self.store, window, views=views, episodes=val_eps, normalization=norm)
+            if val_eps
+            else None
+        )
 
         self.layout = layout_for(self.store, window, recipe.model, views)
         if self.init is not None:
@@ -480,7 +486,7 @@ class Trainer:
             model=plain_model(objective.model),
             text=objective.text,
             codec=describe_codec(self.recipe.model.preset, self.recipe.model.vae),
-            normalizer=Normalizer.from_store_stats(store.stats, store.action_names, store.state_names),
+            normalizer=self.train_set.normalizer,  # what training normalized with (data.normalization)
             data=ckpt_io.DataSpec(
                 views=layout.views,
                 image_size=layout.image_size,

@@ -1,5 +1,6 @@
 """Training windows: the current frame + F future frames at a frame stride, with the actions and states
-they span, every view's RGB, depth and cameras, normalized with the store's statistics.
+they span, every view's RGB, depth and cameras, normalized with the store's statistics (the bounds chosen
+by `normalization`: xwam_core.data.release_stats).
 
 A window starting at store frame s covers frames s, s + stride, ..., s + F * stride; its K = F * stride
 actions are action[s : s + K] and its F + 1 states are the states at the window's frames.
@@ -15,8 +16,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from xwam_core.data.reader import EpisodeStore
+from xwam_core.data.release_stats import NORMALIZATIONS, build_normalizer
 from xwam_core.errors import DataError
-from xwam_core.normalizer import Normalizer
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ class WindowDataset(Dataset):
         extrinsics   (V, T, 4, 4) float32             camera-to-world, OpenCV axes
         actions      (K, D_action) float32            quantile-normalized to [-1, 1]
         states       (T, D_state) float32             quantile-normalized
+    (q01/q99 by `normalization`: "quantile", the store's, or "release", see xwam_core.data.release_stats)
         has_depth, has_cameras  bool tensors (loss masks / reconstruction guards)
         task_index, episode_index, frame_index  int64 (frame_index = the window's first frame)
     RGB stays uint8 here (4x less to move between processes); the model side scales it.
@@ -60,6 +62,7 @@ class WindowDataset(Dataset):
         views: list[str] | None = None,
         episodes: list[int] | None = None,
         normalize: bool = True,
+        normalization: str = "quantile",
     ):
         self.store = store if isinstance(store, EpisodeStore) else EpisodeStore(store)
         self.layout = layout
@@ -89,9 +92,17 @@ class WindowDataset(Dataset):
                 f"(future_frames={layout.future_frames} x frame_stride={layout.frame_stride} + 1)"
             )
         self.windows = np.asarray(starts, dtype=np.int64)  # (N, 3): episode, global start, local start
+        if normalization not in NORMALIZATIONS:
+            raise DataError(f"normalization {normalization!r}; expected one of {', '.join(NORMALIZATIONS)}")
         self.normalize = normalize
-        self.normalizer = Normalizer.from_store_stats(
-            self.store.stats, self.store.action_names, self.store.state_names
+        self.normalizer = build_normalizer(
+            self.store.stats,
+            self.store.action_names,
+            self.store.state_names,
+            normalization,
+            self.cache.action,
+            self.cache.state,
+            [e.length for e in self.store.episodes],
         )
         self._frame_offsets = np.arange(layout.num_frames) * layout.frame_stride
         self._task_of_episode = {e.index: self.store.tasks.index(e.task) for e in self.store.episodes}
