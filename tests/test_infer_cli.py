@@ -248,3 +248,29 @@ def test_the_recorded_command_line_comes_from_the_options():
     result = runner.invoke(app, shlex.split(overwrite.command_line())[2:])
     assert result.exit_code == 0, result.output
     assert parsed[-1] == overwrite
+
+
+def test_a_copy_of_the_training_store_is_recognised_under_either_normalization(tmp_path):
+    """choose_episodes takes the held-out episodes from a renamed copy of the training store, also for a
+    checkpoint trained with data.normalization = "release" (whose q01/q99 are not the store's)."""
+    import shutil
+
+    from tests.conftest import SyntheticSource, write_store
+    from tests.run_fixtures import TINY, tiny_overrides
+    from xwam_core.infer_run import choose_episodes
+    from xwam_core.policy import Policy
+    from xwam_core.recipe import load_recipe
+    from xwam_core.train import train
+
+    store = tmp_path / "store"
+    write_store(store, SyntheticSource(episodes=3, length=14, size=(32, 32), views=("a", "b")))
+    recipe = load_recipe(TINY, [*tiny_overrides(store, tmp_path / "run", 1), "data.normalization=release"])
+    policy = Policy.from_checkpoint(train(recipe).checkpoint)
+    assert policy.normalizer.normalization == "release"
+    copy = tmp_path / "copy"
+    shutil.copytree(store, copy)
+    episodes, why = choose_episodes(EpisodeStore(copy), policy, None)
+    assert episodes == [2] and "held out" in why
+    other = tmp_path / "other"
+    write_store(other, SyntheticSource(episodes=3, length=14, size=(32, 32), views=("a", "b"), seed=5))
+    assert "not the checkpoint's training store" in choose_episodes(EpisodeStore(other), policy, None)[1]

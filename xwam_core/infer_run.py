@@ -98,6 +98,9 @@ def check_compatible(policy: Policy, store: EpisodeStore, where: str) -> None:
             )
 
 
+_STORE_OWN_STATS = ("mean", "std", "min", "max")
+
+
 def choose_episodes(
     store: EpisodeStore, policy: Policy, requested: list[int] | None
 ) -> tuple[list[int], str]:
@@ -114,9 +117,13 @@ def choose_episodes(
         same_path = bool(spec.store) and Path(spec.store).resolve() == store.path.resolve()
     except OSError:
         same_path = False
-    same_stats = (
-        Normalizer.from_store_stats(store.stats, store.action_names, store.state_names).stats
-        == policy.normalizer.stats
+    # mean/std/min/max are the training store's under either data.normalization (q01/q99 are not
+    # under "release"): equal ones mean a copy of the training store
+    store_stats = Normalizer.from_store_stats(store.stats, store.action_names, store.state_names).stats
+    same_stats = all(
+        {k: v for k, v in store_stats.get(key, {}).items() if k in _STORE_OWN_STATS}
+        == {k: v for k, v in policy.normalizer.stats.get(key, {}).items() if k in _STORE_OWN_STATS}
+        for key in ("action", "state")
     )
     val_episodes = spec.val_episodes
     if same_path or same_stats:
