@@ -244,3 +244,26 @@ def test_store_without_depth_and_policy_runs(tmp_path, tmp_path_factory):
     result = evaluate(str(policy))
     assert result.exit_code == 0, result.output
     assert list(json.loads((policy / "metrics.json").read_text())["metrics"]) == ["action_mse", "action_l1"]
+
+
+def test_a_run_without_a_training_mean_has_no_mean_action_baseline(tmp_path):
+    """A converted release checkpoint carries only q01/q99: its runs have no mean_action array, and
+    evaluate reports the zero-action baseline alone (CLI table included)."""
+    path = scene_run(tmp_path / "scene")
+    arrays = dict(np.load(path / "predictions.npz"))
+    del arrays["mean_action"]
+    arrays["true_actions"] = np.full_like(arrays["true_actions"], 0.5)
+    np.savez(path / "predictions.npz", **arrays)
+    from xwam_core.metrics import METRICS
+
+    report = evaluate_run(load_run(path), [METRICS["action_mse"]])
+    entry = report["metrics"]["action_mse"]
+    assert entry["baselines"] == {"zero_action": {"overall": 0.25}} and entry["model"]["overall"] == 0.25
+    from rich.console import Console
+
+    from xwam_cli.evaluate import offline_table
+
+    console = Console(width=200, record=True)
+    console.print(offline_table(report))
+    text = console.export_text()
+    assert "zero act." in text and "mean act." not in text

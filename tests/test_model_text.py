@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+from tests.umt5_fixtures import make_umt5_dir
 from xwam_core.errors import XWAMError
 from xwam_core.models.text import PrecomputedText, TaskEmbeddingText, encode_prompts_umt5
 
@@ -16,35 +17,15 @@ TASKS = ["pick up the cube", "open the drawer"]
 @pytest.fixture(scope="module")
 def umt5_dir(tmp_path_factory):
     """A pipeline-style folder: tokenizer/ (word-level, built offline) and text_encoder/ (random UMT5)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
-
-    root = tmp_path_factory.mktemp("umt5")
-    words = ["<pad>", "</s>", "<unk>", "pick", "up", "the", "cube", "open", "drawer"]
-    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
-    ).save_pretrained(root / "tokenizer")
-    torch.manual_seed(0)
-    config = UMT5Config(
-        vocab_size=16,
-        d_model=16,
-        d_kv=8,
-        d_ff=32,
-        num_layers=1,
-        num_heads=2,
-        relative_attention_num_buckets=8,
-    )
-    UMT5EncoderModel(config).save_pretrained(root / "text_encoder")
-    return root
+    return make_umt5_dir(tmp_path_factory.mktemp("umt5"))
 
 
 def test_encode_prompts_umt5_matches_the_wan_pipeline_layout(umt5_dir):
     from transformers import AutoTokenizer, UMT5EncoderModel
 
-    embeddings = encode_prompts_umt5([*TASKS, "  open   the drawer "], umt5_dir, max_length=10, batch_size=2)
+    embeddings = encode_prompts_umt5(
+        [*TASKS, "  open   the drawer "], umt5_dir, max_length=10, batch_size=2, padding="zeroed"
+    )
     assert embeddings.shape == (3, 10, 16)
     # Zeros after each prompt (4 words + </s> = 5 tokens; 3 + 1 = 4), as Wan's pipeline pads.
     assert embeddings[0, :5].abs().sum(-1).gt(0).all() and embeddings[0, 5:].abs().sum() == 0
@@ -57,6 +38,79 @@ def test_encode_prompts_umt5_matches_the_wan_pipeline_layout(umt5_dir):
     with torch.no_grad():
         direct = encoder(tokens.input_ids, tokens.attention_mask).last_hidden_state
     torch.testing.assert_close(embeddings[0, :5], direct[0, :5])
+
+
+def test_kept_padding_is_the_default_and_keeps_the_encoder_output_everywhere(umt5_dir):
+    """The authors' release feeds the model UMT5's whole padded sequence (its T5 returns all 512 positions):
+    "kept", the default, is the encoder's output at every position; "zeroed" differs only past the prompt."""
+    from transformers import AutoTokenizer, UMT5EncoderModel
+
+    kept = encode_prompts_umt5(TASKS, umt5_dir, max_length=10)
+    zeroed = encode_prompts_umt5(TASKS, umt5_dir, max_length=10, padding="zeroed")
+    tokenizer = AutoTokenizer.from_pretrained(umt5_dir / "tokenizer")
+    encoder = UMT5EncoderModel.from_pretrained(umt5_dir / "text_encoder").eval()
+    tokens = tokenizer(TASKS, padding="max_length", max_length=10, return_tensors="pt")
+    with torch.no_grad():
+        direct = encoder(tokens.input_ids, tokens.attention_mask).last_hidden_state
+    torch.testing.assert_close(kept, direct)
+    assert kept[0, 5:].abs().sum() > 0 and kept[1, 4:].abs().sum() > 0  # the padded positions are not zero
+    torch.testing.assert_close(zeroed[0, :5], kept[0, :5])
+    with pytest.raises(XWAMError, match="text padding 'none'"):
+        encode_prompts_umt5(TASKS, umt5_dir, max_length=10, padding="none")
+
+
+def test_padding_is_recorded_in_the_cache_and_the_checkpoint_and_old_ones_read_as_zeroed(umt5_dir, tmp_path):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from xwam_core.checkpoint import load_text
+
+    text = PrecomputedText.from_prompts(TASKS, umt5_dir, max_length=10)
+    assert text.padding == "kept"
+    text.save(tmp_path / "kept.safetensors")
+    assert PrecomputedText.load(tmp_path / "kept.safetensors").padding == "kept"
+    zeroed = PrecomputedText.from_prompts(TASKS, umt5_dir, max_length=10, padding="zeroed")
+    zeroed.save(tmp_path / "zeroed.safetensors")
+    assert PrecomputedText.load(tmp_path / "zeroed.safetensors").padding == "zeroed"
+    # a cache written before padding was recorded (no metadata key) holds what xwam wrote then: zeroed
+    save_file(
+        load_file(tmp_path / "kept.safetensors"),
+        tmp_path / "old.safetensors",
+        metadata={"tasks": json.dumps(TASKS)},
+    )
+    assert PrecomputedText.load(tmp_path / "old.safetensors").padding == "zeroed"
+
+    # a checkpoint's text.json: written by write_policy_parts, read back by load_text; absent -> zeroed
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    save_file({"table": text.table().contiguous()}, folder / "text.safetensors")
+    meta = {"kind": "precomputed", "tasks": TASKS, "seq_len": 10, "padding": "kept"}
+    (folder / "text.json").write_text(json.dumps(meta))
+    assert load_text(folder, 16).padding == "kept"
+    del meta["padding"]
+    (folder / "text.json").write_text(json.dumps(meta))
+    assert load_text(folder, 16).padding == "zeroed"
+    (folder / "text.json").write_text(json.dumps({**meta, "padding": "odd"}))
+    with pytest.raises(XWAMError, match="padding 'odd'"):
+        load_text(folder, 16)
+
+
+def test_finetune_refuses_a_text_cache_whose_padding_differs_from_the_init_checkpoint(umt5_dir, tmp_path):
+    from types import SimpleNamespace
+
+    from xwam_core.factory import build_text
+    from xwam_core.recipe import ModelConfig
+
+    PrecomputedText.from_prompts(TASKS, umt5_dir, max_length=10, padding="zeroed").save(
+        tmp_path / "c.safetensors"
+    )
+    cfg = ModelConfig(text="umt5", text_cache=str(tmp_path / "c.safetensors"))
+    layout = SimpleNamespace(tasks=list(TASKS))
+    assert build_text(cfg, layout, 16, init_padding="zeroed").padding == "zeroed"  # type: ignore[arg-type]
+    assert build_text(cfg, layout, 16).padding == "zeroed"  # type: ignore[arg-type]  # no init: no constraint
+    with pytest.raises(XWAMError, match="padding 'zeroed', but the --init checkpoint's model was trained on"):
+        build_text(cfg, layout, 16, init_padding="kept")  # type: ignore[arg-type]
 
 
 def test_precomputed_text_round_trips_and_selects_rows(umt5_dir, tmp_path):

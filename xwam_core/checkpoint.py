@@ -5,7 +5,8 @@
       model/                 config.json + diffusion_pytorch_model.safetensors (a plain XWAMTransformer:
                              LoRA adapters are merged in; diffusers' from_pretrained alone loads it)
       text.json              the text conditioner: kind, task list (+ text.safetensors, its embeddings;
-                             for UMT5 the frozen per-task table itself, so no cache file is read)
+                             for UMT5 the frozen per-task table itself, so no cache file is read, and its
+                             padding: "kept" or "zeroed"; absent in older folders, which hold "zeroed")
       codec.json             the codec's description (pixel codec factors, or the Wan VAE's source)
       normalizer.json        action/state names and their q01/q99 (xwam_core.normalizer)
       data_spec.json         views in order, image size, window layout, tasks, fps, the training store
@@ -217,6 +218,7 @@ def write_policy_parts(folder: Path, parts: PolicyParts) -> None:
     if isinstance(text, PrecomputedText):
         table = text.table().detach().cpu()
         text_meta["kind"] = "precomputed"
+        text_meta["padding"] = text.padding  # how UMT5 outputs at padded positions were kept (text.py)
         save_file({"table": table.contiguous()}, folder / "text.safetensors")
     else:
         text_meta["kind"] = "task"
@@ -359,7 +361,7 @@ def load_policy_parts(path: str | Path, device: str | torch.device = "cpu") -> P
 
 def load_text(path: Path, text_dim: int) -> Any:
     """The text conditioner saved in checkpoint `path`."""
-    from xwam_core.models.text import PrecomputedText, TaskEmbeddingText
+    from xwam_core.models.text import LEGACY_PADDING, PADDINGS, PrecomputedText, TaskEmbeddingText
 
     meta = _read_json(path / "text.json")
     try:
@@ -369,7 +371,12 @@ def load_text(path: Path, text_dim: int) -> Any:
     tasks = list(meta["tasks"])
     if meta["kind"] == "precomputed":
         table = tensors["table"]
-        return PrecomputedText(table[:-1], table[-1], tasks)
+        padding = meta.get("padding", LEGACY_PADDING)  # written before padding was recorded: zeroed
+        if padding not in PADDINGS:
+            raise XWAMError(
+                f"{path / 'text.json'}: padding {padding!r}, expected one of {', '.join(PADDINGS)}"
+            )
+        return PrecomputedText(table[:-1], table[-1], tasks, padding=padding)
     text = TaskEmbeddingText(len(tasks), text_dim, int(meta["seq_len"]))
     text.load_state_dict(tensors)
     return text

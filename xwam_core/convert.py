@@ -1,6 +1,8 @@
 """Checkpoints from elsewhere -> an xwam checkpoint folder (xwam_core.checkpoint, format 1).
 
     xwam convert xwam-v0 OLD_CHECKPOINT --out NEW     checkpoints written by xwam before format 1
+    xwam convert xwam-release EXP_DIR --wan WAN_DIR --prompts FILE --out NEW
+                                                      the authors' released checkpoints (convert_release.py)
 
 An xwam-v0 checkpoint is a folder with model/, text.json (+ text.safetensors), layout.json, stats.json,
 recipe.toml and trainer.json. Its recipe is read as plain TOML for the three things format 1 records
@@ -22,7 +24,7 @@ from xwam_core.errors import XWAMError
 from xwam_core.models.codecs import describe_codec
 from xwam_core.normalizer import Normalizer
 
-SOURCES = ("xwam-v0",)
+SOURCES = ("xwam-v0", "xwam-release")
 
 
 def convert_xwam_v0(source: str | Path, out: str | Path, overwrite: bool = False) -> Path:

@@ -143,11 +143,13 @@ def chamfer_values(
 
 def action_values(run: RunData, spec: MetricSpec) -> dict[str, float]:
     true = run["true_actions"]
-    return {
+    values = {
         "model": spec.fn(run["pred_actions"], true),
         "zero_action": spec.fn(np.zeros_like(true), true),
-        "mean_action": spec.fn(np.broadcast_to(run["mean_action"], true.shape).copy(), true),
     }
+    if "mean_action" in run.arrays:  # absent when the checkpoint has no training mean (converted release)
+        values["mean_action"] = spec.fn(np.broadcast_to(run["mean_action"], true.shape).copy(), true)
+    return values
 
 
 def evaluate_run(
@@ -193,7 +195,8 @@ def evaluate_run(
             scalars = action_values(run, spec)
             entry["model"] = {"overall": json_number(scalars["model"])}
             for name in ACTION_BASELINES:
-                entry["baselines"][name] = {"overall": json_number(scalars[name])}
+                if name in scalars:
+                    entry["baselines"][name] = {"overall": json_number(scalars[name])}
             entry["count"] = int(run["true_actions"].size)
         result[spec.name] = entry
         bar.advance()
@@ -220,7 +223,7 @@ def evaluate_run(
             "clouds": "all views fused; pixels with 0 < depth <= max_depth",
             "baselines": "repeat_frame: observed frame for every future frame; mean_frame: the average "
             "frame of the store's other episodes (RGB and depth metrics; "
-            f"{_mean_frame_source(run)}); zero_action: zeros; mean_action: the checkpoint's training mean",
+            f"{_mean_frame_source(run)}); zero_action: zeros; mean_action: the checkpoint's training mean (when it has one)",
         },
     }
 

@@ -95,7 +95,11 @@ def build_model(cfg: ModelConfig, layout: Layout) -> tuple[XWAMTransformer, str]
     return XWAMTransformer(**kwargs), "random initialisation"
 
 
-def build_text(cfg: ModelConfig, layout: Layout, text_dim: int) -> TextConditioner:
+def build_text(
+    cfg: ModelConfig, layout: Layout, text_dim: int, init_padding: str | None = None
+) -> TextConditioner:
+    """The recipe's text conditioner for the layout's tasks. `init_padding`: the padding of the UMT5 text
+    the model being fine-tuned was trained with (None: no constraint); a cache that differs is refused."""
     if cfg.text == "task":
         return TaskEmbeddingText(len(layout.tasks), text_dim, cfg.text_seq_len)
     if cfg.text == "umt5":
@@ -105,13 +109,19 @@ def build_text(cfg: ModelConfig, layout: Layout, text_dim: int) -> TextCondition
                 "xwam_core.models.text.PrecomputedText.from_prompts(tasks).save(path)"
             )
         cache = PrecomputedText.load(cfg.text_cache)
+        if init_padding is not None and cache.padding != init_padding:
+            raise XWAMError(
+                f"{cfg.text_cache}: UMT5 text with padding '{cache.padding}', but the --init checkpoint's "
+                f"model was trained on padding '{init_padding}'; re-encode the cache with "
+                f"PrecomputedText.from_prompts(tasks, padding='{init_padding}')"
+            )
         missing = [t for t in layout.tasks if t not in cache.tasks]
         if missing:
             raise XWAMError(f"{cfg.text_cache}: has no embedding for task(s) {missing[:3]}")
         # rows in the store's task order (the model is fed the store's task indices), by name
         table = cache.table()
         rows = [cache.tasks.index(t) for t in layout.tasks]
-        return PrecomputedText(table[rows], table[-1], list(layout.tasks))
+        return PrecomputedText(table[rows], table[-1], list(layout.tasks), padding=cache.padding)
     raise XWAMError(f"model.text = {cfg.text!r}: expected 'task' or 'umt5'")
 
 

@@ -70,7 +70,7 @@ def init_from_checkpoint(
 
     text_dim = int(model.config.text_dim)
     old_text, old_tasks = parts.text, parts.data.tasks
-    text = build_text(cfg, layout, text_dim)
+    text = build_text(cfg, layout, text_dim, init_padding=getattr(old_text, "padding", None))
     new_tasks = []
     if isinstance(text, TaskEmbeddingText) and isinstance(old_text, TaskEmbeddingText):
         with torch.no_grad():

@@ -239,7 +239,8 @@ class InferenceRun:
             bar.advance(b, info=f"{1000 * per_window:.0f} ms/window")
         result = {k: np.concatenate(v) for k, v in collected.items()}
         # the mean-action baseline, kept in float64 exactly as the checkpoint's statistics have it
-        result["mean_action"] = policy.normalizer.mean_action()
+        if policy.normalizer.has_mean_action:  # a converted release checkpoint has only q01/q99
+            result["mean_action"] = policy.normalizer.mean_action()
         return result, latencies, calls
 
     def _arrays(self, batch: dict[str, Any], pred: Prediction, per_window: float) -> dict[str, np.ndarray]:

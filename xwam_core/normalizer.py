@@ -18,14 +18,16 @@ from xwam_core.errors import XWAMError
 class QuantileNormalizer:
     """x -> 2 (x - q01) / (q99 - q01) - 1 per dimension (docs/method.md section 2), and back.
 
-    Dimensions whose q01 == q99 (constant in the data) map to 0 and back to their constant.
+    Dimensions whose q01 == q99 (constant in the data) map to 0 and back to their constant. Bounds given
+    the other way round (q01 > q99) flip the sign: 2 (x - q01) / (q99 - q01) - 1 = -(2 (x - q99) / (q01 - q99)
+    - 1), which is how a checkpoint states a sign flip (the authors' release flips some grippers).
     """
 
     def __init__(self, q01: np.ndarray, q99: np.ndarray):
         self.q01 = np.asarray(q01, dtype=np.float32)
         self.q99 = np.asarray(q99, dtype=np.float32)
         span = self.q99 - self.q01
-        self.constant = span <= 1e-8
+        self.constant = np.abs(span) <= 1e-8
         self.span = np.where(self.constant, 1.0, span).astype(np.float32)
 
     @classmethod
@@ -102,12 +104,20 @@ class Normalizer:
     def state_dim(self) -> int:
         return len(self.state_names)
 
+    @property
+    def has_mean_action(self) -> bool:
+        """Whether the statistics hold the mean action (a converted release checkpoint has only q01/q99)."""
+        return "mean" in self.stats.get("action", {})
+
     def mean_action(self) -> np.ndarray:
         """(Da,) float64: the training data's mean action (the mean-action baseline)."""
         return np.asarray(self.stats["action"]["mean"], dtype=np.float64)
 
     def to_json(self) -> dict[str, Any]:
-        rule = "2 (x - q01) / (q99 - q01) - 1 per dimension; constant dimensions (q01 == q99) map to 0"
+        rule = (
+            "2 (x - q01) / (q99 - q01) - 1 per dimension; constant dimensions (q01 == q99) map to 0; "
+            "q01 > q99 flips the sign"
+        )
         if self.normalization == "release":
             rule += (
                 "; q01/q99 by the X-WAM release's rules (data.normalization = 'release'): quaternion state "

@@ -15,7 +15,8 @@ frame 0 the observed one, K actions):
     pred_actions, true_actions (N, K, Da)      dataset units
     pred_states, true_states (N, T, Ds)        dataset units
     latency_s (N,)                             denoising (+ decoding) wall time per window
-    mean_action (Da,)                          float64: the checkpoint's training mean (the mean-action baseline)
+    mean_action (Da,)                          float64: the checkpoint's training mean (the mean-action baseline;
+                                               absent when the checkpoint has no mean, e.g. a converted release one)
   world mode only:
     pred_rgb, true_rgb (N, V, T, H, W, 3)      uint8
     pred_depth, true_depth (N, V, T, H, W)     metres (truth: 0 = invalid)
@@ -62,7 +63,6 @@ COMMON_ARRAYS = (
     "pred_states",
     "true_states",
     "latency_s",
-    "mean_action",
 )
 # What evaluate and reconstruct read, checked once by load_run. Axes: N windows, V views (the manifest's),
 # T = future_frames + 1 frames, K actions, A action dims, S state dims, H x W pixels; digits are fixed

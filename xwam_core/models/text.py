@@ -6,6 +6,12 @@ Two implementations behind one interface:
   (text_dim 4096, L = 512, as Wan2.2 was trained).
 - `TaskEmbeddingText`: a learned embedding per task; tiny recipes, no text encoder needed.
 Both keep an "empty prompt" row for classifier-free guidance dropout (`drop=`).
+
+Padding: a prompt is tokenised to L tokens, most of them padding. The authors' release keeps UMT5's
+outputs at the padded positions ("kept": their T5 returns the whole sequence); the diffusers Wan pipelines
+zero them ("zeroed"). A model must see the text the way it was trained, so `PrecomputedText` records which
+(in its cache file and in a checkpoint's text.json). New encodes default to "kept", as the release
+trains; caches and checkpoints written before this setting existed hold "zeroed" text.
 """
 
 from __future__ import annotations
@@ -22,6 +28,15 @@ import torch.nn as nn
 from xwam_core.errors import XWAMError
 
 UMT5_HUB_ID = "Wan-AI/Wan2.2-TI2V-5B-Diffusers"
+PADDINGS = ("kept", "zeroed")  # UMT5 outputs at padded token positions: kept (the release) or zeros
+DEFAULT_PADDING = "kept"
+LEGACY_PADDING = "zeroed"  # what text written without a recorded padding holds
+
+
+def check_padding(padding: str) -> str:
+    if padding not in PADDINGS:
+        raise XWAMError(f"text padding {padding!r}: expected one of {', '.join(PADDINGS)}")
+    return padding
 
 
 class TextConditioner(nn.Module, ABC):
@@ -72,12 +87,22 @@ class TaskEmbeddingText(TextConditioner):
 
 
 class PrecomputedText(TextConditioner):
-    """Frozen per-task UMT5 embeddings (a buffer, not saved with a model) loaded from a cache file."""
+    """Frozen per-task UMT5 embeddings (a buffer, not saved with a model) loaded from a cache file.
+
+    `padding` records how the embeddings treat padded token positions ("kept" or "zeroed", see above).
+    """
 
     _table: torch.Tensor
 
-    def __init__(self, embeddings: torch.Tensor, empty: torch.Tensor, tasks: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        embeddings: torch.Tensor,
+        empty: torch.Tensor,
+        tasks: list[str] | None = None,
+        padding: str = LEGACY_PADDING,
+    ) -> None:
         super().__init__()
+        self.padding = check_padding(padding)
         if embeddings.ndim != 3 or empty.shape != embeddings.shape[1:]:
             raise XWAMError(
                 f"PrecomputedText needs embeddings (tasks, L, D) and empty (L, D), got "
@@ -94,21 +119,27 @@ class PrecomputedText(TextConditioner):
 
     @classmethod
     def from_prompts(
-        cls, tasks: list[str], path_or_hub_id: str | Path = UMT5_HUB_ID, **kwargs
+        cls,
+        tasks: list[str],
+        path_or_hub_id: str | Path = UMT5_HUB_ID,
+        *,
+        padding: str = DEFAULT_PADDING,
+        **kwargs: Any,
     ) -> PrecomputedText:
         """Encode every task (and the empty prompt) with UMT5; kwargs go to `encode_prompts_umt5`."""
-        embeddings = encode_prompts_umt5([*tasks, ""], path_or_hub_id, **kwargs)
-        return cls(embeddings[:-1], embeddings[-1], tasks)
+        embeddings = encode_prompts_umt5([*tasks, ""], path_or_hub_id, padding=padding, **kwargs)
+        return cls(embeddings[:-1], embeddings[-1], tasks, padding=padding)
 
     def save(self, path: str | Path) -> None:
-        """Write the cache as safetensors (tensors `embeddings`, `empty`; task names in the metadata)."""
+        """Write the cache as safetensors (tensors `embeddings`, `empty`; task names and padding in the
+        metadata)."""
         from safetensors.torch import save_file
 
         table = self._table.detach().cpu().contiguous()
         save_file(
             {"embeddings": table[:-1].contiguous(), "empty": table[-1].contiguous()},
             str(path),
-            metadata={"tasks": json.dumps(self.tasks)},
+            metadata={"tasks": json.dumps(self.tasks), "padding": self.padding},
         )
 
     @classmethod
@@ -125,7 +156,12 @@ class PrecomputedText(TextConditioner):
         except Exception as err:  # safetensors raises its own error types
             raise XWAMError(f"{path}: not a text-embedding cache ({err})") from err
         tasks = json.loads(metadata["tasks"]) if "tasks" in metadata else None
-        return cls(embeddings, empty, tasks)
+        padding = metadata.get("padding", LEGACY_PADDING)  # caches written before it was recorded: zeroed
+        if padding not in PADDINGS:
+            raise XWAMError(
+                f"{path}: padding {padding!r} in its metadata; expected one of {', '.join(PADDINGS)}"
+            )
+        return cls(embeddings, empty, tasks, padding=padding)
 
 
 def _clean_prompt(text: str) -> str:
@@ -142,11 +178,15 @@ def encode_prompts_umt5(
     batch_size: int = 8,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
+    padding: str = DEFAULT_PADDING,
 ) -> torch.Tensor:
-    """UMT5 embeddings (N, max_length, D) exactly as the Wan pipelines make them: zeros after each prompt.
+    """UMT5 embeddings (N, max_length, D): each prompt padded to max_length tokens and encoded with its
+    attention mask. `padding="kept"` keeps the encoder's outputs at the padded positions (the authors'
+    release); `"zeroed"` sets them to zero (the diffusers Wan pipelines).
 
     `path_or_hub_id`: a pipeline folder with `tokenizer/` and `text_encoder/`, a folder holding both, or a hub id.
     """
+    check_padding(padding)
     try:
         from transformers import AutoTokenizer, UMT5EncoderModel
     except ImportError as e:
@@ -185,7 +225,9 @@ def encode_prompts_umt5(
         )
         mask = tokens.attention_mask.to(device)
         hidden = encoder(tokens.input_ids.to(device), mask).last_hidden_state  # (n, max_length, D)
-        out.append((hidden * mask[..., None].to(hidden.dtype)).to("cpu", dtype))  # zeros past each prompt
+        if padding == "zeroed":
+            hidden = hidden * mask[..., None].to(hidden.dtype)  # zeros past each prompt
+        out.append(hidden.to("cpu", dtype))
     if not out:
         return torch.zeros(0, max_length, encoder.config.d_model, dtype=dtype)
     return torch.cat(out)
