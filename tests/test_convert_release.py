@@ -373,11 +373,9 @@ def test_a_release_checkpoint_converts_and_acts_exactly_like_the_same_tensors_pl
 
 
 def test_a_diffusers_wan_folder_gives_the_same_model_and_the_release_settings_are_set(tmp_path, umt5):
-    import inspect
-
     from xwam_core.checkpoint import load_policy_parts
     from xwam_core.convert_release import RELEASE_MODEL_SETTINGS
-    from xwam_core.models.transformer import XWAMTransformer
+    from xwam_core.models.codecs import DepthRange
 
     exp = make_experiment(tmp_path)
     convert(exp, tmp_path / "a", wan_original(tmp_path), umt5)
@@ -387,10 +385,9 @@ def test_a_diffusers_wan_folder_gives_the_same_model_and_the_release_settings_ar
     assert settings[0] == settings[1]
     for name, tensor in a.model.state_dict().items():
         assert torch.equal(b.model.state_dict()[name], tensor), name
-    accepted = inspect.signature(XWAMTransformer.__init__).parameters
-    for key, value in RELEASE_MODEL_SETTINGS.items():
-        if key in accepted:  # set explicitly, whatever this xwam's defaults are
-            assert a.model.config[key] == value
+    for key, value in RELEASE_MODEL_SETTINGS.items():  # set explicitly, whatever xwam's defaults are
+        assert a.model.config[key] == value
+    assert a.model.depth_range == DepthRange(0.001, 0.256, "linear")  # the release's depth images
 
 
 def test_bf16_is_kept_and_dtype_casts(tmp_path, umt5):

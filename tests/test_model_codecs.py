@@ -146,3 +146,38 @@ def test_wan_vae_codec_normalises_and_stays_frozen(tiny_vae, tmp_path):
 def test_wan_vae_codec_bad_folder(tmp_path):
     with pytest.raises(XWAMError, match=r"no config\.json"):
         WanVAECodec.from_pretrained(tmp_path)
+
+
+def test_linear_depth_encoding_is_the_releases_reading_of_its_8bit_depth():
+    """A store of `xwam prepare xwam-release` keeps the release's 8-bit depth value v as v + 1 mm; the
+    linear encoding over [0.001, 0.256] m turns it into exactly the release's image, v / 127.5 - 1."""
+    import torch
+
+    from xwam_core.data.sources.xwam_release import relative_depth_to_metres
+    from xwam_core.models.codecs import DepthRange, depth_to_image, image_to_depth
+
+    values = torch.arange(256, dtype=torch.float32).view(1, 1, 16, 16)  # (T, ..., H, W)
+    metres = torch.from_numpy(relative_depth_to_metres(values.numpy()))
+    rng = DepthRange(0.001, 0.256, "linear")
+    image = depth_to_image(metres, rng)  # (1, 3, 1, 16, 16)
+    torch.testing.assert_close(image[:, 0], values / 127.5 - 1.0, atol=1e-5, rtol=0)
+    torch.testing.assert_close(image_to_depth(image, rng), metres, atol=1e-7, rtol=1e-5)
+    # per view, and the inverse encoding is still the default
+    per_view = DepthRange.from_config([0.001, 0.1], [0.256, 5.0], "linear")
+    assert per_view.view(1) == DepthRange(0.1, 5.0, "linear")
+    assert DepthRange(0.1, 5.0).encoding == "inverse"
+
+
+def test_a_bad_depth_encoding_is_one_line():
+    import pytest
+
+    from xwam_core.errors import XWAMError
+    from xwam_core.models.codecs import DepthRange
+    from xwam_core.models.presets import build_model
+
+    with pytest.raises(XWAMError, match="depth_encoding='log': expected one of inverse, linear"):
+        DepthRange(0.1, 1.0, "log")
+    with pytest.raises(XWAMError, match="depth_encoding='log'"):
+        build_model("tiny", depth_encoding="log")
+    model = build_model("tiny", depth_encoding="linear", depth_near=0.001, depth_far=0.256)
+    assert model.depth_range == DepthRange(0.001, 0.256, "linear")

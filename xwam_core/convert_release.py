@@ -36,11 +36,16 @@ DTYPES = ("float32", "bfloat16", "float16")
 GRIPPER_MODES = ("auto", "plain", "flipped")
 DEFAULT_ACTIONS_PER_FRAME = 4  # frame_skip // action_skip of every released config
 NUM_VIEWS = 3  # the release always trains on three views, sorted by name
-# what the release's model does that xwam offers as settings (set when this xwam's model has them)
+# what the release's model does that xwam offers as settings; its depth images are its 8-bit depth
+# values read as v / 127.5 - 1: the linear encoding over [0.001, 0.256] m of an `xwam prepare xwam-release`
+# store (v kept as v + 1 mm), so world-mode depth comes back on that store's scale
 RELEASE_MODEL_SETTINGS = {
     "action_state_readout": "last_hidden",
     "depth_main_kv_grad": True,
     "new_parameter_init": "release",
+    "depth_encoding": "linear",
+    "depth_near": 0.001,
+    "depth_far": 0.256,
 }
 
 # ------------------------------------------------------------------------------------ the key map
@@ -239,7 +244,7 @@ def convert_xwam_release(
         "num_states": release.frame_num,
         "num_depth_blocks": weights["num_extra_layers"],
     }
-    kwargs.update(RELEASE_MODEL_SETTINGS)  # the release's maths, explicit (they are also the defaults)
+    kwargs.update(RELEASE_MODEL_SETTINGS)  # the release's maths and depth images, explicit
     target = _target_dtype(module, dtype, torch, notes)
     state = _mapped_state(module, state_file)
     if weights["num_extra_layers"] == 0:  # use_depth false: xwam's depth head exists but is never run

@@ -3,7 +3,8 @@
 Both codecs share the Wan VAE's time layout: a clip of 1 + k*T frames (T = temporal factor) becomes
 1 + k latent frames, the first frame alone. Frames are (B, 3, T, H, W) in [-1, 1]; latents are
 (B, C, F, h, w). Depth goes through the same codec as an image: inverse depth scaled to [-1, 1] over
-a recorded [near, far] range and repeated to 3 channels (docs/method.md section 3).
+a recorded [near, far] range and repeated to 3 channels (docs/method.md section 3); or, for the authors'
+release's relative 8-bit depth, the stored value scaled linearly (`DepthRange.encoding = "linear"`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch.nn as nn
 from xwam_core.errors import XWAMError
 
 WAN_VAE_HUB_ID = "Wan-AI/Wan2.2-TI2V-5B-Diffusers"
+DEPTH_ENCODINGS = ("inverse", "linear")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -30,6 +32,10 @@ WAN_VAE_HUB_ID = "Wan-AI/Wan2.2-TI2V-5B-Diffusers"
 class DepthRange:
     """Metric depth range (metres) mapped onto [-1, 1] as inverse depth: near -> +1, far -> -1.
 
+    `encoding = "linear"` maps depth itself linearly instead: near -> -1, far -> +1. With near 0.001 and
+    far 0.256 it is exactly the authors' release's reading of its 8-bit depth videos (value / 127.5 - 1)
+    for a store made by `xwam prepare xwam-release` (which keeps the value v as v + 1 mm).
+
     `near`/`far` are one number for every view, or one per view (tuples of equal length): a wrist camera
     that sees 2-30 cm and a fixed camera that sees 1-6 m cannot share one inverse-depth range without
     losing all precision on one of them. Per-view ranges need the view axis at dim -4 of depth
@@ -38,8 +44,13 @@ class DepthRange:
 
     near: float | tuple[float, ...]
     far: float | tuple[float, ...]
+    encoding: str = "inverse"
 
     def __post_init__(self) -> None:
+        if self.encoding not in DEPTH_ENCODINGS:
+            raise XWAMError(
+                f"depth_encoding={self.encoding!r}: expected one of {', '.join(DEPTH_ENCODINGS)}"
+            )
         nears, fars = _as_tuple(self.near), _as_tuple(self.far)
         if (
             isinstance(self.near, tuple) != isinstance(self.far, tuple)
@@ -55,11 +66,14 @@ class DepthRange:
                 raise XWAMError(f"depth range near={n}, far={f}: expected 0 < near < far (metres)")
 
     @classmethod
-    def from_config(cls, near: Any, far: Any) -> DepthRange:
-        """From a model config's depth_near/depth_far: numbers, or lists (JSON) of one per view."""
+    def from_config(cls, near: Any, far: Any, encoding: str = "inverse") -> DepthRange:
+        """From a model config's depth_near/depth_far (numbers, or lists (JSON) of one per view) and
+        depth_encoding."""
         if isinstance(near, (list, tuple)) or isinstance(far, (list, tuple)):
-            return cls(tuple(float(x) for x in _as_list(near)), tuple(float(x) for x in _as_list(far)))
-        return cls(float(near), float(far))
+            return cls(
+                tuple(float(x) for x in _as_list(near)), tuple(float(x) for x in _as_list(far)), encoding
+            )
+        return cls(float(near), float(far), encoding)
 
     @property
     def per_view(self) -> bool:
@@ -73,7 +87,7 @@ class DepthRange:
         """The range of one view slot."""
         if not self.per_view:
             return self
-        return DepthRange(_as_tuple(self.near)[index], _as_tuple(self.far)[index])
+        return DepthRange(_as_tuple(self.near)[index], _as_tuple(self.far)[index], self.encoding)
 
     def to_json(self) -> list[Any]:
         return [
@@ -107,15 +121,19 @@ def _as_list(x: Any) -> list[Any]:
 def depth_to_image(depth: torch.Tensor, depth_range: DepthRange) -> torch.Tensor:
     """Metric depth (..., T, H, W) -> 3-channel image (..., 3, T, H, W) in [-1, 1].
 
-    Depth is clamped to [near, far]; invalid depth (<= 0 or not finite, the store's 0) maps to far (-1).
+    Depth is clamped to [near, far]; invalid depth (<= 0 or not finite, the store's 0) maps to far (-1;
+    +1 with the linear encoding).
     A per-view range reads the view axis at dim -4: (..., V, T, H, W).
     """
     depth = depth.float()
     near, far = depth_range.bounds(depth, -4)
     valid = torch.isfinite(depth) & (depth > 0)
     depth = torch.where(valid, depth, far).clamp(near, far)  # type: ignore[arg-type]  # clamp takes numbers too
-    inverse = (1.0 / depth - 1.0 / far) / (1.0 / near - 1.0 / far)  # 0 at far, 1 at near
-    image = inverse * 2.0 - 1.0
+    if depth_range.encoding == "linear":
+        image = (depth - near) / (far - near) * 2.0 - 1.0  # -1 at near, +1 at far
+    else:
+        inverse = (1.0 / depth - 1.0 / far) / (1.0 / near - 1.0 / far)  # 0 at far, 1 at near
+        image = inverse * 2.0 - 1.0
     return image.unsqueeze(-4).expand(*image.shape[:-3], 3, *image.shape[-3:]).contiguous()
 
 
@@ -126,6 +144,8 @@ def image_to_depth(image: torch.Tensor, depth_range: DepthRange) -> torch.Tensor
     """
     x = image.float().mean(dim=-4).clamp(-1.0, 1.0)
     near, far = depth_range.bounds(x, -4)
+    if depth_range.encoding == "linear":
+        return (x + 1.0) / 2.0 * (far - near) + near
     inverse = (x + 1.0) / 2.0 * (1.0 / near - 1.0 / far) + 1.0 / far
     return 1.0 / inverse
 

@@ -371,7 +371,9 @@ class XWAMTransformer(ModelMixin, ConfigMixin):  # type: ignore[misc]
     attend to; False: those are detached) and `new_parameter_init` ("release": N(0, 0.02) weights and zero
     biases for the view embedding, the action/state MLPs and the depth head; "pytorch": zero view embedding
     and nn.Linear's default). A config without them (an older checkpoint) means "final_norm", False and
-    "pytorch": see `from_config`.
+    "pytorch": see `from_config`. `depth_encoding` says how depth became the depth image the latents encode:
+    "inverse" (inverse depth over [depth_near, depth_far], the default) or "linear" (depth itself; the
+    release's relative 8-bit depth with depth_near 0.001, depth_far 0.256: `DepthRange`).
     """
 
     _supports_gradient_checkpointing = True
@@ -412,6 +414,7 @@ class XWAMTransformer(ModelMixin, ConfigMixin):  # type: ignore[misc]
         action_state_readout: str = "last_hidden",
         depth_main_kv_grad: bool = True,
         new_parameter_init: str = "release",
+        depth_encoding: str = "inverse",
     ) -> None:
         super().__init__()
         if action_state_readout not in ACTION_STATE_READOUTS:
@@ -451,7 +454,7 @@ class XWAMTransformer(ModelMixin, ConfigMixin):  # type: ignore[misc]
             raise XWAMError(
                 f"out_channels={out_channels} must equal in_channels={in_channels} (velocity = latent)"
             )
-        depth_range = DepthRange.from_config(depth_near, depth_far)  # validates the range
+        depth_range = DepthRange.from_config(depth_near, depth_far, depth_encoding)  # validates the range
         if depth_range.per_view and len(depth_range.near) != num_views:  # type: ignore[arg-type]
             raise XWAMError(
                 f"depth_near/depth_far list one range per view: expected {num_views}, got {depth_near}"
@@ -571,7 +574,7 @@ class XWAMTransformer(ModelMixin, ConfigMixin):  # type: ignore[misc]
     @property
     def depth_range(self) -> DepthRange:
         """The inverse-depth range the depth latents were encoded with (recovers metric depth)."""
-        return DepthRange.from_config(self.cfg.depth_near, self.cfg.depth_far)
+        return DepthRange.from_config(self.cfg.depth_near, self.cfg.depth_far, self.cfg.depth_encoding)
 
     # ---- loading Wan weights -------------------------------------------------------------------
 
