@@ -48,9 +48,7 @@ class DepthRange:
 
     def __post_init__(self) -> None:
         if self.encoding not in DEPTH_ENCODINGS:
-            raise XWAMError(
-                f"depth_encoding={self.encoding!r}: expected one of {', '.join(DEPTH_ENCODINGS)}"
-            )
+            raise XWAMError(f"depth_encoding={self.encoding!r}: expected one of {', '.join(DEPTH_ENCODINGS)}")
         nears, fars = _as_tuple(self.near), _as_tuple(self.far)
         if (
             isinstance(self.near, tuple) != isinstance(self.far, tuple)
