@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -101,3 +103,124 @@ def test_frame_cache_is_built_once_and_atomically(synthetic_store, tmp_path, mon
     WindowDataset(path, WindowLayout(2, 2))
     assert (cache / "done.json").stat().st_mtime_ns == stamp
     assert not [p for p in cache.parent.iterdir() if p.name.startswith(".")]
+
+
+# ---- windows at episode ends (data.pad_episode_ends) ------------------------------------------------
+OLD_KEYS = {  # an item's keys before the padding masks existed
+    "rgb", "depth", "intrinsics", "extrinsics", "actions", "states", "has_depth", "has_cameras",
+    "task_index", "episode_index", "frame_index",
+}  # fmt: skip
+
+
+def test_window_count_with_and_without_padding(synthetic_store):
+    path, _ = synthetic_store
+    layout = WindowLayout(future_frames=4, frame_stride=3)  # span 13
+    padded = WindowDataset(path, layout, pad_episode_ends=True)
+    assert len(padded) == 3 * 20  # a window at every frame
+    assert padded.windows[:, 2].tolist() == list(range(20)) * 3
+    full = WindowDataset(path, layout)  # the class's default: full windows only
+    assert not full.pad_episode_ends and len(full) == 3 * (20 - 13 + 1)
+    assert len(WindowDataset(path, layout, pad_episode_ends=False)) == len(full)
+    # a layout longer than every episode still gives windows when padded
+    assert len(WindowDataset(path, WindowLayout(8, 4), pad_episode_ends=True)) == 60
+
+
+def test_window_at_the_last_frame_repeats_it(synthetic_store):
+    path, episodes = synthetic_store
+    layout = WindowLayout(future_frames=4, frame_stride=3)
+    ds = WindowDataset(path, layout, views=["side", "front"], normalize=False, pad_episode_ends=True)
+    item = ds[len(ds) - 1]  # episode 2, local frame 19: its last
+    ep = episodes[2]
+    assert int(item["frame_index"]) == 19 and int(item["episode_index"]) == 2
+    for j, v in enumerate(["side", "front"]):
+        np.testing.assert_array_equal(item["rgb"][j], np.repeat(ep.views[v].rgb[19:20], 5, 0))
+        np.testing.assert_array_equal(item["extrinsics"][j], np.repeat(ep.views[v].extrinsics[19:20], 5, 0))
+        assert (item["depth"][j] == item["depth"][j, :1]).all()
+    np.testing.assert_array_equal(item["states"], np.repeat(ep.state[19:20], 5, 0))
+    np.testing.assert_array_equal(item["actions"], np.repeat(ep.action[19:20], 12, 0))  # the last action
+    assert item["action_is_pad"].dtype == bool and item["action_is_pad"].shape == (12,)
+    assert item["action_is_pad"].all()
+    assert item["state_is_pad"].tolist() == [False, True, True, True, True]
+
+
+def test_a_window_with_r_real_steps_has_r_real_actions(synthetic_store):
+    path, episodes = synthetic_store
+    layout = WindowLayout(future_frames=4, frame_stride=3)  # K = 12
+    ds = WindowDataset(path, layout, views=["front"], normalize=False, pad_episode_ends=True)
+    ep, last = episodes[1], 19
+    for row in np.nonzero(ds.windows[:, 0] == 1)[0]:
+        item = ds[int(row)]
+        s = int(item["frame_index"])
+        r = min(12, last - s)  # actions whose outcome frame is in the episode
+        assert int((~item["action_is_pad"]).sum()) == r
+        assert not item["action_is_pad"][:r].any() and item["action_is_pad"][r:].all()
+        np.testing.assert_array_equal(item["actions"][:r], ep.action[s : s + r])
+        np.testing.assert_array_equal(item["actions"][r:], np.repeat(ep.action[last:], 12 - r, 0))
+        local = s + np.arange(5) * 3
+        assert item["state_is_pad"].tolist() == (local > last).tolist()
+        clamped = np.minimum(local, last)
+        np.testing.assert_array_equal(item["states"], ep.state[clamped])
+        np.testing.assert_array_equal(item["rgb"][0], ep.views["front"].rgb[clamped])
+        np.testing.assert_array_equal(item["intrinsics"][0], ep.views["front"].intrinsics[clamped])
+
+
+def test_without_padding_items_are_the_old_items(synthetic_store):
+    """pad_episode_ends=False: every item equals what the code before the padding gave (computed here the
+    old way, from the cache's arrays: contiguous frames and actions), bit for bit; masks all False."""
+    path, _ = synthetic_store
+    layout = WindowLayout(future_frames=3, frame_stride=2)
+    for normalize in (False, True):
+        ds = WindowDataset(path, layout, normalize=normalize, pad_episode_ends=False)
+        padded = WindowDataset(path, layout, normalize=normalize, pad_episode_ends=True)
+        cache, store = ds.cache, ds.store
+        assert len(ds) == 3 * (20 - 7 + 1)
+        for i in range(len(ds)):
+            item = ds[i]
+            assert set(item) == OLD_KEYS | {"action_is_pad", "state_is_pad"}
+            assert not item["action_is_pad"].any() and not item["state_is_pad"].any()
+            episode, start, local = (int(x) for x in ds.windows[i])
+            frames = start + np.arange(4) * 2
+            actions = cache.action[start : start + 6]
+            states = cache.state[frames]
+            if normalize:
+                actions = ds.normalizer.action.normalize(actions)
+                states = ds.normalizer.state.normalize(states)
+            expected = {
+                "rgb": np.stack([cache.rgb(v, frames) for v in store.views]),
+                "depth": np.stack([cache.depth_mm(v, frames) * np.float32(0.001) for v in store.views]),
+                "intrinsics": np.stack([cache.intrinsics[v][frames] for v in store.views]),
+                "extrinsics": np.stack([cache.extrinsics[v][frames] for v in store.views]),
+                "actions": np.ascontiguousarray(actions, dtype=np.float32),
+                "states": np.ascontiguousarray(states, dtype=np.float32),
+            }
+            for key, value in expected.items():
+                assert item[key].dtype == value.dtype and item[key].shape == value.shape, key
+                assert item[key].tobytes() == value.tobytes(), key
+            assert (item["episode_index"], item["frame_index"]) == (episode, local)
+            # the same window with padding on is the same item
+            same = padded[int(np.nonzero((padded.windows == ds.windows[i]).all(1))[0][0])]
+            for key in OLD_KEYS:
+                assert np.asarray(same[key]).tobytes() == np.asarray(item[key]).tobytes(), key
+
+
+def test_loader_batches_the_padding_masks(synthetic_store):
+    path, _ = synthetic_store
+    ds = WindowDataset(path, WindowLayout(2, 2), pad_episode_ends=True)
+    batch = next(iter(make_loader(ds, batch_size=5, num_workers=0, shuffle=False)))
+    assert batch["action_is_pad"].dtype == torch.bool and batch["action_is_pad"].shape == (5, 4)
+    assert batch["state_is_pad"].dtype == torch.bool and batch["state_is_pad"].shape == (5, 3)
+
+
+def test_recipe_setting_pad_episode_ends():
+    from xwam_core.errors import RecipeError
+    from xwam_core.recipe import DataConfig, load_recipe
+
+    tiny = Path(__file__).resolve().parents[1] / "recipes" / "tiny_cpu.toml"
+    assert load_recipe(tiny).data.pad_episode_ends is True
+    assert load_recipe(tiny, ["data.pad_episode_ends=false"]).data.pad_episode_ends is False
+    with pytest.raises(RecipeError, match="pad_episode_ends") as err:
+        load_recipe(tiny, ["data.pad_episode_ends=1"])
+    assert "\n" not in str(err.value)
+    with pytest.raises(RecipeError, match=r"data\.pad_episode_ends.*true or false") as err:
+        DataConfig(pad_episode_ends="yes").validate()  # type: ignore[arg-type]
+    assert "\n" not in str(err.value)

@@ -4,7 +4,7 @@
                                      store="out/demo/store", out="out/demo/infer"))
 
 Windows: `windows_per_episode` windows per chosen episode, evenly spaced over its valid start frames
-(the first and the last included), in the checkpoint's window layout (views, F future frames, stride).
+(the first and the last included; full windows only, never padded past an episode's end), in the checkpoint's window layout (views, F future frames, stride).
 Episodes: by default the checkpoint's held-out ones (`data.val_episodes`, spread over tasks) when the store is
 its training store, else every episode.
 
@@ -171,8 +171,14 @@ class InferenceRun:
                 "mode (depth_condition, RGB-D input); use --mode policy or a store with depth"
             )
         self.episodes, self.episodes_reason = choose_episodes(self.store, self.policy, opts.episodes)
+        # full windows only, whatever the checkpoint trained with: the metrics compare true future frames
         self.dataset = WindowDataset(
-            self.store, spec.window, views=spec.views, episodes=self.episodes, normalize=False
+            self.store,
+            spec.window,
+            views=spec.views,
+            episodes=self.episodes,
+            normalize=False,
+            pad_episode_ends=False,
         )
         self.windows = self._choose_windows()
         unseen = sorted(

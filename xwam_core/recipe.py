@@ -148,8 +148,17 @@ class DataConfig:
     # q01/q99 of actions and states: "quantile" (the store's per-dimension percentiles) or "release"
     # (the X-WAM release's rules: quaternions identity, symmetric action bounds, moving-gripper quantiles)
     normalization: str = "quantile"
+    # true: a window starts at every frame; past an episode's end frames and states repeat the last, actions
+    # the last action, and padded actions/states carry no loss (docs/data.md). false: full windows only
+    pad_episode_ends: bool = True
 
     def validate(self) -> None:
+        require(
+            isinstance(self.pad_episode_ends, bool),
+            "data.pad_episode_ends",
+            "true or false",
+            self.pad_episode_ends,
+        )
         require(self.future_frames >= 1, "data.future_frames", "an integer >= 1", self.future_frames)
         require(self.frame_stride >= 1, "data.frame_stride", "an integer >= 1", self.frame_stride)
         require(len(set(self.views)) == len(self.views), "data.views", "each view once", self.views)

@@ -279,12 +279,14 @@ class Trainer:
         window = WindowLayout(recipe.data.future_frames, recipe.data.frame_stride)
         views = recipe.data.views or None
         train_eps, val_eps = split_episodes(self.store, recipe.data.val_episodes)
-        norm = recipe.data.normalization
+        norm, pad = recipe.data.normalization, recipe.data.pad_episode_ends
         self.train_set = WindowDataset(
-            self.store, window, views=views, episodes=train_eps, normalization=norm
+            self.store, window, views=views, episodes=train_eps, normalization=norm, pad_episode_ends=pad
         )
         self.val_set = (
-            WindowDataset(self.store, window, views=views, episodes=val_eps, normalization=norm)
+            WindowDataset(
+                self.store, window, views=views, episodes=val_eps, normalization=norm, pad_episode_ends=pad
+            )
             if val_eps
             else None
         )

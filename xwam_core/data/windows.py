@@ -4,6 +4,21 @@ by `normalization`: xwam_core.data.release_stats).
 
 A window starting at store frame s covers frames s, s + stride, ..., s + F * stride; its K = F * stride
 actions are action[s : s + K] and its F + 1 states are the states at the window's frames.
+
+Episode ends (`pad_episode_ends=True`, the recipe's `data.pad_episode_ends`, the trainer's default): a
+window starts at every frame of an episode, its last included. Every index past the episode's last frame
+L - 1 is clamped to it: frames, depth, cameras and states repeat the last frame's (the world stays still
+after the end; the video loss keeps these frames), and actions repeat the episode's last action. Masks
+say which steps are padding, as LeRobot's `*_is_pad`:
+    state_is_pad[j]   frame s + j * stride > L - 1                 (the current state, j = 0, never)
+    action_is_pad[k]  s + k + 1 > L - 1: the action's outcome frame is past the end; so action[L - 1],
+                      whose outcome the episode did not record, is padding too, and a window starting
+                      r < K frames before the last has exactly r real actions (a full window: K)
+The objective gives padded actions and padded states no loss (xwam_core.objective). Repeating the last
+action rather than zeros: a zero in normalized units is the middle of the q01/q99 range, and a raw zero
+is "stay" only for delta commands; for absolute targets and gripper commands repeating the last command
+is what holds the robot still, matching the repeated frames (and clamping is one rule for every key). With `pad_episode_ends=False` (the class's default: `xwam infer` and the mean-frame baseline
+compare against true future frames) only full windows exist, as before, and the masks are all False.
 """
 
 from __future__ import annotations
@@ -40,7 +55,7 @@ class WindowLayout:
 
 
 class WindowDataset(Dataset):
-    """Every full window of the chosen episodes of a store.
+    """Every full window of the chosen episodes of a store, or (`pad_episode_ends`) a window at every frame.
 
     Each item is a dict of numpy arrays and Python scalars (`make_loader` batches them into tensors):
         rgb          (V, T, H, W, 3) uint8            T = F + 1 frames, views in `views` order
@@ -50,6 +65,7 @@ class WindowDataset(Dataset):
         actions      (K, D_action) float32            quantile-normalized to [-1, 1]
         states       (T, D_state) float32             quantile-normalized
     (q01/q99 by `normalization`: "quantile", the store's, or "release", see xwam_core.data.release_stats)
+        action_is_pad (K,) bool, state_is_pad (T,) bool   steps past the episode's end (module docstring)
         has_depth, has_cameras  bool tensors (loss masks / reconstruction guards)
         task_index, episode_index, frame_index  int64 (frame_index = the window's first frame)
     RGB stays uint8 here (4x less to move between processes); the model side scales it.
@@ -63,6 +79,7 @@ class WindowDataset(Dataset):
         episodes: list[int] | None = None,
         normalize: bool = True,
         normalization: str = "quantile",
+        pad_episode_ends: bool = False,
     ):
         self.store = store if isinstance(store, EpisodeStore) else EpisodeStore(store)
         self.layout = layout
@@ -81,10 +98,12 @@ class WindowDataset(Dataset):
         if bad:
             raise DataError(f"{self.store.path}: has no episode(s) {bad}; it has 0..{len(all_eps) - 1}")
         self.cache = self.store.frame_cache()
+        self.pad_episode_ends = bool(pad_episode_ends)
         starts = []
         for e in self.episode_ids:
             meta = self.store.episodes[e]
-            for s in range(meta.length - layout.span + 1):
+            last_start = meta.length - 1 if self.pad_episode_ends else meta.length - layout.span
+            for s in range(last_start + 1):
                 starts.append((e, meta.start + s, s))
         if not starts:
             raise DataError(
@@ -105,6 +124,8 @@ class WindowDataset(Dataset):
             [e.length for e in self.store.episodes],
         )
         self._frame_offsets = np.arange(layout.num_frames) * layout.frame_stride
+        self._action_offsets = np.arange(layout.num_actions)
+        self._last_frame = np.array([e.length - 1 for e in self.store.episodes], np.int64)  # by episode
         self._task_of_episode = {e.index: self.store.tasks.index(e.task) for e in self.store.episodes}
 
     def __len__(self) -> int:
@@ -112,7 +133,18 @@ class WindowDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         episode, start, local_start = (int(x) for x in self.windows[i])
-        frames = start + self._frame_offsets  # (T,) global frame indices
+        last = int(self._last_frame[episode])  # the episode's last local frame
+        local_frames = local_start + self._frame_offsets  # (T,)
+        local_actions = local_start + self._action_offsets  # (K,)
+        state_is_pad = local_frames > last
+        action_is_pad = local_actions + 1 > last  # the action's outcome frame is past the end
+        episode_start = start - local_start
+        if state_is_pad[-1]:  # past the end: clamp to the last frame / action (cache indices stay inside)
+            frames = episode_start + np.minimum(local_frames, last)
+            action_rows: slice | np.ndarray = episode_start + np.minimum(local_actions, last)
+        else:
+            frames = start + self._frame_offsets  # (T,) global frame indices
+            action_rows = slice(start, start + self.layout.num_actions)
         cache, n_views, t, (h, w) = self.cache, len(self.views), len(frames), self.store.image_size
         rgb = np.empty((n_views, t, h, w, 3), np.uint8)
         depth = np.zeros((n_views, t, h, w), np.float32)
@@ -126,7 +158,7 @@ class WindowDataset(Dataset):
         else:
             intr = np.broadcast_to(np.eye(3, dtype=np.float32), (n_views, t, 3, 3)).copy()
             extr = np.broadcast_to(np.eye(4, dtype=np.float32), (n_views, t, 4, 4)).copy()
-        actions = cache.action[start : start + self.layout.num_actions]
+        actions = cache.action[action_rows]
         states = cache.state[frames]
         if self.normalize:
             actions = self.normalizer.action.normalize(actions)
@@ -138,6 +170,8 @@ class WindowDataset(Dataset):
             "extrinsics": extr,
             "actions": np.ascontiguousarray(actions, dtype=np.float32),
             "states": np.ascontiguousarray(states, dtype=np.float32),
+            "action_is_pad": action_is_pad,
+            "state_is_pad": state_is_pad,
             "has_depth": cache.has_depth,
             "has_cameras": cache.has_cameras,
             "task_index": self._task_of_episode[episode],
