@@ -4,9 +4,11 @@ batch (from xwam_core.data.windows) -> augmentation -> codec latents (RGB and in
 timesteps -> noised video/actions/states -> the transformer -> per-sample losses:
     video   flow matching on the future latent frames, in the loss form the model's video head declares
             ("velocity", the paper's; "sample": the same error on the clean latent, for x-prediction heads)
-    action  flow matching, masked where t_action = 0 (ANS's action-conditioned half) or the dimension
-            is padding for this embodiment
-    state   the same on future states
+    action  flow matching, masked where t_action = 0 (ANS's action-conditioned half), where the dimension
+            is padding for this embodiment, or where the step is past the episode's end (the batch's
+            `action_is_pad`); each sample's mean counts its real steps only, and a sample without one
+            leaves the term's batch mean (its mask is 0)
+    state   the same on future states (`state_is_pad`)
     depth   MSE of the depth branch's clean depth latent, masked where the store has no depth
 Noise, timesteps, prompt dropping and augmentation are drawn per sample from generators seeded by
 (seed, step, global sample index), so a batch split over 2 processes sees exactly what 1 process sees,
@@ -51,6 +53,23 @@ class Inputs:
 
 def pad_last(x: torch.Tensor, size: int) -> torch.Tensor:
     return x if x.shape[-1] == size else torch.nn.functional.pad(x, (0, size - x.shape[-1]))
+
+
+def real_steps(batch: dict[str, torch.Tensor], key: str, shape: tuple[int, ...], device: Any) -> torch.Tensor:
+    """(B, N) float: 1 where the step is real, 0 where `batch[key]` (a window's `*_is_pad`) says padding;
+    all ones for a batch without the key."""
+    pad = batch.get(key)
+    if pad is None:
+        return torch.ones(shape, device=device)
+    return (~pad.to(device).bool()).float()
+
+
+def masked_step_mean(err: torch.Tensor, dim_w: torch.Tensor, step_w: torch.Tensor) -> torch.Tensor:
+    """(B, N, D) squared errors -> (B,) means over the real steps (step_w (B, N)) and real dimensions
+    (dim_w (D,)); 0, not NaN, for a sample without a real step."""
+    w = dim_w.view(1, 1, -1)
+    total = (err * w * step_w.unsqueeze(-1)).sum((1, 2))
+    return total / (w.sum() * step_w.sum(1)).clamp_min(1e-12)
 
 
 def encode_batch(
@@ -179,13 +198,13 @@ class TrainingObjective(nn.Module):
             v_err = v_err * t_video.float().clamp_min(MIN_SAMPLE_T).view(-1, 1, 1, 1, 1, 1) ** 2
         losses = {"video": v_err.flatten(1).mean(1), "video_mask": torch.ones(b, device=device)}
         a_err = (out.actions.float() - velocity_target(x.actions, eps_action)) ** 2  # (B, K, Da)
-        a_w = self.action_valid.view(1, 1, -1)
-        losses["action"] = (a_err * a_w).sum((1, 2)) / (a_w.sum() * a_err.shape[1])
-        losses["action_mask"] = action_on.float()
+        a_real = real_steps(batch, "action_is_pad", a_err.shape[:2], device)  # (B, K)
+        losses["action"] = masked_step_mean(a_err, self.action_valid, a_real)
+        losses["action_mask"] = action_on.float() * (a_real.sum(1) > 0).float()
         s_err = (out.states[:, future].float() - velocity_target(x.states, eps_state)[:, future]) ** 2
-        s_w = self.state_valid.view(1, 1, -1)
-        losses["state"] = (s_err * s_w).sum((1, 2)) / (s_w.sum() * s_err.shape[1])
-        losses["state_mask"] = action_on.float()
+        s_real = real_steps(batch, "state_is_pad", x.states.shape[:2], device)[:, future]  # (B, F)
+        losses["state"] = masked_step_mean(s_err, self.state_valid, s_real)
+        losses["state_mask"] = action_on.float() * (s_real.sum(1) > 0).float()
         if run_depth and out.depth is not None:
             losses["depth"] = ((out.depth.float() - x.depth) ** 2).flatten(1).mean(1)
         else:
