@@ -88,6 +88,7 @@ def test_a_resumed_run_draws_from_every_rng_as_the_uninterrupted_one(store, tmp_
 
     stopped = DrawingTrainer(recipe(store, tmp_path / "stopped", steps, every=3))
     stopped.interrupt_after = 2
+    before = signal.getsignal(signal.SIGINT)  # Python's default handler; SIG_IGN under nohup / `cmd &`
     with pytest.raises(TrainingInterrupted) as info:
         stopped.fit()
     ckpt = tmp_path / "stopped" / "checkpoints" / "step-00000002"
@@ -95,7 +96,7 @@ def test_a_resumed_run_draws_from_every_rng_as_the_uninterrupted_one(store, tmp_
     assert str(info.value) == (
         f"interrupted (SIGINT) at step 2: checkpoint {ckpt} written; continue with --resume latest"
     )
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # fit put the handlers back
+    assert signal.getsignal(signal.SIGINT) is before  # fit put the handlers back
     assert not (tmp_path / "stopped" / LOCK_NAME).exists()
 
     resumed = DrawingTrainer(recipe(store, tmp_path / "stopped", steps, every=3), resume="latest")
