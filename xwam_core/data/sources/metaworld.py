@@ -210,7 +210,7 @@ class _TaskSim:
         self.env = env
         self.policy = sim.policies[task]()
         self.model, self.data = env.model, env.data
-        self.quat_scalar_last = _scalar_last(type(env))
+        self.quat_scalar_last = _scalar_last(env.__class__)
         self.hand_id = self.model.body("hand").id
         self.claw_ids = (self.model.body("rightclaw").id, self.model.body("leftclaw").id)
         self.fps = 1.0 / (env.frame_skip * self.model.opt.timestep)
@@ -289,7 +289,7 @@ def _positive_w(quat: np.ndarray) -> np.ndarray:
 
 
 @cache
-def _scalar_last(env_class: type) -> bool:
+def _scalar_last(env_class: Any) -> bool:
     """Whether the task's _get_quat_objects returns scipy's (x, y, z, w) rather than MuJoCo's (w, x, y, z).
 
     Meta-World mixes both: 22 v3 tasks (reach, push, pick-place, ...) return
