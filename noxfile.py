@@ -65,6 +65,8 @@ def demo(session: nox.Session) -> None:
         "64",
         "--seed",
         "0",
+        "--state",
+        "task",  # as recipes/tiny_cpu.toml: the state holds the object's pose and the goal
         "--out",
         f"{out}/store",
         "--overwrite",

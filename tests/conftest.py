@@ -90,9 +90,11 @@ class SyntheticSource(EpisodeSource):
         depth: bool = True,
         cameras: bool = True,
         tasks: tuple[str, ...] = ("reach", "push"),
+        state_names: tuple[str, ...] = tuple(f"s{i}" for i in range(8)),  # 8 names
     ):
         self.n, self.length, self.size, self.views = episodes, length, size, list(views)
         self.seed, self.depth, self.cameras, self.tasks = seed, depth, cameras, tasks
+        self.state_names = list(state_names)
 
     def info(self) -> SourceInfo:
         return SourceInfo(
@@ -101,7 +103,7 @@ class SyntheticSource(EpisodeSource):
             fps=20.0,
             views=self.views,
             image_size=self.size,
-            state_names=[f"s{i}" for i in range(8)],
+            state_names=list(self.state_names),
             action_names=[f"a{i}" for i in range(4)],
             num_episodes=self.n,
             has_depth=self.depth,

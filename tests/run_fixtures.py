@@ -22,6 +22,9 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "recipes" / "tiny_cpu.toml"
 runner = CliRunner()
 _built: dict[str, Any] = {}
+# the names of Meta-World's 8-D hand state (xwam_core.data.sources.metaworld.STATE_NAMES): the closed
+# loop picks the state it builds from a checkpoint's state names
+MW_HAND_STATE = ("ee_x", "ee_y", "ee_z", "ee_qw", "ee_qx", "ee_qy", "ee_qz", "gripper_opening")
 
 
 def _base(factory: pytest.TempPathFactory) -> Path:
@@ -71,13 +74,19 @@ def tiny_checkpoint(factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 def metaworld_checkpoint(factory: pytest.TempPathFactory) -> Path:
-    """A checkpoint shaped for Meta-World (views corner2 + gripperPOV at 64x64, task reach-v3, 8-D states,
-    4-D actions), trained 2 steps on synthetic episodes: the closed loop needs the shapes, not skill."""
+    """A checkpoint shaped for Meta-World (views corner2 + gripperPOV at 64x64, task reach-v3, the 8-D
+    hand state by name, 4-D actions), trained 2 steps on synthetic episodes: the closed loop needs the
+    shapes, not skill."""
     if "mw" not in _built:
         base = _base(factory)
         store = base / "mw-store"
         source = SyntheticSource(
-            episodes=2, length=12, size=(64, 64), views=("corner2", "gripperPOV"), tasks=("reach-v3",)
+            episodes=2,
+            length=12,
+            size=(64, 64),
+            views=("corner2", "gripperPOV"),
+            tasks=("reach-v3",),
+            state_names=MW_HAND_STATE,
         )
         write_store(store, source)
         _built["mw"] = train_tiny(store, base / "mw-train")

@@ -117,7 +117,7 @@ def test_bad_observations_are_one_clear_error(tmp_path_factory):
 def test_lora_finetune_infers_evaluates_resumes_and_finetunes_again(tmp_path_factory, tmp_path):
     """LoRA fine-tuning -> policy and world inference -> closed loop -> resume -> fine-tune again."""
     pytest.importorskip("peft")
-    from tests.run_fixtures import metaworld_checkpoint
+    from tests.run_fixtures import MW_HAND_STATE, metaworld_checkpoint
     from xwam_core.recipe import load_recipe
     from xwam_core.train import Trainer, train
 
@@ -126,7 +126,12 @@ def test_lora_finetune_infers_evaluates_resumes_and_finetunes_again(tmp_path_fac
     write_store(
         store,
         SyntheticSource(
-            episodes=2, length=12, size=(64, 64), views=("corner2", "gripperPOV"), tasks=("reach-v3",)
+            episodes=2,
+            length=12,
+            size=(64, 64),
+            views=("corner2", "gripperPOV"),
+            tasks=("reach-v3",),
+            state_names=MW_HAND_STATE,
         ),
     )
     out = tmp_path / "lora"

@@ -112,7 +112,8 @@ def test_unknown_source_and_missing_out(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "option", [["--tasks", "reach-v3"], ["--episodes", "3"], ["--size", "64"], ["--seed", "1"]]
+    "option",
+    [["--tasks", "reach-v3"], ["--episodes", "3"], ["--size", "64"], ["--seed", "1"], ["--state", "task"]],
 )
 def test_metaworld_options_are_refused_for_lerobot(tmp_path, option):
     """An option the chosen source does not have is refused, never silently ignored."""
@@ -131,6 +132,7 @@ def test_metaworld_options_are_refused_for_lerobot(tmp_path, option):
         (["--size", "32"], "32"),
         (["--size", "300"], "300"),
         (["--episodes", "0"], "episodes"),
+        (["--state", "joint"], "prepare.metaworld.state"),
     ],
 )
 def test_metaworld_bad_options(tmp_path, args, needle):
@@ -173,3 +175,23 @@ def test_issue_command_produces_valid_store(tmp_path):
     runner.invoke(app, [*ISSUE_COMMAND, "--out", str(out2)])
     ep2 = read_episode(EpisodeStore(out2), 0)
     assert (ep.views["corner2"].rgb == ep2.views["corner2"].rgb).all() and (ep.action == ep2.action).all()
+
+
+@pytest.mark.sim
+def test_state_task_is_recorded_in_the_store(tmp_path):
+    """--state task: 18 named state dimensions, and the choice in info.json's xwam section."""
+    pytest.importorskip("metaworld")
+    out = tmp_path / "mw"
+    args = ["--tasks", "reach-v3", "--episodes", "1", "--views", "topview", "--max-steps", "3"]
+    result = runner.invoke(app, ["prepare", "metaworld", *args, "--state", "task", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    info = json.loads((out / "meta" / "info.json").read_text())
+    assert info["xwam"]["source_extra"]["state"] == "task"
+    assert info["xwam"]["source_options"]["state"] == "task"
+    from xwam_core.data.sources.metaworld import TASK_STATE_NAMES
+
+    store = EpisodeStore(out)
+    assert store.state_names == TASK_STATE_NAMES
+    ep = read_episode(store, 0)
+    assert ep.state.shape == (3, 18)
+    ep.validate()

@@ -16,6 +16,9 @@ metaworld_source = pytest.importorskip("xwam_core.data.sources.metaworld")
 pytest.importorskip("metaworld")
 mujoco = pytest.importorskip("mujoco")
 cKDTree = pytest.importorskip("scipy.spatial").cKDTree
+# The closed-loop harness imports the Policy (torch, diffusers). Importing diffusers after an EGL context
+# has rendered crashes the process (segmentation fault, seen with Mesa's EGL here): import it first.
+sim_metaworld = pytest.importorskip("xwam_core.sim.metaworld")
 
 pytestmark = pytest.mark.sim
 
@@ -475,6 +478,7 @@ def test_default_quality_depth_matches_fast():
         ({"render_quality": "ultra"}, "ultra"),
         ({"max_steps": 0}, "max_steps=0"),
         ({"tasks": "reach-v3"}, "reach-v3"),
+        ({"state": "joint"}, "state='joint'"),
     ],
 )
 def test_bad_input_raises_data_error(kwargs, named):
@@ -485,3 +489,134 @@ def test_bad_input_raises_data_error(kwargs, named):
     assert named in message and "\n" not in message
     if "views" in kwargs:
         assert "corner2" in message and "gripperPOV" in message  # lists the valid camera names
+
+
+# ---------------------------------------------------------------- 5. state layouts (state = "task")
+
+
+@pytest.fixture(scope="module")
+def task_state_runs():
+    """reach-v3 and push-v3, 1 episode of 4 frames each, recorded with state='hand' and state='task',
+    plus the object body's pose and the env's goal at every frame of the 'task' run."""
+    truth: list[dict] = []
+
+    def on_frame(env, t: int) -> None:
+        body = env.data.body("obj")
+        truth.append(
+            {"obj_pos": body.xpos.copy(), "obj_quat": body.xquat.copy(), "goal": env._target_pos.copy()}
+        )
+
+    options = {"tasks": ["reach-v3", "push-v3"], "episodes": 1, "views": ["topview"], "size": SIZE}
+    hand_source = MetaWorldSource(**options, max_steps=4)
+    task_source = MetaWorldSource(**options, max_steps=4, state="task")
+    return hand_source, list(hand_source.episodes()), task_source, list(task_source.episodes(on_frame)), truth
+
+
+def test_task_state_holds_object_and_goal(task_state_runs):
+    hand_source, hand_episodes, task_source, task_episodes, truth = task_state_runs
+    names = task_source.info().state_names
+    assert names == [
+        *metaworld_source.STATE_NAMES,
+        *("obj_x", "obj_y", "obj_z", "obj_qw", "obj_qx", "obj_qy", "obj_qz", "goal_x", "goal_y", "goal_z"),
+    ]
+    assert hand_source.info().state_names == metaworld_source.STATE_NAMES
+    assert task_source.info().extra["state"] == "task" and hand_source.info().extra["state"] == "hand"
+    frames = [t for episode in task_episodes for t in range(len(episode.state))]
+    assert len(frames) == len(truth) == 8
+    states = np.concatenate([episode.state for episode in task_episodes])  # (8, 18)
+    assert states.shape == (8, len(names))
+    for state, frame in zip(states, truth, strict=True):
+        np.testing.assert_allclose(state[8:11], frame["obj_pos"], atol=1e-6)
+        quat = frame["obj_quat"] * np.sign(frame["obj_quat"][0])  # the body's (w, x, y, z), w >= 0
+        np.testing.assert_allclose(state[11:15], quat, atol=1e-6)
+        assert state[11] >= 0
+        np.testing.assert_allclose(state[15:18], frame["goal"], atol=1e-6)
+    # the goal is drawn per episode and differs from the hand's start
+    assert np.linalg.norm(states[0, 15:18] - states[0, :3]) > 0.05
+    for hand, task in zip(hand_episodes, task_episodes, strict=True):
+        np.testing.assert_array_equal(task.state[:, :8], hand.state)  # the hand part is unchanged
+        np.testing.assert_array_equal(task.action, hand.action)
+        np.testing.assert_array_equal(task.views["topview"].rgb, hand.views["topview"].rgb)
+
+
+def test_task_state_matches_metaworlds_observation():
+    """Object position, quaternion (reordered to w, x, y, z) and goal are those of env._get_obs()."""
+    sim = metaworld_source._sim()
+    gl = metaworld_source.gl_context(SIZE, SIZE)
+    try:
+        gl.make_current()
+        for task in ("reach-v3", "push-v3"):
+            task_sim = metaworld_source.TaskSim(sim, task, ["topview"], SIZE, SIZE, "fast", "task")
+            try:
+                task_sim.reset(7)
+                state, obs = task_sim.state(), task_sim.env._get_obs()
+                assert task_sim.quat_scalar_last  # Meta-World returns scipy's (x, y, z, w) here
+                np.testing.assert_allclose(state[:3], obs[:3])  # hand
+                np.testing.assert_allclose(state[7], obs[3])  # gripper opening
+                np.testing.assert_allclose(state[8:11], obs[4:7])  # first object's position
+                np.testing.assert_allclose(state[11:15], obs[[10, 7, 8, 9]] * np.sign(obs[10]))
+                np.testing.assert_allclose(state[15:18], obs[-3:])  # goal
+                np.testing.assert_array_equal(task_sim.state("hand"), state[:8])
+            finally:
+                task_sim.free()
+    finally:
+        gl.free()
+
+
+def test_closed_loop_builds_the_recorded_task_state(task_state_runs):
+    """Same seed: the harness's observe() gives the recorded frame 0's 18-D state, bit for bit."""
+    task_episodes = task_state_runs[3]
+    gl = metaworld_source.gl_context(SIZE, SIZE)
+    try:
+        gl.make_current()
+        episode = task_episodes[1]  # push-v3
+        task_sim = metaworld_source.TaskSim(
+            metaworld_source._sim(), "push-v3", ["topview"], SIZE, SIZE, "fast", "task"
+        )
+        try:
+            task_sim.reset(int(episode.extra["episode_seed"]))
+            rgb, state = sim_metaworld.observe(task_sim, gl)
+        finally:
+            task_sim.free()
+    finally:
+        gl.free()
+    np.testing.assert_array_equal(rgb[0], episode.views["topview"].rgb[0])
+    np.testing.assert_array_equal(state, episode.state[0])
+
+
+def _stub_policy(state_names: list[str]):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(
+        spec=SimpleNamespace(views=["corner2"], image_size=(64, 64), tasks=["reach-v3"]),
+        normalizer=SimpleNamespace(action_dim=4, state_names=list(state_names)),
+    )
+
+
+def test_closed_loop_picks_the_layout_from_the_state_names():
+    from xwam_core.errors import XWAMError
+
+    _check, state_layout = sim_metaworld._check, sim_metaworld.state_layout
+
+    assert state_layout(_stub_policy(metaworld_source.STATE_NAMES)) == "hand"
+    assert state_layout(_stub_policy(metaworld_source.TASK_STATE_NAMES)) == "task"
+    _check(_stub_policy(metaworld_source.TASK_STATE_NAMES), ["reach-v3"], 1, 10)
+    for names in (["s0", "s1"], [*metaworld_source.STATE_NAMES, "goal_x", "goal_y", "goal_z"]):
+        with pytest.raises(XWAMError) as error:
+            _check(_stub_policy(names), ["reach-v3"], 1, 10)
+        message = str(error.value)
+        assert "\n" not in message and str(names) in message
+        assert "hand: ee_x" in message and "obj_qw" in message and "goal_z" in message
+
+
+@pytest.mark.parametrize("value", ["joint", "", "Task"])
+def test_recipe_state_is_validated(value):
+    from xwam_core.errors import RecipeError
+    from xwam_core.recipe import load_recipe
+
+    assert load_recipe(None, ['prepare.metaworld.state="task"']).prepare.metaworld.state == "task"
+    assert load_recipe(None, []).prepare.metaworld.state == "hand"
+    with pytest.raises(RecipeError) as error:
+        load_recipe(None, [f"prepare.metaworld.state={value!r}"])
+    message = str(error.value)
+    assert "prepare.metaworld.state" in message and "'task'" in message and "\n" not in message

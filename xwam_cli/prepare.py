@@ -26,6 +26,7 @@ EXAMPLES = """
 [bold]Examples[/]
 
   xwam prepare metaworld --tasks reach-v3,push-v3 --episodes 4 --views corner2,topview --size 64 --seed 0 --out data/mw
+  xwam prepare metaworld --tasks reach-v3 --episodes 4 --views corner2 --state task --out data/mw_task
   xwam prepare lerobot path/to/lerobot_dataset --views observation.images.front=front --out data/mine
   xwam prepare xwam-release path/to/release_dataset --out data/release
   xwam prepare --recipe recipes/tiny_cpu.toml --set prepare.metaworld.episodes=8
@@ -58,6 +59,12 @@ def prepare(
     render_quality: Annotated[
         str | None, typer.Option(help="metaworld: 'fast' (no shadows/reflections) or 'default'.")
     ] = None,
+    state: Annotated[
+        str | None,
+        typer.Option(
+            help="metaworld: 'hand' (8-D hand state) or 'task' (+ first object's pose and the goal, 18-D)."
+        ),
+    ] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing store.")] = False,
     recipe: Annotated[
         Path | None, typer.Option(help="Recipe TOML; its \\[prepare] section gives defaults.")
@@ -83,6 +90,7 @@ def prepare(
             "--seed": seed,
             "--max-steps": max_steps,
             "--render-quality": render_quality,
+            "--state": state,
         }
         if name in ("xwam-release", "lerobot"):  # sources that read a dataset folder
             if len(rest) != 1:
@@ -115,6 +123,7 @@ def prepare(
                     "prepare.metaworld.seed": seed,
                     "prepare.metaworld.max_steps": max_steps,
                     "prepare.metaworld.render_quality": render_quality,
+                    "prepare.metaworld.state": state,
                 }
             )
     resolved = recipe_with(recipe, set_, cli)

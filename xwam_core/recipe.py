@@ -47,6 +47,8 @@ class MetaWorldSourceConfig:
     seed: int = 0
     max_steps: int = 150
     render_quality: str = "fast"  # "fast" (no shadows/reflections/multisampling) or "default"
+    # "hand": 8-D hand state; "task": + the first object's pose and the goal position (18-D)
+    state: str = "hand"
 
     def validate(self) -> None:
         """The ranges MetaWorldSource enforces, checked when the recipe is loaded (task and camera names
@@ -75,6 +77,12 @@ class MetaWorldSourceConfig:
             f"{key}.render_quality",
             f"one of {', '.join(mw.RENDER_QUALITIES)}",
             self.render_quality,
+        )
+        require(
+            self.state in mw.STATE_LAYOUTS,
+            f"{key}.state",
+            "'hand' (8-D hand state) or 'task' (hand, first object and goal, 18-D)",
+            self.state,
         )
 
 

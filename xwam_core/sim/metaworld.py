@@ -118,6 +118,21 @@ class SimResult:
         }
 
 
+def state_layout(policy: Policy) -> str:
+    """The Meta-World state layout ('hand' or 'task') the checkpoint was trained on, from its state names."""
+    from xwam_core.data.sources import metaworld as mw
+
+    names = list(policy.normalizer.state_names)
+    for layout, expected in mw.STATE_LAYOUTS.items():
+        if names == expected:
+            return layout
+    expected_text = "; ".join(f"{k}: {', '.join(v)}" for k, v in mw.STATE_LAYOUTS.items())
+    raise XWAMError(
+        f"incompatible checkpoint for Meta-World: state names {names} match no Meta-World state layout; "
+        f"expected {expected_text}"
+    )
+
+
 def _check(policy: Policy, tasks: list[str], episodes: int, max_steps: int) -> None:
     from xwam_core.data.sources import metaworld as mw
 
@@ -139,12 +154,13 @@ def _check(policy: Policy, tasks: list[str], episodes: int, max_steps: int) -> N
         raise XWAMError(
             f"incompatible checkpoint for Meta-World: {h}x{w} images; the renderer makes {mw.MIN_SIZE} to {mw.MAX_SIZE} px"
         )
-    action_dim, state_dim = policy.normalizer.action_dim, policy.normalizer.state_dim
-    if action_dim != len(mw.ACTION_NAMES) or state_dim != len(mw.STATE_NAMES):
+    action_dim = policy.normalizer.action_dim
+    if action_dim != len(mw.ACTION_NAMES):
         raise XWAMError(
-            f"incompatible checkpoint for Meta-World: {action_dim}-D actions / {state_dim}-D states, "
-            f"Meta-World has {len(mw.ACTION_NAMES)} ({', '.join(mw.ACTION_NAMES)}) / {len(mw.STATE_NAMES)}"
+            f"incompatible checkpoint for Meta-World: {action_dim}-D actions, "
+            f"Meta-World has {len(mw.ACTION_NAMES)} ({', '.join(mw.ACTION_NAMES)})"
         )
+    state_layout(policy)  # refuses state names that match no layout the source records
     known = mw.valid_tasks()
     for task in tasks:
         if task not in known:
@@ -229,7 +245,8 @@ def evaluate_metaworld(
     try:
         for task in tasks:
             gl.make_current()
-            task_sim = mw.TaskSim(sim, task, list(layout.views), height, width, quality)
+            # observe() builds the state of the layout the checkpoint was trained on
+            task_sim = mw.TaskSim(sim, task, list(layout.views), height, width, quality, state_layout(policy))
             try:
                 for i, episode_seed in enumerate(seeds[task]):
                     for which in policies:

@@ -31,6 +31,7 @@ def _metaworld(cfg: PrepareConfig) -> EpisodeSource:
         seed=m.seed,
         max_steps=m.max_steps,
         render_quality=m.render_quality,
+        state=m.state,
     )
 
 

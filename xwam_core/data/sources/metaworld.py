@@ -14,6 +14,7 @@ import os
 os.environ.setdefault("MUJOCO_GL", "egl")
 
 import difflib
+import inspect
 import math
 import warnings
 import zlib
@@ -40,6 +41,14 @@ CAMERAS: dict[str, str] = {
     "gripperPOV": "moves with the hand, beside the fingers looking down at what they grasp (fovy 90)",
 }
 STATE_NAMES = ["ee_x", "ee_y", "ee_z", "ee_qw", "ee_qx", "ee_qy", "ee_qz", "gripper_opening"]
+# state = "task": the hand, then what Meta-World's own observation holds beyond it: the first object's
+# position and orientation, and the goal position (docs/sources/metaworld.md, "State layouts").
+TASK_STATE_NAMES = [
+    *STATE_NAMES,
+    *("obj_x", "obj_y", "obj_z", "obj_qw", "obj_qx", "obj_qy", "obj_qz"),
+    *("goal_x", "goal_y", "goal_z"),
+]
+STATE_LAYOUTS: dict[str, list[str]] = {"hand": STATE_NAMES, "task": TASK_STATE_NAMES}
 ACTION_NAMES = ["delta_x", "delta_y", "delta_z", "gripper_effort"]
 RENDER_QUALITIES = ("fast", "default")
 MIN_SIZE, MAX_SIZE = 64, 256
@@ -175,9 +184,21 @@ class _ViewRenderer:
 class _TaskSim:
     """The environment, expert policy and renderer of one task, reused for all its episodes."""
 
-    def __init__(self, sim: Any, task: str, views: list[str], height: int, width: int, quality: str) -> None:
+    def __init__(
+        self,
+        sim: Any,
+        task: str,
+        views: list[str],
+        height: int,
+        width: int,
+        quality: str,
+        state: str = "hand",
+    ) -> None:
+        if state not in STATE_LAYOUTS:
+            raise DataError(f"metaworld: state layout {state!r}; expected one of {', '.join(STATE_LAYOUTS)}")
         self.sim = sim
         self.task = task
+        self.state_layout = state  # what state() returns (STATE_LAYOUTS)
         env = sim.envs[task]()
         # Fresh, seeded start states instead of MT1's 50 presets: rand_vec comes from env.np_random.
         env._partially_observable = False  # the expert policies read the goal from the observation
@@ -189,6 +210,7 @@ class _TaskSim:
         self.env = env
         self.policy = sim.policies[task]()
         self.model, self.data = env.model, env.data
+        self.quat_scalar_last = _scalar_last(env.__class__)
         self.hand_id = self.model.body("hand").id
         self.claw_ids = (self.model.body("rightclaw").id, self.model.body("leftclaw").id)
         self.fps = 1.0 / (env.frame_skip * self.model.opt.timestep)
@@ -229,19 +251,55 @@ class _TaskSim:
         pose[:3, 3] = self.data.cam_xpos[camera.cam_id]
         return pose
 
-    def state(self) -> np.ndarray:
-        """Hand position xyz, hand quaternion wxyz (w >= 0), gripper opening in [0, 1]."""
+    def state(self, layout: str | None = None) -> np.ndarray:
+        """The state of `layout` (default: this TaskSim's, STATE_LAYOUTS) at the current instant, float64.
+
+        "hand" (8): hand position xyz, hand quaternion wxyz (w >= 0), gripper opening in [0, 1].
+        "task" (18): that, then the first object's position and quaternion wxyz (w >= 0) and the goal
+        position, read the way Meta-World builds its observation (_get_pos_objects, _get_quat_objects,
+        _get_pos_goal). The one definition used by the source and by the closed-loop harness.
+        """
         data = self.data
-        quat = data.xquat[self.hand_id].copy()
-        if quat[0] < 0:
-            quat = -quat
+        quat = _positive_w(data.xquat[self.hand_id])
         right, left = (data.xpos[i] for i in self.claw_ids)
         opening = np.clip(np.linalg.norm(right - left) / _FINGER_SPAN_M, 0.0, 1.0)
-        return np.concatenate([data.xpos[self.hand_id], quat, [opening]])
+        hand = np.concatenate([data.xpos[self.hand_id], quat, [opening]])
+        layout = layout or self.state_layout
+        if layout == "hand":
+            return hand
+        if layout != "task":
+            raise DataError(f"metaworld: state layout {layout!r}; expected one of {', '.join(STATE_LAYOUTS)}")
+        env = self.env
+        obj_pos = np.asarray(env._get_pos_objects(), np.float64)[:3]
+        obj_quat = np.asarray(env._get_quat_objects(), np.float64)[:4]
+        if self.quat_scalar_last:
+            obj_quat = obj_quat[[3, 0, 1, 2]]  # scipy's x, y, z, w -> w, x, y, z
+        goal = np.asarray(env._get_pos_goal(), np.float64)
+        return np.concatenate([hand, obj_pos, _positive_w(obj_quat), goal])
 
     def free(self) -> None:
         self.renderer.free()
         self.env.close()
+
+
+def _positive_w(quat: np.ndarray) -> np.ndarray:
+    """The same rotation with w >= 0 (q and -q are one rotation), as a copy."""
+    quat = np.array(quat, np.float64)
+    return -quat if quat[0] < 0 else quat
+
+
+@cache
+def _scalar_last(env_class: Any) -> bool:
+    """Whether the task's _get_quat_objects returns scipy's (x, y, z, w) rather than MuJoCo's (w, x, y, z).
+
+    Meta-World mixes both: 22 v3 tasks (reach, push, pick-place, ...) return
+    `Rotation.from_matrix(...).as_quat()` (scalar last), the others a body's `xquat` (scalar first) or
+    zeros (no orientation: recorded as zeros). Read from the method's source, the only place that says.
+    """
+    try:
+        return "as_quat" in inspect.getsource(env_class._get_quat_objects)
+    except (OSError, TypeError):
+        return False
 
 
 class MetaWorldSource(EpisodeSource):
@@ -259,6 +317,7 @@ class MetaWorldSource(EpisodeSource):
         seed: int = 0,
         max_steps: int = 150,
         render_quality: str = "fast",
+        state: str = "hand",
     ) -> None:
         if isinstance(tasks, str) or not tasks:
             raise DataError(
@@ -293,6 +352,11 @@ class MetaWorldSource(EpisodeSource):
             raise DataError(f"metaworld: render_quality={render_quality!r}; expected 'fast' or 'default'")
         if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
             raise DataError(f"metaworld: seed={seed!r}; expected an integer >= 0")
+        if state not in STATE_LAYOUTS:
+            raise DataError(
+                f"metaworld: state={state!r}; expected 'hand' (8-D hand state) or 'task' (hand, first "
+                "object and goal, 18-D)"
+            )
         known = valid_tasks()
         for task in tasks:
             if task not in known:
@@ -309,6 +373,7 @@ class MetaWorldSource(EpisodeSource):
         self.seed = seed
         self.max_steps = max_steps
         self.render_quality = render_quality
+        self.state_layout = state
 
     def info(self) -> SourceInfo:
         return SourceInfo(
@@ -317,7 +382,7 @@ class MetaWorldSource(EpisodeSource):
             fps=_control_fps(),
             views=list(self.views),
             image_size=(self.height, self.width),
-            state_names=list(STATE_NAMES),
+            state_names=list(STATE_LAYOUTS[self.state_layout]),
             action_names=list(ACTION_NAMES),
             num_episodes=len(self.tasks) * self.num_episodes_per_task,
             has_depth=True,
@@ -328,7 +393,14 @@ class MetaWorldSource(EpisodeSource):
                 "seed": self.seed,
                 "max_steps": self.max_steps,
                 "render_quality": self.render_quality,
-                "state_frame": "Meta-World 'hand' body (the policy's hand_pos); gripper_opening 0 closed .. 1 open",
+                "state": self.state_layout,
+                "state_frame": "Meta-World 'hand' body (the policy's hand_pos); gripper_opening 0 closed .. 1 open"
+                + (
+                    "; obj_*: the first object of Meta-World's observation (_get_pos_objects, "
+                    "_get_quat_objects as wxyz, w >= 0); goal_*: the goal position (_get_pos_goal)"
+                    if self.state_layout == "task"
+                    else ""
+                ),
                 "success": "info['success'] true after any executed step",
             },
         )
@@ -346,7 +418,9 @@ class MetaWorldSource(EpisodeSource):
         try:
             for task in self.tasks:
                 gl.make_current()
-                task_sim = _TaskSim(sim, task, self.views, self.height, self.width, self.render_quality)
+                task_sim = _TaskSim(
+                    sim, task, self.views, self.height, self.width, self.render_quality, self.state_layout
+                )
                 try:
                     for index in range(self.num_episodes_per_task):
                         yield self._record(task_sim, index, gl, on_frame)
@@ -365,7 +439,7 @@ class MetaWorldSource(EpisodeSource):
         rgb = np.empty((n_views, max_t, height, width, 3), np.uint8)  # (V, T, H, W, 3)
         depth = np.empty((n_views, max_t, height, width), np.float32)  # (V, T, H, W)
         extrinsics = np.empty((n_views, max_t, 4, 4), np.float32)  # (V, T, 4, 4)
-        state = np.empty((max_t, len(STATE_NAMES)), np.float32)  # (T, 8)
+        state = np.empty((max_t, len(STATE_LAYOUTS[task_sim.state_layout])), np.float32)  # (T, 8 or 18)
         action = np.empty((max_t, len(ACTION_NAMES)), np.float32)  # (T, 4)
         success_frame = -1
         n_frames = 0
