@@ -92,8 +92,12 @@ def test_bc_learns_the_mapping_and_never_sees_held_out_episodes(mapped_store):
 
 
 def test_bc_is_reproducible_and_acts_like_the_policy(mapped_store):
-    a = train_bc(mapped_store, [0, 1], chunk=4, actions_per_query=2, config=dataclasses.replace(FAST, steps=50))
-    b = train_bc(mapped_store, [0, 1], chunk=4, actions_per_query=2, config=dataclasses.replace(FAST, steps=50))
+    a = train_bc(
+        mapped_store, [0, 1], chunk=4, actions_per_query=2, config=dataclasses.replace(FAST, steps=50)
+    )
+    b = train_bc(
+        mapped_store, [0, 1], chunk=4, actions_per_query=2, config=dataclasses.replace(FAST, steps=50)
+    )
     obs = {"state": np.zeros(8, np.float32), "task": "reach", "images": {}}
     np.testing.assert_array_equal(a.predict_chunk(obs), b.predict_chunk(obs))
     assert a.predict_chunk(obs).shape == (4, 4)
