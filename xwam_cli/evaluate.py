@@ -413,7 +413,8 @@ def _evaluate_sim(
     if bc is not None:
         info = bc.info
         console.print(
-            f"BC: trained {info['train_seconds']:.0f} s on {len(info['episodes'])} training episodes "
+            f"BC: trained {info['train_seconds']:.0f} s on the checkpoint's {len(info['episodes'])} training "
+            f"episode{'s' if len(info['episodes']) != 1 else ''} "
             f"({info['frames']} frames; held-out episodes excluded), loss {info['loss_first']:.4f} -> "
             f"{info['loss_final']:.4f}"
         )
