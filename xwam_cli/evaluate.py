@@ -200,13 +200,15 @@ def evaluate(
     tasks: Annotated[
         str | None, typer.Option(help="--sim: comma-separated tasks, e.g. reach-v3,push-v3.")
     ] = None,
-    episodes: Annotated[int | None, typer.Option(help="--sim: episodes per task [default: 10].")] = None,
+    episodes: Annotated[int | None, typer.Option(help="--sim: episodes per task (default: 10).")] = None,
     seed: Annotated[
         int | None,
-        typer.Option(help="--sim: seed of the held-out starts (same seed, same result) [default: 0]."),
+        typer.Option(
+            help="--sim: seed of the held-out starts; the same seed gives the same result (default: 0)."
+        ),
     ] = None,
     max_steps: Annotated[
-        int | None, typer.Option(help="--sim: step limit per episode [default: 150].")
+        int | None, typer.Option(help="--sim: step limit per episode (default: 150).")
     ] = None,
     video: Annotated[Path | None, typer.Option(help="--sim: folder for the model's rollout mp4s.")] = None,
     baselines: Annotated[
@@ -214,7 +216,7 @@ def evaluate(
         typer.Option(
             help="--sim: comma-separated baselines on the same seeds: expert (scripted), random, bc (a "
             "state-only MLP trained on the checkpoint's training episodes; needs its store), or none "
-            "[default: expert,random,bc]."
+            "(default: expert,random,bc)."
         ),
     ] = None,
     no_baselines: Annotated[
@@ -224,7 +226,7 @@ def evaluate(
         int | None,
         typer.Option(
             help="--sim: actions executed open loop per query, 1 to the chunk (model and BC) "
-            "[default: the checkpoint's: the whole chunk]."
+            "(default: the checkpoint's, the whole chunk)."
         ),
     ] = None,
     render_quality: Annotated[
