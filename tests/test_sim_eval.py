@@ -25,6 +25,7 @@ def policy(tmp_path_factory):
 
 def test_same_seeds_same_result(policy):
     from xwam_core.sim.metaworld import eval_episode_seed, evaluate_metaworld
+    from xwam_core.sim.scores import wilson_interval
 
     runs = [evaluate_metaworld(policy, ["reach-v3"], 1, seed=5, max_steps=10) for _ in range(2)]
     a, b = (r.to_json()["rollouts"] for r in runs)
@@ -38,6 +39,60 @@ def test_same_seeds_same_result(policy):
     model = a[0]
     assert model["queries"] == 2 and model["steps"] == 10  # 8-action chunks: 8 + 2 steps
     assert a[0]["final_state"] != a[2]["final_state"]  # the policies really drove the robot differently
+    data = runs[0].to_json()
+    assert data["actions_per_query"] == 8 and data["chunk"] == 8
+    rate = data["success_rate"]
+    k, n = rate["successes"]["per_task"]["reach-v3"]["random"]
+    assert n == 1 and rate["interval_95"]["per_task"]["reach-v3"]["random"] == list(wilson_interval(k, n))
+    assert "Wilson" in rate["interval_95"]["method"]
+    following = data["goal_following"]["per_task"]["reach-v3"]
+    assert following["model"]["r"] == {"x": None, "y": None, "z": None}  # 1 start: n/a
+    assert following["model"]["starts"] == 1 and len(following["displacements"]["expert"]) == 1
+
+
+def test_actions_per_query_goal_following_and_bc_in_the_harness(policy, monkeypatch):
+    """3 actions of each 8-action chunk per query (model and BC); the goal-following probe is the rollout's
+    own first chunk; BC trains on the checkpoint's training episodes only and drives the robot."""
+    from xwam_core.data.reader import EpisodeStore
+    from xwam_core.policy import Policy
+    from xwam_core.sim.bc import BCConfig, train_bc, training_episodes
+    from xwam_core.sim.metaworld import evaluate_metaworld
+
+    store = EpisodeStore(policy.spec.store)
+    episodes = training_episodes(store, policy.spec.val_episodes)
+    assert episodes == [0] and policy.spec.val_episodes == 1  # the fixture holds its last episode out
+    bc = train_bc(store, episodes, chunk=8, config=BCConfig(hidden=32, layers=1, steps=20))
+    assert bc.info["episodes"] == [0] and bc.info["frames"] == store.episodes[0].length
+    chunks: list = []
+    predict = Policy.predict_chunk
+
+    def recording(self, obs):
+        chunks.append(predict(self, obs))
+        return chunks[-1]
+
+    monkeypatch.setattr(Policy, "predict_chunk", recording)
+    policy.actions_per_query = 3
+    try:
+        result = evaluate_metaworld(
+            policy, ["reach-v3"], 3, seed=2, max_steps=7, baselines=["bc", "random"], bc=bc
+        )
+    finally:
+        policy.actions_per_query = 8
+    data = result.to_json()
+    assert [r["policy"] for r in data["rollouts"][:3]] == ["model", "bc", "random"]
+    for r in data["rollouts"]:
+        if r["policy"] in ("model", "bc") and r["steps"] == 7:
+            assert r["queries"] == 3  # 3 + 3 + 1 steps
+    assert data["actions_per_query"] == 3 and bc.actions_per_query == 3
+    assert data["bc"]["episodes"] == [0] and data["bc"]["loss_final"] > 0
+    # each episode: the probe, then the rollout's first query from the same start and noise seed
+    np.testing.assert_array_equal(chunks[0], chunks[1])
+    following = data["goal_following"]["per_task"]["reach-v3"]
+    assert following["model"]["starts"] == 3 and following["bc"]["starts"] == 3
+    assert len(following["displacements"]["expert"]) == 3 and len(following["steps"]) == 3
+    assert all(1 <= n <= 8 for n in following["steps"])
+    assert following["model"]["expert_std"]["x"] > 0  # held-out starts differ: the expert moves differently
+    assert set(data["goal_following"]["r_mean"]) == {"model", "bc"}
 
 
 def test_evaluation_starts_are_held_out(tmp_path):
@@ -80,7 +135,12 @@ def test_the_policy_sees_what_the_store_records():
     np.testing.assert_array_equal(state, episode.state[0])
 
 
-def test_cli_video_json_and_bad_input(tmp_path, tmp_path_factory):
+def test_cli_video_json_and_bad_input(tmp_path, tmp_path_factory, monkeypatch):
+    import functools
+
+    from xwam_core.sim import bc
+
+    monkeypatch.setattr(bc, "BCConfig", functools.partial(bc.BCConfig, steps=50))  # the CLI's BC, quickly
     ckpt = metaworld_checkpoint(tmp_path_factory)
     out, video = tmp_path / "sim.json", tmp_path / "videos"
     base = ["evaluate", "--sim", "metaworld", "--ckpt", str(ckpt), "--episodes", "1", "--max-steps", "4"]
@@ -89,13 +149,58 @@ def test_cli_video_json_and_bad_input(tmp_path, tmp_path_factory):
     )
     assert result.exit_code == 0, result.output
     assert "reach-v3" in result.output and "ms per query" in result.output
+    assert "8 of 8 actions executed per query" in result.output and "Goal following" in result.output
     data = json.loads(out.read_text())
     assert data["success_rate"]["per_task"]["reach-v3"].keys() == {"model"}
+    assert data["actions_per_query"] == 8 and data["bc"] is None
     assert data["max_steps"] == 4 and data["notes"]["render_quality"] == "fast"
     frames = decode_video(video / "reach-v3_ep000_model.mp4")
     assert (
         frames.shape[0] == 5 and frames.shape[2] == 2 * frames.shape[1]
     )  # start + 4 steps, 2 views side by side
+    result = runner.invoke(
+        app(),
+        [
+            *base,
+            "--tasks",
+            "reach-v3",
+            "--actions-per-query",
+            "4",
+            "--baselines",
+            "expert,bc",
+            "--out",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert (
+        "BC (state MLP)" in result.output
+        and "4 of 8 actions executed per query (model and BC)" in result.output
+    )
+    assert "[" in result.output and "n/a" in result.output  # intervals; 1 start: no correlation
+    assert "held-out episodes excluded" in " ".join(result.output.split())  # the BC line, however wrapped
+    data = json.loads(out.read_text())
+    assert data["actions_per_query"] == 4 and data["bc"]["episodes"] == [0]
+    assert data["success_rate"]["interval_95"]["per_task"]["reach-v3"].keys() == {"model", "bc", "expert"}
+    one_line_error(
+        runner.invoke(app(), [*base, "--tasks", "reach-v3", "--actions-per-query", "0"]),
+        "--actions-per-query 0",
+    )
+    one_line_error(
+        runner.invoke(app(), [*base, "--tasks", "reach-v3", "--actions-per-query", "9"]),
+        "--actions-per-query 9",
+        "chunk of 8",
+    )
+    one_line_error(runner.invoke(app(), [*base, "--tasks", "reach-v3", "--baselines", "expert,mlp"]), "'mlp'")
+    one_line_error(
+        runner.invoke(app(), [*base, "--tasks", "reach-v3", "--data", str(tmp_path / "gone")]),
+        "gone is not there",
+        "--baselines expert,random",
+    )
+    one_line_error(
+        runner.invoke(app(), [*base, "--tasks", "reach-v3", "--baselines", "none", "--no-baselines"]),
+        "give one",
+    )
     one_line_error(runner.invoke(app(), [*base, "--tasks", "reach-v9"]), "unknown Meta-World task 'reach-v9'")
     one_line_error(runner.invoke(app(), [*base, "--tasks", "push-v3"]), "'push-v3' was not seen in training")
     one_line_error(runner.invoke(app(), [*base]), "--tasks")
@@ -122,8 +227,15 @@ def test_cli_video_json_and_bad_input(tmp_path, tmp_path_factory):
 
 
 def test_closed_loop_options_without_sim_are_refused(tmp_path):
-    """--episodes/--seed/--max-steps/--no-baselines only mean something with --sim: never silently ignored."""
-    for option in (["--episodes", "3"], ["--seed", "1"], ["--max-steps", "5"], ["--no-baselines"]):
+    """--episodes/--seed/--max-steps/--baselines/--actions-per-query only mean something with --sim: never silently ignored."""
+    for option in (
+        ["--episodes", "3"],
+        ["--seed", "1"],
+        ["--max-steps", "5"],
+        ["--no-baselines"],
+        ["--baselines", "bc"],
+        ["--actions-per-query", "2"],
+    ):
         one_line_error(
             runner.invoke(app(), ["evaluate", str(tmp_path), *option]), option[0].split("=")[0][:10]
         )

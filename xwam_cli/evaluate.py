@@ -16,6 +16,7 @@ EXAMPLES = """
   xwam evaluate out/demo/infer --metrics psnr,ssim,absrel,delta1,chamfer,action_mse,action_l1
   xwam evaluate out/demo/infer --metrics psnr,lpips --lpips-weights ~/weights/alexnet.safetensors
   xwam evaluate --sim metaworld --ckpt CKPT --tasks reach-v3,push-v3 --episodes 10 --video out/demo/rollouts
+  xwam evaluate --sim metaworld --ckpt CKPT --tasks reach-v3 --actions-per-query 8 --baselines expert,bc
 """
 
 BASELINE_TITLES = {
@@ -78,26 +79,86 @@ def offline_table(report: dict[str, Any]) -> Table:
     return table
 
 
+SIM_TITLES = {"model": "model", "bc": "BC (state MLP)", "expert": "scripted expert", "random": "random"}
+
+
 def sim_table(result: Any) -> Table:
+    """Success per task and policy with its 95% Wilson interval; the caption says how it was run."""
     data = result.to_json()
     policies = list(data["success_rate"]["mean"])
+    rate = data["success_rate"]
+    caption = "95% Wilson score intervals in brackets"
+    if result.actions_per_query is not None:
+        who = "model and BC" if "bc" in policies else "model"
+        caption = (
+            f"{result.actions_per_query} of {result.chunk} actions executed per query ({who}); " + caption
+        )
     table = Table(
         title=f"Meta-World closed loop: {result.episodes} held-out episodes per task, seed {result.seed}, "
-        f"<= {result.max_steps} steps"
+        f"<= {result.max_steps} steps",
+        caption=caption,
     )
     table.add_column("task", style="bold")
     for p in policies:
-        table.add_column(
-            {"model": "model", "expert": "scripted expert", "random": "random"}[p], justify="right"
+        table.add_column(SIM_TITLES[p], justify="right")
+
+    def cell(counts: list[int], interval: list[float] | None) -> str:
+        k, n = counts
+        if not n or interval is None:
+            return "—"
+        return f"{100 * k / n:.0f}% ({k}/{n}) [{100 * interval[0]:.0f}-{100 * interval[1]:.0f}]"
+
+    for task in result.tasks:
+        table.add_row(
+            task,
+            *[
+                cell(rate["successes"]["per_task"][task][p], rate["interval_95"]["per_task"][task][p])
+                for p in policies
+            ],
         )
+    table.add_row(
+        "mean",
+        *[cell(rate["successes"]["mean"][p], rate["interval_95"]["mean"][p]) for p in policies],
+        style="bold",
+    )
+    return table
 
-    def cell(rate: float | None, n: int) -> str:
-        return "—" if rate is None else f"{100 * rate:.0f}% ({round(rate * n)}/{n})"
 
-    for task, rates in data["success_rate"]["per_task"].items():
-        table.add_row(task, *[cell(rates[p], result.episodes) for p in policies])
-    total = result.episodes * len(result.tasks)
-    table.add_row("mean", *[cell(data["success_rate"]["mean"][p], total) for p in policies], style="bold")
+def goal_table(result: Any) -> Table:
+    """Goal following: per task and learned policy, the Pearson r of its first chunk's displacement with
+    the expert's across starts (x, y, z, mean) and both spreads."""
+    data = result.to_json()["goal_following"]
+
+    def r(x: float | None) -> str:
+        return "n/a" if x is None else f"{x:+.2f}"
+
+    def spread(std: dict[str, float | None]) -> str:
+        return " / ".join("—" if v is None else f"{v:.2f}" for v in std.values())
+
+    table = Table(
+        title="Goal following: first chunk's displacement vs the scripted expert's, same starts",
+        caption="Pearson r across held-out starts (n/a: fewer than 3 starts or no variation); spread: std "
+        "across starts of the summed xyz actions (x 1 cm of commanded hand motion)",
+    )
+    table.add_column("task", style="bold")
+    table.add_column("policy")
+    for axis in ("r x", "r y", "r z", "r mean"):
+        table.add_column(axis, justify="right")
+    table.add_column("spread x/y/z", justify="right")
+    table.add_column("expert spread", justify="right")
+    for task, entry in data["per_task"].items():
+        for p in ("model", "bc"):
+            if p not in entry:
+                continue
+            g = entry[p]
+            table.add_row(
+                task,
+                SIM_TITLES[p],
+                *[r(g["r"][a]) for a in ("x", "y", "z")],
+                r(g["r_mean"]),
+                spread(g["std"]),
+                spread(g["expert_std"]),
+            )
     return table
 
 
@@ -117,7 +178,11 @@ def evaluate(
         Path | None, typer.Option(help="Local AlexNet weights for LPIPS (or $XWAM_LPIPS_WEIGHTS).")
     ] = None,
     data: Annotated[
-        Path | None, typer.Option(help="The run's episode store, if it moved (its fingerprint must match).")
+        Path | None,
+        typer.Option(
+            help="The run's episode store, if it moved (its fingerprint must match); --sim: the store BC "
+            "trains on (default: the checkpoint's training store)."
+        ),
     ] = None,
     max_depth: Annotated[
         float | None,
@@ -135,19 +200,33 @@ def evaluate(
     tasks: Annotated[
         str | None, typer.Option(help="--sim: comma-separated tasks, e.g. reach-v3,push-v3.")
     ] = None,
-    episodes: Annotated[int | None, typer.Option(help="--sim: episodes per task [default: 10].")] = None,
+    episodes: Annotated[int | None, typer.Option(help="--sim: episodes per task (default: 10).")] = None,
     seed: Annotated[
         int | None,
-        typer.Option(help="--sim: seed of the held-out starts (same seed, same result) [default: 0]."),
+        typer.Option(
+            help="--sim: seed of the held-out starts; the same seed gives the same result (default: 0)."
+        ),
     ] = None,
     max_steps: Annotated[
-        int | None, typer.Option(help="--sim: step limit per episode [default: 150].")
+        int | None, typer.Option(help="--sim: step limit per episode (default: 150).")
     ] = None,
     video: Annotated[Path | None, typer.Option(help="--sim: folder for the model's rollout mp4s.")] = None,
     baselines: Annotated[
-        bool | None,
+        str | None,
         typer.Option(
-            help="--sim: also roll out the scripted expert and a random policy on the same seeds [default: yes]."
+            help="--sim: comma-separated baselines on the same seeds: expert (scripted), random, bc (a "
+            "state-only MLP trained on the checkpoint's training episodes; needs its store), or none "
+            "(default: expert,random,bc)."
+        ),
+    ] = None,
+    no_baselines: Annotated[
+        bool, typer.Option("--no-baselines", help="--sim: the model only (same as --baselines none).")
+    ] = False,
+    actions_per_query: Annotated[
+        int | None,
+        typer.Option(
+            help="--sim: actions executed open loop per query, 1 to the chunk (model and BC) "
+            "(default: the checkpoint's, the whole chunk)."
         ),
     ] = None,
     render_quality: Annotated[
@@ -156,14 +235,13 @@ def evaluate(
 ) -> None:
     """Metrics with trivial baselines beside the model: offline on a run folder, or closed loop with --sim.
 
-    Offline: RGB, depth, point clouds and actions, future frames only. --sim metaworld: success rate of the checkpoint in policy mode, beside the scripted expert and a random policy on the same held-out starts.
+    Offline: RGB, depth, point clouds and actions, future frames only. --sim metaworld: success rate of the checkpoint in policy mode with its 95% interval, beside the scripted expert, a random policy and a behaviour-cloning MLP on the same held-out starts, and how the model's first chunk follows the expert's across starts (goal following).
 
     Offline: a table and RUN/metrics.json (written atomically). Baselines: repeat-the-current-frame for video, depth and clouds; zero and mean action for actions.
     """
     offline_only = {
         "--metrics": metrics,
         "--lpips-weights": lpips_weights,
-        "--data": data,
         "--max-depth": max_depth,
         "--voxel-size": voxel_size,
     }
@@ -175,7 +253,9 @@ def evaluate(
         "--episodes": episodes,
         "--seed": seed,
         "--max-steps": max_steps,
-        "--baselines/--no-baselines": baselines,
+        "--baselines": baselines,
+        "--no-baselines": no_baselines or None,
+        "--actions-per-query": actions_per_query,
     }
     if sim is not None:
         if run is not None:
@@ -183,6 +263,8 @@ def evaluate(
         for name, value in offline_only.items():
             if value is not None:
                 fail(f"{name} is for evaluating a run folder offline, not for --sim")
+        if no_baselines and baselines is not None:
+            fail("--no-baselines and --baselines: give one")
         _evaluate_sim(
             sim,
             ckpt,
@@ -191,9 +273,11 @@ def evaluate(
             0 if seed is None else seed,
             150 if max_steps is None else max_steps,
             video,
-            baselines is not False,
+            "none" if no_baselines else baselines,
             render_quality,
             out,
+            actions_per_query,
+            data,
         )
         return
     if run is None:
@@ -251,9 +335,11 @@ def _evaluate_sim(
     seed: int,
     max_steps: int,
     video: Path | None,
-    baselines: bool,
+    baselines: str | None,
     render_quality: str | None,
     out: Path | None,
+    actions_per_query: int | None = None,
+    data: Path | None = None,
 ) -> None:
     from xwam_core.errors import XWAMError
 
@@ -263,6 +349,18 @@ def _evaluate_sim(
         raise XWAMError("--sim metaworld needs --ckpt CKPT (the checkpoint to roll out)")
     if seed < 0:
         raise XWAMError(f"--seed {seed}: expected an integer >= 0")
+    if actions_per_query is not None and actions_per_query < 1:
+        raise XWAMError(f"--actions-per-query {actions_per_query}: expected 1 to the checkpoint's chunk")
+    chosen = ["expert", "random", "bc"] if baselines is None else (split_csv(baselines) or [])
+    if chosen == ["none"]:
+        chosen = []
+    from xwam_core.sim.metaworld import BASELINES
+
+    unknown = [b for b in chosen if b not in BASELINES]
+    if unknown:
+        raise XWAMError(
+            f"--baselines: unknown baseline {unknown[0]!r}; choose from {', '.join(BASELINES)} (or none)"
+        )
     if out is not None:
         check_output(out, "--out")
     if video is not None:
@@ -272,10 +370,28 @@ def _evaluate_sim(
     from xwam_core.sim.metaworld import evaluate_metaworld
 
     policy = Policy.from_checkpoint(ckpt)
+    k = policy.spec.window.num_actions
+    if actions_per_query is not None:
+        if actions_per_query > k:
+            raise XWAMError(
+                f"--actions-per-query {actions_per_query}: expected 1 to the checkpoint's chunk of {k} actions"
+            )
+        policy.actions_per_query = actions_per_query
     task_list = split_csv(tasks) or []
     if not task_list:
         raise XWAMError("--sim metaworld needs --tasks, e.g. --tasks reach-v3,push-v3")
+    store = None
+    if "bc" in chosen:
+        store = _bc_store(policy, data)
+    elif data is not None:
+        raise XWAMError("--data is the store the bc baseline trains on; --baselines excludes bc")
     with RichProgress("closed loop") as progress:
+        bc = None
+        if store is not None:
+            from xwam_core.sim.bc import train_bc, training_episodes
+
+            episodes_seen = training_episodes(store, policy.spec.val_episodes)
+            bc = train_bc(store, episodes_seen, k, policy.actions_per_query, progress=progress)
         result = evaluate_metaworld(
             policy,
             task_list,
@@ -284,18 +400,43 @@ def _evaluate_sim(
             max_steps=max_steps,
             render_quality=render_quality,
             video_dir=video,
-            baselines=baselines,
+            baselines=chosen,
             progress=progress,
+            bc=bc,
         )
     console.print(sim_table(result))
-    data = result.to_json()
-    if data["model_latency_ms_mean"] is not None:
+    console.print(goal_table(result))
+    data_json = result.to_json()
+    if data_json["model_latency_ms_mean"] is not None:
         console.print(
-            f"model: {data['model_latency_ms_mean']:.1f} ms per query (policy mode, "
-            f"{policy.actions_per_query} actions executed per query)"
+            f"model: {data_json['model_latency_ms_mean']:.1f} ms per query (policy mode, "
+            f"{policy.actions_per_query} of {k} actions executed per query)"
+        )
+    if bc is not None:
+        info = bc.info
+        console.print(
+            f"BC: trained {info['train_seconds']:.0f} s on the checkpoint's {len(info['episodes'])} training "
+            f"episode{'s' if len(info['episodes']) != 1 else ''} "
+            f"({info['frames']} frames; held-out episodes excluded), loss {info['loss_first']:.4f} -> "
+            f"{info['loss_final']:.4f}"
         )
     if video is not None:
         console.print(f"rollout videos: {video}")
     if out is not None:
-        data["checkpoint"] = str(Path(ckpt).resolve())
-        console.print(f"results: {write_json_atomic(out, data)}")
+        data_json["checkpoint"] = str(Path(ckpt).resolve())
+        console.print(f"results: {write_json_atomic(out, data_json)}")
+
+
+def _bc_store(policy: Any, data: Path | None) -> Any:
+    """The store BC trains on: --data, else the checkpoint's training store; one line if it is not there."""
+    from xwam_core.data.reader import EpisodeStore
+    from xwam_core.errors import XWAMError
+
+    path = data if data is not None else (Path(policy.spec.store) if policy.spec.store else None)
+    if path is None or not path.is_dir():
+        where = f"{path} is not there" if path is not None else "the checkpoint names no training store"
+        raise XWAMError(
+            f"the bc baseline trains on the checkpoint's store and {where}: pass --data STORE, "
+            "or leave bc out (--baselines expert,random)"
+        )
+    return EpisodeStore(path)

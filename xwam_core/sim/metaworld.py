@@ -7,7 +7,7 @@ conventions (xwam_core.data.sources.metaworld: same cameras, renderer, intrinsic
 the way the store records it (hand xyz, quaternion wxyz, gripper opening), and hands both to the
 Policy (xwam_core.policy), which normalizes with the checkpoint's statistics and queues the predicted
 chunk: `policy.actions_per_query` actions run open loop before the next query (default: the whole
-chunk, docs/method.md section 6). Actions are clipped to [-1, 1] as the environment applies them. An episode
+chunk, docs/method.md section 6; `xwam evaluate --actions-per-query N`). Actions are clipped to [-1, 1] as the environment applies them. An episode
 succeeds if Meta-World's info["success"] is true after any step (then it stops), else it runs
 `max_steps` steps.
 
@@ -16,9 +16,21 @@ SeedSequence([seed, crc32(T), i, EVAL_STREAM]).generate_state(1)[0]; the store's
 SeedSequence([seed, crc32(T), i]) (MetaWorldSource.episode_seed), so no evaluation start is a training
 start, whatever the seeds. When the checkpoint's training store is a Meta-World store on this machine,
 the disjointness is also checked against its recorded seed and episode count.
-Baselines on the same seeds: the scripted expert (the store's demonstrator) and a uniform random
-policy (actions ~ U[-1, 1], seeded by the episode seed). The model's noise is seeded by the episode
-seed as well, so the same seeds give the same result.
+Baselines on the same seeds: the scripted expert (the store's demonstrator), a uniform random
+policy (actions ~ U[-1, 1], seeded by the episode seed) and, when given, a behaviour-cloning policy
+trained on the model's own training episodes (xwam_core.sim.bc), executing the same actions per query.
+The model's noise is seeded by the episode seed as well, so the same seeds give the same result.
+
+Beside each success rate: its 95% Wilson score interval (xwam_core.sim.scores). Goal following: from each
+held-out start, the first chunk a learned policy predicts (the model's, BC's) is summed over its xyz
+actions, clipped as the environment applies them, over the steps the scripted expert takes from the same
+start within one chunk (up to K; fewer when it succeeds sooner); the Pearson correlation across starts
+with the expert's summed actions, per axis, and both spreads show whether the policy moves towards this
+episode's goal or makes the same move from every start. Summed commanded actions, not the hand's
+displacement after executing the chunk: they are what the policy decides from this observation alone,
+whatever the actions-per-query setting, with no extra open-loop rollout in which contacts and the arm's
+limits blur the comparison; Meta-World's mocap moves the hand target by action x 1 cm per step, so the
+sums read as centimetres of commanded motion.
 """
 
 from __future__ import annotations
@@ -27,9 +39,10 @@ import json
 import math
 import warnings
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -37,9 +50,15 @@ from xwam_core.atomic import atomic_file
 from xwam_core.errors import XWAMError
 from xwam_core.policy import Policy
 from xwam_core.progress import SILENT, Progress
+from xwam_core.sim.scores import MIN_STARTS, goal_following, wilson_interval
+
+if TYPE_CHECKING:
+    from xwam_core.sim.bc import BCPolicy
 
 EVAL_STREAM = 0x5EED  # appended to the seed entropy; nonzero, so never equal to a store's 3-word entropy
-POLICIES = ("model", "expert", "random")
+POLICIES = ("model", "bc", "expert", "random")  # the table's columns, in order
+BASELINES = ("expert", "random", "bc")
+LEARNED = ("model", "bc")  # policies with a predicted first chunk (the goal-following check)
 VIDEO_FPS = 30.0
 VIDEO_MIN_HEIGHT = 192
 
@@ -96,22 +115,95 @@ class SimResult:
     max_steps: int
     rollouts: list[Rollout] = field(default_factory=list)
     notes: dict[str, Any] = field(default_factory=dict)
+    actions_per_query: int | None = None  # executed per query by the model and BC
+    chunk: int | None = None  # actions the model predicts per query (K)
+    # goal following: task -> policy ("expert", "model", "bc") -> one summed xyz per start (episode order)
+    displacements: dict[str, dict[str, list[list[float]]]] = field(default_factory=dict)
+    displacement_steps: dict[str, list[int]] = field(default_factory=dict)  # task -> steps summed per start
+    bc: dict[str, Any] | None = None  # the BC baseline's training record (BCPolicy.info)
+
+    def policies(self) -> list[str]:
+        return [p for p in POLICIES if any(r.policy == p for r in self.rollouts)]
+
+    def counts(self, policy: str, task: str | None = None) -> tuple[int, int]:
+        """(successes, episodes) of `policy`, on one task or pooled over all."""
+        rs = [r for r in self.rollouts if r.policy == policy and (task is None or r.task == task)]
+        return sum(r.success for r in rs), len(rs)
 
     def success_rate(self, policy: str, task: str | None = None) -> float | None:
-        rs = [r for r in self.rollouts if r.policy == policy and (task is None or r.task == task)]
-        return sum(r.success for r in rs) / len(rs) if rs else None
+        k, n = self.counts(policy, task)
+        return k / n if n else None
+
+    def interval(self, policy: str, task: str | None = None) -> tuple[float, float] | None:
+        """The 95% Wilson score interval of the success rate (None without rollouts)."""
+        k, n = self.counts(policy, task)
+        return wilson_interval(k, n) if n else None
+
+    def goal_following(self, task: str) -> dict[str, dict[str, Any]]:
+        """Per learned policy: the correlation of its first chunk's displacement with the expert's
+        across the task's starts (xwam_core.sim.scores.goal_following)."""
+        d = self.displacements.get(task, {})
+        if "expert" not in d:
+            return {}
+        expert = np.asarray(d["expert"], np.float64).reshape(-1, 3)
+        return {
+            p: goal_following(np.asarray(d[p], np.float64).reshape(-1, 3), expert) for p in LEARNED if p in d
+        }
 
     def to_json(self) -> dict[str, Any]:
-        policies = [p for p in POLICIES if any(r.policy == p for r in self.rollouts)]
+        policies = self.policies()
         per_task = {t: {p: self.success_rate(p, t) for p in policies} for t in self.tasks}
-        lat = [r.latency_ms for r in self.rollouts if r.latency_ms is not None]
+        lat = [r.latency_ms for r in self.rollouts if r.latency_ms is not None and r.policy == "model"]
+
+        def pair(x: tuple[float, float] | None) -> list[float] | None:
+            return None if x is None else [x[0], x[1]]
+
+        following = {t: self.goal_following(t) for t in self.tasks}
+        mean_r = {}
+        for p in LEARNED:
+            values = [g[p]["r_mean"] for g in following.values() if p in g and g[p]["r_mean"] is not None]
+            if any(p in g for g in following.values()):
+                mean_r[p] = float(np.mean(values)) if values else None
         return {
             "simulator": "metaworld",
             "tasks": self.tasks,
             "episodes_per_task": self.episodes,
             "seed": self.seed,
             "max_steps": self.max_steps,
-            "success_rate": {"per_task": per_task, "mean": {p: self.success_rate(p) for p in policies}},
+            "actions_per_query": self.actions_per_query,
+            "chunk": self.chunk,
+            "success_rate": {
+                "per_task": per_task,
+                "mean": {p: self.success_rate(p) for p in policies},
+                "successes": {
+                    "per_task": {t: {p: list(self.counts(p, t)) for p in policies} for t in self.tasks},
+                    "mean": {p: list(self.counts(p)) for p in policies},
+                },
+                "interval_95": {
+                    "method": "Wilson score interval, z = 1.96 (the mean: pooled over tasks)",
+                    "per_task": {t: {p: pair(self.interval(p, t)) for p in policies} for t in self.tasks},
+                    "mean": {p: pair(self.interval(p)) for p in policies},
+                },
+            },
+            "goal_following": {
+                "method": (
+                    "per held-out start: the sum of the first predicted chunk's xyz actions (clipped to "
+                    "[-1, 1]) over the steps the scripted expert takes from the same start within one chunk, "
+                    "against the expert's summed xyz actions; Pearson r across starts per axis (null: n/a, "
+                    f"fewer than {MIN_STARTS} starts or no variation), r_mean over the axes, std across starts "
+                    "(action units; x 1 cm of commanded hand motion in Meta-World)"
+                ),
+                "per_task": {
+                    t: {
+                        **following[t],
+                        "steps": self.displacement_steps.get(t, []),
+                        "displacements": self.displacements.get(t, {}),
+                    }
+                    for t in self.tasks
+                },
+                "r_mean": mean_r,
+            },
+            "bc": self.bc,
             "model_latency_ms_mean": float(np.mean(lat)) if lat else None,
             "notes": self.notes,
             "rollouts": [r.__dict__ for r in self.rollouts],
@@ -192,6 +284,24 @@ class _VideoWriter:
         return str(self.path)
 
 
+def _baselines(baselines: bool | Sequence[str], bc: BCPolicy | None) -> list[str]:
+    """The baselines to roll out, in table order: True = expert and random (and BC when given)."""
+    if baselines is True:
+        chosen = ["expert", "random", *(["bc"] if bc is not None else [])]
+    elif baselines is False:
+        chosen = []
+    else:
+        chosen = list(baselines)
+        unknown = [b for b in chosen if b not in BASELINES]
+        if unknown:
+            raise XWAMError(
+                f"--baselines: unknown baseline {unknown[0]!r}; choose from {', '.join(BASELINES)}"
+            )
+    if "bc" in chosen and bc is None:
+        raise XWAMError("the bc baseline needs a trained BCPolicy (xwam_core.sim.bc.train_bc)")
+    return [p for p in POLICIES if p in chosen]
+
+
 def evaluate_metaworld(
     policy: Policy,
     tasks: list[str],
@@ -200,14 +310,35 @@ def evaluate_metaworld(
     max_steps: int = 150,
     render_quality: str | None = None,
     video_dir: str | Path | None = None,
-    baselines: bool = True,
+    baselines: bool | Sequence[str] = True,
     progress: Progress = SILENT,
+    bc: BCPolicy | None = None,
 ) -> SimResult:
     """Roll the policy (and the baselines) out on `episodes` held-out starts per task; each finished
-    rollout's outcome is the progress bar's status text."""
+    rollout's outcome is the progress bar's status text. `baselines`: True (expert, random and, when `bc`
+    is given, BC), False, or names from BASELINES. BC executes the model's actions per query."""
     from xwam_core.data.sources import metaworld as mw
 
     _check(policy, tasks, episodes, max_steps)
+    policies = ["model", *_baselines(baselines, bc)]
+    learner: dict[str, Any] = {"model": policy}
+    if "bc" in policies:
+        assert bc is not None
+        if bc.normalizer.state_dim != policy.normalizer.state_dim:
+            raise XWAMError(
+                f"behaviour cloning: its store has {bc.normalizer.state_dim}-D states, the checkpoint "
+                f"{policy.normalizer.state_dim}-D; train it on the checkpoint's store"
+            )
+        missing = [t for t in tasks if t not in bc.tasks]
+        if missing:
+            raise XWAMError(f"behaviour cloning: task {missing[0]!r} is not in its store ({bc.tasks})")
+        if bc.chunk < policy.actions_per_query:
+            raise XWAMError(
+                f"behaviour cloning predicts {bc.chunk} actions per query; the model executes "
+                f"{policy.actions_per_query}"
+            )
+        bc.actions_per_query = policy.actions_per_query  # the same open-loop horizon as the model
+        learner["bc"] = bc
     layout = policy.spec
     quality = render_quality or store_render_quality(layout.store) or "fast"
     if quality not in mw.RENDER_QUALITIES:
@@ -223,7 +354,7 @@ def evaluate_metaworld(
                     f"evaluation seeds {sorted(overlap)} of {t} are training seeds of {layout.store}"
                 )
             checked.append(t)
-    policies = ["model", *(["expert", "random"] if baselines else [])]
+    k = layout.window.num_actions
     result = SimResult(
         list(tasks),
         episodes,
@@ -233,10 +364,13 @@ def evaluate_metaworld(
             "held_out": "SeedSequence([seed, crc32(task), i, EVAL_STREAM]) vs the store's SeedSequence([seed, crc32(task), i])",
             "checked_against_training_store": checked,
             "render_quality": quality,
-            "chunk": f"{policy.actions_per_query} of {layout.window.num_actions} actions executed open loop per query",
+            "chunk": f"{policy.actions_per_query} of {k} actions executed open loop per query",
             "views": list(layout.views),
             "image_size": list(layout.image_size),
         },
+        actions_per_query=policy.actions_per_query,
+        chunk=k,
+        bc=bc.info if "bc" in policies and bc is not None else None,
     )
     bar = progress.task("rollouts", total=len(tasks) * episodes * len(policies))
     sim = mw._sim()
@@ -248,17 +382,30 @@ def evaluate_metaworld(
             # observe() builds the state of the layout the checkpoint was trained on
             task_sim = mw.TaskSim(sim, task, list(layout.views), height, width, quality, state_layout(policy))
             try:
+                moves: dict[str, list[list[float]]] = {p: [] for p in ["expert", *learner]}
+                summed: list[int] = []
                 for i, episode_seed in enumerate(seeds[task]):
+                    expert_first = _expert_actions(task_sim, episode_seed, k)  # goal following
+                    n = len(expert_first)
+                    summed.append(n)
+                    moves["expert"].append([float(x) for x in expert_first[:, :3].sum(0)])
                     for which in policies:
+                        actor = learner.get(which)
+                        if actor is not None:  # the first chunk, exactly as the rollout's first query
+                            chunk = _first_chunk(actor, task_sim, gl, task, episode_seed)
+                            first = np.clip(chunk[:n, :3], -1.0, 1.0).sum(0)
+                            moves[which].append([float(x) for x in first])
                         video = None
                         if video_dir is not None and which == "model":
                             video = _VideoWriter(Path(video_dir) / f"{task}_ep{i:03d}_model.mp4")
                         rollout = _rollout(
-                            policy, task_sim, gl, task, i, episode_seed, which, max_steps, video
+                            actor or policy, task_sim, gl, task, i, episode_seed, which, max_steps, video
                         )
                         result.rollouts.append(rollout)
                         outcome = "success" if rollout.success else "fail"
                         bar.advance(info=f"{task} #{i} {which}: {outcome} ({rollout.steps} steps)")
+                result.displacements[task] = moves
+                result.displacement_steps[task] = summed
             finally:
                 gl.make_current()
                 task_sim.free()
@@ -282,8 +429,42 @@ def observe(task_sim: Any, gl: Any) -> tuple[np.ndarray, np.ndarray]:
     return rgb, task_sim.state().astype(np.float32)
 
 
+def _first_chunk(actor: Any, task_sim: Any, gl: Any, task: str, episode_seed: int) -> np.ndarray:
+    """The chunk (K, Da) `actor` (the Policy or BC) predicts at the start of episode `episode_seed`: the
+    same environment reset and noise seed as the rollout's first query, so the same chunk."""
+    task_sim.reset(episode_seed)
+    actor.reset(seed=episode_seed)
+    return np.asarray(actor.predict_chunk(_observation(actor, task_sim, gl, task)))
+
+
+def _observation(actor: Any, task_sim: Any, gl: Any, task: str) -> dict[str, Any]:
+    """What `actor` is given now: the Policy the rendered views, state and task; BC (no `spec`: it reads no
+    images) the state and task, without rendering."""
+    spec = getattr(actor, "spec", None)
+    if spec is None:
+        return {"state": task_sim.state().astype(np.float32), "task": task}
+    views_rgb, raw_state = observe(task_sim, gl)
+    return {"images": dict(zip(spec.views, views_rgb, strict=True)), "state": raw_state, "task": task}
+
+
+def _expert_actions(task_sim: Any, episode_seed: int, steps: int) -> np.ndarray:
+    """The scripted expert's first `steps` actions (fewer if it succeeds sooner), clipped as the
+    environment applies them: (n, Da)."""
+    obs = task_sim.reset(episode_seed)
+    actions = []
+    for _ in range(steps):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            action = np.clip(np.asarray(task_sim.policy.get_action(obs), np.float64), -1.0, 1.0)
+        actions.append(action)
+        obs, _, _, _, info = task_sim.env.step(action.astype(np.float32))
+        if info["success"]:
+            break
+    return np.asarray(actions, np.float64).reshape(len(actions), -1)
+
+
 def _rollout(
-    policy: Policy,
+    actor: Any,
     task_sim: Any,
     gl: Any,
     task: str,
@@ -293,25 +474,26 @@ def _rollout(
     max_steps: int,
     video: _VideoWriter | None,
 ) -> Rollout:
-    """One episode driven by `which`: the model (through the Policy), the scripted expert, or random."""
+    """One episode driven by `which`: a learned actor (the model's Policy, or BC: anything with reset,
+    wants_observation, select_action and query_latencies_s), the scripted expert, or random."""
     n_views = len(task_sim.cameras)
     rgb = np.empty((n_views, task_sim.height, task_sim.width, 3), np.uint8)
     depth = np.empty((n_views, task_sim.height, task_sim.width), np.float32)
     obs = task_sim.reset(episode_seed)
     rng = np.random.default_rng(episode_seed)
-    policy.reset(seed=episode_seed)  # the model's noise is seeded by the episode seed
+    learned = which in LEARNED
+    if learned:
+        actor.reset(seed=episode_seed)  # the model's noise is seeded by the episode seed
     success, steps = False, 0
     observation: dict[str, Any] = {}
     if video is not None:
         _render(task_sim, gl, rgb, depth)
         video.add(rgb)
     while steps < max_steps:
-        if which == "model":
-            if policy.wants_observation:  # render only when the model is queried
-                views_rgb, raw_state = observe(task_sim, gl)
-                images = dict(zip(policy.spec.views, views_rgb, strict=True))
-                observation = {"images": images, "state": raw_state, "task": task}
-            chosen = policy.select_action(observation)
+        if learned:
+            if actor.wants_observation:  # render only when the actor is queried
+                observation = _observation(actor, task_sim, gl, task)
+            chosen = actor.select_action(observation)
         elif which == "expert":
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the experts warn whenever the env clips their gains
@@ -328,7 +510,7 @@ def _rollout(
             success = True
             break
     path = video.close() if video is not None else None
-    latencies = policy.query_latencies_s if which == "model" else []
+    latencies = actor.query_latencies_s if learned else []
     return Rollout(
         task=task,
         episode=index,
