@@ -92,6 +92,22 @@ def test_select_action_queues_the_chunk_and_reset_clears_it(tmp_path_factory):
     assert policy.wants_observation and policy.query_latencies_s == []
 
 
+def test_actions_per_query_defaults_to_the_checkpoints_inference_setting(tmp_path_factory):
+    """inference.actions_per_query (0: the whole chunk, what older checkpoints mean) is the Policy's
+    default; an explicit argument wins; out of range is one error."""
+    from dataclasses import replace
+
+    _, ckpt = tiny_checkpoint(tmp_path_factory)
+    parts = load_policy_parts(ckpt)
+    k = parts.data.window.num_actions
+    assert parts.inference.actions_per_query == 0 and Policy(parts).actions_per_query == k
+    parts.inference = replace(parts.inference, actions_per_query=4)
+    assert Policy(parts).actions_per_query == 4 and Policy(parts, actions_per_query=2).actions_per_query == 2
+    parts.inference = replace(parts.inference, actions_per_query=k + 1)
+    with pytest.raises(XWAMError, match="actions per query"):
+        Policy(parts)
+
+
 def test_bad_observations_are_one_clear_error(tmp_path_factory):
     store_path, ckpt = tiny_checkpoint(tmp_path_factory)
     policy = Policy.from_checkpoint(ckpt)

@@ -199,3 +199,15 @@ def test_range_edges_are_accepted():
             "inference.num_steps_action=50",
         ],
     )
+
+
+def test_inference_actions_per_query_is_checked():
+    from xwam_core.errors import RecipeError
+    from xwam_core.recipe import load_recipe
+
+    assert (
+        load_recipe(RECIPES / "tiny_cpu.toml", ["inference.actions_per_query=4"]).inference.actions_per_query
+        == 4
+    )
+    with pytest.raises(RecipeError, match="inference.actions_per_query: expected an integer >= 0"):
+        load_recipe(RECIPES / "tiny_cpu.toml", ["inference.actions_per_query=-1"])

@@ -67,7 +67,9 @@ class Policy:
         self.schedule_config = parts.inference
         self.schedule = DenoisingSchedule(self.schedule_config)
         k = self.spec.window.num_actions
-        self.actions_per_query = k if actions_per_query is None else actions_per_query
+        if actions_per_query is None:  # the checkpoint's inference.actions_per_query (0: the whole chunk)
+            actions_per_query = getattr(self.schedule_config, "actions_per_query", 0) or k
+        self.actions_per_query = actions_per_query
         if not 1 <= self.actions_per_query <= k:
             raise XWAMError(f"actions per query {actions_per_query}: expected 1 to the chunk's {k}")
         self._queue: deque[np.ndarray] = deque()

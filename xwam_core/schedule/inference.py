@@ -63,6 +63,7 @@ class InferenceScheduleConfig:
     solver_order: int = 2  # UniPC order
     unipc_impl: str = "precomputed"  # "precomputed" (FlowUniPC, same arithmetic) | "diffusers" (reference)
     guidance_scale: float = 1.0  # classifier-free guidance; 1 = one pass, no null-prompt call
+    actions_per_query: int = 0  # actions of each chunk executed open loop before the next query; 0: all
 
     def validate(self) -> None:
         """Raise RecipeError naming the first field outside its range (the recipe loader, checkpoint loading
@@ -89,6 +90,12 @@ class InferenceScheduleConfig:
             self.shift > 0 and math.isfinite(self.shift), "inference.shift", "a finite number > 0", self.shift
         )
         require(self.solver_order in (1, 2, 3), "inference.solver_order", "1, 2 or 3", self.solver_order)
+        require(
+            self.actions_per_query >= 0,
+            "inference.actions_per_query",
+            "an integer >= 0 (0: the whole chunk)",
+            self.actions_per_query,
+        )
         require(
             1.0 <= self.guidance_scale < math.inf,
             "inference.guidance_scale",
