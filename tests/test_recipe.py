@@ -209,5 +209,5 @@ def test_inference_actions_per_query_is_checked():
         load_recipe(RECIPES / "tiny_cpu.toml", ["inference.actions_per_query=4"]).inference.actions_per_query
         == 4
     )
-    with pytest.raises(RecipeError, match="inference.actions_per_query: expected an integer >= 0"):
+    with pytest.raises(RecipeError, match=r"inference\.actions_per_query: expected an integer >= 0"):
         load_recipe(RECIPES / "tiny_cpu.toml", ["inference.actions_per_query=-1"])
