@@ -57,6 +57,8 @@ def _missing(run: RunData, spec: MetricSpec) -> str | None:
         return "a policy-mode run has actions only; rerun `xwam infer --mode world`"
     if spec.kind in ("depth", "points") and not run.has_depth:
         return f"the run's store {run.manifest['store']} has no depth"
+    if spec.kind in ("depth", "points") and not run.has_pred_depth:
+        return "the checkpoint predicts no depth (it has no depth branch: num_depth_blocks = 0)"
     if spec.kind == "points" and not run.has_cameras:
         return f"the run's store {run.manifest['store']} has no cameras"
     return None

@@ -263,12 +263,13 @@ class InferenceRun:
             "latency_s": np.full(b, per_window),
         }
         if self.world:
-            assert pred.rgb is not None and pred.depth is not None
+            assert pred.rgb is not None
             extrinsics = batch["extrinsics"].numpy()
+            if pred.depth is not None:  # None: the checkpoint has no depth branch (num_depth_blocks = 0)
+                arrays["pred_depth"] = pred.depth.astype(np.float32)
             arrays.update(
                 pred_rgb=pred.rgb,
                 true_rgb=batch["rgb"].numpy(),
-                pred_depth=pred.depth.astype(np.float32),
                 true_depth=batch["depth"].numpy(),
                 intrinsics=batch["intrinsics"].numpy(),
                 extrinsics=extrinsics,
@@ -319,6 +320,7 @@ class InferenceRun:
             "store_has_depth": store.has_depth,
             "store_has_cameras": store.has_cameras,
             "store_depth_kind": store.depth_kind,
+            "predicts_depth": self.policy.predicts_depth,
             "mode": opts.mode,
             "views": list(spec.views),
             "tasks": list(spec.tasks),
@@ -376,15 +378,17 @@ class InferenceRun:
         from xwam_core.data.video import encode_video
 
         names = []
+        # no depth branch: the prediction's depth panel is black (invalid)
+        pred_depth = result.get("pred_depth", np.zeros_like(result["true_depth"]))
         for v, view in enumerate(self.policy.spec.views):
-            rng = depth_display_range(result["true_depth"][:, v], result["pred_depth"][:, v], self.max_depth)
+            rng = depth_display_range(result["true_depth"][:, v], pred_depth[:, v], self.max_depth)
             frames = np.concatenate(
                 [
                     side_by_side_frames(
                         result["true_rgb"][w, v],
                         result["pred_rgb"][w, v],
                         result["true_depth"][w, v],
-                        result["pred_depth"][w, v],
+                        pred_depth[w, v],
                         rng,
                     )
                     for w in range(len(self.windows))

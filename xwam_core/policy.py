@@ -41,7 +41,7 @@ class Prediction:
     actions: np.ndarray  # (B, K, D_action) dataset units
     states: np.ndarray  # (B, S, D_state) dataset units
     rgb: np.ndarray | None  # (B, V, T, H, W, 3) uint8, frame 0 the observed frame (world mode)
-    depth: np.ndarray | None  # (B, V, T, H, W) metres (world mode)
+    depth: np.ndarray | None  # (B, V, T, H, W) metres (world mode; None for a model without a depth branch)
     latency_s: float  # wall time of the denoising (+ decoding in world mode) for the batch
     num_denoiser_calls: int
 
@@ -92,6 +92,11 @@ class Policy:
         parts.inference = replace(parts.inference, **{k: v for k, v in steps.items() if v is not None})
         parts.inference.validate()
         return cls(parts, device, vae, actions_per_query)
+
+    @property
+    def predicts_depth(self) -> bool:
+        """Whether world mode predicts depth (False for a model without a depth branch, num_depth_blocks = 0)."""
+        return len(self.model.depth_blocks) > 0
 
     @property
     def depth_condition(self) -> bool:
@@ -159,10 +164,12 @@ class Policy:
         result = self.schedule(denoiser, video, actions, states, mode=mode, uncond_denoiser=uncond)
         rgb = depth = None
         if mode == "world":
-            assert result.video is not None and result.depth is not None
+            assert result.video is not None
             frames = self.codec.decode_views(result.video)  # (B, V, 3, T, H, W)
             rgb = ((frames.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 1, 3, 4, 5, 2)
-            depth = image_to_depth(self.codec.decode_views(result.depth), self.depth_range)  # (B, V, T, H, W)
+            if result.depth is not None:  # None: the model has no depth branch (num_depth_blocks = 0)
+                depth_image = self.codec.decode_views(result.depth)
+                depth = image_to_depth(depth_image, self.depth_range)  # (B, V, T, H, W)
         latency = time.perf_counter() - start
         a = result.actions[..., : self.normalizer.action_dim].float().cpu().numpy()
         s = result.states[..., : self.normalizer.state_dim].float().cpu().numpy()

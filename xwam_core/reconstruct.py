@@ -34,6 +34,11 @@ OVERVIEW_SIZE = (180, 240)
 def require_geometry(run: RunData, command: str) -> None:
     """One line unless the run has predicted depth, recorded depth and cameras."""
     run.require_world(command)
+    if not run.has_pred_depth:
+        raise XWAMError(
+            f"{run.path}: the checkpoint predicts no depth (it has no depth branch: num_depth_blocks = 0), "
+            f"so there is nothing to unproject for {command}"
+        )
     if run.depth_kind == "relative":
         raise XWAMError(
             f"{run.path}: depth is relative (imported from the xwam release): point clouds need metric depth"

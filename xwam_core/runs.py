@@ -19,7 +19,8 @@ frame 0 the observed one, K actions):
                                                absent when the checkpoint has no mean, e.g. a converted release one)
   world mode only:
     pred_rgb, true_rgb (N, V, T, H, W, 3)      uint8
-    pred_depth, true_depth (N, V, T, H, W)     metres (truth: 0 = invalid)
+    pred_depth, true_depth (N, V, T, H, W)     metres (truth: 0 = invalid); no pred_depth when the checkpoint
+                                               has no depth branch (num_depth_blocks = 0)
     intrinsics (N, V, T, 3, 3)                 recorded
     extrinsics (N, V, T, 4, 4)                 recorded camera-to-world (the truth's cameras)
     pred_extrinsics (N, V, T, 4, 4)            the cameras the prediction is unprojected with (see infer_run)
@@ -45,10 +46,9 @@ from xwam_core.errors import XWAMError
 RUN_FORMAT = 1
 MANIFEST = "manifest.json"
 PREDICTIONS = "predictions.npz"
-WORLD_ARRAYS = (
+WORLD_ARRAYS = (  # and pred_depth, unless the checkpoint has no depth branch
     "pred_rgb",
     "true_rgb",
-    "pred_depth",
     "true_depth",
     "intrinsics",
     "extrinsics",
@@ -161,6 +161,11 @@ class RunData:
     @property
     def has_depth(self) -> bool:
         return bool(self.manifest["store_has_depth"])
+
+    @property
+    def has_pred_depth(self) -> bool:
+        """Whether the model predicted depth (False: a checkpoint without a depth branch)."""
+        return "pred_depth" in self.arrays
 
     @property
     def has_cameras(self) -> bool:

@@ -259,9 +259,11 @@ class Trainer:
             raise XWAMError(f"train.mixed_precision={cfg.mixed_precision!r}: expected auto, no, bf16 or fp16")
         self.mixed_precision = mixed
         self.store = EpisodeStore(self.recipe.data.store)
-        # DDP must be told when some parameters get no gradient: the depth branch on a store without depth
+        # DDP must be told when some parameters get no gradient: the depth branch on a store without depth,
+        # the depth head of a model without depth blocks (num_depth_blocks = 0, the no-depth ablation)
+        no_depth_blocks = self.recipe.model.overrides.get("num_depth_blocks") == 0
         ddp = DistributedDataParallelKwargs(
-            find_unused_parameters=not self.store.has_depth or cfg.lora_rank > 0
+            find_unused_parameters=not self.store.has_depth or cfg.lora_rank > 0 or no_depth_blocks
         )
         # cpu=True lets accelerate form a gloo process group when launched on machines without a GPU
         self.accelerator = Accelerator(
