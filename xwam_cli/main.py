@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from xwam_cli import convert, evaluate, infer, prepare, reconstruct, train
+from xwam_cli import ablate, convert, evaluate, infer, prepare, reconstruct, train
 from xwam_cli.common import DEBUG_ENV, XWAMGroup, set_debug
 
 app = typer.Typer(
@@ -41,6 +41,7 @@ app.command(name="infer", epilog=infer.EXAMPLES)(infer.infer)
 app.command(name="reconstruct", epilog=reconstruct.EXAMPLES)(reconstruct.reconstruct)
 app.command(name="evaluate", epilog=evaluate.EXAMPLES)(evaluate.evaluate)
 app.command(name="convert", epilog=convert.EXAMPLES)(convert.convert)
+app.command(name="ablate", epilog=ablate.EXAMPLES)(ablate.ablate)
 
 
 if __name__ == "__main__":
