@@ -1,4 +1,4 @@
-"""Sessions: tests (what CI runs), lint, demo (the README's main job), bench."""
+"""Sessions: tests (what CI runs), lint, demo (the README's main job), ablate (the paper's Table 4), bench."""
 
 from __future__ import annotations
 
@@ -132,6 +132,57 @@ def demo(session: nox.Session) -> None:
         f"metrics: {out}/infer/metrics.json  closed loop: {out}/sim.json, {out}/rollouts/  "
         f"loss curve: {out}/run/loss_curve.png"
     )
+
+
+@nox.session
+def ablate(session: nox.Session) -> None:
+    """The paper's Table 4 at the tiny recipe's scale: `xwam ablate recipes/tiny_cpu.toml` trains the ans, sync,
+    decoupled and no-depth variants on the demo's store (made here if it is missing) and evaluates each
+    offline and in closed loop (10 held-out episodes per task, seed 1000, as the demo). Four tiny trainings
+    plus their evaluations: about an hour on an idle 2-core CPU. A rerun keeps finished variants; pass
+    `-- --overwrite` to retrain, `-- --variants ans,sync` for a subset (docs/ablation.md)."""
+    install(session, "sim,eval,train")
+    demo_out = os.environ.get("XWAM_DEMO_OUT", "out/demo")
+    out = os.environ.get("XWAM_ABLATE_OUT", "out/ablate")
+    env = {**ENV, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count() or 1))}
+    store = f"{demo_out}/store"
+    if not os.path.isdir(store):  # the demo's store, made as `nox -s demo` makes it
+        session.run(
+            "xwam",
+            "prepare",
+            "metaworld",
+            "--tasks",
+            "reach-v3,push-v3",
+            "--episodes",
+            "10",
+            "--views",
+            "corner2,topview,gripperPOV",
+            "--size",
+            "64",
+            "--seed",
+            "0",
+            "--state",
+            "task",
+            "--out",
+            store,
+            env=env,
+        )
+    session.run(
+        "xwam",
+        "ablate",
+        "recipes/tiny_cpu.toml",
+        "--store",
+        store,
+        "--out",
+        out,
+        "--episodes",
+        "10",
+        "--seed",
+        "1000",
+        *session.posargs,
+        env=env,
+    )
+    session.log(f"Done. Table: {out}/ablation.md and {out}/ablation.json; runs: {out}/VARIANT/run")
 
 
 @nox.session
