@@ -105,7 +105,9 @@ def test_two_variants_on_a_synthetic_store(store: Path, tmp_path: Path) -> None:
     # xwam evaluate / reconstruct on the depth-less run: one line each
     bad = runner.invoke(app(), ["evaluate", str(out / "no-depth" / "infer"), "--metrics", "absrel"])
     one_line_error(bad, "predicts no depth")
-    one_line_error(runner.invoke(app(), ["reconstruct", str(out / "no-depth" / "infer")]), "predicts no depth")
+    one_line_error(
+        runner.invoke(app(), ["reconstruct", str(out / "no-depth" / "infer")]), "predicts no depth"
+    )
     md = (out / "ablation.md").read_text()
     rows = [line for line in md.splitlines() if line.startswith("| ans ") or line.startswith("| no-depth ")]
     assert len(rows) == 2
@@ -136,3 +138,53 @@ def test_two_variants_on_a_synthetic_store(store: Path, tmp_path: Path) -> None:
     # a finished run of another recipe is refused, not silently reused
     changed = runner.invoke(app(), [*args[:3], "ans", *args[4:], "--set", "train.lr=0.5"])
     one_line_error(changed, "holds a run of another recipe", "train.lr", "--overwrite")
+
+
+def test_closed_loop_columns_on_a_metaworld_shaped_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The closed loop's success, interval, latency and the expert/random baselines reach the table (a
+    synthetic store shaped like Meta-World's, taken for one: 1 episode of 3 steps per task)."""
+    pytest.importorskip("metaworld")
+    import xwam_core.ablate as ablate_module
+    from tests.run_fixtures import MW_HAND_STATE
+
+    store = tmp_path / "mw-store"
+    source = SyntheticSource(
+        episodes=3,
+        length=12,
+        size=(64, 64),
+        views=("corner2", "gripperPOV"),
+        tasks=("reach-v3",),
+        state_names=MW_HAND_STATE,
+    )
+    write_store(store, source)
+    monkeypatch.setattr(ablate_module, "is_metaworld_store", lambda _store: True)
+    out = tmp_path / "ablate"
+    result = run_ablation(
+        TINY,
+        ["sync", "decoupled"],
+        [*ablate_overrides(store), "inference.num_steps_video=3", "inference.num_steps_action=1"],
+        out,
+        episodes=1,
+        max_steps=3,
+        windows_per_episode=1,
+    )
+    report = json.loads((out / "ablation.json").read_text())
+    assert report["closed_loop"]["ran"] is True and report["closed_loop"]["tasks"] == ["reach-v3"]
+    for v in report["variants"]:
+        assert v["successes"][1] == 1 and len(v["success_interval_95"]) == 2
+        assert v["latency_source"] == "closed loop" and v["latency_ms"] > 0
+    sync = result.row("sync")
+    assert sync.inference_schedule == "sync" and sync.num_steps_action == sync.num_steps_video
+    # the sync schedule takes num_steps_video steps for actions as well: its policy-mode calls say so
+    assert sync.evaluation["policy_denoiser_calls"] == sync.num_steps_video
+    assert sync.evaluation["policy_denoiser_calls"] == 3
+    assert result.row("decoupled").evaluation["policy_denoiser_calls"] == 1  # async: T_action steps
+    assert set(report["baselines"]["closed_loop"]) == {"expert", "random"}
+    assert (
+        "sim_baselines" not in result.row("decoupled").evaluation
+        or not result.row("decoupled").evaluation["sim_baselines"]
+    )
+    md = (out / "ablation.md").read_text()
+    assert "| _expert_ |" in md and "Scale: 1 training steps" in md
