@@ -94,7 +94,7 @@ def test_two_variants_on_a_synthetic_store(store: Path, tmp_path: Path) -> None:
     assert no_depth["absrel"] is None and no_depth["predicts_depth"] is False
     assert ans["windows"] == no_depth["windows"]  # the same held-out windows for every variant
     assert ans["latency_source"] == "offline" and ans["latency_ms"] > 0
-    assert ans["success_rate"] is None if "success_rate" in ans else True
+    assert "success_rate" not in ans  # no closed loop: the table says n/a
     assert report["closed_loop"]["ran"] is False
     assert "not a Meta-World store" in report["closed_loop"]["note"]
     assert report["baselines"]["offline"]["repeat_frame"]["psnr"] is not None
@@ -182,9 +182,6 @@ def test_closed_loop_columns_on_a_metaworld_shaped_store(
     assert sync.evaluation["policy_denoiser_calls"] == 3
     assert result.row("decoupled").evaluation["policy_denoiser_calls"] == 1  # async: T_action steps
     assert set(report["baselines"]["closed_loop"]) == {"expert", "random"}
-    assert (
-        "sim_baselines" not in result.row("decoupled").evaluation
-        or not result.row("decoupled").evaluation["sim_baselines"]
-    )
+    assert not result.row("decoupled").evaluation.get("sim_baselines")  # once, beside the first variant
     md = (out / "ablation.md").read_text()
     assert "| _expert_ |" in md and "Scale: 1 training steps" in md
