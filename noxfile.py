@@ -41,6 +41,27 @@ def lint(session: nox.Session) -> None:
     session.run("mypy", "xwam_core")
 
 
+# The demo's store: 10 scripted-expert episodes per task; the state holds the object's pose and the goal
+# (--state task, as recipes/tiny_cpu.toml).
+DEMO_PREPARE = (
+    "xwam",
+    "prepare",
+    "metaworld",
+    "--tasks",
+    "reach-v3,push-v3",
+    "--episodes",
+    "10",
+    "--views",
+    "corner2,topview,gripperPOV",
+    "--size",
+    "64",
+    "--seed",
+    "0",
+    "--state",
+    "task",
+)
+
+
 @nox.session
 def demo(session: nox.Session) -> None:
     """The main job end to end on the built-in default, on this CPU: simulated Meta-World episodes ->
@@ -51,27 +72,7 @@ def demo(session: nox.Session) -> None:
     # one thread per core: training runs 1.5x faster than with one thread on this 2-core machine (measured);
     # set OMP_NUM_THREADS=1 when other jobs share the machine (oversubscribed threads run several times slower)
     env = {**ENV, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count() or 1))}
-    session.run(
-        "xwam",
-        "prepare",
-        "metaworld",
-        "--tasks",
-        "reach-v3,push-v3",
-        "--episodes",
-        "10",
-        "--views",
-        "corner2,topview,gripperPOV",
-        "--size",
-        "64",
-        "--seed",
-        "0",
-        "--state",
-        "task",  # as recipes/tiny_cpu.toml: the state holds the object's pose and the goal
-        "--out",
-        f"{out}/store",
-        "--overwrite",
-        env=env,
-    )
+    session.run(*DEMO_PREPARE, "--out", f"{out}/store", "--overwrite", env=env)
     session.run(
         "xwam",
         "pretrain",
@@ -147,26 +148,7 @@ def ablate(session: nox.Session) -> None:
     env = {**ENV, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count() or 1))}
     store = f"{demo_out}/store"
     if not os.path.isdir(store):  # the demo's store, made as `nox -s demo` makes it
-        session.run(
-            "xwam",
-            "prepare",
-            "metaworld",
-            "--tasks",
-            "reach-v3,push-v3",
-            "--episodes",
-            "10",
-            "--views",
-            "corner2,topview,gripperPOV",
-            "--size",
-            "64",
-            "--seed",
-            "0",
-            "--state",
-            "task",
-            "--out",
-            store,
-            env=env,
-        )
+        session.run(*DEMO_PREPARE, "--out", store, env=env)
     session.run(
         "xwam",
         "ablate",
