@@ -121,8 +121,11 @@ def test_window_count_with_and_without_padding(synthetic_store):
     full = WindowDataset(path, layout)  # the class's default: full windows only
     assert not full.pad_episode_ends and len(full) == 3 * (20 - 13 + 1)
     assert len(WindowDataset(path, layout, pad_episode_ends=False)) == len(full)
-    # a layout longer than every episode still gives windows when padded
-    assert len(WindowDataset(path, WindowLayout(8, 4), pad_episode_ends=True)) == 60
+    # padding fills windows' ends, but a layout longer than every episode is refused either way (a stride
+    # meant for another frame rate, not something to pad)
+    for pad in (True, False):
+        with pytest.raises(DataError, match="no episode is long enough for a window of 33 frames"):
+            WindowDataset(path, WindowLayout(8, 4), pad_episode_ends=pad)
 
 
 def test_window_at_the_last_frame_repeats_it(synthetic_store):

@@ -219,6 +219,8 @@ def load_run(path: str | Path) -> RunData:
     npz_path = path / PREDICTIONS
     arrays = _read_predictions(npz_path)
     needed = COMMON_ARRAYS + (WORLD_ARRAYS if manifest["mode"] == "world" else ())
+    if manifest["mode"] == "world" and manifest.get("predicts_depth", True):
+        needed += ("pred_depth",)  # only a run whose manifest says the model has no depth branch lacks it
     missing = [k for k in needed if k not in arrays]
     if missing:
         raise XWAMError(f"{npz_path}: lacks array(s) {missing}")

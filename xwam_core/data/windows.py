@@ -99,6 +99,13 @@ class WindowDataset(Dataset):
             raise DataError(f"{self.store.path}: has no episode(s) {bad}; it has 0..{len(all_eps) - 1}")
         self.cache = self.store.frame_cache()
         self.pad_episode_ends = bool(pad_episode_ends)
+        if self.episode_ids and max(self.store.episodes[e].length for e in self.episode_ids) < layout.span:
+            # padding fills a window's end, but a window no episode can hold whole is a mistake (a stride
+            # meant for another frame rate), not something to pad
+            raise DataError(
+                f"{self.store.path}: no episode is long enough for a window of {layout.span} frames "
+                f"(future_frames={layout.future_frames} x frame_stride={layout.frame_stride} + 1)"
+            )
         starts = []
         for e in self.episode_ids:
             meta = self.store.episodes[e]
