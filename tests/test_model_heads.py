@@ -141,3 +141,39 @@ def test_legacy_parameter_names_are_upgraded():
     assert upgrade_legacy_state_dict(state) == state  # new names pass through
     fresh = build_model("tiny", **SMALL, depth_condition=True, gate_init_logit=-8.0)
     fresh.load_state_dict(upgraded, strict=True)
+
+
+def test_state_broadcast_starts_as_a_no_op_and_feeds_the_current_state_to_actions():
+    from xwam_core.models.heads import CurrentStateBroadcast
+
+    broadcast = CurrentStateBroadcast(D)
+    broadcast.reset_parameters()
+    g = torch.Generator().manual_seed(1)
+    actions, states = torch.randn(B, 8, D, generator=g), torch.randn(B, 3, D, generator=g)
+    a, s = broadcast(actions, states)
+    assert torch.equal(a, actions) and torch.equal(s, states)
+    with torch.no_grad():
+        broadcast.proj.weight.copy_(torch.eye(D))
+    a, s = broadcast(actions, states)
+    torch.testing.assert_close(a, actions + states[:, :1])
+    assert torch.equal(s[:, 0], states[:, 0])  # the current state itself is untouched
+    torch.testing.assert_close(s[:, 1:], states[:, 1:] + states[:, :1])
+
+    # in the model: off at init changes nothing; trained, every action token reads the current state
+    torch.manual_seed(0)
+    model = build_model("tiny", **SMALL, state_broadcast=True).eval()
+    video = torch.randn(1, V, 48, F, H, W)
+    acts, sts = torch.randn(1, 8, 4), torch.randn(1, 3, 8)
+    t = torch.tensor([500.0])
+    text = torch.randn(1, 4, model.config.text_dim)
+    before = model(video, acts, sts, t, t, text, run_depth=False)
+    plugin, model.state_broadcaster = model.state_broadcaster, None
+    without = model(video, acts, sts, t, t, text, run_depth=False)
+    model.state_broadcaster = plugin
+    assert torch.equal(before.actions, without.actions) and torch.equal(before.video, without.video)
+    with torch.no_grad():
+        plugin.proj.weight.normal_()
+    moved = sts.clone()
+    moved[:, 0] += 1.0
+    changed = model(video, acts, moved, t, t, text, run_depth=False)
+    assert not torch.allclose(changed.actions, model(video, acts, sts, t, t, text, run_depth=False).actions)

@@ -216,6 +216,34 @@ class CurrentFrameBroadcast(nn.Module):
         return torch.cat([tokens[:, :1], tokens[:, 1:] + self.proj(tokens[:, :1])], dim=1)
 
 
+class CurrentStateBroadcast(nn.Module):
+    """Adds to every action token and future state token the current state's token, through a linear map.
+
+    The state token is one of a few hundred tokens; a small model trained from scratch is slow to learn that
+    the actions depend on it (e.g. a goal position held in the state), as with the current frame for video.
+    Zero-initialised, so switching it on changes nothing until trained. Demo-only, like CurrentFrameBroadcast.
+    """
+
+    def __init__(self, inner_dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(inner_dim, inner_dim)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        self.proj.weight.zero_()
+        self.proj.bias.zero_()
+
+    def forward(
+        self, action_tokens: torch.Tensor | None, state_tokens: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """action tokens (B, K, D) or None, state tokens (B, S, D), state 0 the current one -> the same."""
+        current = self.proj(state_tokens[:, :1])  # (B, 1, D)
+        if action_tokens is not None:
+            action_tokens = action_tokens + current
+        state_tokens = torch.cat([state_tokens[:, :1], state_tokens[:, 1:] + current], dim=1)
+        return action_tokens, state_tokens
+
+
 class ObservedDepthConditioner(nn.Module):
     """RGB-D input: the observed current depth latent enters every depth-branch token, and the depth head
     is gated against it (observed + g * (head - observed)).

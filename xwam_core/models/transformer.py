@@ -53,6 +53,7 @@ from xwam_core.errors import XWAMError
 from xwam_core.models.codecs import DepthRange
 from xwam_core.models.heads import (
     CurrentFrameBroadcast,
+    CurrentStateBroadcast,
     ObservedDepthConditioner,
     VideoHead,
     build_video_head,
@@ -360,7 +361,8 @@ class XWAMTransformer(ModelMixin, ConfigMixin):  # type: ignore[misc]
     plug-ins of `xwam_core.models.heads`; their defaults are the paper's model:
     `video_prediction` names the video head (`VIDEO_HEADS`): "velocity" (Wan's own output, the paper's),
     "sample", "residual" or "gated" (x-prediction heads, each declaring the loss form training uses).
-    `condition_broadcast` adds a `CurrentFrameBroadcast`; `depth_condition` an `ObservedDepthConditioner`
+    `condition_broadcast` adds a `CurrentFrameBroadcast`, `state_broadcast` a `CurrentStateBroadcast` (the
+    current state's token added to every action and future-state token); `depth_condition` an `ObservedDepthConditioner`
     (RGB-D input to the depth branch, whose head is gated against the observed depth). `gate_init_logit` is
     where both gated heads start (sigmoid(-4) ~ 0.018 of the head, the rest the current frame / observed depth).
 
@@ -415,6 +417,7 @@ class XWAMTransformer(ModelMixin, ConfigMixin):  # type: ignore[misc]
         depth_main_kv_grad: bool = True,
         new_parameter_init: str = "release",
         depth_encoding: str = "inverse",
+        state_broadcast: bool = False,
     ) -> None:
         super().__init__()
         if action_state_readout not in ACTION_STATE_READOUTS:
@@ -500,6 +503,7 @@ class XWAMTransformer(ModelMixin, ConfigMixin):  # type: ignore[misc]
             else None
         )
         self.frame_broadcast = CurrentFrameBroadcast(inner_dim) if condition_broadcast else None
+        self.state_broadcaster = CurrentStateBroadcast(inner_dim) if state_broadcast else None
         self.gradient_checkpointing = False
         self._init_new_parameters()  # the depth blocks are deep copies of the last M blocks
         self.video_head.prepare_output_layer(self.wan.proj_out)
@@ -533,7 +537,7 @@ class XWAMTransformer(ModelMixin, ConfigMixin):  # type: ignore[misc]
             _init_linear(layer, release)
         self.depth_scale_shift_table.normal_(std=self.inner_dim**-0.5)
         _init_linear(self.depth_proj_out, release)
-        for plugin in (self.video_head, self.depth_conditioner, self.frame_broadcast):
+        for plugin in (self.video_head, self.depth_conditioner, self.frame_broadcast, self.state_broadcaster):
             if plugin is not None:
                 plugin.reset_parameters()  # no-ops and shut gates: see xwam_core.models.heads
 
@@ -892,11 +896,12 @@ class XWAMTransformer(ModelMixin, ConfigMixin):  # type: ignore[misc]
         x = x + self.view_embedding[: layout.views].view(1, 1, layout.views, 1, 1, -1).to(x.dtype)
         if self.frame_broadcast is not None:
             x = self.frame_broadcast(x)  # (B, F', V, h', w', D)
+        action_tokens = self.action_encoder(actions.to(dtype)) if actions is not None else None  # (B, K, D)
+        state_tokens = self.state_encoder(states.to(dtype)) if states is not None else None  # (B, S, D)
+        if self.state_broadcaster is not None and state_tokens is not None:
+            action_tokens, state_tokens = self.state_broadcaster(action_tokens, state_tokens)
         tokens = [x.flatten(1, 4)]  # (B, N_video, D)
-        if actions is not None:
-            tokens.append(self.action_encoder(actions.to(dtype)))  # (B, K, D)
-        if states is not None:
-            tokens.append(self.state_encoder(states.to(dtype)))  # (B, S, D)
+        tokens += [t for t in (action_tokens, state_tokens) if t is not None]
         hidden = torch.cat(tokens, dim=1)  # (B, N, D)
 
         num_layers = len(self.wan.blocks)
