@@ -233,3 +233,35 @@ def test_finetune_keeps_the_init_checkpoints_maths_unless_the_recipe_names_them(
     recipe.model.overrides = {**recipe.model.overrides, "action_state_readout": "last_hidden"}
     model, _, _ = init_from_checkpoint(ckpt, recipe.model, layout)
     assert model.config.action_state_readout == "last_hidden" and model.config.depth_main_kv_grad is False
+
+
+def test_fit_ends_its_loader_workers_so_the_process_can_exit(small_store, tmp_path):
+    """DataLoader workers ignore SIGTERM (Ctrl-C and SIGTERM are the trainer's); left alive after fit,
+    the interpreter's exit (SIGTERM, then join) would wait for them forever. fit ends them itself, and a
+    second fit starts new ones; `xwam pretrain` with workers exits."""
+    import multiprocessing
+
+    from xwam_core.train import Trainer
+
+    overrides = [*tiny_overrides(small_store, tmp_path / "run", steps=2), "data.num_workers=2"]
+    trainer = Trainer(load_recipe(TINY, overrides))
+    trainer.fit()
+    assert multiprocessing.active_children() == []
+    trainer.cfg.max_steps = 3
+    trainer.fit()  # fresh workers, ended again
+    assert trainer.step == 3 and multiprocessing.active_children() == []
+    cli = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "xwam_cli.main",
+            "pretrain",
+            str(TINY),
+            *sets([*tiny_overrides(small_store, tmp_path / "cli", steps=2), "data.num_workers=2"]),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert cli.returncode == 0, cli.stderr[-2000:]

@@ -193,6 +193,17 @@ def _workers_leave_interrupts_to_the_trainer(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+def _stop_workers(loader: Any) -> None:
+    """End a DataLoader's persistent workers now. They ignore SIGTERM (above), so left to the interpreter's
+    exit, which terminates child processes with SIGTERM and then joins them, they would hang it forever;
+    a later iter(loader) starts fresh ones."""
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
+    if iterator is not None:
+        loader._iterator = None
+
+
 class Trainer:
     """pretrain and finetune: `build` everything, then `fit` calls train_step / validate / save.
 
@@ -652,6 +663,8 @@ class Trainer:
         finally:
             if tracker is not None:
                 tracker.close()
+            del data
+            _stop_workers(self.loader)
         if self.step < cfg.max_steps:
             assert stop.signum is not None
             raise self._interrupted(stop.signum, start_step)
