@@ -380,6 +380,9 @@ def _evaluate_sim(
     task_list = split_csv(tasks) or []
     if not task_list:
         raise XWAMError("--sim metaworld needs --tasks, e.g. --tasks reach-v3,push-v3")
+    from xwam_core.sim.metaworld import check_request
+
+    check_request(policy, task_list, episodes, max_steps, render_quality)  # before the minute of BC
     store = None
     if "bc" in chosen:
         store = _bc_store(policy, data)

@@ -225,6 +225,20 @@ def state_layout(policy: Policy) -> str:
     )
 
 
+def check_request(
+    policy: Policy, tasks: list[str], episodes: int, max_steps: int, render_quality: str | None = None
+) -> str:
+    """Every check of a closed-loop request that needs no simulation (the CLI runs it before the minute of
+    behaviour cloning); returns the render quality to use."""
+    from xwam_core.data.sources import metaworld as mw
+
+    _check(policy, tasks, episodes, max_steps)
+    quality = render_quality or store_render_quality(policy.spec.store) or "fast"
+    if quality not in mw.RENDER_QUALITIES:
+        raise XWAMError(f"--render-quality {quality!r}: expected 'fast' or 'default'")
+    return quality
+
+
 def _check(policy: Policy, tasks: list[str], episodes: int, max_steps: int) -> None:
     from xwam_core.data.sources import metaworld as mw
 
@@ -319,7 +333,7 @@ def evaluate_metaworld(
     is given, BC), False, or names from BASELINES. BC executes the model's actions per query."""
     from xwam_core.data.sources import metaworld as mw
 
-    _check(policy, tasks, episodes, max_steps)
+    quality = check_request(policy, tasks, episodes, max_steps, render_quality)
     policies = ["model", *_baselines(baselines, bc)]
     learner: dict[str, Any] = {"model": policy}
     if "bc" in policies:
@@ -340,9 +354,6 @@ def evaluate_metaworld(
         bc.actions_per_query = policy.actions_per_query  # the same open-loop horizon as the model
         learner["bc"] = bc
     layout = policy.spec
-    quality = render_quality or store_render_quality(layout.store) or "fast"
-    if quality not in mw.RENDER_QUALITIES:
-        raise XWAMError(f"--render-quality {quality!r}: expected 'fast' or 'default'")
     seeds = {t: [eval_episode_seed(seed, t, i) for i in range(episodes)] for t in tasks}
     checked = []
     for t in tasks:
