@@ -100,7 +100,8 @@ def test_actions_per_query_defaults_to_the_checkpoints_inference_setting(tmp_pat
     _, ckpt = tiny_checkpoint(tmp_path_factory)
     parts = load_policy_parts(ckpt)
     k = parts.data.window.num_actions
-    assert parts.inference.actions_per_query == 0 and Policy(parts).actions_per_query == k
+    parts.inference = replace(parts.inference, actions_per_query=0)
+    assert Policy(parts).actions_per_query == k
     parts.inference = replace(parts.inference, actions_per_query=4)
     assert Policy(parts).actions_per_query == 4 and Policy(parts, actions_per_query=2).actions_per_query == 2
     parts.inference = replace(parts.inference, actions_per_query=k + 1)

@@ -211,3 +211,7 @@ def test_inference_actions_per_query_is_checked():
     )
     with pytest.raises(RecipeError, match=r"inference\.actions_per_query: expected an integer >= 0"):
         load_recipe(RECIPES / "tiny_cpu.toml", ["inference.actions_per_query=-1"])
+    with pytest.raises(
+        RecipeError, match=r"inference\.actions_per_query: expected 0 \(the whole chunk\) to the chunk's 4"
+    ):
+        load_recipe(RECIPES / "tiny_cpu.toml", ["data.future_frames=2", "data.frame_stride=2"])

@@ -376,6 +376,7 @@ def test_trains_and_reconstruct_refuses_its_infer_run(tmp_path):
     overrides = [
         *tiny_overrides(store, tmp_path / "run"),
         "data.frame_stride=1",
+        "inference.actions_per_query=0",  # the whole (4-action) chunk
         "data.normalization='release'",
     ]
     ckpt = train(load_recipe(TINY, [*overrides, "model.depth_near=0.001", "model.depth_far=0.3"])).checkpoint

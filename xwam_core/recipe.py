@@ -363,6 +363,13 @@ class Recipe:
         self.noise.validate()
         self.train.validate()
         self.inference.validate()
+        chunk = self.data.future_frames * self.data.frame_stride
+        require(
+            self.inference.actions_per_query <= chunk,
+            "inference.actions_per_query",
+            f"0 (the whole chunk) to the chunk's {chunk} actions (data.future_frames x data.frame_stride)",
+            self.inference.actions_per_query,
+        )
 
 
 # ------------------------------------------------------------------------------------ type checking
