@@ -308,17 +308,9 @@ def test_pytorch_initialisation_is_the_old_one():
 
 @pytest.mark.parametrize("init", ["release", "pytorch"])
 def test_from_wan_pretrained_applies_the_same_initialisation(tmp_path, init):
-    wan_keys = (
-        "patch_size",
-        "num_attention_heads",
-        "attention_head_dim",
-        "in_channels",
-        "out_channels",
-        "text_dim",
-        "freq_dim",
-        "ffn_dim",
-        "num_layers",
-    )
+    from xwam_core.models.transformer import WAN_CONFIG_KEYS
+
+    wan_keys = [k for k in WAN_CONFIG_KEYS if k in WIDE]
     torch.manual_seed(0)
     WanTransformer3DModel(**{k: WIDE[k] for k in wan_keys}).save_pretrained(tmp_path / "transformer")
     xwam = {k: v for k, v in WIDE.items() if k not in wan_keys}

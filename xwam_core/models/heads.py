@@ -193,12 +193,8 @@ def build_video_head(
 # --------------------------------------------------------------------------------------------------
 
 
-class CurrentFrameBroadcast(nn.Module):
-    """Adds to every future video token the current frame's token of its view and position, through a linear map.
-
-    A pretrained Wan finds the condition frame by attention; a small model trained from scratch learns that
-    far too slowly. Zero-initialised, so switching it on changes nothing until trained.
-    """
+class _ZeroInitBroadcast(nn.Module):
+    """A broadcast plug-in's linear map (`proj`, width -> width), zero-initialised: a no-op until trained."""
 
     def __init__(self, inner_dim: int) -> None:
         super().__init__()
@@ -208,6 +204,14 @@ class CurrentFrameBroadcast(nn.Module):
     def reset_parameters(self) -> None:
         self.proj.weight.zero_()
         self.proj.bias.zero_()
+
+
+class CurrentFrameBroadcast(_ZeroInitBroadcast):
+    """Adds to every future video token the current frame's token of its view and position, through a linear map.
+
+    A pretrained Wan finds the condition frame by attention; a small model trained from scratch learns that
+    far too slowly. Zero-initialised, so switching it on changes nothing until trained.
+    """
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (B, F', V, h', w', D), latent frame 0 the current frame -> the same shape."""
@@ -216,22 +220,13 @@ class CurrentFrameBroadcast(nn.Module):
         return torch.cat([tokens[:, :1], tokens[:, 1:] + self.proj(tokens[:, :1])], dim=1)
 
 
-class CurrentStateBroadcast(nn.Module):
+class CurrentStateBroadcast(_ZeroInitBroadcast):
     """Adds to every action token and future state token the current state's token, through a linear map.
 
     The state token is one of a few hundred tokens; a small model trained from scratch is slow to learn that
     the actions depend on it (e.g. a goal position held in the state), as with the current frame for video.
     Zero-initialised, so switching it on changes nothing until trained. Demo-only, like CurrentFrameBroadcast.
     """
-
-    def __init__(self, inner_dim: int) -> None:
-        super().__init__()
-        self.proj = nn.Linear(inner_dim, inner_dim)
-
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        self.proj.weight.zero_()
-        self.proj.bias.zero_()
 
     def forward(
         self, action_tokens: torch.Tensor | None, state_tokens: torch.Tensor
