@@ -131,12 +131,15 @@ class PrepareConfig:
     source: str = "metaworld"  # "metaworld", "lerobot" or "xwam-release"
     out: str = ""
     overwrite: bool = False
+    # 2: RGB as AV1 video, cameras of fixed views once per episode (docs/data.md); 1: the PNG-in-parquet format
+    store_format: int = 2
     metaworld: MetaWorldSourceConfig = field(default_factory=MetaWorldSourceConfig)
     lerobot: LeRobotSourceConfig = field(default_factory=LeRobotSourceConfig)
     xwam_release: XWAMReleaseSourceConfig = field(default_factory=XWAMReleaseSourceConfig)
 
     def validate(self) -> None:
         # `source` is checked by xwam_core.data.sources.make_source: sources can be registered at run time
+        require(self.store_format in (1, 2), "prepare.store_format", "1 or 2", self.store_format)
         self.metaworld.validate()
         self.lerobot.validate()
         self.xwam_release.validate()

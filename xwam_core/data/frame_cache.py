@@ -77,11 +77,12 @@ def cache_folder(store: EpisodeStore, root: Path | None = None) -> Path:
     resolved = store.path.resolve()
     path_hash = hashlib.sha256(str(resolved).encode()).hexdigest()[:8]
     content = hashlib.sha256(store_fingerprint(store.path).encode())
-    for data_file in store.data_files():
+    for data_file in store.data_files() + store.video_files():
         try:
-            content.update(f"{data_file.name}:{data_file.stat().st_mtime_ns}".encode())
+            stat = data_file.stat()
+            content.update(f"{data_file.relative_to(store.path)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
         except FileNotFoundError:
-            raise DataError(f"{data_file}: data file missing (meta/episodes lists episodes in it)") from None
+            raise DataError(f"{data_file}: file missing (meta/episodes lists episodes in it)") from None
     return (
         (root or cache_root()) / FORMAT / f"{safe_name(resolved.name)}-{path_hash}" / content.hexdigest()[:16]
     )
@@ -217,7 +218,12 @@ def _preallocated(path: Path, dtype: type, shape: tuple[int, ...]) -> np.ndarray
 
 
 def _decode_frames(store: EpisodeStore, arrays: dict[str, np.ndarray]) -> None:
-    """Every image cell of the data files, decoded into `arrays` (global frame order)."""
+    """Every image of the store, decoded into `arrays` (global frame order)."""
+    if store.store_format == 2:
+        _decode_videos(store, arrays)
+        arrays = {k: a for k, a in arrays.items() if k not in {rgb_key(v) for v in store.views}}
+        if not arrays:
+            return
     n = store.num_frames
     offset = 0
     files = store.data_files()
@@ -241,6 +247,33 @@ def _decode_frames(store: EpisodeStore, arrays: dict[str, np.ndarray]) -> None:
     if offset != n:
         where = files[0] if len(files) == 1 else store.path / "data"
         raise DataError(f"{where}: holds {offset} frames, meta/info.json's total_frames says {n}")
+
+
+def _decode_videos(store: EpisodeStore, arrays: dict[str, np.ndarray]) -> None:
+    """Every episode's RGB video, decoded into `arrays` (format 2)."""
+    from xwam_core.data.video import VideoReader
+
+    readers: dict[str, VideoReader] = {}  # view -> the open file (LeRobot's merge puts episodes in one)
+    try:
+        for episode in store.episodes:
+            for v in store.views:
+                path = store.video_file(v, episode)
+                times = episode.videos[v][2] + np.arange(episode.length) / store.fps
+                reader = readers.get(v)
+                if reader is None or reader.path != str(path):
+                    if reader is not None:
+                        reader.close()
+                    reader = readers[v] = VideoReader(path, store.fps)
+                frames = reader.read(times)
+                if frames.shape[1:] != arrays[rgb_key(v)].shape[1:]:
+                    raise DataError(
+                        f"{path}: frames are {frames.shape[1]}x{frames.shape[2]}, expected "
+                        f"{store.image_size[0]}x{store.image_size[1]} (meta/info.json image_size)"
+                    )
+                arrays[rgb_key(v)][episode.start : episode.start + episode.length] = frames
+    finally:
+        for reader in readers.values():
+            reader.close()
 
 
 def _open_parquet(path: Path, columns: list[str]) -> pq.ParquetFile:
@@ -282,7 +315,7 @@ def _save_small_arrays(store: EpisodeStore, folder: Path) -> None:
         "episode_index": (),
     }
     if store.has_cameras:
-        for v in store.views:
+        for v in store.moving_views:
             small[intrinsics_key(v)] = (3, 3)
             small[extrinsics_key(v)] = (4, 4)
     columns = store.read_columns(list(small))
@@ -293,6 +326,8 @@ def _save_small_arrays(store: EpisodeStore, folder: Path) -> None:
         dtype = np.int64 if key == "episode_index" else np.float32
         try:
             array = np.asarray(columns[key].to_pylist(), dtype)
+            if store.store_format == 2 and key.startswith("observation.cameras."):
+                array = array.reshape(n, *shape)  # stored flat: 9 / 16 numbers a frame
         except (ValueError, TypeError):
             array = None
         if array is None or array.shape != (n, *shape):
@@ -313,9 +348,15 @@ def _save_small_arrays(store: EpisodeStore, folder: Path) -> None:
     np.save(folder / "action.npy", values["action"])
     np.save(folder / "episode_index.npy", values["episode_index"])
     if store.has_cameras:
+        lengths = [e.length for e in store.episodes]
         for v in store.views:
-            np.save(folder / f"intrinsics.{v}.npy", values[intrinsics_key(v)])
-            np.save(folder / f"extrinsics.{v}.npy", values[extrinsics_key(v)])
+            if v in store.moving_views:
+                intrinsics, extrinsics = values[intrinsics_key(v)], values[extrinsics_key(v)]
+            else:  # once per episode in meta/episodes: repeated over the episode's frames
+                intrinsics = np.repeat(np.stack([e.cameras[v][0] for e in store.episodes]), lengths, axis=0)
+                extrinsics = np.repeat(np.stack([e.cameras[v][1] for e in store.episodes]), lengths, axis=0)
+            np.save(folder / f"intrinsics.{v}.npy", intrinsics)
+            np.save(folder / f"extrinsics.{v}.npy", extrinsics)
 
 
 def reason_of(exc: BaseException, path: Path | None = None) -> str:

@@ -33,7 +33,12 @@ def prepare_store(recipe: Recipe, progress: Progress = SILENT) -> StoreSummary:
     )  # the source's own options, recorded with the store
     options = dataclasses.asdict(section) if section is not None else {}
     with StoreWriter(
-        out, info, overwrite=cfg.overwrite, source_options=options, notify=progress.log
+        out,
+        info,
+        overwrite=cfg.overwrite,
+        source_options=options,
+        notify=progress.log,
+        store_format=cfg.store_format,
     ) as writer:
         (writer.tmp / "meta").mkdir(parents=True, exist_ok=True)
         (writer.tmp / "meta" / "recipe.toml").write_text(recipe_to_toml(recipe))

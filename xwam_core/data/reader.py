@@ -1,22 +1,36 @@
 """Reading an episode store: its metadata, checked when the store is opened, and its frame cache.
 
 Opening a store reads and checks only metadata (meta/info.json, stats.json, tasks and episodes) and that
-every data file is there, so a damaged store is refused with one line naming the file and what was
-expected before any work starts. Frames are read through the decoded-frame cache
-(xwam_core.data.frame_cache), which lives outside the store: a store can be read-only.
+every data and video file is there, so a damaged store is refused with one line naming the file and what
+was expected before any work starts. Training reads frames through the decoded-frame cache
+(xwam_core.data.frame_cache), which lives outside the store: a store can be read-only. `read_episode`
+decodes one whole episode (both store formats: RGB from PNG cells or from the episode's video).
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from xwam_core.atomic import Notify
+from xwam_core.data.episode import Episode, ViewFrames
 from xwam_core.data.frame_cache import FrameCache, open_frame_cache, reason_of
-from xwam_core.data.store import CODEBASE_VERSION, EPISODES_PATH
+from xwam_core.data.store import (
+    CODEBASE_VERSION,
+    EPISODES_PATH,
+    STORE_FORMATS,
+    decode_png,
+    depth_key,
+    episode_camera_column,
+    extrinsics_key,
+    intrinsics_key,
+    rgb_key,
+)
 from xwam_core.errors import DataError
 
 __all__ = ["EpisodeMeta", "EpisodeStore", "FrameCache"]
@@ -41,6 +55,10 @@ class EpisodeMeta:
     start: int  # global frame index of the episode's first frame
     chunk_index: int
     file_index: int
+    # format 2: view -> (video chunk, video file, from_timestamp) of its RGB
+    videos: dict[str, tuple[int, int, float]] = field(default_factory=dict)
+    # format 2, views that do not move: view -> ((3, 3) intrinsics, (4, 4) extrinsics), float32
+    cameras: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
 
 class EpisodeStore:
@@ -59,12 +77,20 @@ class EpisodeStore:
         # "relative" (imported from the xwam release): usable for training, not for point clouds
         self.depth_kind: str = str(x.get("depth_kind", "metric"))
         self.fps: float = float(self.info["fps"])
+        self.store_format: int = int(x.get("store_format", 1))
+        # views whose cameras are stored per frame (format 1: every view)
+        self.moving_views: list[str] = (
+            list(x.get("moving_views", [])) if self.store_format == 2 else self.views
+        )
         self.stats: dict[str, Any] = self._read_stats()
         self.tasks: list[str] = self._read_tasks()
         self.episodes: list[EpisodeMeta] = self._read_episodes()
         for data_file in self.data_files():
             if not data_file.is_file():
                 raise DataError(f"{data_file}: data file missing (meta/episodes lists episodes in it)")
+        for video_file in self.video_files():
+            if not video_file.is_file():
+                raise DataError(f"{video_file}: video file missing (meta/episodes lists episodes in it)")
 
     # ---------------------------------------------------------------------------------- checks
     def _read_info(self) -> dict[str, Any]:
@@ -91,12 +117,20 @@ class EpisodeStore:
             ("xwam.image_size", _image_size, "two sizes in pixels (height, width)"),
             ("xwam.has_depth", _bool, "true or false"),
             ("xwam.has_cameras", _bool, "true or false"),
+            ("xwam.store_format", lambda v: v in STORE_FORMATS, f"one of {list(STORE_FORMATS)}"),
         ):
+            if key == "xwam.store_format" and "store_format" not in info["xwam"]:
+                continue  # stores written before format 2 have no store_format: format 1
             value = _lookup(info, key)
             if value is _MISSING:
                 raise DataError(f"{info_path}: lacks {key!r}; expected {expected}")
             if not check(value):
                 raise DataError(f"{info_path}: {key!r} is {_short(value)}, expected {expected}")
+        if info["xwam"].get("store_format") == 2 and not _video_path(info.get("video_path")):
+            raise DataError(
+                f"{info_path}: 'video_path' is {_short(info.get('video_path'))}, expected a path pattern with "
+                "{video_key}, {chunk_index} and {file_index}"
+            )
         return info
 
     def _read_stats(self) -> dict[str, Any]:
@@ -124,7 +158,21 @@ class EpisodeStore:
 
     def _read_episodes(self) -> list[EpisodeMeta]:
         path = self.path / EPISODES_PATH
-        table = _read_parquet(path, list(EPISODE_COLUMNS))
+        columns = list(EPISODE_COLUMNS)
+        if self.store_format == 2:
+            for v in self.views:
+                key = rgb_key(v)
+                columns += [
+                    f"videos/{key}/chunk_index",
+                    f"videos/{key}/file_index",
+                    f"videos/{key}/from_timestamp",
+                ]
+                if self.has_cameras and v not in self.moving_views:
+                    columns += [
+                        episode_camera_column(v, "intrinsics"),
+                        episode_camera_column(v, "extrinsics"),
+                    ]
+        table = _read_parquet(path, columns)
         episodes = []
         start = 0
         try:
@@ -138,6 +186,8 @@ class EpisodeStore:
                     chunk_index=int(r["data/chunk_index"]),
                     file_index=int(r["data/file_index"]),
                 )
+                if self.store_format == 2:
+                    self._episode_files(meta, r)
                 if meta.index != i or meta.start != start or meta.length < 1:
                     raise DataError(
                         f"{path}: row {i} is episode {meta.index} at frames {meta.start}.."
@@ -161,6 +211,24 @@ class EpisodeStore:
             )
         return episodes
 
+    def _episode_files(self, meta: EpisodeMeta, row: dict[str, Any]) -> None:
+        """A format-2 episode's video locations and static cameras, from its meta/episodes row."""
+        for v in self.views:
+            key = rgb_key(v)
+            meta.videos[v] = (
+                int(row[f"videos/{key}/chunk_index"]),
+                int(row[f"videos/{key}/file_index"]),
+                float(row[f"videos/{key}/from_timestamp"]),
+            )
+            if self.has_cameras and v not in self.moving_views:
+                k = np.asarray(row[episode_camera_column(v, "intrinsics")], np.float32)
+                e = np.asarray(row[episode_camera_column(v, "extrinsics")], np.float32)
+                if k.shape != (9,) or e.shape != (16,) or not (np.isfinite(k).all() and np.isfinite(e).all()):
+                    raise ValueError(
+                        f"cameras of view '{v}' are {k.shape} and {e.shape}, expected 9 and 16 finite numbers"
+                    )
+                meta.cameras[v] = (k.reshape(3, 3), e.reshape(4, 4))
+
     # ---------------------------------------------------------------------------------- meta
     @property
     def num_frames(self) -> int:
@@ -177,6 +245,71 @@ class EpisodeStore:
     def data_files(self) -> list[Path]:
         pairs = sorted({(e.chunk_index, e.file_index) for e in self.episodes})
         return [self.path / self.info["data_path"].format(chunk_index=c, file_index=f) for c, f in pairs]
+
+    def video_file(self, view: str, episode: EpisodeMeta) -> Path:
+        """The video file holding the RGB of `view` in `episode` (format 2)."""
+        chunk, file, _ = episode.videos[view]
+        return self.path / self.info["video_path"].format(
+            video_key=rgb_key(view), chunk_index=chunk, file_index=file
+        )
+
+    def video_files(self) -> list[Path]:
+        """Every video file meta/episodes names (none in format 1)."""
+        return sorted({self.video_file(v, e) for e in self.episodes for v in e.videos})
+
+    def read_episode(self, index: int) -> Episode:
+        """One whole episode decoded from the store (not through the frame cache): RGB uint8, depth in
+        metres, cameras per frame, as the source gave them (RGB within the video codec's tolerance)."""
+        import pyarrow.parquet as pq
+
+        from xwam_core.data.video import VideoReader
+
+        if not 0 <= index < len(self.episodes):
+            raise DataError(f"{self.path}: episode {index} out of range (the store has {len(self.episodes)})")
+        meta = self.episodes[index]
+        path = self.path / self.info["data_path"].format(
+            chunk_index=meta.chunk_index, file_index=meta.file_index
+        )
+        table = pq.read_table(path, filters=[("episode_index", "=", index)])
+        table = table.sort_by("frame_index")
+        if table.num_rows != meta.length:
+            raise DataError(
+                f"{path}: episode {index} has {table.num_rows} rows, meta/episodes says {meta.length}"
+            )
+        n = meta.length
+
+        def images(key: str) -> np.ndarray:
+            return np.stack([decode_png(cell["bytes"]) for cell in table.column(key).to_pylist()])
+
+        def numbers(key: str, shape: tuple[int, ...]) -> np.ndarray:
+            return np.asarray(table.column(key).to_pylist(), dtype=np.float32).reshape(n, *shape)
+
+        views = {}
+        for v in self.views:
+            if self.store_format == 1:
+                rgb = images(rgb_key(v))
+            else:
+                with VideoReader(self.video_file(v, meta), self.fps) as reader:
+                    rgb = reader.read(meta.videos[v][2] + np.arange(n) / self.fps)
+            frames = ViewFrames(rgb=rgb)
+            if self.has_depth:
+                frames.depth = images(depth_key(v)).astype(np.float32) / np.float32(1000.0)
+            if self.has_cameras and v in self.moving_views:
+                frames.intrinsics = numbers(intrinsics_key(v), (3, 3))
+                frames.extrinsics = numbers(extrinsics_key(v), (4, 4))
+            elif self.has_cameras:
+                k, e = meta.cameras[v]
+                frames.intrinsics = np.repeat(k[None], n, axis=0)
+                frames.extrinsics = np.repeat(e[None], n, axis=0)
+            views[v] = frames
+        return Episode(
+            task=meta.task,
+            views=views,
+            state=numbers("observation.state", (len(self.state_names),)),
+            action=numbers("action", (len(self.action_names),)),
+            fps=self.fps,
+            success=meta.success,
+        )
 
     def read_columns(self, columns: list[str]) -> dict[str, Any]:
         """Columns of the whole store, as pyarrow arrays in global frame order."""
@@ -293,5 +426,12 @@ def _image_size(v: Any) -> bool:
 def _data_path(v: Any) -> bool:
     try:
         return isinstance(v, str) and v.format(chunk_index=0, file_index=0) != v
+    except (KeyError, IndexError, ValueError):
+        return False
+
+
+def _video_path(v: Any) -> bool:
+    try:
+        return isinstance(v, str) and v.format(video_key="k", chunk_index=0, file_index=0) != v
     except (KeyError, IndexError, ValueError):
         return False

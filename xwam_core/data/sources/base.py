@@ -25,6 +25,9 @@ class SourceInfo:
     has_cameras: bool
     # "metric": depth in metres; "relative": not metric (e.g. the xwam release), no point clouds
     depth_kind: str = "metric"
+    # views whose cameras move within an episode (a wrist camera): their intrinsics/extrinsics are stored
+    # per frame, the others' once per episode; None: the views whose cameras change in the first episode
+    moving_views: list[str] | None = None
     extra: dict[str, object] = field(default_factory=dict)
 
 
