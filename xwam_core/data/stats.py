@@ -82,11 +82,16 @@ def _lerobot_shapes(key: str, stats: dict[str, list]) -> dict[str, list]:
 
 
 def episode_stats(episode: Episode, info: SourceInfo) -> dict[str, Any]:
-    """One episode's statistics as meta/episodes columns `stats/<key>/<stat>` (LeRobot's layout)."""
+    """One episode's statistics as meta/episodes columns `stats/<key>/<stat>` (LeRobot's layout).
+
+    Depth has none: LeRobot's delete_episodes reshapes the per-episode statistics of every image feature
+    to 3 channels and fails on 1-channel depth (meta/stats.json keeps depth's statistics)."""
     running = RunningStats()
     running.update(episode, info)
     columns: dict[str, Any] = {}
     for key, chunks in running._columns.items():
+        if key.startswith("observation.depth."):
+            continue
         values = np.concatenate(chunks, axis=0)
         if values.shape[0] == 0:  # no valid depth pixel: zeros, so aggregated counts stay > 0
             values = np.zeros((1, *values.shape[1:]), np.float32)
