@@ -5,7 +5,9 @@
 
 Figures: sim_episodes_per_min (Meta-World, 128x128, 3 views, fast render quality, expert policy,
 whole episodes written to a store), cache_build_s (decoding the store into the frame cache once),
-loader_windows_per_s_workers0 / _workers2 (128x128, 3 views, 9 frames at stride 4, batch 8).
+loader_windows_per_s_workers0 / _workers2 (128x128, 3 views, 9 frames at stride 4, batch 8),
+store_kb_per_frame_format1 / _format2 (the same Meta-World episodes, 3 views at 256x256 with depth and
+cameras, written in both store formats; also scaled by pixel count to the paper's 256x320).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ def main() -> None:
     parser = bench_argparser(__doc__ or "")
     parser.add_argument("--episodes", type=int, default=6, help="simulated episodes to generate")
     parser.add_argument("--batches", type=int, default=40, help="loader batches to time per setting")
+    parser.add_argument("--size-episodes", type=int, default=2, help="256x256 episodes for the store sizes")
     args = parser.parse_args()
 
     from xwam_core.data.reader import EpisodeStore
@@ -34,6 +37,7 @@ def main() -> None:
     from xwam_core.data.windows import WindowDataset, WindowLayout, make_loader
 
     report = Report("xwam data benchmarks")
+    store_sizes(report, args.size_episodes)
     with tempfile.TemporaryDirectory() as tmp:
         store_path = Path(tmp) / "store"
         tasks = ["reach-v3", "push-v3"]
@@ -86,6 +90,34 @@ def main() -> None:
             )
             del it, loader
     report.emit(args.json)
+
+
+def store_sizes(report: Report, n_episodes: int) -> None:
+    """Bytes per 3-view frame (RGB + depth + cameras + state/action) in store formats 1 and 2."""
+    from xwam_core.data.sources.metaworld import MetaWorldSource
+    from xwam_core.data.store import StoreWriter
+
+    source = MetaWorldSource(
+        tasks=["push-v3"], episodes=n_episodes, views=["corner2", "topview", "gripperPOV"], size=256, seed=0
+    )
+    episodes = list(source.episodes())
+    frames = sum(e.length for e in episodes)
+    with tempfile.TemporaryDirectory() as tmp:
+        for store_format in (1, 2):
+            out = Path(tmp) / f"format{store_format}"
+            t0 = time.perf_counter()
+            with StoreWriter(out, source.info(), store_format=store_format) as writer:
+                for episode in episodes:
+                    writer.add(episode)
+            seconds = time.perf_counter() - t0
+            kb = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / frames / 1000
+            report.add(
+                f"store_kb_per_frame_format{store_format}",
+                kb,
+                "KB/frame",
+                f"{frames} frames, 3 views 256x256 + depth; {kb * 320 / 256:.1f} KB scaled to 256x320; "
+                f"written at {1000 * seconds / frames:.0f} ms/frame",
+            )
 
 
 if __name__ == "__main__":

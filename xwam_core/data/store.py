@@ -86,8 +86,8 @@ def encode_png(array: np.ndarray, level: int = 1) -> bytes:
     return buf.getvalue()
 
 
-# zlib level of the depth PNGs in format 2 (measured on Meta-World depth, docs/data.md: level 1 gives
-# 12.3 KB per 256x256 view-frame, level 9 8.7 KB)
+# zlib level of the depth PNGs in format 2. Measured on Meta-World depth (3 views, 256x256, per
+# view-frame): level 1 12.3 KB in 5 ms, level 6 9.2 KB in 10 ms, level 9 8.7 KB in 57 ms
 DEPTH_PNG_LEVEL = 6
 
 
