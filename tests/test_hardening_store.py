@@ -296,7 +296,7 @@ def test_cache_is_outside_the_store_and_keyed_by_its_identity(good_store, tmp_pa
     store = tmp_path / "store"
     shutil.copytree(good_store, store)
     folder = cache_folder(EpisodeStore(store))
-    assert folder.parent.parent == tmp_path / "xdg" / "xwam" / "frames-v1"
+    assert folder.parent.parent == tmp_path / "xdg" / "xwam" / "frames-v2"
     assert folder.parent.name.startswith("store-")
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))

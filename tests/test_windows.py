@@ -194,8 +194,8 @@ def test_without_padding_items_are_the_old_items(synthetic_store):
             expected = {
                 "rgb": np.stack([cache.rgb(v, frames) for v in store.views]),
                 "depth": np.stack([cache.depth_mm(v, frames) * np.float32(0.001) for v in store.views]),
-                "intrinsics": np.stack([cache.intrinsics[v][frames] for v in store.views]),
-                "extrinsics": np.stack([cache.extrinsics[v][frames] for v in store.views]),
+                "intrinsics": np.stack([cache.cameras(v, frames, episode)[0] for v in store.views]),
+                "extrinsics": np.stack([cache.cameras(v, frames, episode)[1] for v in store.views]),
                 "actions": np.ascontiguousarray(actions, dtype=np.float32),
                 "states": np.ascontiguousarray(states, dtype=np.float32),
             }
@@ -230,3 +230,47 @@ def test_recipe_setting_pad_episode_ends():
     with pytest.raises(RecipeError, match=r"data\.pad_episode_ends.*true or false") as err:
         DataConfig(pad_episode_ends="yes").validate()  # type: ignore[arg-type]
     assert "\n" not in str(err.value)
+
+
+# ---- a store decoded in the loader, the index at scale ------------------------------------------------
+def test_decoding_in_the_loader_gives_the_cached_items(synthetic_store):
+    """frame_cache="off" (large stores): video and depth PNGs decoded per window, items identical to the
+    decoded-frame cache's; only the per-frame arrays are cached (memory-mapped, outside the store)."""
+    path, _ = synthetic_store
+    layout = WindowLayout(future_frames=4, frame_stride=3)
+    cached = WindowDataset(path, layout, pad_episode_ends=True, frame_cache="on")
+    decoded = WindowDataset(path, layout, pad_episode_ends=True, frame_cache="off")
+    assert cached.decoded and not decoded.decoded and decoded.decoder is not None
+    assert not (decoded.cache.path / "rgb.front.npy").exists()
+    for i in [0, 5, 19, 33, 59, 21, 2]:  # forwards, backwards, episode ends (clamped frames)
+        a, b = cached[i], decoded[i]
+        for key in a:
+            assert np.asarray(a[key]).tobytes() == np.asarray(b[key]).tobytes(), (i, key)
+    assert isinstance(np.load(decoded.cache.path / "state.npy", mmap_mode="r"), np.memmap)
+    with pytest.raises(DataError, match="frame_cache 'maybe'"):
+        WindowDataset(path, layout, frame_cache="maybe")
+
+
+def test_window_index_is_per_episode_counts():
+    from xwam_core.data.window_index import WindowIndex
+
+    lengths = np.array([5, 2, 7, 3])
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    full = WindowIndex(np.array([2, 0, 1, 3]), lengths, starts, span=3, pad=False)
+    expected = [(e, starts[e] + s, s) for e in (2, 0, 1, 3) for s in range(lengths[e] - 3 + 1)]
+    assert full.array().tolist() == [list(map(int, row)) for row in expected]
+    padded = WindowIndex(np.arange(4), lengths, starts, span=3, pad=True)
+    assert len(padded) == lengths.sum() and padded.array()[:, 1].tolist() == list(range(lengths.sum()))
+    with pytest.raises(IndexError):
+        padded.locate(int(lengths.sum()))
+
+
+def test_split_episodes_round_robin_over_tasks(tmp_path):
+    path = tmp_path / "s"
+    write_store(path, SyntheticSource(episodes=7, length=6, tasks=("a", "b", "c")))  # a b c a b c a
+    store = EpisodeStore(path)
+    assert split_episodes(store, 0) == (list(range(7)), [])
+    assert split_episodes(store, 1)[1] == [6]  # task a's newest is the newest
+    assert split_episodes(store, 3)[1] == [4, 5, 6]
+    assert split_episodes(store, 4)[1] == [3, 4, 5, 6]  # then a's episode before it
+    assert split_episodes(store, 6)[1] == [1, 2, 3, 4, 5, 6]

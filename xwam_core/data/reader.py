@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from xwam_core.atomic import Notify
 from xwam_core.data.episode import Episode, ViewFrames
@@ -33,7 +37,7 @@ from xwam_core.data.store import (
 )
 from xwam_core.errors import DataError
 
-__all__ = ["EpisodeMeta", "EpisodeStore", "FrameCache"]
+__all__ = ["EpisodeMeta", "EpisodeStore", "EpisodeTable", "FrameCache"]
 
 EPISODE_COLUMNS = (
     "episode_index",
@@ -61,6 +65,61 @@ class EpisodeMeta:
     cameras: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
 
+class EpisodeTable(Sequence[EpisodeMeta]):
+    """meta/episodes as numpy columns, one entry per episode; `table[i]` makes episode i's EpisodeMeta.
+
+    A store of 1.49 M episodes stays a few arrays (tens of MB), never a million Python objects: the
+    window index, the held-out split and the loader read the columns.
+    """
+
+    def __init__(
+        self,
+        tasks: list[str],
+        task_index: np.ndarray,
+        length: np.ndarray,
+        success: np.ndarray,
+        start: np.ndarray,
+        chunk_index: np.ndarray,
+        file_index: np.ndarray,
+        videos: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None,
+        cameras: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+    ):
+        self.tasks = tasks
+        self.task_index = task_index  # (E,) int64, into `tasks`
+        self.length = length  # (E,) int64
+        self.success = success  # (E,) bool
+        self.start = start  # (E,) int64: global frame index of each episode's first frame
+        self.chunk_index, self.file_index = chunk_index, file_index  # (E,) int64: its data file
+        self.videos = videos or {}  # view -> (chunk (E,), file (E,), from_timestamp (E,))
+        self.cameras = cameras or {}  # static view -> ((E, 3, 3), (E, 4, 4)) float32
+
+    def __len__(self) -> int:
+        return len(self.length)
+
+    @overload
+    def __getitem__(self, i: int) -> EpisodeMeta: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[EpisodeMeta]: ...
+    def __getitem__(self, i: int | slice) -> EpisodeMeta | list[EpisodeMeta]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"episode {i} out of range ({n} episodes)")
+        i = int(i) % n
+        return EpisodeMeta(
+            index=i,
+            task=self.tasks[int(self.task_index[i])],
+            length=int(self.length[i]),
+            success=bool(self.success[i]),
+            start=int(self.start[i]),
+            chunk_index=int(self.chunk_index[i]),
+            file_index=int(self.file_index[i]),
+            videos={v: (int(c[i]), int(f[i]), float(t[i])) for v, (c, f, t) in self.videos.items()},
+            cameras={v: (k[i], e[i]) for v, (k, e) in self.cameras.items()},
+        )
+
+
 class EpisodeStore:
     """An episode store on disk (see xwam_core.data.store for the layout)."""
 
@@ -84,7 +143,7 @@ class EpisodeStore:
         )
         self.stats: dict[str, Any] = self._read_stats()
         self.tasks: list[str] = self._read_tasks()
-        self.episodes: list[EpisodeMeta] = self._read_episodes()
+        self.episodes: EpisodeTable = read_episode_table(self.path, self.info, self.tasks)
         for data_file in self.data_files():
             if not data_file.is_file():
                 raise DataError(f"{data_file}: data file missing (meta/episodes lists episodes in it)")
@@ -156,79 +215,6 @@ class EpisodeStore:
         tasks = _read_parquet(self.path / "meta" / "tasks.parquet", ["task_index"])
         return [str(t) for t in tasks.sort_values("task_index").index]
 
-    def _read_episodes(self) -> list[EpisodeMeta]:
-        path = self.path / EPISODES_PATH
-        columns = list(EPISODE_COLUMNS)
-        if self.store_format == 2:
-            for v in self.views:
-                key = rgb_key(v)
-                columns += [
-                    f"videos/{key}/chunk_index",
-                    f"videos/{key}/file_index",
-                    f"videos/{key}/from_timestamp",
-                ]
-                if self.has_cameras and v not in self.moving_views:
-                    columns += [
-                        episode_camera_column(v, "intrinsics"),
-                        episode_camera_column(v, "extrinsics"),
-                    ]
-        table = _read_parquet(path, columns)
-        episodes = []
-        start = 0
-        try:
-            for i, r in enumerate(table.to_dict("records")):
-                meta = EpisodeMeta(
-                    index=int(r["episode_index"]),
-                    task=str(r["tasks"][0]),
-                    length=int(r["length"]),
-                    success=bool(r["success"]),
-                    start=int(r["dataset_from_index"]),
-                    chunk_index=int(r["data/chunk_index"]),
-                    file_index=int(r["data/file_index"]),
-                )
-                if self.store_format == 2:
-                    self._episode_files(meta, r)
-                if meta.index != i or meta.start != start or meta.length < 1:
-                    raise DataError(
-                        f"{path}: row {i} is episode {meta.index} at frames {meta.start}.."
-                        f"{meta.start + meta.length - 1}, expected episode {i} starting at frame {start} "
-                        "(episodes are stored in order, back to back)"
-                    )
-                if meta.task not in self.tasks:
-                    raise DataError(
-                        f"{path}: episode {i} has task {meta.task!r}, which meta/tasks.parquet lacks"
-                    )
-                episodes.append(meta)
-                start += meta.length
-        except (TypeError, ValueError, IndexError, KeyError) as exc:
-            raise DataError(
-                f"{path}: row {len(episodes)} is malformed ({type(exc).__name__}: {exc})"
-            ) from None
-        if not episodes or start != self.num_frames:
-            raise DataError(
-                f"{path}: {len(episodes)} episodes of {start} frames in all, meta/info.json's total_frames "
-                f"says {self.num_frames}"
-            )
-        return episodes
-
-    def _episode_files(self, meta: EpisodeMeta, row: dict[str, Any]) -> None:
-        """A format-2 episode's video locations and static cameras, from its meta/episodes row."""
-        for v in self.views:
-            key = rgb_key(v)
-            meta.videos[v] = (
-                int(row[f"videos/{key}/chunk_index"]),
-                int(row[f"videos/{key}/file_index"]),
-                float(row[f"videos/{key}/from_timestamp"]),
-            )
-            if self.has_cameras and v not in self.moving_views:
-                k = np.asarray(row[episode_camera_column(v, "intrinsics")], np.float32)
-                e = np.asarray(row[episode_camera_column(v, "extrinsics")], np.float32)
-                if k.shape != (9,) or e.shape != (16,) or not (np.isfinite(k).all() and np.isfinite(e).all()):
-                    raise ValueError(
-                        f"cameras of view '{v}' are {k.shape} and {e.shape}, expected 9 and 16 finite numbers"
-                    )
-                meta.cameras[v] = (k.reshape(3, 3), e.reshape(4, 4))
-
     # ---------------------------------------------------------------------------------- meta
     @property
     def num_frames(self) -> int:
@@ -243,8 +229,17 @@ class EpisodeStore:
         return list(self.info["features"]["action"]["names"])
 
     def data_files(self) -> list[Path]:
-        pairs = sorted({(e.chunk_index, e.file_index) for e in self.episodes})
-        return [self.path / self.info["data_path"].format(chunk_index=c, file_index=f) for c, f in pairs]
+        table = self.episodes
+        pairs = np.unique(np.stack([table.chunk_index, table.file_index], 1), axis=0)
+        return [
+            self.path / self.info["data_path"].format(chunk_index=int(c), file_index=int(f)) for c, f in pairs
+        ]
+
+    def data_file(self, episode: EpisodeMeta) -> Path:
+        """The data file holding `episode`'s rows."""
+        return self.path / self.info["data_path"].format(
+            chunk_index=episode.chunk_index, file_index=episode.file_index
+        )
 
     def video_file(self, view: str, episode: EpisodeMeta) -> Path:
         """The video file holding the RGB of `view` in `episode` (format 2)."""
@@ -255,7 +250,15 @@ class EpisodeStore:
 
     def video_files(self) -> list[Path]:
         """Every video file meta/episodes names (none in format 1)."""
-        return sorted({self.video_file(v, e) for e in self.episodes for v in e.videos})
+        files = []
+        for v, (chunks, file_indices, _) in self.episodes.videos.items():
+            pairs = np.unique(np.stack([chunks, file_indices], 1), axis=0)
+            files += [
+                self.path
+                / self.info["video_path"].format(video_key=rgb_key(v), chunk_index=int(c), file_index=int(f))
+                for c, f in pairs
+            ]
+        return sorted(files)
 
     def read_episode(self, index: int) -> Episode:
         """One whole episode decoded from the store (not through the frame cache): RGB uint8, depth in
@@ -330,9 +333,12 @@ class EpisodeStore:
         return {c: table.column(c) for c in columns}
 
     # ---------------------------------------------------------------------------------- frame cache
-    def frame_cache(self, root: Path | None = None, notify: Notify | None = None) -> FrameCache:
-        """The decoded-frame cache (outside the store: see xwam_core.data.frame_cache), built on first use."""
-        return open_frame_cache(self, root, notify)
+    def frame_cache(
+        self, root: Path | None = None, notify: Notify | None = None, frames: bool = True
+    ) -> FrameCache:
+        """The store's cache (outside the store: see xwam_core.data.frame_cache), built on first use:
+        memory-mapped per-frame arrays, and with `frames` every frame decoded."""
+        return open_frame_cache(self, root, notify, frames)
 
 
 # ------------------------------------------------------------------------------------ checks
@@ -435,3 +441,127 @@ def _video_path(v: Any) -> bool:
         return isinstance(v, str) and v.format(video_key="k", chunk_index=0, file_index=0) != v
     except (KeyError, IndexError, ValueError):
         return False
+
+
+# ------------------------------------------------------------------------------------ meta/episodes
+def read_episode_table(path: Path, info: dict[str, Any], tasks: list[str]) -> EpisodeTable:
+    """A store's meta/episodes as an EpisodeTable, checked with numpy (no Python loop over episodes):
+    episodes in order and back to back, their tasks in `tasks`, their frames adding up to total_frames."""
+    x = info["xwam"]
+    store_format = int(x.get("store_format", 1))
+    views = list(x["views"])
+    moving = list(x.get("moving_views", [])) if store_format == 2 else views
+    has_cameras = bool(x["has_cameras"])
+    file = path / EPISODES_PATH
+    columns = list(EPISODE_COLUMNS)
+    if store_format == 2:
+        for v in views:
+            columns += [f"videos/{rgb_key(v)}/{k}" for k in ("chunk_index", "file_index", "from_timestamp")]
+            if has_cameras and v not in moving:
+                columns += [episode_camera_column(v, "intrinsics"), episode_camera_column(v, "extrinsics")]
+    table = _read_arrow(file, columns)
+    n = table.num_rows
+    row = 0  # the row a malformed value is reported at
+
+    def ints(name: str) -> np.ndarray:
+        column = table.column(name)
+        if column.null_count:
+            raise ValueError(f"{name} is null")
+        return np.asarray(column.to_numpy(), np.int64)
+
+    try:
+        index, length, start = ints("episode_index"), ints("length"), ints("dataset_from_index")
+        chunk_index, file_index = ints("data/chunk_index"), ints("data/file_index")
+        success = np.asarray(table.column("success").to_numpy(zero_copy_only=False), bool)
+        task_names = table.column("tasks").combine_chunks()
+        counts = np.asarray(pc.list_value_length(task_names).to_numpy(zero_copy_only=False), float)
+        empty = np.nonzero(~(counts >= 1))[0]  # NaN: a null list
+        if len(empty):
+            row = int(empty[0])
+            raise ValueError("tasks is empty")
+        first_task = pc.list_element(task_names, 0)
+        task_index = np.asarray(
+            pc.index_in(first_task, value_set=pa.array(tasks, pa.string())).to_numpy(zero_copy_only=False),
+            float,
+        )
+        expected_start = np.concatenate([[0], np.cumsum(length)[:-1]]) if n else np.zeros(0, np.int64)
+        bad = np.nonzero((index != np.arange(n)) | (start != expected_start) | (length < 1))[0]
+        if len(bad):
+            i = int(bad[0])
+            raise DataError(
+                f"{file}: row {i} is episode {index[i]} at frames {start[i]}..{start[i] + length[i] - 1}, "
+                f"expected episode {i} starting at frame {expected_start[i]} (episodes are stored in order, "
+                "back to back)"
+            )
+        unknown = np.nonzero(np.isnan(task_index))[0]
+        if len(unknown):
+            i = int(unknown[0])
+            raise DataError(
+                f"{file}: episode {i} has task {first_task[i].as_py()!r}, which meta/tasks.parquet lacks"
+            )
+        videos: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        cameras: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        if store_format == 2:
+            for v in views:
+                key = f"videos/{rgb_key(v)}"
+                times = table.column(f"{key}/from_timestamp")
+                if times.null_count:
+                    raise ValueError(f"{key}/from_timestamp is null")
+                videos[v] = (
+                    ints(f"{key}/chunk_index"),
+                    ints(f"{key}/file_index"),
+                    np.asarray(times.to_numpy(), np.float64),
+                )
+                if has_cameras and v not in moving:
+                    k = _fixed_rows(table, episode_camera_column(v, "intrinsics"), 9, v)
+                    e = _fixed_rows(table, episode_camera_column(v, "extrinsics"), 16, v)
+                    cameras[v] = (k.reshape(n, 3, 3), e.reshape(n, 4, 4))
+    except DataError:
+        raise
+    except (TypeError, ValueError, IndexError, KeyError, pa.ArrowException) as exc:
+        raise DataError(f"{file}: row {row} is malformed ({type(exc).__name__}: {exc})") from None
+    total = int(info["total_frames"])
+    if not n or int(length.sum()) != total:
+        raise DataError(
+            f"{file}: {n} episodes of {int(length.sum())} frames in all, meta/info.json's total_frames "
+            f"says {total}"
+        )
+    return EpisodeTable(
+        tasks,
+        task_index.astype(np.int64),
+        length,
+        success,
+        start,
+        chunk_index,
+        file_index,
+        videos,
+        cameras,
+    )
+
+
+def _fixed_rows(table: Any, name: str, width: int, view: str) -> np.ndarray:
+    """A list<float> column of `width` numbers a row as an (E, width) float32 array, every value finite."""
+    column = table.column(name).combine_chunks()
+    if column.null_count:
+        raise ValueError(f"cameras of view '{view}' are missing ({name} is null)")
+    lengths = np.asarray(pc.list_value_length(column).to_numpy(zero_copy_only=False))
+    values = np.asarray(column.flatten().to_numpy(zero_copy_only=False), np.float32)
+    if (lengths != width).any() or not np.isfinite(values).all():
+        raise ValueError(f"cameras of view '{view}' are not {width} finite numbers in every row ({name})")
+    return values.reshape(len(column), width)
+
+
+def _read_arrow(path: Path, columns: list[str]) -> pa.Table:
+    """Columns of a metadata Parquet file (only those: meta/episodes also holds LeRobot's stats/*)."""
+    try:
+        schema = pq.read_schema(path)
+        missing = [c for c in columns if c not in schema.names]
+        if missing:
+            raise DataError(f"{path}: lacks column(s) {missing}; re-run `xwam prepare`")
+        return pq.read_table(path, columns=columns)
+    except FileNotFoundError:
+        raise DataError(f"{path}: missing; re-run `xwam prepare`") from None
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise DataError(
+            f"{path}: not a readable Parquet file ({reason_of(e, path)}); re-run `xwam prepare`"
+        ) from None

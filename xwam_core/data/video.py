@@ -148,9 +148,13 @@ def video_feature_info(codec: str, height: int, width: int, fps: float) -> dict[
 class VideoReader:
     """One open video file, decoded forward. `read(times)` returns the frames at those timestamps."""
 
-    def __init__(self, path: str | os.PathLike, fps: float):
+    def __init__(
+        self, path: str | os.PathLike, fps: float, seek_ahead_s: float = _SEEK_AHEAD_S, threads: int = 0
+    ):
         self.path = os.fspath(path)
         self.fps = float(fps)
+        self._seek_ahead_s = float(seek_ahead_s)  # forward jumps longer than this seek
+        self._threads = int(threads)  # decoder threads; 0: the codec's choice
         self._tol = 0.5 / self.fps  # a frame belongs to a timestamp if within half a frame period
         self._container: av.container.InputContainer | None = None
         self._frames: Iterator[av.VideoFrame] | None = None
@@ -169,7 +173,10 @@ class VideoReader:
             if not self._container.streams.video:
                 raise DataError(f"{self.path}: has no video stream")
             self._stream = self._container.streams.video[0]
-            self._stream.thread_type = "AUTO"
+            if self._threads:
+                self._stream.codec_context.thread_count = self._threads
+            else:
+                self._stream.thread_type = "AUTO"
             tb = self._stream.time_base
             self._time_base = float(tb) if tb else 1.0 / self.fps
         except DataError:
@@ -244,7 +251,7 @@ class VideoReader:
         first = float(times[0])
         if first < self._last_time + self._tol:
             self._open()  # behind the decoder: start over (episodes requested out of order)
-        elif first - max(self._last_time, 0.0) > _SEEK_AHEAD_S:
+        elif first - max(self._last_time, 0.0) > self._seek_ahead_s:
             self._seek(first)  # far ahead: jump to the keyframe before it, then decode forward
             try:
                 return self._read_forward(times, fmt)
