@@ -146,10 +146,25 @@ class PrepareConfig:
 
 
 @dataclass
-class DataConfig:
-    """Training windows over an episode store."""
+class MixtureEntry:
+    """One store of a mixture (`[[data.mixture]]`)."""
 
     store: str = ""
+    # share of the training draws (relative to the other entries); 0 on every entry: each store's own
+    # window count, i.e. every window of every store exactly once an epoch
+    weight: float = 0.0
+    val_episodes: int = -1  # episodes of this store held out; -1: data.val_episodes
+
+
+@dataclass
+class DataConfig:
+    """Training windows over an episode store, or a mixture of stores."""
+
+    store: str = ""
+    mixture: list[MixtureEntry] = field(default_factory=list)  # several stores with weights (or `store`)
+    # the decoded-frame cache: "auto" (on for stores whose decoded frames take <= 2 GiB), "on", "off"
+    # (loader workers decode the frames of each window: large stores)
+    frame_cache: str = "auto"
     future_frames: int = 8  # F: frames predicted after the current one
     frame_stride: int = 4  # store frames between two window frames; K = F * stride actions
     views: list[str] = field(default_factory=list)  # empty: the store's views in its order
@@ -162,6 +177,10 @@ class DataConfig:
     # true: a window starts at every frame; past an episode's end frames and states repeat the last, actions
     # the last action, and padded actions/states carry no loss (docs/data.md). false: full windows only
     pad_episode_ends: bool = True
+
+    def entries(self) -> list[MixtureEntry]:
+        """The stores trained on: data.mixture, else data.store as a mixture of one."""
+        return list(self.mixture) if self.mixture else [MixtureEntry(store=self.store)]
 
     def validate(self) -> None:
         require(
@@ -181,6 +200,38 @@ class DataConfig:
             self.num_workers,
         )
         require(self.batch_size >= 1, "data.batch_size", "an integer >= 1", self.batch_size)
+        require(
+            self.frame_cache in ("auto", "on", "off"), "data.frame_cache", "auto, on or off", self.frame_cache
+        )
+        require(
+            not (self.store and self.mixture),
+            "data.mixture",
+            "either data.store or data.mixture, not both",
+            f"{len(self.mixture)} stores and data.store={self.store!r}",
+        )
+        for i, entry in enumerate(self.mixture):
+            key = f"data.mixture[{i}]"
+            require(bool(entry.store), f"{key}.store", "the path of an episode store", entry.store)
+            require(entry.weight >= 0, f"{key}.weight", "a number >= 0", entry.weight)
+            require(
+                entry.val_episodes >= -1,
+                f"{key}.val_episodes",
+                "an integer >= 0 (-1: data.val_episodes)",
+                entry.val_episodes,
+            )
+        weighted = [e.weight > 0 for e in self.mixture]
+        require(
+            all(weighted) or not any(weighted),
+            "data.mixture.weight",
+            "a weight > 0 on every store, or on none (each store's own window count)",
+            [e.weight for e in self.mixture],
+        )
+        require(
+            len(self.mixture) < 2 or self.normalization == "quantile",
+            "data.normalization",
+            "quantile for a mixture of stores (release's rules are computed on one store)",
+            self.normalization,
+        )
         require(
             self.normalization in NORMALIZATIONS,
             "data.normalization",
