@@ -7,7 +7,10 @@ Figures: sim_episodes_per_min (Meta-World, 128x128, 3 views, fast render quality
 whole episodes written to a store), cache_build_s (decoding the store into the frame cache once),
 loader_windows_per_s_workers0 / _workers2 (128x128, 3 views, 9 frames at stride 4, batch 8),
 store_kb_per_frame_format1 / _format2 (the same Meta-World episodes, 3 views at 256x256 with depth and
-cameras, written in both store formats; also scaled by pixel count to the paper's 256x320).
+cameras, written in both store formats; also scaled by pixel count to the paper's 256x320); and the
+loader at scale (bench/data_scale.py): loader_windows_per_s_per_worker_video (a format-2 store decoded per
+window, 3 views 256x320, 9 frames), loader_rss_mb_per_rank, index_build_s / index_peak_rss_mb for a store
+description of 1.49 M episodes (metadata only).
 """
 
 from __future__ import annotations
@@ -29,8 +32,10 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=6, help="simulated episodes to generate")
     parser.add_argument("--batches", type=int, default=40, help="loader batches to time per setting")
     parser.add_argument("--size-episodes", type=int, default=2, help="256x256 episodes for the store sizes")
+    parser.add_argument("--index-episodes", type=int, default=1_490_000, help="episodes of the index figure")
     args = parser.parse_args()
 
+    from bench.data_scale import PAPER_EPISODES, PAPER_FRAMES, decode_figures, index_figures
     from xwam_core.data.reader import EpisodeStore
     from xwam_core.data.sources.metaworld import MetaWorldSource
     from xwam_core.data.store import StoreWriter
@@ -89,6 +94,8 @@ def main() -> None:
                 f"{len(dataset)} windows, 9 frames x 3 views, batch {batch}",
             )
             del it, loader
+    decode_figures(report, episodes=3, length=60, windows=40)
+    index_figures(report, args.index_episodes, PAPER_FRAMES * args.index_episodes // PAPER_EPISODES)
     report.emit(args.json)
 
 

@@ -188,3 +188,26 @@ def test_resume_on_other_data_is_refused():
         XWAMError, match=r"ckpt: the run's data order had windows \[20, 16\], .* give \[20, 12\]"
     ):
         GlobalBatchSampler([20, 12], 4, 0, 2, seed=0).check(saved, 4, "ckpt")
+
+
+def test_large_orders_are_keyed_permutations_per_position(monkeypatch):
+    from xwam_core.data import sampler as sampler_module
+    from xwam_core.data.sampler import keyed_permutation
+
+    for n in (1, 2, 5, 1000, 4097):
+        image = keyed_permutation(np.arange(n), n, key=7)
+        assert sorted(image.tolist()) == list(range(n))  # a bijection of [0, n)
+        assert (image == keyed_permutation(np.arange(n), n, key=7)).all()
+    assert (keyed_permutation(np.arange(1000), 1000, 7) != keyed_permutation(np.arange(1000), 1000, 8)).any()
+    monkeypatch.setattr(sampler_module, "PERMUTED_LIMIT", 10)  # the large path on a small mixture
+    for weights in (None, [3, 1]):
+        shards = [GlobalBatchSampler([20, 16], 4, r, 2, seed=1, weights=weights).shard(0) for r in (0, 1)]
+        whole = GlobalBatchSampler([20, 16], 4, 0, 1, seed=1, weights=weights)
+        seen = np.concatenate([s.numpy().ravel() for s in shards])
+        if weights is None:
+            assert sorted(seen.tolist()) == list(range(36))  # every window once
+        else:
+            assert (seen < 20).sum() == 27 and len(set(seen[seen >= 20].tolist())) == 9  # quotas, no repeats
+        assert sorted(seen.tolist()) == sorted(whole.shard(0).numpy().ravel().tolist())
+        resumed = iter(GlobalBatchSampler([20, 16], 4, 1, 2, seed=1, start_step=3, weights=weights))
+        assert next(resumed) == shards[1][3].tolist()

@@ -14,6 +14,11 @@ slice of G / world: each rank reads only its shard, the ranks together read ever
 (the last N mod G draws of an epoch are left out, a different few each epoch), and 1 or N processes see
 the same global batches. The order is a function of the step, so a resumed run continues it exactly;
 `state(step)` is saved with each checkpoint and `check(saved)` refuses a resume on other data.
+
+Above PERMUTED_LIMIT windows (16.8 M) the permutations are not drawn whole (317 M windows: 2.5 GB and over
+a minute per rank per epoch): each is a keyed bijection of [0, n) evaluated at the positions a rank
+needs (a 4-round Feistel network with cycle walking, `keyed_permutation`), so a rank's epoch costs its
+own N / world windows in time and memory. Same rules, another (equally seeded) order.
 """
 
 from __future__ import annotations
@@ -26,6 +31,39 @@ import torch
 from torch.utils.data import Sampler
 
 from xwam_core.errors import XWAMError
+
+PERMUTED_LIMIT = 2**24  # windows; above: keyed permutations evaluated per position (module docstring)
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser on uint64 (wrapping arithmetic)."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def keyed_permutation(positions: np.ndarray, n: int, key: int) -> np.ndarray:
+    """The images of `positions` under a bijection of [0, n) chosen by `key`: a 4-round Feistel network
+    on the smallest even bit width covering n, walked until the value falls inside [0, n)."""
+    bits = max(2, int(n - 1).bit_length() + (int(n - 1).bit_length() % 2))
+    half = np.uint64(bits // 2)
+    low = np.uint64((1 << (bits // 2)) - 1)
+    with np.errstate(over="ignore"):
+        keys = _mix(np.arange(1, 5, dtype=np.uint64) + np.uint64(key % 2**63) * np.uint64(0x9E3779B97F4A7C15))
+
+    def once(x: np.ndarray) -> np.ndarray:
+        left, right = x >> half, x & low
+        for k in keys:
+            left, right = right, left ^ (_mix(right ^ k) & low)
+        return (left << half) | right
+
+    with np.errstate(over="ignore"):
+        out = once(np.asarray(positions, np.uint64))
+        outside = out >= np.uint64(n)
+        while outside.any():
+            out[outside] = once(out[outside])
+            outside = out >= np.uint64(n)
+    return out.astype(np.int64)
 
 
 def quotas(sizes: list[int], weights: list[float] | None) -> list[int]:
@@ -92,8 +130,31 @@ class GlobalBatchSampler(Sampler[list[int]]):
 
     def shard(self, epoch: int) -> torch.Tensor:
         """(batches_per_epoch, local) this rank's windows of each global batch of the epoch."""
+        if self.n > PERMUTED_LIMIT:
+            batch = np.arange(self.batches_per_epoch, dtype=np.int64)[:, None] * self.global_batch
+            positions = batch + self.rank * self.local + np.arange(self.local, dtype=np.int64)  # (G, local)
+            return torch.from_numpy(self.windows_at(epoch, positions.ravel()).reshape(positions.shape))
         used = self.order(epoch)[: self.batches_per_epoch * self.global_batch]
         return used.view(self.batches_per_epoch, self.world, self.local)[:, self.rank].clone()
+
+    def windows_at(self, epoch: int, positions: np.ndarray) -> np.ndarray:
+        """The windows at `positions` of epoch `epoch`'s order, computed per position (large mixtures)."""
+        drawn = keyed_permutation(positions, self.n, self.seed * 7919 + epoch)  # (P,) into the epoch's draws
+        if self.quotas == self.sizes:
+            return drawn
+        bounds = np.concatenate([[0], np.cumsum(self.quotas)]).astype(np.int64)
+        store = np.searchsorted(bounds, drawn, side="right") - 1
+        out = np.empty(len(drawn), np.int64)
+        for s in np.unique(store):
+            mask = store == s
+            size, quota = self.sizes[s], self.quotas[s]
+            cycles, within = np.divmod(epoch * quota + drawn[mask] - bounds[s], size)
+            for cycle in np.unique(cycles):
+                at = cycles == cycle
+                key = self.seed * 7919 + 104729 * (int(s) + 1) + int(cycle) + 2**40
+                within[at] = keyed_permutation(within[at], size, key)
+            out[mask] = self.offsets[s] + within
+        return out
 
     def __iter__(self) -> Iterator[list[int]]:
         step = self.start_step
