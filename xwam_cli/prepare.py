@@ -176,7 +176,9 @@ def prepare(
             )
         raise
     if resolved.prepare.shard:
-        console.print(f"shard {resolved.prepare.shard} written to {folder}; join all shards with `xwam merge`")
+        console.print(
+            f"shard {resolved.prepare.shard} written to {folder}; join all shards with `xwam merge`"
+        )
     else:
         print_summary(summary)
 
@@ -192,7 +194,9 @@ MERGE_EXAMPLES = """
 
 @user_errors
 def merge(
-    shards: Annotated[list[Path], typer.Argument(help="The shard folders of one prepare (--shard i/N), all N.")],
+    shards: Annotated[
+        list[Path], typer.Argument(help="The shard folders of one prepare (--shard i/N), all N.")
+    ],
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Store folder to create.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing store.")] = False,
 ) -> None:

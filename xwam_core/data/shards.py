@@ -25,10 +25,12 @@ import itertools
 import json
 import os
 import shutil
+import signal
 import time
 import tomllib
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -230,11 +232,15 @@ def encode_parts(
         )
 
 
+class WorkerDied(DataError):
+    """A worker process ended without a word (killed, out of memory): the finished episodes are kept."""
+
+
 def _worker_init(job: EncodeJob, queue: Any) -> None:
     global _worker_source, _worker_queue
     _worker_queue = queue
     _worker_source = None
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle: it stops us
 
 
 def _worker_run(job: EncodeJob, indices: list[int]) -> None:
@@ -248,8 +254,8 @@ def _worker_run(job: EncodeJob, indices: list[int]) -> None:
         raise DataError(str(exc)) from None
     except Exception as exc:
         err = disk_error(exc, job.folder)
-        if err is not None:
-            raise DataError(str(err)) from None
+        if err is not None:  # the main process names the target the user gave
+            raise OSError(err.code, os.strerror(err.code)) from None
         raise
 
 
@@ -290,6 +296,7 @@ def run_workers(
         max_workers=workers, mp_context=context, initializer=_worker_init, initargs=(job, queue)
     )
     pending: set[Future] = set()
+    completed = False
     try:
         pending = {executor.submit(_worker_run, job, block) for block in _blocks(indices, workers)}
         while pending:
@@ -298,9 +305,16 @@ def run_workers(
             for future in finished:
                 future.result()  # a worker's error, raised here
         _drain(queue, advance)
+        completed = True
+    except BrokenProcessPool:
+        raise WorkerDied(
+            f"{job.folder}: a worker process died (killed, or out of memory?); its finished episodes are "
+            "kept: rerun the same command to continue, with fewer --workers if memory ran out"
+        ) from None
     finally:
-        for future in pending:
-            future.cancel()
+        if not completed:  # an error or Ctrl-C: stop the workers now, not after their blocks
+            for process in list(getattr(executor, "_processes", {}).values()):  # no public way to stop them
+                process.terminate()
         executor.shutdown(wait=True, cancel_futures=True)
         queue.close()
 
@@ -445,14 +459,15 @@ def prepare_parts(
     info = conform_info(raw_info, conform)
     shard = parse_shard(cfg.shard) if cfg.shard else None
     indices = shard_episodes(info.num_episodes, *shard) if shard else list(range(info.num_episodes))
-    manifest = {
+    source_options = _source_options(cfg)
+    manifest: dict[str, Any] = {
         "parts_format": PARTS_FORMAT,
         "settings": prepare_settings(cfg),
         "shard": list(shard) if shard else None,
         "num_episodes": info.num_episodes,
         "episodes": indices,
         "source_info": info_to_json(info),
-        "source_options": _source_options(cfg),
+        "source_options": source_options,
         "recipe": recipe_to_toml(recipe),
         "complete": False,
     }
@@ -472,9 +487,7 @@ def prepare_parts(
         if shard:
             result: StoreSummary | Path = _finish_shard(folder, out, cfg.overwrite)
         else:
-            result = assemble(
-                [folder], out, cfg.overwrite, recipe_to_toml(recipe), progress, manifest["source_options"]
-            )
+            result = assemble([folder], out, cfg.overwrite, recipe_to_toml(recipe), progress, source_options)
             folder.remove()
             result.seconds = time.perf_counter() - started
         return result
@@ -560,7 +573,7 @@ def merge_shards(
 ) -> StoreSummary:
     """One store from the complete shard folders of one prepare: the same store as a one-shot prepare
     (statistics computed over all episodes). Refuses missing, repeated or mismatched shards."""
-    from xwam_core.recipe import recipe_from_dict, recipe_to_toml
+    from xwam_core.recipe import Recipe, recipe_from_dict, recipe_to_toml
 
     if not shard_dirs:
         raise DataError(
@@ -604,6 +617,6 @@ def merge_shards(
         raise DataError(
             f"merge: shard {absent[0]}/{count} is missing; expected all {count} shards of the prepare"
         )
-    recipe = recipe_from_dict(tomllib.loads(first.manifest["recipe"]), str(first.path / MANIFEST))
+    recipe: Recipe = recipe_from_dict(tomllib.loads(first.manifest["recipe"]), str(first.path / MANIFEST))
     recipe.prepare.out, recipe.prepare.shard = str(out), ""
     return assemble(folders, out, overwrite, recipe_to_toml(recipe), progress)
