@@ -159,3 +159,8 @@ def read_episode(store: EpisodeStore, index: int) -> Episode:
 def synthetic_store(tmp_path: Path) -> tuple[Path, list[Episode]]:
     path = tmp_path / "store"
     return path, write_store(path, SyntheticSource())
+
+
+def synthetic_builder(cfg: object) -> SyntheticSource:
+    """An importable builder of a small synthetic source, so worker processes (spawned) can build it."""
+    return SyntheticSource(episodes=5, length=12, size=(32, 32))

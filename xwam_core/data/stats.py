@@ -35,27 +35,34 @@ def describe(values: np.ndarray) -> dict[str, list]:
     }
 
 
+def stats_samples(episode: Episode, info: SourceInfo) -> dict[str, np.ndarray]:
+    """What one episode adds to the statistics, per key: every state and action, and a subsample of the
+    image and depth pixels. Computed where the episode is encoded (a worker) and kept with it, so the
+    statistics of a store are the same however its episodes were produced and merged."""
+    samples = {"observation.state": episode.state, "action": episode.action}
+    for name in info.views:
+        view = episode.views[name]
+        sub = view.rgb[::IMAGE_FRAME_STRIDE, ::IMAGE_PIXEL_STRIDE, ::IMAGE_PIXEL_STRIDE]
+        samples[f"observation.images.{name}"] = sub.reshape(-1, 3).astype(np.float32) / 255.0
+        if info.has_depth and view.depth is not None:
+            d = view.depth[::IMAGE_FRAME_STRIDE, ::IMAGE_PIXEL_STRIDE, ::IMAGE_PIXEL_STRIDE].reshape(-1, 1)
+            samples[f"observation.depth.{name}"] = _depth_mm(d[d[:, 0] > 0])
+    return samples
+
+
 class RunningStats:
     """Collects what the store's statistics need while episodes are written."""
 
     def __init__(self) -> None:
         self._columns: dict[str, list[np.ndarray]] = {}
 
-    def _add(self, key: str, values: np.ndarray) -> None:
-        self._columns.setdefault(key, []).append(values)
+    def add(self, samples: dict[str, np.ndarray]) -> None:
+        """One episode's `stats_samples`."""
+        for key, values in samples.items():
+            self._columns.setdefault(key, []).append(values)
 
     def update(self, episode: Episode, info: SourceInfo) -> None:
-        self._add("observation.state", episode.state)
-        self._add("action", episode.action)
-        for name in info.views:
-            view = episode.views[name]
-            sub = view.rgb[::IMAGE_FRAME_STRIDE, ::IMAGE_PIXEL_STRIDE, ::IMAGE_PIXEL_STRIDE]
-            self._add(f"observation.images.{name}", sub.reshape(-1, 3).astype(np.float32) / 255.0)
-            if info.has_depth and view.depth is not None:
-                d = view.depth[::IMAGE_FRAME_STRIDE, ::IMAGE_PIXEL_STRIDE, ::IMAGE_PIXEL_STRIDE].reshape(
-                    -1, 1
-                )
-                self._add(f"observation.depth.{name}", _depth_mm(d[d[:, 0] > 0]))
+        self.add(stats_samples(episode, info))
 
     def result(self) -> dict[str, dict[str, Any]]:
         out = {}
@@ -82,17 +89,19 @@ def _lerobot_shapes(key: str, stats: dict[str, list]) -> dict[str, list]:
 
 
 def episode_stats(episode: Episode, info: SourceInfo) -> dict[str, Any]:
-    """One episode's statistics as meta/episodes columns `stats/<key>/<stat>` (LeRobot's layout).
+    """One episode's statistics as meta/episodes columns `stats/<key>/<stat>` (LeRobot's layout)."""
+    return episode_stats_from(stats_samples(episode, info))
+
+
+def episode_stats_from(samples: dict[str, np.ndarray]) -> dict[str, Any]:
+    """`episode_stats` from the episode's `stats_samples`.
 
     Depth has none: LeRobot's delete_episodes reshapes the per-episode statistics of every image feature
     to 3 channels and fails on 1-channel depth (meta/stats.json keeps depth's statistics)."""
-    running = RunningStats()
-    running.update(episode, info)
     columns: dict[str, Any] = {}
-    for key, chunks in running._columns.items():
+    for key, values in samples.items():
         if key.startswith("observation.depth."):
             continue
-        values = np.concatenate(chunks, axis=0)
         if values.shape[0] == 0:  # no valid depth pixel: zeros, so aggregated counts stay > 0
             values = np.zeros((1, *values.shape[1:]), np.float32)
         for stat, value in _lerobot_shapes(key, describe(values)).items():

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import shutil
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -40,7 +42,7 @@ from PIL import Image
 from xwam_core.atomic import Notify, atomic_folder
 from xwam_core.data.episode import Episode, ViewFrames
 from xwam_core.data.sources.base import SourceInfo
-from xwam_core.data.stats import RunningStats, episode_stats
+from xwam_core.data.stats import RunningStats, episode_stats_from, stats_samples
 from xwam_core.data.video import encode_store_video, store_codec, video_feature_info
 from xwam_core.errors import DataError
 
@@ -271,6 +273,7 @@ class StoreWriter:
         self._file_bytes = 0
         self._parquet: pq.ParquetWriter | None = None
         self._stats = RunningStats()
+        self._frame_schema: pa.Schema | None = None
 
     def _make_schema(self) -> None:
         assert self.moving is not None
@@ -297,117 +300,92 @@ class StoreWriter:
 
     # -------------------------------------------------------------------------------- episodes
     def add(self, episode: Episode) -> None:
+        """Encode `episode` here and append it (xwam_core.data.shards encodes in worker processes and
+        appends with `add_encoded`)."""
         index = len(self._episodes)
-        episode.validate(f"episode {index} ({episode.task!r})")
-        self._check_matches_info(episode, index)
+        scratch = self.tmp / ".encoding"
+        if self._frame_schema is None:
+            self._frame_schema = frame_schema(self.info, self.store_format)
+        encoded = encode_episode(episode, index, self.info, self.store_format, scratch, self._frame_schema)
+        self.add_encoded(encoded, move=True)
+
+    def add_encoded(self, encoded: EncodedEpisode, move: bool = False) -> None:
+        """Append an episode encoded by `encode_episode`: give it its episode index, frame indices, task
+        index and place in the data and video files. `move`: its video files are moved into the store
+        (else hard-linked, or copied where links cannot be made, so the encoded episode stays intact)."""
+        index = len(self._episodes)
+        where = f"episode {index} ({encoded.task!r})"
         if self.moving is None:  # the views whose cameras change in the first episode
-            self.moving = [v for v in self.info.views if _moves(episode.views[v])]
+            self.moving = [v for v in self.info.views if v in encoded.cameras and _moves(*encoded.cameras[v])]
             self._make_schema()
         assert self.schema is not None
-        task_index = self._tasks.setdefault(episode.task, len(self._tasks))
-        n = episode.length
-        columns: dict[str, Any] = {
-            "observation.state": episode.state.astype(np.float32).tolist(),
-            "action": episode.action.astype(np.float32).tolist(),
-            "timestamp": (np.arange(n, dtype=np.float32) / np.float32(self.info.fps)).tolist(),
-            "frame_index": list(range(n)),
-            "episode_index": [index] * n,
-            "index": list(range(self._frames, self._frames + n)),
-            "task_index": [task_index] * n,
-        }
+        task_index = self._tasks.setdefault(encoded.task, len(self._tasks))
+        n = encoded.length
+        columns: dict[str, Any] = {k: encoded.frames.column(k) for k in encoded.frames.column_names}
+        columns.update(
+            {
+                "episode_index": [index] * n,
+                "index": list(range(self._frames, self._frames + n)),
+                "task_index": [task_index] * n,
+            }
+        )
         chunk, file = divmod(self._file_index, CHUNKS_SIZE)
         row: dict[str, Any] = {
             "episode_index": index,
-            "tasks": [episode.task],
+            "tasks": [encoded.task],
             "length": n,
-            "success": bool(episode.success),
+            "success": bool(encoded.success),
             "dataset_from_index": self._frames,
             "dataset_to_index": self._frames + n,
             "data/chunk_index": chunk,
             "data/file_index": file,
         }
         for view_name in self.info.views:
-            view = episode.views[view_name]
+            if self.store_format == 2:
+                key = rgb_key(view_name)
+                row.update(self._place_video(key, index, encoded.videos[key], n, move))
+            if not self.info.has_cameras:
+                continue
+            intrinsics, extrinsics = encoded.cameras[view_name]  # (T, 9), (T, 16)
             if self.store_format == 1:
-                columns[rgb_key(view_name)] = [{"bytes": encode_png(f), "path": None} for f in view.rgb]
+                columns[intrinsics_key(view_name)] = intrinsics.reshape(n, 3, 3).tolist()
+                columns[extrinsics_key(view_name)] = extrinsics.reshape(n, 4, 4).tolist()
+            elif view_name in self.moving:
+                columns[intrinsics_key(view_name)] = intrinsics.tolist()
+                columns[extrinsics_key(view_name)] = extrinsics.tolist()
             else:
-                row.update(self._write_video(rgb_key(view_name), index, view.rgb))
-            if self.info.has_depth:
-                assert view.depth is not None
-                level = 1 if self.store_format == 1 else DEPTH_PNG_LEVEL
-                columns[depth_key(view_name)] = [
-                    {"bytes": encode_png(depth_to_mm(d), level), "path": None} for d in view.depth
-                ]
-            if self.info.has_cameras:
-                assert view.intrinsics is not None and view.extrinsics is not None
-                if self.store_format == 1:
-                    columns[intrinsics_key(view_name)] = view.intrinsics.astype(np.float32).tolist()
-                    columns[extrinsics_key(view_name)] = view.extrinsics.astype(np.float32).tolist()
-                elif view_name in self.moving:
-                    columns[intrinsics_key(view_name)] = (
-                        view.intrinsics.reshape(n, 9).astype(np.float32).tolist()
+                if _moves(intrinsics, extrinsics):
+                    raise DataError(
+                        f"{where}: the camera of view '{view_name}' moves, but it did not in the first episode, "
+                        "so the store keeps it once per episode; declare it in the source's moving_views"
                     )
-                    columns[extrinsics_key(view_name)] = (
-                        view.extrinsics.reshape(n, 16).astype(np.float32).tolist()
-                    )
-                else:
-                    if _moves(view):
-                        raise DataError(
-                            f"episode {index} ({episode.task!r}): the camera of view '{view_name}' moves, but it "
-                            "did not in the first episode, so the store keeps it once per episode; declare it in "
-                            "the source's moving_views"
-                        )
-                    row[episode_camera_column(view_name, "intrinsics")] = (
-                        view.intrinsics[0].reshape(9).astype(np.float32).tolist()
-                    )
-                    row[episode_camera_column(view_name, "extrinsics")] = (
-                        view.extrinsics[0].reshape(16).astype(np.float32).tolist()
-                    )
+                row[episode_camera_column(view_name, "intrinsics")] = intrinsics[0].tolist()
+                row[episode_camera_column(view_name, "extrinsics")] = extrinsics[0].tolist()
         table = pa.Table.from_pydict({k: columns[k] for k in self.schema.names}, schema=self.schema)
         self._write_rows(table)
-        self._stats.update(episode, self.info)
+        self._stats.add(encoded.stats)
         if self.store_format == 2:
             row["meta/episodes/chunk_index"] = 0
             row["meta/episodes/file_index"] = 0
-            row.update(episode_stats(episode, self.info))
+            row.update(episode_stats_from(encoded.stats))
         self._episodes.append(row)
         self._frames += n
 
-    def _write_video(self, key: str, index: int, frames: np.ndarray) -> dict[str, Any]:
+    def _place_video(self, key: str, index: int, encoded: Path, n: int, move: bool) -> dict[str, Any]:
         """One episode's RGB of one view as its own video file; its meta/episodes columns."""
-        assert self.codec is not None
         chunk, file = divmod(index, CHUNKS_SIZE)
         path = self.tmp / VIDEO_PATH.format(video_key=key, chunk_index=chunk, file_index=file)
         path.parent.mkdir(parents=True, exist_ok=True)
-        encode_store_video(path, frames, self.info.fps, self.codec)
+        if move:
+            os.replace(encoded, path)
+        else:
+            link_or_copy(encoded, path)
         return {
             f"videos/{key}/chunk_index": chunk,
             f"videos/{key}/file_index": file,
             f"videos/{key}/from_timestamp": 0.0,
-            f"videos/{key}/to_timestamp": len(frames) / self.info.fps,
+            f"videos/{key}/to_timestamp": n / self.info.fps,
         }
-
-    def _check_matches_info(self, episode: Episode, index: int) -> None:
-        where = f"episode {index} ({episode.task!r})"
-        missing = [v for v in self.info.views if v not in episode.views]
-        if missing:
-            raise DataError(f"{where}: lacks view(s) {missing}; expected views {self.info.views}")
-        if episode.image_size != tuple(self.info.image_size):
-            raise DataError(
-                f"{where}: images are {episode.image_size}, expected {tuple(self.info.image_size)}"
-            )
-        for key, arr, names in (
-            ("observation.state", episode.state, self.info.state_names),
-            ("action", episode.action, self.info.action_names),
-        ):
-            if arr.shape[1] != len(names):
-                raise DataError(f"{where}: {key} has {arr.shape[1]} dimensions, expected {len(names)}")
-        for name in self.info.views:
-            view: ViewFrames = episode.views[name]
-            if self.info.has_depth and view.depth is None:
-                raise DataError(f"{where}: view '{name}' has no depth but the source declares depth")
-            if self.info.has_cameras and (view.intrinsics is None or view.extrinsics is None):
-                raise DataError(f"{where}: view '{name}' has no cameras but the source declares cameras")
 
     def _write_rows(self, table: pa.Table) -> None:
         if self._parquet is not None and self._file_bytes > DATA_FILE_MB * 1024 * 1024:
@@ -433,6 +411,8 @@ class StoreWriter:
         """Write the metadata and move the store into place (called on leaving the `with` block)."""
         with self._stack:  # an error here discards the temporary folder like one while adding
             self._close_parquet()
+            if (self.tmp / ".encoding").is_dir():
+                shutil.rmtree(self.tmp / ".encoding")
             if not self._episodes:
                 raise DataError(f"{self.out}: the source produced no episodes")
             self._write_meta()
@@ -497,10 +477,119 @@ class StoreWriter:
         pd.DataFrame(self._episodes).to_parquet(self.tmp / EPISODES_PATH, index=False)
 
 
-def _moves(view: ViewFrames) -> bool:
-    """Whether a view's camera changes within the episode (exactly: stored values are compared)."""
-    if view.intrinsics is None or view.extrinsics is None:
-        return False
-    return bool(
-        (view.intrinsics != view.intrinsics[:1]).any() or (view.extrinsics != view.extrinsics[:1]).any()
+def _moves(intrinsics: np.ndarray, extrinsics: np.ndarray) -> bool:
+    """Whether a camera changes within the episode (exactly: stored values are compared), from its
+    (T, 9) intrinsics and (T, 16) extrinsics."""
+    return bool((intrinsics != intrinsics[:1]).any() or (extrinsics != extrinsics[:1]).any())
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """`dst` as a hard link to `src` (instant, no space), or a copy where the file system cannot link."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+# ------------------------------------------------------------------------------------------ encoding
+@dataclass
+class EncodedEpisode:
+    """One episode encoded for the store, before it has a place there: everything that costs time
+    (video, PNG and statistics) is done, what depends on its position (episode, frame and task indices,
+    file names, whether its cameras are stored per frame) is left to `StoreWriter.add_encoded`."""
+
+    task: str
+    length: int
+    success: bool
+    frames: (
+        pa.Table
+    )  # per frame: state, action, timestamp, frame_index, depth PNGs (and RGB PNGs in format 1)
+    cameras: dict[
+        str, tuple[np.ndarray, np.ndarray]
+    ]  # view -> (T, 9) intrinsics, (T, 16) extrinsics, float32
+    videos: dict[str, Path]  # RGB key -> its encoded video file (format 2)
+    stats: dict[str, np.ndarray]  # xwam_core.data.stats.stats_samples
+
+
+def frame_schema(info: SourceInfo, store_format: int) -> pa.Schema:
+    """The Arrow schema of `EncodedEpisode.frames` (the store's columns that need no position in it)."""
+    full = _arrow_schema(_features(info, store_format, [], store_codec() if store_format == 2 else None))
+    placed = {"index", "episode_index", "task_index"}
+    return pa.schema([f for f in full if f.name not in placed and ".cameras." not in f.name])
+
+
+def encode_episode(
+    episode: Episode,
+    index: int,
+    info: SourceInfo,
+    store_format: int,
+    video_dir: Path,
+    schema: pa.Schema | None = None,
+) -> EncodedEpisode:
+    """Validate and encode episode number `index` of a store of `info`; its videos go into `video_dir`.
+    `schema`: `frame_schema(info, store_format)`, when the caller keeps it for many episodes."""
+    where = f"episode {index} ({episode.task!r})"
+    episode.validate(where)
+    check_matches_info(episode, info, where)
+    n = episode.length
+    columns: dict[str, Any] = {
+        "observation.state": episode.state.astype(np.float32).tolist(),
+        "action": episode.action.astype(np.float32).tolist(),
+        "timestamp": (np.arange(n, dtype=np.float32) / np.float32(info.fps)).tolist(),
+        "frame_index": list(range(n)),
+    }
+    videos: dict[str, Path] = {}
+    cameras: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for view_name in info.views:
+        view = episode.views[view_name]
+        if store_format == 1:
+            columns[rgb_key(view_name)] = [{"bytes": encode_png(f), "path": None} for f in view.rgb]
+        else:
+            video_dir.mkdir(parents=True, exist_ok=True)
+            path = video_dir / f"{rgb_key(view_name)}.mp4"
+            encode_store_video(path, view.rgb, info.fps, store_codec())
+            videos[rgb_key(view_name)] = path
+        if info.has_depth:
+            assert view.depth is not None
+            level = 1 if store_format == 1 else DEPTH_PNG_LEVEL
+            columns[depth_key(view_name)] = [
+                {"bytes": encode_png(depth_to_mm(d), level), "path": None} for d in view.depth
+            ]
+        if info.has_cameras:
+            assert view.intrinsics is not None and view.extrinsics is not None
+            cameras[view_name] = (
+                view.intrinsics.reshape(n, 9).astype(np.float32),
+                view.extrinsics.reshape(n, 16).astype(np.float32),
+            )
+    schema = schema or frame_schema(info, store_format)
+    frames = pa.Table.from_pydict({f.name: columns[f.name] for f in schema}, schema=schema)
+    return EncodedEpisode(
+        task=episode.task,
+        length=n,
+        success=bool(episode.success),
+        frames=frames,
+        cameras=cameras,
+        videos=videos,
+        stats=stats_samples(episode, info),
     )
+
+
+def check_matches_info(episode: Episode, info: SourceInfo, where: str) -> None:
+    """Refuse an episode whose views, image size, dimensions, depth or cameras differ from `info`."""
+    missing = [v for v in info.views if v not in episode.views]
+    if missing:
+        raise DataError(f"{where}: lacks view(s) {missing}; expected views {info.views}")
+    if episode.image_size != tuple(info.image_size):
+        raise DataError(f"{where}: images are {episode.image_size}, expected {tuple(info.image_size)}")
+    for key, arr, names in (
+        ("observation.state", episode.state, info.state_names),
+        ("action", episode.action, info.action_names),
+    ):
+        if arr.shape[1] != len(names):
+            raise DataError(f"{where}: {key} has {arr.shape[1]} dimensions, expected {len(names)}")
+    for name in info.views:
+        view: ViewFrames = episode.views[name]
+        if info.has_depth and view.depth is None:
+            raise DataError(f"{where}: view '{name}' has no depth but the source declares depth")
+        if info.has_cameras and (view.intrinsics is None or view.extrinsics is None):
+            raise DataError(f"{where}: view '{name}' has no cameras but the source declares cameras")

@@ -17,7 +17,7 @@ import json
 import math
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -663,11 +663,21 @@ class LeRobotSource(EpisodeSource):
         )
 
     def episodes(self) -> Iterator[Episode]:
+        return self.episodes_at(range(len(self._selected)))
+
+    def episodes_at(self, indices: Sequence[int]) -> Iterator[Episode]:
+        """The selected episodes at these positions (0 = the first selected), ascending."""
+        wanted = sorted(set(indices))
+        bad = [i for i in wanted if not 0 <= i < len(self._selected)]
+        if bad:
+            raise DataError(
+                f"{self.root}: episode position {bad[0]} of {len(self._selected)} selected does not exist"
+            )
         readers: dict[str, VideoReader] = {}  # camera key -> the open mp4 of the current episode
         cache = _DataFile()
         try:
-            for meta in self._selected:
-                yield self._load_episode(meta, readers, cache)
+            for i in wanted:
+                yield self._load_episode(self._selected[i], readers, cache)
         finally:
             for reader in readers.values():
                 reader.close()
