@@ -504,13 +504,15 @@ def prepare_parts(
         remove_empty(made)
         err = disk_error(exc, out)
         if err is not None and err is not exc:
-            raise DiskError(err.code, _outside(err.path, folder, out), err.needed, err.written) from exc
+            raise DiskError(err.code, _outside(err.path, out), err.needed, err.written) from exc
         raise
 
 
-def _outside(path: Path, folder: PartsFolder | None, out: Path) -> Path:
-    """A path inside the parts folder named by the target the user gave."""
-    if folder is not None and (path == folder.path or folder.path in path.parents):
+def _outside(path: Path, out: Path) -> Path:
+    """A path inside the parts folder of `out` (or that folder, when making it failed) named by the
+    target the user gave."""
+    parts = PartsFolder.beside(out)
+    if path == parts or parts in path.parents:
         return out
     return path
 
