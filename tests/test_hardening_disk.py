@@ -113,10 +113,19 @@ def test_frame_cache_in_read_only_folder(ckpt, tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------ read-only store
+def _tree(folder: Path) -> list[tuple[str, int, int]]:
+    """Every file and folder under `folder`: relative path, size and modification time (ns)."""
+    return sorted(
+        (str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")
+    )
+
+
 def test_read_only_store_trains_and_infers(ckpt, tmp_path):
     """Any write inside the store fails (injected EROFS): training and inference never try one."""
     store = tmp_path / "store"
     shutil.copytree(ckpt[0], store)
+    before = _tree(store)
+    assert {"data", "meta", "videos"} <= {p.name for p in store.iterdir()}  # format 2: RGB in videos/
     with read_only(store) as refused:
         checkpoint = train_tiny(store, tmp_path / "train", steps=2)
         result = runner.invoke(
@@ -124,13 +133,14 @@ def test_read_only_store_trains_and_infers(ckpt, tmp_path):
         )
     assert result.exit_code == 0, result.output
     assert refused == []
-    assert sorted(p.name for p in store.iterdir()) == ["data", "meta"]
+    assert _tree(store) == before  # nothing added, removed or rewritten
 
 
 def test_read_only_mounted_store_trains_and_infers(ckpt, tmp_path):
     """The same on a real read-only bind mount (native writers included); skipped where mounting fails."""
     source = tmp_path / "source"
     shutil.copytree(ckpt[0], source)
+    before = _tree(source)
     with read_only_bind(source, tmp_path / "ro-store") as store:
         with pytest.raises(OSError) as caught:
             (store / "probe").write_text("x")
@@ -140,7 +150,7 @@ def test_read_only_mounted_store_trains_and_infers(ckpt, tmp_path):
             app(), ["infer", "--ckpt", str(checkpoint), "--data", str(store), "--out", str(tmp_path / "run")]
         )
         assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in source.iterdir()) == ["data", "meta"]
+    assert _tree(source) == before
 
 
 def test_read_only_mount_outputs(ckpt, run, tmp_path, synthetic_source, monkeypatch):
