@@ -53,7 +53,7 @@ def test_stores_must_agree(two_stores, tmp_path):
         check_compatible([EpisodeStore(a), EpisodeStore(b)], ["a", "c"])
 
 
-def test_recipe_mixture_keys(two_stores):
+def test_recipe_mixture_keys(two_stores, tmp_path):
     a, b = two_stores
     mixed = [
         'data.store=""',  # tiny_cpu.toml names one store
@@ -65,9 +65,32 @@ def test_recipe_mixture_keys(two_stores):
         (str(b), 1.0, 0),
     ]
     assert [e.store for e in load_recipe(TINY, [f"data.store={a}"]).data.entries()] == [str(a)]
+    # a --set of data.mixture alone replaces the recipe file's data.store, and data.store alone a file's mixture
+    only_mixture = load_recipe(TINY, mixed[1:])
+    assert only_mixture.data.store == "" and [e.store for e in only_mixture.data.entries()] == [
+        str(a),
+        str(b),
+    ]
+    mixture_file = tmp_path / "mixture.toml"
+    mixture_file.write_text(
+        TINY.read_text().replace(
+            'store = "out/demo/store"', f'mixture = [{{store = "{a}"}}, {{store = "{b}"}}]'
+        )
+    )
+    assert [e.store for e in load_recipe(mixture_file).data.entries()] == [str(a), str(b)]
+    one = load_recipe(mixture_file, [f"data.store={b}"])
+    assert one.data.mixture == [] and [e.store for e in one.data.entries()] == [str(b)]
+    both_in_file = tmp_path / "both.toml"
+    both_in_file.write_text(
+        TINY.read_text().replace('store = "out/demo/store"', f'store = "{a}"\nmixture = [{{store = "{b}"}}]')
+    )
+    for path, sets in ((both_in_file, []), (both_in_file, ["data.batch_size=4"])):
+        with pytest.raises(RecipeError, match="not both") as err:
+            load_recipe(path, sets)
+        assert "\n" not in str(err.value)
     for bad, needle in (
         (['data.store=""', f'data.mixture=[{{store = "{a}", weight = 1}}, {{store = "{b}"}}]'], "or on none"),
-        ([f'data.mixture=[{{store = "{a}"}}]', f"data.store={a}"], "not both"),
+        ([f'data.mixture=[{{store = "{a}"}}]', f"data.store={a}"], "not both .a --set of one replaces"),
         (['data.store=""', f'data.mixture=[{{store = "{a}", weight = -1}}]'], r"weight.*>= 0"),
         (["data.frame_cache=maybe"], "auto, on or off"),
     ):

@@ -100,7 +100,7 @@ class DataConfig:
         require(
             not (self.store and self.mixture),
             "data.mixture",
-            "either data.store or data.mixture, not both",
+            "either data.store or data.mixture, not both (a --set of one replaces the recipe file's other)",
             f"{len(self.mixture)} stores and data.store={self.store!r}",
         )
         for i, entry in enumerate(self.mixture):
@@ -441,6 +441,20 @@ def apply_overrides(table: dict[str, Any], overrides: list[str]) -> dict[str, An
     return out
 
 
+def _one_data_source(table: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """data.store and data.mixture are two forms of one setting: an override of one replaces the other
+    where `table` (the recipe file) has it, so `--set 'data.mixture=[...]'` trains a recipe that names
+    data.store on the mixture (and `--set data.store=...` a mixture recipe on one store)."""
+    keys = {tuple(parse_override(text)[0]) for text in overrides}
+    data = table.get("data")
+    if not isinstance(data, dict):
+        return table
+    for given, other in (("mixture", "store"), ("store", "mixture")):
+        if ("data", given) in keys and ("data", other) not in keys and other in data:
+            table = {**table, "data": {k: v for k, v in data.items() if k != other}}
+    return table
+
+
 def recipe_from_dict(table: dict[str, Any], where: str = "recipe", cls: type[T] = Recipe) -> T:  # type: ignore[assignment]
     return _build(cls, table, "", where)
 
@@ -475,7 +489,7 @@ def load_recipe(
             raise RecipeError(f"{where}: not valid TOML ({e})") from None
     overrides = overrides or []
     if overrides:
-        table = apply_overrides(table, overrides)
+        table = apply_overrides(_one_data_source(table, overrides), overrides)
         where = f"{where} (with {overrides_from})"
     recipe: Recipe = recipe_from_dict(table, where)
     try:
