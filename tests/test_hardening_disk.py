@@ -67,6 +67,11 @@ def test_prepare_into_read_only_folder(tmp_path, synthetic_source):
         )
     one_line_error(result, str(tmp_path / "ro" / "data"), "read-only file system")
     _empty(tmp_path / "ro")
+    # the target's folder exists: the first write refused is the hidden parts folder; the error names --out
+    with read_only(tmp_path / "ro"):
+        result = runner.invoke(app(), ["prepare", "synthetic", "--out", str(tmp_path / "ro" / "store")])
+    one_line_error(result, f"{tmp_path / 'ro' / 'store'}: cannot write: read-only file system")
+    _empty(tmp_path / "ro")
 
 
 def test_infer_into_read_only_folder(ckpt, tmp_path):
