@@ -175,3 +175,34 @@ def bench(session: nox.Session) -> None:
         p for p in os.listdir("bench") if p.endswith(".py") and p not in ("__init__.py", "report.py")
     ):
         session.run("python", f"bench/{script}", *session.posargs, env=ENV)
+
+
+# LeRobot's released package (the newest one for Python 3.11) pins torch < 2.11: it is installed with
+# --no-deps beside xwam, whose dependencies cover what lerobot.datasets imports. torchcodec is LeRobot's
+# video decoder (torchvision 0.29 has none) and loads the system's FFmpeg libraries.
+LEROBOT = ["lerobot==0.4.4", "torchcodec==0.17.0"]
+FFMPEG_DEBIAN = [
+    "libavcodec59",
+    "libavformat59",
+    "libavdevice59",
+    "libavfilter8",
+    "libswscale6",
+    "libavutil57",
+]
+
+
+@nox.session
+def lerobot_interop(session: nox.Session) -> None:
+    """LeRobot's own code on xwam's stores (tests/interop): LeRobotDataset reads a store frame by frame,
+    delete_episodes and merge_datasets work on it, and a dataset LeRobot writes imports into xwam."""
+    import ctypes.util
+
+    if ctypes.util.find_library("avcodec") is None:
+        if os.geteuid() != 0 or not os.path.exists("/usr/bin/apt-get"):
+            session.error(f"torchcodec needs FFmpeg's shared libraries: install {' '.join(FFMPEG_DEBIAN)}")
+        session.run(
+            "apt-get", "install", "-y", "-q", "--no-install-recommends", *FFMPEG_DEBIAN, external=True
+        )
+    install(session, "dev")
+    session.install("--no-deps", *LEROBOT)
+    session.run("pytest", "-q", "-p", "no:cacheprovider", "tests/interop", *session.posargs, env=ENV)

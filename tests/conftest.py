@@ -14,14 +14,7 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 from xwam_core.data.episode import Episode, ViewFrames
 from xwam_core.data.reader import EpisodeStore
 from xwam_core.data.sources.base import EpisodeSource, SourceInfo
-from xwam_core.data.store import (
-    StoreWriter,
-    decode_png,
-    depth_key,
-    extrinsics_key,
-    intrinsics_key,
-    rgb_key,
-)
+from xwam_core.data.store import StoreWriter
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -158,41 +151,16 @@ def write_store(path: Path, source: EpisodeSource) -> list[Episode]:
 
 
 def read_episode(store: EpisodeStore, index: int) -> Episode:
-    """Decode one whole episode straight from the store's parquet rows (not through the frame cache)."""
-    import pyarrow.parquet as pq
-
-    meta = store.episodes[index]
-    path = store.path / store.info["data_path"].format(
-        chunk_index=meta.chunk_index, file_index=meta.file_index
-    )
-    table = pq.read_table(path, filters=[("episode_index", "=", index)])
-
-    def images(key: str) -> np.ndarray:
-        return np.stack([decode_png(cell["bytes"]) for cell in table.column(key).to_pylist()])
-
-    def matrices(key: str) -> np.ndarray:
-        return np.asarray(table.column(key).to_pylist(), dtype=np.float32)
-
-    views = {
-        v: ViewFrames(
-            rgb=images(rgb_key(v)),
-            depth=images(depth_key(v)).astype(np.float32) / 1000.0 if store.has_depth else None,
-            intrinsics=matrices(intrinsics_key(v)) if store.has_cameras else None,
-            extrinsics=matrices(extrinsics_key(v)) if store.has_cameras else None,
-        )
-        for v in store.views
-    }
-    return Episode(
-        task=meta.task,
-        views=views,
-        state=matrices("observation.state"),
-        action=matrices("action"),
-        fps=store.fps,
-        success=meta.success,
-    )
+    """Decode one whole episode straight from the store's files (not through the frame cache)."""
+    return store.read_episode(index)
 
 
 @pytest.fixture
 def synthetic_store(tmp_path: Path) -> tuple[Path, list[Episode]]:
     path = tmp_path / "store"
     return path, write_store(path, SyntheticSource())
+
+
+def synthetic_builder(cfg: object) -> SyntheticSource:
+    """An importable builder of a small synthetic source, so worker processes (spawned) can build it."""
+    return SyntheticSource(episodes=5, length=12, size=(32, 32))

@@ -73,6 +73,13 @@ def test_bad_recipe_and_contradicting_set_are_one_line(tmp_path: Path) -> None:
     one_line_error(runner.invoke(app(), ["ablate", str(missing)]), "recipe file not found")
     result = runner.invoke(app(), ["ablate", str(TINY), "--set", "noise.mode=sync"])
     one_line_error(result, "noise.mode is set by the variant")
+    mixture = ["--set", f'data.mixture=[{{store = "{tmp_path / "a"}"}}, {{store = "{tmp_path / "b"}"}}]']
+    one_line_error(
+        runner.invoke(app(), ["ablate", str(TINY), *mixture, "--out", str(tmp_path / "abl")]),
+        "data.mixture (2 stores)",
+        "pass --store PATH",
+    )
+    assert not (tmp_path / "abl").exists()
 
 
 def test_help_lists_ablate() -> None:

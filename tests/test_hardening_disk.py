@@ -67,6 +67,11 @@ def test_prepare_into_read_only_folder(tmp_path, synthetic_source):
         )
     one_line_error(result, str(tmp_path / "ro" / "data"), "read-only file system")
     _empty(tmp_path / "ro")
+    # the target's folder exists: the first write refused is the hidden parts folder; the error names --out
+    with read_only(tmp_path / "ro"):
+        result = runner.invoke(app(), ["prepare", "synthetic", "--out", str(tmp_path / "ro" / "store")])
+    one_line_error(result, f"{tmp_path / 'ro' / 'store'}: cannot write: read-only file system")
+    _empty(tmp_path / "ro")
 
 
 def test_infer_into_read_only_folder(ckpt, tmp_path):
@@ -113,10 +118,19 @@ def test_frame_cache_in_read_only_folder(ckpt, tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------ read-only store
+def _tree(folder: Path) -> list[tuple[str, int, int]]:
+    """Every file and folder under `folder`: relative path, size and modification time (ns)."""
+    return sorted(
+        (str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")
+    )
+
+
 def test_read_only_store_trains_and_infers(ckpt, tmp_path):
     """Any write inside the store fails (injected EROFS): training and inference never try one."""
     store = tmp_path / "store"
     shutil.copytree(ckpt[0], store)
+    before = _tree(store)
+    assert {"data", "meta", "videos"} <= {p.name for p in store.iterdir()}  # format 2: RGB in videos/
     with read_only(store) as refused:
         checkpoint = train_tiny(store, tmp_path / "train", steps=2)
         result = runner.invoke(
@@ -124,13 +138,14 @@ def test_read_only_store_trains_and_infers(ckpt, tmp_path):
         )
     assert result.exit_code == 0, result.output
     assert refused == []
-    assert sorted(p.name for p in store.iterdir()) == ["data", "meta"]
+    assert _tree(store) == before  # nothing added, removed or rewritten
 
 
 def test_read_only_mounted_store_trains_and_infers(ckpt, tmp_path):
     """The same on a real read-only bind mount (native writers included); skipped where mounting fails."""
     source = tmp_path / "source"
     shutil.copytree(ckpt[0], source)
+    before = _tree(source)
     with read_only_bind(source, tmp_path / "ro-store") as store:
         with pytest.raises(OSError) as caught:
             (store / "probe").write_text("x")
@@ -140,7 +155,7 @@ def test_read_only_mounted_store_trains_and_infers(ckpt, tmp_path):
             app(), ["infer", "--ckpt", str(checkpoint), "--data", str(store), "--out", str(tmp_path / "run")]
         )
         assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in source.iterdir()) == ["data", "meta"]
+    assert _tree(source) == before
 
 
 def test_read_only_mount_outputs(ckpt, run, tmp_path, synthetic_source, monkeypatch):

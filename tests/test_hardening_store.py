@@ -29,6 +29,7 @@ from xwam_core.data.windows import WindowDataset, WindowLayout
 from xwam_core.errors import DataError
 
 DATA = "data/chunk-000/file-000.parquet"
+VIDEO = "videos/observation.images.b/chunk-000/file-001.mp4"  # episode 1 of view b
 EPISODES = "meta/episodes/chunk-000/file-000.parquet"
 TASKS = "meta/tasks.parquet"
 INFO = "meta/info.json"
@@ -92,19 +93,19 @@ def _table_edit(rel: str, edit: Callable[[pa.Table], pa.Table]) -> Callable[[Pat
 
 
 def _bad_png(table: pa.Table) -> pa.Table:
-    column = table.column("observation.images.a").to_pylist()
+    column = table.column("observation.depth.a").to_pylist()
     column[3] = {"bytes": b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, "path": None}
-    i = table.schema.get_field_index("observation.images.a")
-    return table.set_column(i, "observation.images.a", pa.array(column, table.schema.field(i).type))
+    i = table.schema.get_field_index("observation.depth.a")
+    return table.set_column(i, "observation.depth.a", pa.array(column, table.schema.field(i).type))
 
 
 def _small_png(table: pa.Table) -> pa.Table:
     from xwam_core.data.store import encode_png
 
-    column = table.column("observation.images.b").to_pylist()
-    column[5] = {"bytes": encode_png(np.zeros((16, 32, 3), np.uint8)), "path": None}
-    i = table.schema.get_field_index("observation.images.b")
-    return table.set_column(i, "observation.images.b", pa.array(column, table.schema.field(i).type))
+    column = table.column("observation.depth.b").to_pylist()
+    column[5] = {"bytes": encode_png(np.zeros((16, 32), np.uint16)), "path": None}
+    i = table.schema.get_field_index("observation.depth.b")
+    return table.set_column(i, "observation.depth.b", pa.array(column, table.schema.field(i).type))
 
 
 def _shuffled_episodes(table: pa.Table) -> pa.Table:
@@ -134,11 +135,14 @@ DAMAGES: list[tuple[str, Callable[[Path], None], tuple[str, ...]]] = [
     ("data missing", _remove(DATA), (DATA, "missing")),
     (
         "data lacks a column",
-        _table_edit(DATA, lambda t: t.drop(["observation.images.b"])),
-        (DATA, "images.b"),
+        _table_edit(DATA, lambda t: t.drop(["observation.depth.b"])),
+        (DATA, "depth.b"),
     ),
     ("data damaged PNG", _table_edit(DATA, _bad_png), (DATA, "frame 3", "PNG")),
-    ("data image of another size", _table_edit(DATA, _small_png), (DATA, "frame 5", "expected (32, 32, 3)")),
+    ("data image of another size", _table_edit(DATA, _small_png), (DATA, "frame 5", "expected (32, 32)")),
+    ("video missing", _remove(VIDEO), (VIDEO, "missing")),
+    ("video truncated", _truncate(VIDEO), (VIDEO, "video")),
+    ("video garbage", _write(VIDEO, b"\x00" * 300), (VIDEO, "video")),
     ("data rows missing", _table_edit(DATA, lambda t: t.slice(0, 30)), ("30 frames", "total_frames")),
     ("data rows of another episode", _table_edit(DATA, _shuffled_episodes), ("frame 0", "meta/episodes")),
     (
@@ -175,7 +179,7 @@ DAMAGES: list[tuple[str, Callable[[Path], None], tuple[str, ...]]] = [
     (
         "info image_size wrong",
         _json_edit(INFO, _set([16, 16], "xwam", "image_size")),
-        (DATA, "expected (16, 16, 3)"),
+        ("observation.images.a", "frames are 32x32, expected 16x16"),
     ),
     ("info fps text", _json_edit(INFO, _set("fast", "fps")), (INFO, "'fast'", "number > 0")),
     ("info fps zero", _json_edit(INFO, _set(0, "fps")), (INFO, "number > 0")),
@@ -292,7 +296,7 @@ def test_cache_is_outside_the_store_and_keyed_by_its_identity(good_store, tmp_pa
     store = tmp_path / "store"
     shutil.copytree(good_store, store)
     folder = cache_folder(EpisodeStore(store))
-    assert folder.parent.parent == tmp_path / "xdg" / "xwam" / "frames-v1"
+    assert folder.parent.parent == tmp_path / "xdg" / "xwam" / "frames-v2"
     assert folder.parent.name.startswith("store-")
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))

@@ -356,3 +356,64 @@ def test_far_episode_seeks_instead_of_decoding_everything(tmp_path, monkeypatch)
         g = gt["episodes"][ep.extra["episode_index"]]
         assert _mae(ep.views["front"].rgb, g["rgb"]["front"]) < RGB_MAE
     _check_boundaries(eps[1:], {"cameras": ("front",), "episodes": [gt["episodes"][3]]})
+
+
+# ------------------------------------------------------------------------------ xwam's own stores
+def _xwam_store(path, store_format: int, moving_side: bool = False):
+    from tests.conftest import SyntheticSource
+    from xwam_core.data.store import StoreWriter
+
+    source = SyntheticSource(episodes=2)
+    episodes = list(source.episodes())
+    if moving_side:
+        for ep in episodes:
+            ep.views["side"].extrinsics[:, 0, 3] += np.linspace(0, 0.2, ep.length, dtype=np.float32)
+    with StoreWriter(path, source.info(), store_format=store_format) as writer:
+        for ep in episodes:
+            writer.add(ep)
+    return episodes
+
+
+@pytest.mark.parametrize("store_format", [1, 2])
+def test_reimports_xwam_stores_with_their_cameras(tmp_path, store_format):
+    """Format 1 holds 3x3/4x4 cameras as Hugging Face Array2D columns (LeRobot's writer makes the same);
+    format 2 keeps fixed cameras in meta/episodes and moving ones as flat per-frame vectors."""
+    from xwam_core.data.reader import EpisodeStore
+
+    _xwam_store(tmp_path / "store", store_format, moving_side=True)
+    stored = EpisodeStore(tmp_path / "store")
+    src = LeRobotSource(tmp_path / "store")
+    info = src.info()
+    assert info.has_cameras and info.has_depth and info.views == ["front", "side"]
+    for i, ep in enumerate(src.episodes()):
+        ref = stored.read_episode(i)
+        np.testing.assert_array_equal(ep.action, ref.action)
+        np.testing.assert_array_equal(ep.state, ref.state)
+        assert ep.task == ref.task and ep.success == ref.success
+        for v in ("front", "side"):
+            np.testing.assert_array_equal(ep.views[v].rgb, ref.views[v].rgb)  # the same decoded frames
+            # depth: the same millimetres (metres differ in the last float bit: x * 0.001 vs x / 1000)
+            np.testing.assert_array_equal(
+                np.rint(ep.views[v].depth * 1000), np.rint(ref.views[v].depth * 1000)
+            )
+            np.testing.assert_array_equal(ep.views[v].intrinsics, ref.views[v].intrinsics)
+            np.testing.assert_array_equal(ep.views[v].extrinsics, ref.views[v].extrinsics)
+
+
+def test_prepare_lerobot_on_an_xwam_store_makes_a_store(tmp_path):
+    """`xwam prepare lerobot` on a store with Array2D camera columns (it used to end in a traceback)."""
+    from typer.testing import CliRunner
+
+    from xwam_cli.main import app
+    from xwam_core.data.reader import EpisodeStore
+
+    episodes = _xwam_store(tmp_path / "v1", 1)
+    result = CliRunner().invoke(
+        app, ["prepare", "lerobot", str(tmp_path / "v1"), "--out", str(tmp_path / "v2")]
+    )
+    assert result.exit_code == 0, result.output
+    store = EpisodeStore(tmp_path / "v2")
+    assert store.store_format == 2 and store.has_cameras and store.moving_views == []
+    back = store.read_episode(1)
+    np.testing.assert_array_equal(back.views["front"].extrinsics, episodes[1].views["front"].extrinsics)
+    np.testing.assert_allclose(back.views["side"].depth, episodes[1].views["side"].depth, atol=5e-4 + 1e-6)

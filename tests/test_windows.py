@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import SyntheticSource, write_store
+from tests.conftest import SyntheticSource, read_episode, write_store
 from xwam_core.data.frame_cache import cache_folder
 from xwam_core.data.reader import EpisodeStore
 from xwam_core.data.windows import WindowDataset, WindowLayout, make_loader, split_episodes
@@ -25,8 +25,9 @@ def test_window_contents_match_episode(synthetic_store):
     ep = episodes[2]
     frames = 7 + np.arange(5) * 3
     assert item["rgb"].shape == (2, 5, 32, 40, 3) and item["rgb"].dtype == np.uint8
-    np.testing.assert_array_equal(item["rgb"][0], ep.views["side"].rgb[frames])
-    np.testing.assert_array_equal(item["rgb"][1], ep.views["front"].rgb[frames])
+    decoded = read_episode(EpisodeStore(path), 2)  # RGB: the video's frames (the codec is lossy)
+    np.testing.assert_array_equal(item["rgb"][0], decoded.views["side"].rgb[frames])
+    np.testing.assert_array_equal(item["rgb"][1], decoded.views["front"].rgb[frames])
     np.testing.assert_allclose(item["depth"][1], ep.views["front"].depth[frames], atol=5e-4 + 1e-6)
     np.testing.assert_array_equal(item["extrinsics"][0], ep.views["side"].extrinsics[frames])
     np.testing.assert_array_equal(item["actions"], ep.action[7:19])
@@ -135,8 +136,9 @@ def test_window_at_the_last_frame_repeats_it(synthetic_store):
     item = ds[len(ds) - 1]  # episode 2, local frame 19: its last
     ep = episodes[2]
     assert int(item["frame_index"]) == 19 and int(item["episode_index"]) == 2
+    decoded = read_episode(EpisodeStore(path), 2)
     for j, v in enumerate(["side", "front"]):
-        np.testing.assert_array_equal(item["rgb"][j], np.repeat(ep.views[v].rgb[19:20], 5, 0))
+        np.testing.assert_array_equal(item["rgb"][j], np.repeat(decoded.views[v].rgb[19:20], 5, 0))
         np.testing.assert_array_equal(item["extrinsics"][j], np.repeat(ep.views[v].extrinsics[19:20], 5, 0))
         assert (item["depth"][j] == item["depth"][j, :1]).all()
     np.testing.assert_array_equal(item["states"], np.repeat(ep.state[19:20], 5, 0))
@@ -151,6 +153,7 @@ def test_a_window_with_r_real_steps_has_r_real_actions(synthetic_store):
     layout = WindowLayout(future_frames=4, frame_stride=3)  # K = 12
     ds = WindowDataset(path, layout, views=["front"], normalize=False, pad_episode_ends=True)
     ep, last = episodes[1], 19
+    decoded = read_episode(EpisodeStore(path), 1)
     for row in np.nonzero(ds.windows[:, 0] == 1)[0]:
         item = ds[int(row)]
         s = int(item["frame_index"])
@@ -163,7 +166,7 @@ def test_a_window_with_r_real_steps_has_r_real_actions(synthetic_store):
         assert item["state_is_pad"].tolist() == (local > last).tolist()
         clamped = np.minimum(local, last)
         np.testing.assert_array_equal(item["states"], ep.state[clamped])
-        np.testing.assert_array_equal(item["rgb"][0], ep.views["front"].rgb[clamped])
+        np.testing.assert_array_equal(item["rgb"][0], decoded.views["front"].rgb[clamped])
         np.testing.assert_array_equal(item["intrinsics"][0], ep.views["front"].intrinsics[clamped])
 
 
@@ -191,8 +194,8 @@ def test_without_padding_items_are_the_old_items(synthetic_store):
             expected = {
                 "rgb": np.stack([cache.rgb(v, frames) for v in store.views]),
                 "depth": np.stack([cache.depth_mm(v, frames) * np.float32(0.001) for v in store.views]),
-                "intrinsics": np.stack([cache.intrinsics[v][frames] for v in store.views]),
-                "extrinsics": np.stack([cache.extrinsics[v][frames] for v in store.views]),
+                "intrinsics": np.stack([cache.cameras(v, frames, episode)[0] for v in store.views]),
+                "extrinsics": np.stack([cache.cameras(v, frames, episode)[1] for v in store.views]),
                 "actions": np.ascontiguousarray(actions, dtype=np.float32),
                 "states": np.ascontiguousarray(states, dtype=np.float32),
             }
@@ -227,3 +230,47 @@ def test_recipe_setting_pad_episode_ends():
     with pytest.raises(RecipeError, match=r"data\.pad_episode_ends.*true or false") as err:
         DataConfig(pad_episode_ends="yes").validate()  # type: ignore[arg-type]
     assert "\n" not in str(err.value)
+
+
+# ---- a store decoded in the loader, the index at scale ------------------------------------------------
+def test_decoding_in_the_loader_gives_the_cached_items(synthetic_store):
+    """frame_cache="off" (large stores): video and depth PNGs decoded per window, items identical to the
+    decoded-frame cache's; only the per-frame arrays are cached (memory-mapped, outside the store)."""
+    path, _ = synthetic_store
+    layout = WindowLayout(future_frames=4, frame_stride=3)
+    cached = WindowDataset(path, layout, pad_episode_ends=True, frame_cache="on")
+    decoded = WindowDataset(path, layout, pad_episode_ends=True, frame_cache="off")
+    assert cached.decoded and not decoded.decoded and decoded.decoder is not None
+    assert not (decoded.cache.path / "rgb.front.npy").exists()
+    for i in [0, 5, 19, 33, 59, 21, 2]:  # forwards, backwards, episode ends (clamped frames)
+        a, b = cached[i], decoded[i]
+        for key in a:
+            assert np.asarray(a[key]).tobytes() == np.asarray(b[key]).tobytes(), (i, key)
+    assert isinstance(np.load(decoded.cache.path / "state.npy", mmap_mode="r"), np.memmap)
+    with pytest.raises(DataError, match="frame_cache 'maybe'"):
+        WindowDataset(path, layout, frame_cache="maybe")
+
+
+def test_window_index_is_per_episode_counts():
+    from xwam_core.data.window_index import WindowIndex
+
+    lengths = np.array([5, 2, 7, 3])
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    full = WindowIndex(np.array([2, 0, 1, 3]), lengths, starts, span=3, pad=False)
+    expected = [(e, starts[e] + s, s) for e in (2, 0, 1, 3) for s in range(lengths[e] - 3 + 1)]
+    assert full.array().tolist() == [list(map(int, row)) for row in expected]
+    padded = WindowIndex(np.arange(4), lengths, starts, span=3, pad=True)
+    assert len(padded) == lengths.sum() and padded.array()[:, 1].tolist() == list(range(lengths.sum()))
+    with pytest.raises(IndexError):
+        padded.locate(int(lengths.sum()))
+
+
+def test_split_episodes_round_robin_over_tasks(tmp_path):
+    path = tmp_path / "s"
+    write_store(path, SyntheticSource(episodes=7, length=6, tasks=("a", "b", "c")))  # a b c a b c a
+    store = EpisodeStore(path)
+    assert split_episodes(store, 0) == (list(range(7)), [])
+    assert split_episodes(store, 1)[1] == [6]  # task a's newest is the newest
+    assert split_episodes(store, 3)[1] == [4, 5, 6]
+    assert split_episodes(store, 4)[1] == [3, 4, 5, 6]  # then a's episode before it
+    assert split_episodes(store, 6)[1] == [1, 2, 3, 4, 5, 6]

@@ -1,4 +1,10 @@
-"""`xwam prepare xwam-release PATH`: the X-WAM authors' release layout -> an episode store."""
+"""`xwam prepare xwam-release PATH`: the X-WAM authors' release layout -> an episode store.
+
+RGB: a store of format 2 (the default) re-encodes it as AV1, so its frames are what PyAV decoded from the
+release within the codec's error (mean abs error < 3 of 255 per episode and view on these smooth
+synthetic frames), and each is nearer to its own decoded release frame than to the frames either side of
+it (the clip's start and end are honoured); a format-1 store (PNG) holds exactly what PyAV decoded.
+"""
 
 from __future__ import annotations
 
@@ -25,6 +31,7 @@ SIZE = (32, 40)
 FPS = 10.0
 VIDEO_FRAMES = 12
 PROMPTS = ("stack the blue bowl", "hand over the cup")
+RGB_MAE = 3.0  # format 2 (AV1): mean abs error per episode and view, uint8 units
 
 
 def _decode(path: Path, fmt: str) -> np.ndarray:
@@ -68,7 +75,7 @@ def make_release(
     truth = []
     for e in range(2):
         n, start = 8, 2
-        obs, views = {}, {}
+        obs, views, full = {}, {}, {}
         for cam, (view, kind) in enumerate((("wrist", "dynamic"), ("head", "static"))):
             rgb_rel, depth_rel = f"video/ep{e}_{view}.mp4", f"depth/ep{e}_{view}.mp4"
             encode_video(root / rgb_rel, synthetic_rgb(VIDEO_FRAMES, size, cam, e), FPS)
@@ -81,10 +88,10 @@ def make_release(
                 "start": start,
                 "end": start + n,
             }
-            views[view] = (
-                _decode(root / rgb_rel, RGB)[start : start + n],
-                _decode(root / depth_rel, GRAY)[start : start + n],
-            )
+            decoded = _decode(root / rgb_rel, RGB)
+            # the clip's frames, the whole decoded video and where the clip starts in it
+            views[view] = (decoded[start : start + n], _decode(root / depth_rel, GRAY)[start : start + n])
+            full[view] = (decoded, start)
         proprios, targets, rot, expected = {}, {}, {}, []
         for arm in arms:
             rotm = Rotation.random(n, random_state=int(rng.integers(1000))).as_matrix()
@@ -123,7 +130,7 @@ def make_release(
         path = root / "data" / "chunk-000" / f"episode_{e:06d}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(meta))
-        truth.append({"meta": meta, "views": views, "rot": rot, "actions": want})
+        truth.append({"meta": meta, "views": views, "full": full, "rot": rot, "actions": want})
     return truth
 
 
@@ -135,6 +142,22 @@ STATE_LEFT = [
     "left_ee_x", "left_ee_y", "left_ee_z", "left_ee_qw", "left_ee_qx", "left_ee_qy", "left_ee_qz", "left_gripper",
 ]  # fmt: skip
 ACTION_LEFT = ["left_dx", "left_dy", "left_dz", "left_drx", "left_dry", "left_drz", "left_gripper"]
+
+
+def _mae(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a.astype(np.float64) - b.astype(np.float64)).mean())
+
+
+def _check_av1_frames(got: np.ndarray, decoded: np.ndarray, start: int, n: int) -> None:
+    """A format-2 store's clip: within the codec's error of the release's decoded frames start..start+n,
+    and every frame nearest to its own decoded frame among it and its neighbours in the whole video (so a
+    clip shifted by one frame fails)."""
+    assert got.shape == decoded[start : start + n].shape and got.dtype == np.uint8
+    assert _mae(got, decoded[start : start + n]) < RGB_MAE
+    for i, frame in enumerate(got):
+        own = _mae(frame, decoded[start + i])
+        near = [_mae(frame, decoded[j]) for j in (start + i - 1, start + i + 1) if 0 <= j < len(decoded)]
+        assert own < min(near), (i, own, near)
 
 
 def _check_states_and_frames(store: EpisodeStore, truth: list[dict], arms: tuple[str, ...]) -> None:
@@ -164,7 +187,10 @@ def _check_states_and_frames(store: EpisodeStore, truth: list[dict], arms: tuple
         for view, (rgb, grey) in t["views"].items():
             vf = ep.views[view]
             assert vf.intrinsics is None and vf.extrinsics is None
-            np.testing.assert_array_equal(vf.rgb, rgb)  # the store's PNG holds exactly what PyAV decodes
+            if store.store_format == 1:
+                np.testing.assert_array_equal(vf.rgb, rgb)  # the store's PNG holds exactly what PyAV decoded
+            else:
+                _check_av1_frames(vf.rgb, *t["full"][view], len(rgb))
             assert vf.depth is not None
             np.testing.assert_array_equal(np.rint(vf.depth * 1000) - 1, grey.astype(np.float32))
 
@@ -211,9 +237,13 @@ def test_raw_actions_and_instructions(tmp_path):
     columns past 7 per arm ignored; `instructions` instead of `prompt`: the first non-empty one."""
     src, out = tmp_path / "release", tmp_path / "store"
     truth = make_release(src, ("left",), actions="raw", prompt="instructions")
-    result = _prepare(src, out, "--set", "prepare.xwam_release.raw_actions=true")
+    # format 1 (PNG): the store holds exactly the frames PyAV decoded from the release
+    result = _prepare(
+        src, out, "--set", "prepare.xwam_release.raw_actions=true", "--set", "prepare.store_format=1"
+    )
     assert result.exit_code == 0, result.output
     store = EpisodeStore(out)
+    assert store.store_format == 1
     assert store.action_names == ACTION_LEFT and store.state_names == STATE_LEFT
     for e, t in enumerate(truth):
         np.testing.assert_allclose(read_episode(store, e).action, t["actions"], atol=1e-6)

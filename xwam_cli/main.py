@@ -35,6 +35,7 @@ def main(
 
 
 app.command(name="prepare", epilog=prepare.EXAMPLES)(prepare.prepare)
+app.command(name="merge", epilog=prepare.MERGE_EXAMPLES)(prepare.merge)
 app.command(name="pretrain", epilog=train.EXAMPLES)(train.pretrain)
 app.command(name="finetune", epilog=train.FINETUNE_EXAMPLES)(train.finetune)
 app.command(name="infer", epilog=infer.EXAMPLES)(infer.infer)

@@ -14,6 +14,7 @@ from xwam_cli.common import (
     console,
     fail,
     human_bytes,
+    interrupted,
     recipe_with,
     split_csv,
     user_errors,
@@ -65,7 +66,25 @@ def prepare(
             help="metaworld: 'hand' (8-D hand state) or 'task' (+ first object's pose and the goal, 18-D)."
         ),
     ] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing store.")] = False,
+    workers: Annotated[
+        int | None, typer.Option(help="Processes generating/encoding episodes on this machine (same store).")
+    ] = None,
+    shard: Annotated[
+        str | None,
+        typer.Option(
+            help="'i/N': prepare only shard i (0..N-1) of N into a shard folder; `xwam merge` joins them."
+        ),
+    ] = None,
+    resize: Annotated[
+        str | None, typer.Option(help="Resize every view at import: HxW, e.g. 256x320 (even sizes).")
+    ] = None,
+    fps: Annotated[
+        float | None,
+        typer.Option(help="Resample at import to this rate (the source's divided by an integer)."),
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing store; start an unfinished prepare over.")
+    ] = False,
     recipe: Annotated[
         Path | None, typer.Option(help="Recipe TOML; its \\[prepare] section gives defaults.")
     ] = None,
@@ -77,7 +96,17 @@ def prepare(
 
     The store is a LeRobot v3.0 dataset folder with RGB, metric depth and cameras per view (xwam-release: relative depth, no cameras). It is built in a temporary folder and renamed when complete: an interrupted run leaves nothing behind.
     """
-    cli: dict[str, object] = {"prepare.out": str(out) if out else None}
+    cli: dict[str, object] = {
+        "prepare.out": str(out) if out else None,
+        "prepare.workers": workers,
+        "prepare.shard": shard,
+        "prepare.fps": fps,
+    }
+    if resize is not None:
+        parts = resize.lower().split("x")
+        if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+            fail(f"--resize {resize!r}: expected HEIGHTxWIDTH, e.g. 256x320")
+        cli["prepare.resize"] = [int(p) for p in parts]
     if overwrite:
         cli["prepare.overwrite"] = True
     if source:
@@ -130,10 +159,58 @@ def prepare(
     if resolved.prepare.out:
         check_output(Path(resolved.prepare.out), "--out", folder=True)
 
-    from xwam_core.data.prepare import prepare_store
+    from xwam_core.data.prepare import prepare_shard, prepare_store
+    from xwam_core.data.shards import PartsFolder
 
-    with RichProgress("prepare") as progress:
-        summary = prepare_store(resolved, progress)
+    parts = PartsFolder.beside(Path(resolved.prepare.out))
+    try:
+        with RichProgress("prepare") as progress:
+            if resolved.prepare.shard:
+                folder = prepare_shard(resolved, progress)
+            else:
+                summary = prepare_store(resolved, progress)
+    except KeyboardInterrupt:
+        if parts.is_dir():
+            interrupted(
+                f"the finished episodes are kept in {parts}; the same command continues (--overwrite starts over)"
+            )
+        raise
+    if resolved.prepare.shard:
+        console.print(
+            f"shard {resolved.prepare.shard} written to {folder}; join all shards with `xwam merge`"
+        )
+    else:
+        print_summary(summary)
+
+
+MERGE_EXAMPLES = """
+[bold]Examples[/]
+
+  xwam prepare metaworld --episodes 50 --shard 0/2 --out shards/0   (one per machine or array task)
+  xwam prepare metaworld --episodes 50 --shard 1/2 --out shards/1
+  xwam merge shards/0 shards/1 --out data/mw
+"""
+
+
+@user_errors
+def merge(
+    shards: Annotated[
+        list[Path], typer.Argument(help="The shard folders of one prepare (--shard i/N), all N.")
+    ],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Store folder to create.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing store.")] = False,
+) -> None:
+    """Join the shard folders of a sharded `xwam prepare` into one episode store.
+
+    The store is the one a single `xwam prepare` with the same settings writes: the same episodes in the same order, statistics over all of them. Built in a temporary folder and renamed when complete.
+    """
+    if out is None:
+        fail("no output folder: pass --out DIR")
+    check_output(out, "--out", folder=True)
+    from xwam_core.data.prepare import merge as merge_store
+
+    with RichProgress("merge") as progress:
+        summary = merge_store(shards, out, overwrite, progress)
     print_summary(summary)
 
 

@@ -411,6 +411,11 @@ def run_ablation(
     if out.exists() and not out.is_dir():
         raise XWAMError(f"--out {out}: is a file; expected a folder")
     recipes = {n: variant_recipe(base, n, out / n / "run") for n in names}  # every one checked first
+    if base.data.mixture:
+        raise XWAMError(
+            f"{recipe_path}: data.mixture ({len(base.data.mixture)} stores): the ablation trains and evaluates "
+            "on one store; pass --store PATH (it replaces the mixture)"
+        )
     store_path = Path(base.data.store)
     episode_store = EpisodeStore(store_path)
     if base.data.val_episodes < 1:

@@ -23,6 +23,9 @@ from typing import Any, TypeVar
 import tomli_w
 
 from xwam_core.data.augment import AugmentConfig
+from xwam_core.data.prepare_config import (
+    PrepareConfig,
+)
 from xwam_core.data.release_stats import NORMALIZATIONS
 from xwam_core.errors import RecipeError, os_error_line, require
 from xwam_core.schedule.inference import InferenceScheduleConfig
@@ -37,116 +40,25 @@ MIXED_PRECISIONS = ("auto", "no", "bf16", "fp16")
 
 # ----------------------------------------------------------------------------------------- sections
 @dataclass
-class MetaWorldSourceConfig:
-    """Options of the `metaworld` source (simulator + scripted experts)."""
+class MixtureEntry:
+    """One store of a mixture (`[[data.mixture]]`)."""
 
-    tasks: list[str] = field(default_factory=lambda: ["reach-v3", "push-v3"])
-    episodes: int = 4  # per task
-    views: list[str] = field(default_factory=lambda: ["corner2", "topview", "gripperPOV"])
-    size: int = 64  # square image size in pixels (64..256)
-    seed: int = 0
-    max_steps: int = 150
-    render_quality: str = "fast"  # "fast" (no shadows/reflections/multisampling) or "default"
-    # "hand": 8-D hand state; "task": + the first object's pose and the goal position (18-D)
-    state: str = "hand"
-
-    def validate(self) -> None:
-        """The ranges MetaWorldSource enforces, checked when the recipe is loaded (task and camera names
-        need the simulator: the source checks those)."""
-        from xwam_core.data.sources import metaworld as mw  # light: the simulator is imported lazily
-
-        key = "prepare.metaworld"
-        require(bool(self.tasks), f"{key}.tasks", "a non-empty list of task names", self.tasks)
-        require(bool(self.views), f"{key}.views", "a non-empty list of camera names", self.views)
-        require(self.episodes >= 1, f"{key}.episodes", "an integer >= 1 (episodes per task)", self.episodes)
-        require(
-            mw.MIN_SIZE <= self.size <= mw.MAX_SIZE,
-            f"{key}.size",
-            f"an image size from {mw.MIN_SIZE} to {mw.MAX_SIZE} pixels",
-            self.size,
-        )
-        require(self.seed >= 0, f"{key}.seed", "an integer >= 0", self.seed)
-        require(
-            1 <= self.max_steps <= mw.MAX_STEPS_LIMIT,
-            f"{key}.max_steps",
-            f"an integer from 1 to {mw.MAX_STEPS_LIMIT} (Meta-World's horizon)",
-            self.max_steps,
-        )
-        require(
-            self.render_quality in mw.RENDER_QUALITIES,
-            f"{key}.render_quality",
-            f"one of {', '.join(mw.RENDER_QUALITIES)}",
-            self.render_quality,
-        )
-        require(
-            self.state in mw.STATE_LAYOUTS,
-            f"{key}.state",
-            "'hand' (8-D hand state) or 'task' (hand, first object and goal, 18-D)",
-            self.state,
-        )
-
-
-@dataclass
-class LeRobotSourceConfig:
-    """Options of the `lerobot` source (import a LeRobot v2.1/v3.0 dataset folder)."""
-
-    path: str = ""
-    # camera key -> view name, e.g. {"observation.images.front" = "front"}; empty: every camera.
-    views: dict[str, str] = field(default_factory=dict)
-    episodes: list[int] = field(default_factory=list)  # empty: all
-    state_key: str = "observation.state"
-    action_key: str = "action"
-    depth_scale: float = 0.0  # metres per unit for 8-bit depth video; 0: unknown
-
-    def validate(self) -> None:
-        key = "prepare.lerobot"
-        require(
-            self.depth_scale >= 0, f"{key}.depth_scale", "metres per unit >= 0 (0: unknown)", self.depth_scale
-        )
-        require(all(e >= 0 for e in self.episodes), f"{key}.episodes", "episode indices >= 0", self.episodes)
-        require(bool(self.state_key), f"{key}.state_key", "a column name", self.state_key)
-        require(bool(self.action_key), f"{key}.action_key", "a column name", self.action_key)
-
-
-@dataclass
-class XWAMReleaseSourceConfig:
-    """Options of the `xwam-release` source (import the X-WAM authors' release dataset layout)."""
-
-    path: str = ""
-    raw_actions: bool = False  # true: import each episode's `raw_actions` instead of `actions`
-
-    def validate(self) -> None:
-        require(
-            isinstance(self.raw_actions, bool),
-            "prepare.xwam_release.raw_actions",
-            "true or false",
-            self.raw_actions,
-        )
-
-
-@dataclass
-class PrepareConfig:
-    """`xwam prepare`: which source, where the store goes."""
-
-    source: str = "metaworld"  # "metaworld", "lerobot" or "xwam-release"
-    out: str = ""
-    overwrite: bool = False
-    metaworld: MetaWorldSourceConfig = field(default_factory=MetaWorldSourceConfig)
-    lerobot: LeRobotSourceConfig = field(default_factory=LeRobotSourceConfig)
-    xwam_release: XWAMReleaseSourceConfig = field(default_factory=XWAMReleaseSourceConfig)
-
-    def validate(self) -> None:
-        # `source` is checked by xwam_core.data.sources.make_source: sources can be registered at run time
-        self.metaworld.validate()
-        self.lerobot.validate()
-        self.xwam_release.validate()
+    store: str = ""
+    # share of the training draws (relative to the other entries); 0 on every entry: each store's own
+    # window count, i.e. every window of every store exactly once an epoch
+    weight: float = 0.0
+    val_episodes: int = -1  # episodes of this store held out; -1: data.val_episodes
 
 
 @dataclass
 class DataConfig:
-    """Training windows over an episode store."""
+    """Training windows over an episode store, or a mixture of stores."""
 
     store: str = ""
+    mixture: list[MixtureEntry] = field(default_factory=list)  # several stores with weights (or `store`)
+    # the decoded-frame cache: "auto" (on for stores whose decoded frames take <= 2 GiB), "on", "off"
+    # (loader workers decode the frames of each window: large stores)
+    frame_cache: str = "auto"
     future_frames: int = 8  # F: frames predicted after the current one
     frame_stride: int = 4  # store frames between two window frames; K = F * stride actions
     views: list[str] = field(default_factory=list)  # empty: the store's views in its order
@@ -159,6 +71,10 @@ class DataConfig:
     # true: a window starts at every frame; past an episode's end frames and states repeat the last, actions
     # the last action, and padded actions/states carry no loss (docs/data.md). false: full windows only
     pad_episode_ends: bool = True
+
+    def entries(self) -> list[MixtureEntry]:
+        """The stores trained on: data.mixture, else data.store as a mixture of one."""
+        return list(self.mixture) if self.mixture else [MixtureEntry(store=self.store)]
 
     def validate(self) -> None:
         require(
@@ -178,6 +94,38 @@ class DataConfig:
             self.num_workers,
         )
         require(self.batch_size >= 1, "data.batch_size", "an integer >= 1", self.batch_size)
+        require(
+            self.frame_cache in ("auto", "on", "off"), "data.frame_cache", "auto, on or off", self.frame_cache
+        )
+        require(
+            not (self.store and self.mixture),
+            "data.mixture",
+            "either data.store or data.mixture, not both (a --set of one replaces the recipe file's other)",
+            f"{len(self.mixture)} stores and data.store={self.store!r}",
+        )
+        for i, entry in enumerate(self.mixture):
+            key = f"data.mixture[{i}]"
+            require(bool(entry.store), f"{key}.store", "the path of an episode store", entry.store)
+            require(entry.weight >= 0, f"{key}.weight", "a number >= 0", entry.weight)
+            require(
+                entry.val_episodes >= -1,
+                f"{key}.val_episodes",
+                "an integer >= 0 (-1: data.val_episodes)",
+                entry.val_episodes,
+            )
+        weighted = [e.weight > 0 for e in self.mixture]
+        require(
+            all(weighted) or not any(weighted),
+            "data.mixture.weight",
+            "a weight > 0 on every store, or on none (each store's own window count)",
+            [e.weight for e in self.mixture],
+        )
+        require(
+            len(self.mixture) < 2 or self.normalization == "quantile",
+            "data.normalization",
+            "quantile for a mixture of stores (release's rules are computed on one store)",
+            self.normalization,
+        )
         require(
             self.normalization in NORMALIZATIONS,
             "data.normalization",
@@ -493,6 +441,20 @@ def apply_overrides(table: dict[str, Any], overrides: list[str]) -> dict[str, An
     return out
 
 
+def _one_data_source(table: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """data.store and data.mixture are two forms of one setting: an override of one replaces the other
+    where `table` (the recipe file) has it, so `--set 'data.mixture=[...]'` trains a recipe that names
+    data.store on the mixture (and `--set data.store=...` a mixture recipe on one store)."""
+    keys = {tuple(parse_override(text)[0]) for text in overrides}
+    data = table.get("data")
+    if not isinstance(data, dict):
+        return table
+    for given, other in (("mixture", "store"), ("store", "mixture")):
+        if ("data", given) in keys and ("data", other) not in keys and other in data:
+            table = {**table, "data": {k: v for k, v in data.items() if k != other}}
+    return table
+
+
 def recipe_from_dict(table: dict[str, Any], where: str = "recipe", cls: type[T] = Recipe) -> T:  # type: ignore[assignment]
     return _build(cls, table, "", where)
 
@@ -527,7 +489,7 @@ def load_recipe(
             raise RecipeError(f"{where}: not valid TOML ({e})") from None
     overrides = overrides or []
     if overrides:
-        table = apply_overrides(table, overrides)
+        table = apply_overrides(_one_data_source(table, overrides), overrides)
         where = f"{where} (with {overrides_from})"
     recipe: Recipe = recipe_from_dict(table, where)
     try:

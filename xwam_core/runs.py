@@ -110,7 +110,8 @@ OPTIONAL_MANIFEST_KEYS: dict[str, tuple[type | tuple[type, ...], str]] = {
 
 # ------------------------------------------------------------------------------------ store identity
 def store_fingerprint(store_path: str | Path) -> str:
-    """A content hash of a store's metadata (info, stats, tasks, episodes) and its data files' names and sizes.
+    """A content hash of a store's metadata (info, stats, tasks, episodes) and its data and video files'
+    names and sizes.
 
     Re-preparing a store with other episodes or settings changes it; reading it does not (the frame
     cache is not part of it). Hashing the metadata rather than every frame keeps it instant.
@@ -123,10 +124,10 @@ def store_fingerprint(store_path: str | Path) -> str:
         path = root / rel
         digest.update(rel.encode())
         digest.update(path.read_bytes() if path.is_file() else b"<missing>")
-    data = root / "data"
-    if data.is_dir():
-        for path in sorted(data.rglob("*.parquet")):
-            digest.update(f"{path.relative_to(root)}:{path.stat().st_size}".encode())
+    for folder, pattern in (("data", "*.parquet"), ("videos", "*.mp4")):
+        if (root / folder).is_dir():
+            for path in sorted((root / folder).rglob(pattern)):
+                digest.update(f"{path.relative_to(root)}:{path.stat().st_size}".encode())
     return digest.hexdigest()[:16]
 
 

@@ -12,6 +12,7 @@ current step with a checkpoint of it (TrainingInterrupted says what is on disk).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import signal
 import threading
@@ -24,12 +25,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 
 from xwam_core import checkpoint as ckpt_io
 from xwam_core import runlock
 from xwam_core.atomic import atomic_file, write_json_atomic, write_text_atomic
+from xwam_core.data.mixture import MixtureDataset, check_compatible
 from xwam_core.data.reader import EpisodeStore
+from xwam_core.data.sampler import GlobalBatchSampler, quotas
 from xwam_core.data.windows import WindowDataset, WindowLayout, collate_windows, split_episodes
 from xwam_core.errors import XWAMError
 from xwam_core.factory import build_codec, build_model, build_text, layout_for
@@ -38,42 +41,6 @@ from xwam_core.models.codecs import describe_codec
 from xwam_core.objective import LOSS_TERMS, TrainingObjective
 from xwam_core.progress import SILENT, Progress
 from xwam_core.recipe import TrainConfig
-
-
-# ------------------------------------------------------------------------------------ data order
-class GlobalBatchSampler(Sampler[list[int]]):
-    """Yields this process's share of each global batch, in a seeded per-epoch order.
-
-    Global batch g of epoch e holds perm_e[g*G : (g+1)*G]; process r takes the r-th contiguous slice.
-    The order depends only on (seed, epoch), so 1 and N processes see the same global batches, and a
-    resumed run restarts at (epoch, batch) without reading the skipped data.
-    """
-
-    def __init__(self, n: int, global_batch: int, rank: int, world: int, seed: int, start_step: int = 0):
-        if global_batch % world:
-            raise XWAMError(f"data.batch_size={global_batch} must be divisible by the {world} processes")
-        if n < global_batch:
-            raise XWAMError(f"only {n} training windows for a global batch of {global_batch}")
-        self.n, self.global_batch, self.rank, self.world, self.seed = n, global_batch, rank, world, seed
-        self.local = global_batch // world
-        self.batches_per_epoch = n // global_batch
-        self.start_step = start_step
-
-    def order(self, epoch: int) -> torch.Tensor:
-        return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 7919 + epoch))
-
-    def __iter__(self):
-        step = self.start_step
-        while True:
-            epoch, offset = divmod(step, self.batches_per_epoch)
-            perm = self.order(epoch)
-            for g in range(offset, self.batches_per_epoch):
-                lo = g * self.global_batch + self.rank * self.local
-                yield perm[lo : lo + self.local].tolist()
-            step = (epoch + 1) * self.batches_per_epoch
-
-    def __len__(self) -> int:  # infinite in practice; the loop stops at max_steps
-        return 2**31
 
 
 def lr_lambda(warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
@@ -269,12 +236,15 @@ class Trainer:
         if mixed not in ("no", "bf16", "fp16"):
             raise XWAMError(f"train.mixed_precision={cfg.mixed_precision!r}: expected auto, no, bf16 or fp16")
         self.mixed_precision = mixed
-        self.store = EpisodeStore(self.recipe.data.store)
+        self.stores = [EpisodeStore(entry.store) for entry in self.recipe.data.entries()]
+        self.store = self.stores[0]  # the first store of the mixture: recorded in checkpoints
         # DDP must be told when some parameters get no gradient: the depth branch on a store without depth,
         # the depth head of a model without depth blocks (num_depth_blocks = 0, the no-depth ablation)
         no_depth_blocks = self.recipe.model.overrides.get("num_depth_blocks") == 0
         ddp = DistributedDataParallelKwargs(
-            find_unused_parameters=not self.store.has_depth or cfg.lora_rank > 0 or no_depth_blocks
+            find_unused_parameters=not all(s.has_depth for s in self.stores)
+            or cfg.lora_rank > 0
+            or no_depth_blocks
         )
         # cpu=True lets accelerate form a gloo process group when launched on machines without a GPU
         self.accelerator = Accelerator(
@@ -290,21 +260,36 @@ class Trainer:
         set_seed(recipe.seed)
 
         window = WindowLayout(recipe.data.future_frames, recipe.data.frame_stride)
-        views = recipe.data.views or None
-        train_eps, val_eps = split_episodes(self.store, recipe.data.val_episodes)
-        norm, pad = recipe.data.normalization, recipe.data.pad_episode_ends
-        self.train_set = WindowDataset(
-            self.store, window, views=views, episodes=train_eps, normalization=norm, pad_episode_ends=pad
-        )
+        data = recipe.data
+        views = data.views or list(self.store.views)
+        check_compatible(self.stores, views)
+        entries = data.entries()
+        options = {
+            "views": views,
+            "normalization": data.normalization,
+            "pad_episode_ends": data.pad_episode_ends,
+            "frame_cache": data.frame_cache,
+        }
+        train_parts, val_parts = [], []
+        for entry, store in zip(entries, self.stores, strict=True):
+            held = entry.val_episodes if entry.val_episodes >= 0 else data.val_episodes
+            train_eps, val_eps = split_episodes(store, held)  # each store holds out its own
+            train_parts.append(WindowDataset(store, window, episodes=train_eps, **options))  # type: ignore[arg-type]
+            if val_eps:
+                val_parts.append(WindowDataset(store, window, episodes=val_eps, **options))  # type: ignore[arg-type]
+        weights = [e.weight for e in entries]
+        sizes = [len(p) for p in train_parts]
+        shares = [q / sum(sizes) for q in quotas(sizes, weights)]
+        self.train_set = MixtureDataset(train_parts, shares=shares)
         self.val_set = (
-            WindowDataset(
-                self.store, window, views=views, episodes=val_eps, normalization=norm, pad_episode_ends=pad
-            )
-            if val_eps
+            MixtureDataset(val_parts, normalizer=self.train_set.normalizer, tasks=self.train_set.tasks)
+            if val_parts
             else None
         )
 
-        self.layout = layout_for(self.store, window, recipe.model, views)
+        self.layout = dataclasses.replace(
+            layout_for(self.store, window, recipe.model, data.views or None), tasks=list(self.train_set.tasks)
+        )
         if self.init is not None:
             model, text, self.init_report = init_from_checkpoint(self.init, recipe.model, self.layout)
         else:
@@ -341,7 +326,7 @@ class Trainer:
         # the data order (it refuses a global batch the data or the processes cannot fill); _prepare
         # starts it where the run stands
         self.sampler = GlobalBatchSampler(
-            len(self.train_set), recipe.data.batch_size, self.rank, self.world, recipe.seed
+            self.train_set.sizes, recipe.data.batch_size, self.rank, self.world, recipe.seed, weights=weights
         )
 
     def _prepare(self) -> None:
@@ -483,7 +468,7 @@ class Trainer:
                 scheduler=self.scheduler.state_dict(),
                 history=self.history,
                 ema=self._ema_tensors(),
-                extra={"step": self.step, "processes": self.world},
+                extra={"step": self.step, "processes": self.world, "sampler": self.sampler.state(self.step)},
             )
             path = ckpt_io.save_checkpoint(self.run_dir, self.policy_parts(), state, self.cfg.keep_last)
         acc.wait_for_everyone()
@@ -599,6 +584,8 @@ class Trainer:
             self.ema.optimization_step = int(state.ema.get("optimization_step", torch.tensor(0)))
         if state.rng is not None:
             state.rng.restore()  # last: building drew from the RNGs; nothing may draw between here and step 1
+        if isinstance(state.extra.get("sampler"), dict):  # the data order continues where it stood
+            self.sampler.check(state.extra["sampler"], int(state.extra["step"]), str(path))
         self.step, self.history = int(state.extra["step"]), list(state.history)
         self.last_checkpoint, self._saved_step = path, self.step
 
@@ -801,7 +788,7 @@ def train(
 
 
 @torch.no_grad()
-def validate(objective: Any, val_set: WindowDataset, recipe: Any, accelerator: Any, batches: int) -> float:
+def validate(objective: Any, val_set: Any, recipe: Any, accelerator: Any, batches: int) -> float:
     """Held-out loss with fixed noise (seeded by batch index), the same at every evaluation; the terms
     are weighted by train.loss_weights like the training loss."""
     objective.eval()

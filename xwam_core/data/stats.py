@@ -1,7 +1,10 @@
 """Per-dimension statistics of a store (meta/stats.json); xwam_core.normalizer turns them into the normalization (docs/method.md, 2).
 
 Every key gets min, max, mean, std, count, q01 and q99. Images get per-channel statistics in [0, 1]
-(LeRobot's convention, shape (3, 1, 1)) from a frame subsample; depth gets metres over valid pixels.
+(LeRobot's convention, shape (3, 1, 1)) from a frame subsample; depth gets millimetres over valid pixels
+(shape (1, 1, 1)), the unit of the stored depth and so of the tensor LeRobot reads. The same statistics
+per episode go into meta/episodes as LeRobot's `stats/<key>/<stat>` columns (`episode_stats`), which
+LeRobot's merge and delete aggregate.
 """
 
 from __future__ import annotations
@@ -32,27 +35,34 @@ def describe(values: np.ndarray) -> dict[str, list]:
     }
 
 
+def stats_samples(episode: Episode, info: SourceInfo) -> dict[str, np.ndarray]:
+    """What one episode adds to the statistics, per key: every state and action, and a subsample of the
+    image and depth pixels. Computed where the episode is encoded (a worker) and kept with it, so the
+    statistics of a store are the same however its episodes were produced and merged."""
+    samples = {"observation.state": episode.state, "action": episode.action}
+    for name in info.views:
+        view = episode.views[name]
+        sub = view.rgb[::IMAGE_FRAME_STRIDE, ::IMAGE_PIXEL_STRIDE, ::IMAGE_PIXEL_STRIDE]
+        samples[f"observation.images.{name}"] = sub.reshape(-1, 3).astype(np.float32) / 255.0
+        if info.has_depth and view.depth is not None:
+            d = view.depth[::IMAGE_FRAME_STRIDE, ::IMAGE_PIXEL_STRIDE, ::IMAGE_PIXEL_STRIDE].reshape(-1, 1)
+            samples[f"observation.depth.{name}"] = _depth_mm(d[d[:, 0] > 0])
+    return samples
+
+
 class RunningStats:
     """Collects what the store's statistics need while episodes are written."""
 
     def __init__(self) -> None:
         self._columns: dict[str, list[np.ndarray]] = {}
 
-    def _add(self, key: str, values: np.ndarray) -> None:
-        self._columns.setdefault(key, []).append(values)
+    def add(self, samples: dict[str, np.ndarray]) -> None:
+        """One episode's `stats_samples`."""
+        for key, values in samples.items():
+            self._columns.setdefault(key, []).append(values)
 
     def update(self, episode: Episode, info: SourceInfo) -> None:
-        self._add("observation.state", episode.state)
-        self._add("action", episode.action)
-        for name in info.views:
-            view = episode.views[name]
-            sub = view.rgb[::IMAGE_FRAME_STRIDE, ::IMAGE_PIXEL_STRIDE, ::IMAGE_PIXEL_STRIDE]
-            self._add(f"observation.images.{name}", sub.reshape(-1, 3).astype(np.float32) / 255.0)
-            if info.has_depth and view.depth is not None:
-                d = view.depth[::IMAGE_FRAME_STRIDE, ::IMAGE_PIXEL_STRIDE, ::IMAGE_PIXEL_STRIDE].reshape(
-                    -1, 1
-                )
-                self._add(f"observation.depth.{name}", d[d[:, 0] > 0])
+        self.add(stats_samples(episode, info))
 
     def result(self) -> dict[str, dict[str, Any]]:
         out = {}
@@ -60,9 +70,40 @@ class RunningStats:
             values = np.concatenate(chunks, axis=0)
             if values.shape[0] == 0:
                 continue
-            stats = describe(values)
-            if key.startswith(("observation.images.", "observation.depth.")):
-                # LeRobot's image statistics are per channel with shape (C, 1, 1)
-                stats = {k: [[[x]] for x in v] if k != "count" else v for k, v in stats.items()}
-            out[key] = stats
+            out[key] = _lerobot_shapes(key, describe(values))
         return out
+
+
+def _depth_mm(depth_m: np.ndarray) -> np.ndarray:
+    """Metres -> millimetres as the store keeps them (xwam_core.data.store.depth_to_mm)."""
+    from xwam_core.data.store import depth_to_mm
+
+    return depth_to_mm(depth_m).astype(np.float32)
+
+
+def _lerobot_shapes(key: str, stats: dict[str, list]) -> dict[str, list]:
+    """LeRobot's image statistics are per channel with shape (C, 1, 1)."""
+    if key.startswith(("observation.images.", "observation.depth.")):
+        return {k: [[[x]] for x in v] if k != "count" else v for k, v in stats.items()}
+    return stats
+
+
+def episode_stats(episode: Episode, info: SourceInfo) -> dict[str, Any]:
+    """One episode's statistics as meta/episodes columns `stats/<key>/<stat>` (LeRobot's layout)."""
+    return episode_stats_from(stats_samples(episode, info))
+
+
+def episode_stats_from(samples: dict[str, np.ndarray]) -> dict[str, Any]:
+    """`episode_stats` from the episode's `stats_samples`.
+
+    Depth has none: LeRobot's delete_episodes reshapes the per-episode statistics of every image feature
+    to 3 channels and fails on 1-channel depth (meta/stats.json keeps depth's statistics)."""
+    columns: dict[str, Any] = {}
+    for key, values in samples.items():
+        if key.startswith("observation.depth."):
+            continue
+        if values.shape[0] == 0:  # no valid depth pixel: zeros, so aggregated counts stay > 0
+            values = np.zeros((1, *values.shape[1:]), np.float32)
+        for stat, value in _lerobot_shapes(key, describe(values)).items():
+            columns[f"stats/{key}/{stat}"] = value
+    return columns

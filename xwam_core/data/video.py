@@ -1,4 +1,5 @@
-"""PyAV helpers: sequential video decoding (for sources) and RGB encoding (run and rollout videos).
+"""PyAV helpers: sequential video decoding (for sources and stores), RGB encoding (run and rollout
+videos) and the episode store's RGB video (AV1 as LeRobot writes it).
 
 Decoding is streaming: a `VideoReader` keeps one container open and decodes forward, handing out
 the frames nearest to the requested timestamps. Several consecutive requests on one file (e.g. the
@@ -84,12 +85,76 @@ def encode_video(path: str | os.PathLike, frames: np.ndarray, fps: float) -> str
     return codec
 
 
+# The store's RGB video: LeRobot's default (AV1 through SVT-AV1, crf 30, a keyframe every 2 frames,
+# preset 12, yuv420p), so LeRobot's tools treat xwam's videos like their own. H.264 (libx264) when this
+# PyAV has no SVT-AV1; both decode with PyAV (dav1d / ffmpeg's h264).
+STORE_CODECS = ("libsvtav1", "libx264")
+STORE_CRF = 30
+STORE_GOP = 2
+
+
+def store_codec() -> str:
+    """The encoder of the store's RGB video: libsvtav1 (LeRobot's default), else libx264."""
+    return available_codec(STORE_CODECS)
+
+
+def encode_store_video(path: str | os.PathLike, frames: np.ndarray, fps: float, codec: str) -> None:
+    """Write uint8 (T, H, W, 3) RGB frames (H, W even) as the store writes every view's episode video:
+    frame i at pts i in a 1/fps time base (timestamp i / fps, what LeRobot's decoders look for)."""
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise DataError(
+            f"{path}: cannot encode frames {frames.dtype} {frames.shape}; expected uint8 (T,H,W,3)"
+        )
+    h, w = frames.shape[1:3]
+    if h % 2 or w % 2:
+        raise DataError(f"{path}: yuv420p video needs even image sizes, got {h}x{w}")
+    options = {"crf": str(STORE_CRF), "g": str(STORE_GOP)}
+    if codec == "libsvtav1":
+        options.update({"preset": "12", "svtav1-params": "lp=1"})  # one thread: prepare runs in workers
+    else:
+        options.update({"preset": "veryfast", "threads": "1"})
+    rate = Fraction(fps).limit_denominator(1001)
+    os.environ.setdefault("SVT_LOG", "1")  # SVT-AV1 prints its configuration to stderr unless told not to
+    with av.open(os.fspath(path), mode="w") as container:
+        stream = container.add_stream(codec, rate=rate, options=options)
+        assert isinstance(stream, av.video.stream.VideoStream)
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        stream.codec_context.time_base = 1 / rate
+        for i, arr in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(arr), format=RGB)
+            frame.pts = i
+            frame.time_base = 1 / rate
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def video_feature_info(codec: str, height: int, width: int, fps: float) -> dict[str, object]:
+    """The `info` of a video feature in meta/info.json, with the keys LeRobot writes."""
+    return {
+        "video.height": height,
+        "video.width": width,
+        "video.codec": {"libsvtav1": "av1", "libx264": "h264"}.get(codec, codec),
+        "video.pix_fmt": "yuv420p",
+        "video.is_depth_map": False,
+        "video.fps": fps,
+        "video.channels": 3,
+        "has_audio": False,
+    }
+
+
 class VideoReader:
     """One open video file, decoded forward. `read(times)` returns the frames at those timestamps."""
 
-    def __init__(self, path: str | os.PathLike, fps: float):
+    def __init__(
+        self, path: str | os.PathLike, fps: float, seek_ahead_s: float = _SEEK_AHEAD_S, threads: int = 0
+    ):
         self.path = os.fspath(path)
         self.fps = float(fps)
+        self._seek_ahead_s = float(seek_ahead_s)  # forward jumps longer than this seek
+        self._threads = int(threads)  # decoder threads; 0: the codec's choice
         self._tol = 0.5 / self.fps  # a frame belongs to a timestamp if within half a frame period
         self._container: av.container.InputContainer | None = None
         self._frames: Iterator[av.VideoFrame] | None = None
@@ -108,7 +173,10 @@ class VideoReader:
             if not self._container.streams.video:
                 raise DataError(f"{self.path}: has no video stream")
             self._stream = self._container.streams.video[0]
-            self._stream.thread_type = "AUTO"
+            if self._threads:
+                self._stream.codec_context.thread_count = self._threads
+            else:
+                self._stream.thread_type = "AUTO"
             tb = self._stream.time_base
             self._time_base = float(tb) if tb else 1.0 / self.fps
         except DataError:
@@ -183,7 +251,7 @@ class VideoReader:
         first = float(times[0])
         if first < self._last_time + self._tol:
             self._open()  # behind the decoder: start over (episodes requested out of order)
-        elif first - max(self._last_time, 0.0) > _SEEK_AHEAD_S:
+        elif first - max(self._last_time, 0.0) > self._seek_ahead_s:
             self._seek(first)  # far ahead: jump to the keyframe before it, then decode forward
             try:
                 return self._read_forward(times, fmt)

@@ -17,7 +17,7 @@ import json
 import math
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -73,6 +73,9 @@ class _EpisodeMeta:
     success: bool | None
     data_file: str  # absolute path
     videos: dict[str, tuple[str, float]] = field(default_factory=dict)  # key -> (abs path, from_timestamp)
+    # view -> ((3, 3), (4, 4)) from meta/episodes `cameras/<name>/intrinsics|extrinsics` (xwam's stores keep
+    # the cameras of views that do not move there, once per episode)
+    cameras: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
 
 def _is_depth(key: str, feat: dict) -> bool:
@@ -110,6 +113,8 @@ def _column_array(table: pa.Table, key: str, where: str) -> np.ndarray:
         raise DataError(f"{where}: column '{key}' has null values; expected one value per frame")
     shape = [len(col)]
     arr: pa.Array = col
+    if isinstance(arr, pa.ExtensionArray):  # Hugging Face Array2D/Array3D (3x3, 4x4 camera columns)
+        arr = arr.storage
     while (
         pa.types.is_list(arr.type)
         or pa.types.is_large_list(arr.type)
@@ -125,6 +130,8 @@ def _column_array(table: pa.Table, key: str, where: str) -> np.ndarray:
                 )
             size = int(lengths[0]) if len(lengths) else 0
         arr = arr.flatten()
+        if isinstance(arr, pa.ExtensionArray):
+            arr = arr.storage
         if arr.null_count:
             raise DataError(f"{where}: column '{key}' has null values; expected finite numbers")
         shape.append(size)
@@ -533,7 +540,30 @@ class LeRobotSource(EpisodeSource):
                     success=None if succ[r] is None else bool(succ[r]),
                     data_file=data_file,
                     videos=videos,
+                    cameras=self._episode_cameras(table, r, p, e),
                 )
+        return out
+
+    def _episode_cameras(
+        self, table: pa.Table, row: int, path: str, episode: int
+    ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """The cameras meta/episodes holds for views without per-frame camera columns."""
+        out = {}
+        for view in self._views:
+            if view.intrinsics_key and view.extrinsics_key:
+                continue
+            for name in dict.fromkeys((view.name, view.rgb.key.split(".")[-1])):
+                ik, ek = f"cameras/{name}/intrinsics", f"cameras/{name}/extrinsics"
+                if ik in table.column_names and ek in table.column_names:
+                    k = np.asarray(table.column(ik)[row].as_py(), np.float32)
+                    x = np.asarray(table.column(ek)[row].as_py(), np.float32)
+                    if k.size != 9 or x.size != 16 or not (np.isfinite(k).all() and np.isfinite(x).all()):
+                        raise DataError(
+                            f"{path}: episode {episode}: '{ik}' / '{ek}' hold {k.size} and {x.size} values, "
+                            "expected 9 and 16 finite numbers"
+                        )
+                    out[view.name] = (k.reshape(3, 3), x.reshape(4, 4))
+                    break
         return out
 
     def _load_episodes_v21(self) -> dict[int, _EpisodeMeta]:
@@ -619,7 +649,10 @@ class LeRobotSource(EpisodeSource):
             action_names=_feature_names(self.features[self.action_key], self.action_key, self._action_dim),
             num_episodes=len(self._selected),
             has_depth=all(v.depth is not None for v in self._views),
-            has_cameras=all(v.intrinsics_key and v.extrinsics_key for v in self._views),
+            has_cameras=all(
+                (v.intrinsics_key and v.extrinsics_key) or all(v.name in m.cameras for m in self._selected)
+                for v in self._views
+            ),
             extra={
                 "path": self.root,
                 "codebase_version": self.version,
@@ -630,11 +663,21 @@ class LeRobotSource(EpisodeSource):
         )
 
     def episodes(self) -> Iterator[Episode]:
+        return self.episodes_at(range(len(self._selected)))
+
+    def episodes_at(self, indices: Sequence[int]) -> Iterator[Episode]:
+        """The selected episodes at these positions (0 = the first selected), ascending."""
+        wanted = sorted(set(indices))
+        bad = [i for i in wanted if not 0 <= i < len(self._selected)]
+        if bad:
+            raise DataError(
+                f"{self.root}: episode position {bad[0]} of {len(self._selected)} selected does not exist"
+            )
         readers: dict[str, VideoReader] = {}  # camera key -> the open mp4 of the current episode
         cache = _DataFile()
         try:
-            for meta in self._selected:
-                yield self._load_episode(meta, readers, cache)
+            for i in wanted:
+                yield self._load_episode(self._selected[i], readers, cache)
         finally:
             for reader in readers.values():
                 reader.close()
@@ -736,6 +779,9 @@ class LeRobotSource(EpisodeSource):
                 vf.intrinsics = numeric(view.intrinsics_key, 9, "intrinsics").reshape(n, 3, 3)
             if view.extrinsics_key:
                 vf.extrinsics = numeric(view.extrinsics_key, 16, "extrinsics").reshape(n, 4, 4)
+            if view.name in meta.cameras and not (view.intrinsics_key and view.extrinsics_key):
+                k, x = meta.cameras[view.name]
+                vf.intrinsics, vf.extrinsics = np.repeat(k[None], n, axis=0), np.repeat(x[None], n, axis=0)
             views[view.name] = vf
 
         if meta.success is not None:

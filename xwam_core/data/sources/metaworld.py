@@ -18,7 +18,7 @@ import inspect
 import math
 import warnings
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cache
 from types import SimpleNamespace
@@ -50,6 +50,9 @@ TASK_STATE_NAMES = [
 ]
 STATE_LAYOUTS: dict[str, list[str]] = {"hand": STATE_NAMES, "task": TASK_STATE_NAMES}
 ACTION_NAMES = ["delta_x", "delta_y", "delta_z", "gripper_effort"]
+# the hand's mocap target moves by each xyz action (a change: summed when frames are dropped); the
+# gripper effort is a level held until the next command
+ACTION_KINDS = ["delta", "delta", "delta", "absolute"]
 RENDER_QUALITIES = ("fast", "default")
 MIN_SIZE, MAX_SIZE = 64, 256
 MAX_STEPS_LIMIT = 500  # Meta-World's own horizon (max_path_length)
@@ -387,6 +390,7 @@ class MetaWorldSource(EpisodeSource):
             num_episodes=len(self.tasks) * self.num_episodes_per_task,
             has_depth=True,
             has_cameras=True,
+            action_kinds=list(ACTION_KINDS),
             extra={
                 "tasks": list(self.tasks),
                 "episodes_per_task": self.num_episodes_per_task,
@@ -413,16 +417,33 @@ class MetaWorldSource(EpisodeSource):
     def episodes(self, on_frame: FrameHook | None = None) -> Iterator[Episode]:
         """Yield the episodes task by task. on_frame(env, t) runs right after frame t is recorded, while
         the simulator still holds that instant (for tests and inspection; it must not step the env)."""
+        return self.episodes_at(range(len(self.tasks) * self.num_episodes_per_task), on_frame)
+
+    def episodes_at(self, indices: Sequence[int], on_frame: FrameHook | None = None) -> Iterator[Episode]:
+        """Episodes by position (task `i // episodes`, episode `i % episodes` of it), ascending. Each is
+        recorded from its own seed, so episode i is the same in any selection and any process."""
+        wanted = sorted(set(indices))
+        per_task = self.num_episodes_per_task
+        bad = [i for i in wanted if not 0 <= i < len(self.tasks) * per_task]
+        if bad:
+            raise DataError(
+                f"metaworld: episode {bad[0]} does not exist; expected 0 to {len(self.tasks) * per_task - 1}"
+            )
+        if not wanted:
+            return
         sim = _sim()
         gl = _gl_context(self.width, self.height)
         try:
-            for task in self.tasks:
+            for task_number, task in enumerate(self.tasks):
+                in_task = [i - task_number * per_task for i in wanted if i // per_task == task_number]
+                if not in_task:
+                    continue
                 gl.make_current()
                 task_sim = _TaskSim(
                     sim, task, self.views, self.height, self.width, self.render_quality, self.state_layout
                 )
                 try:
-                    for index in range(self.num_episodes_per_task):
+                    for index in in_task:
                         yield self._record(task_sim, index, gl, on_frame)
                 finally:
                     gl.make_current()

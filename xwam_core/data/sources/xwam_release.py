@@ -20,7 +20,7 @@ from __future__ import annotations
 import glob
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 from scipy.spatial.transform import Rotation
@@ -368,6 +368,13 @@ class XWAMReleaseSource(EpisodeSource):
     def episodes(self) -> Iterator[Episode]:
         for p, m in zip(self._files, self._metas, strict=True):
             yield self._load_episode(p, m)
+
+    def episodes_at(self, indices: Sequence[int]) -> Iterator[Episode]:
+        """The episodes of these positions in the release's episode files (sorted), ascending."""
+        for i in sorted(set(indices)):
+            if not 0 <= i < len(self._files):
+                raise DataError(f"{self.root}: episode position {i} of {len(self._files)} does not exist")
+            yield self._load_episode(self._files[i], self._metas[i])
 
     def _actions(
         self, p: str, m: dict, proprio: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]
