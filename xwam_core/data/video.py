@@ -49,11 +49,8 @@ def pix_fmt_bits(pix_fmt: str | None) -> int:
         return 8
 
 
-def encode_video(path: str | os.PathLike, frames: np.ndarray, fps: float) -> str:
-    """Write uint8 (T, H, W, 3) RGB frames (H, W even) to a yuv420p video; return the codec used.
-
-    libx264 at crf 16 (else mpeg4 with the quantiser pinned low): near-lossless, a keyframe every 10 frames.
-    """
+def _checked_frames(path: str | os.PathLike, frames: np.ndarray) -> tuple[np.ndarray, int, int]:
+    """uint8 (T, H, W, 3) frames with even H and W (yuv420p), else one line naming the file."""
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise DataError(
@@ -61,7 +58,16 @@ def encode_video(path: str | os.PathLike, frames: np.ndarray, fps: float) -> str
         )
     h, w = frames.shape[1:3]
     if h % 2 or w % 2:
-        raise DataError(f"{path}: yuv420p needs even image sizes, got {h}x{w}")
+        raise DataError(f"{path}: yuv420p video needs even image sizes, got {h}x{w}")
+    return frames, h, w
+
+
+def encode_video(path: str | os.PathLike, frames: np.ndarray, fps: float) -> str:
+    """Write uint8 (T, H, W, 3) RGB frames (H, W even) to a yuv420p video; return the codec used.
+
+    libx264 at crf 16 (else mpeg4 with the quantiser pinned low): near-lossless, a keyframe every 10 frames.
+    """
+    frames, h, w = _checked_frames(path, frames)
     codec = available_codec()
     options = {"crf": "16", "preset": "veryfast"} if codec == "libx264" else {"qmin": "1", "qmax": "2"}
     rate = Fraction(fps).limit_denominator(1001)
@@ -101,14 +107,7 @@ def store_codec() -> str:
 def encode_store_video(path: str | os.PathLike, frames: np.ndarray, fps: float, codec: str) -> None:
     """Write uint8 (T, H, W, 3) RGB frames (H, W even) as the store writes every view's episode video:
     frame i at pts i in a 1/fps time base (timestamp i / fps, what LeRobot's decoders look for)."""
-    frames = np.asarray(frames)
-    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
-        raise DataError(
-            f"{path}: cannot encode frames {frames.dtype} {frames.shape}; expected uint8 (T,H,W,3)"
-        )
-    h, w = frames.shape[1:3]
-    if h % 2 or w % 2:
-        raise DataError(f"{path}: yuv420p video needs even image sizes, got {h}x{w}")
+    frames, h, w = _checked_frames(path, frames)
     options = {"crf": str(STORE_CRF), "g": str(STORE_GOP)}
     if codec == "libsvtav1":
         options.update({"preset": "12", "svtav1-params": "lp=1"})  # one thread: prepare runs in workers
