@@ -9,9 +9,10 @@ decodes one whole episode (both store formats: RGB from PNG cells or from the ep
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, overload
@@ -361,22 +362,26 @@ def _read_json(path: Path, hint: str) -> dict[str, Any]:
 
 
 def _read_parquet(path: Path, columns: list[str]) -> Any:
-    """A metadata Parquet file as a DataFrame, checked to have `columns`."""
-    import pandas as pd
-    import pyarrow as pa
+    """A metadata Parquet file as a DataFrame (every column, its index kept), checked to have `columns`."""
+    with _parquet_errors(path):
+        frame = pq.read_table(path).to_pandas()
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise DataError(f"{path}: lacks column(s) {missing}; re-run `xwam prepare`")
+    return frame
 
+
+@contextlib.contextmanager
+def _parquet_errors(path: Path) -> Iterator[None]:
+    """A missing or unreadable metadata Parquet file as one line naming it."""
     try:
-        frame = pd.read_parquet(path)
+        yield
     except FileNotFoundError:
         raise DataError(f"{path}: missing; re-run `xwam prepare`") from None
     except (pa.ArrowException, OSError, ValueError) as e:
         raise DataError(
             f"{path}: not a readable Parquet file ({reason_of(e, path)}); re-run `xwam prepare`"
         ) from None
-    missing = [c for c in columns if c not in frame.columns]
-    if missing:
-        raise DataError(f"{path}: lacks column(s) {missing}; re-run `xwam prepare`")
-    return frame
 
 
 def _lookup(data: dict[str, Any], dotted: str) -> Any:
@@ -553,15 +558,10 @@ def _fixed_rows(table: Any, name: str, width: int, view: str) -> np.ndarray:
 
 def _read_arrow(path: Path, columns: list[str]) -> pa.Table:
     """Columns of a metadata Parquet file (only those: meta/episodes also holds LeRobot's stats/*)."""
-    try:
+    with _parquet_errors(path):
         schema = pq.read_schema(path)
-        missing = [c for c in columns if c not in schema.names]
-        if missing:
-            raise DataError(f"{path}: lacks column(s) {missing}; re-run `xwam prepare`")
+    missing = [c for c in columns if c not in schema.names]
+    if missing:
+        raise DataError(f"{path}: lacks column(s) {missing}; re-run `xwam prepare`")
+    with _parquet_errors(path):
         return pq.read_table(path, columns=columns)
-    except FileNotFoundError:
-        raise DataError(f"{path}: missing; re-run `xwam prepare`") from None
-    except (pa.ArrowException, OSError, ValueError) as e:
-        raise DataError(
-            f"{path}: not a readable Parquet file ({reason_of(e, path)}); re-run `xwam prepare`"
-        ) from None

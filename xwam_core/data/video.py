@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from fractions import Fraction
+from typing import Any
 
 import av
 import numpy as np
@@ -62,6 +63,18 @@ def _checked_frames(path: str | os.PathLike, frames: np.ndarray) -> tuple[np.nda
     return frames, h, w
 
 
+def _mux_frames(container: Any, stream: Any, frames: np.ndarray, rate: Fraction) -> None:
+    """Encode frame i at pts i in a 1/rate time base, then flush the encoder."""
+    for i, arr in enumerate(frames):
+        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(arr), format=RGB)
+        frame.pts = i
+        frame.time_base = 1 / rate
+        for packet in stream.encode(frame):
+            container.mux(packet)
+    for packet in stream.encode():
+        container.mux(packet)
+
+
 def encode_video(path: str | os.PathLike, frames: np.ndarray, fps: float) -> str:
     """Write uint8 (T, H, W, 3) RGB frames (H, W even) to a yuv420p video; return the codec used.
 
@@ -80,14 +93,7 @@ def encode_video(path: str | os.PathLike, frames: np.ndarray, fps: float) -> str
             stream.codec_context.bit_rate = 20_000_000
         stream.codec_context.time_base = 1 / rate
         stream.codec_context.gop_size = 10
-        for i, arr in enumerate(frames):
-            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(arr), format=RGB)
-            frame.pts = i
-            frame.time_base = 1 / rate
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+        _mux_frames(container, stream, frames, rate)
     return codec
 
 
@@ -120,14 +126,7 @@ def encode_store_video(path: str | os.PathLike, frames: np.ndarray, fps: float, 
         assert isinstance(stream, av.video.stream.VideoStream)
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
         stream.codec_context.time_base = 1 / rate
-        for i, arr in enumerate(frames):
-            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(arr), format=RGB)
-            frame.pts = i
-            frame.time_base = 1 / rate
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+        _mux_frames(container, stream, frames, rate)
 
 
 def video_feature_info(codec: str, height: int, width: int, fps: float) -> dict[str, object]:
