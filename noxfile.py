@@ -59,6 +59,9 @@ DEMO_PREPARE = (
     "0",
     "--state",
     "task",
+    # full-colour video: at 64x64 LeRobot's 4:2:0 AV1 blurs colour more than the model does (docs/data.md)
+    "--video",
+    "h264-444",
 )
 
 

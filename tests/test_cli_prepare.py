@@ -73,6 +73,22 @@ def test_prepare_synthetic_writes_store_and_summary(tmp_path, synthetic_source):
     assert "[prepare]" in (out / "meta" / "recipe.toml").read_text()
 
 
+def test_video_options(tmp_path, synthetic_source):
+    out = tmp_path / "store"
+    result = runner.invoke(
+        app, ["prepare", "synthetic", "--out", str(out), "--video", "h264-444", "--crf", "20"]
+    )
+    assert result.exit_code == 0, result.output
+    info = json.loads((out / "meta" / "info.json").read_text())
+    assert info["xwam"]["video_crf"] == 20
+    assert info["features"]["observation.images.front"]["info"]["video.pix_fmt"] == "yuv444p"
+    bad = runner.invoke(app, ["prepare", "synthetic", "--out", str(tmp_path / "b"), "--video", "vp9"])
+    assert_one_line_error(bad, "prepare.video", "'av1', 'h264-444'")
+    bad = runner.invoke(app, ["prepare", "synthetic", "--out", str(tmp_path / "b"), "--crf", "-1"])
+    assert_one_line_error(bad, "prepare.video_crf", "1..63")
+    assert not (tmp_path / "b").exists()
+
+
 def test_existing_output_needs_overwrite(tmp_path, synthetic_source):
     out = tmp_path / "store"
     assert runner.invoke(app, ["prepare", "synthetic", "--out", str(out)]).exit_code == 0

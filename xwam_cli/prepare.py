@@ -82,6 +82,14 @@ def prepare(
         float | None,
         typer.Option(help="Resample at import to this rate (the source's divided by an integer)."),
     ] = None,
+    video: Annotated[
+        str | None,
+        typer.Option(help="RGB video: 'av1' (LeRobot's default) or 'h264-444' (full colour, small images)."),
+    ] = None,
+    crf: Annotated[
+        int | None,
+        typer.Option(help="The video's constant rate factor (lower: better; 0: the codec's default)."),
+    ] = None,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace an existing store; start an unfinished prepare over.")
     ] = False,
@@ -101,6 +109,8 @@ def prepare(
         "prepare.workers": workers,
         "prepare.shard": shard,
         "prepare.fps": fps,
+        "prepare.video": video,
+        "prepare.video_crf": crf,
     }
     if resize is not None:
         parts = resize.lower().split("x")

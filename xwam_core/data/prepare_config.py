@@ -108,6 +108,10 @@ class PrepareConfig:
     overwrite: bool = False
     # 2: RGB as AV1 video, cameras of fixed views once per episode (docs/data.md); 1: the PNG-in-parquet format
     store_format: int = 2
+    # format 2's RGB video: "av1" (LeRobot's default) or "h264-444" (full colour resolution, for small images),
+    # at a constant rate factor (0: the codec's default, 30 for av1, 18 for h264-444); see xwam_core.data.video
+    video: str = "av1"
+    video_crf: int = 0
     # episodes generated and encoded by this many processes on this machine (the store is the same)
     workers: int = 1
     # "i/N": prepare only shard i (0 .. N-1) of N, a shard folder for `xwam merge` (docs/data.md)
@@ -124,6 +128,17 @@ class PrepareConfig:
     def validate(self) -> None:
         # `source` is checked by xwam_core.data.sources.make_source: sources can be registered at run time
         require(self.store_format in (1, 2), "prepare.store_format", "1 or 2", self.store_format)
+        from xwam_core.data.video import STORE_VIDEO_KINDS
+
+        require(
+            self.video in STORE_VIDEO_KINDS, "prepare.video", f"one of {list(STORE_VIDEO_KINDS)}", self.video
+        )
+        require(
+            isinstance(self.video_crf, int) and 0 <= self.video_crf <= 63,
+            "prepare.video_crf",
+            "an integer 1..63 (0: the codec's default)",
+            self.video_crf,
+        )
         require(self.workers >= 1, "prepare.workers", "an integer >= 1", self.workers)
         if self.shard:
             from xwam_core.data.shards import parse_shard

@@ -42,6 +42,7 @@ from xwam_core.atomic import DiskError, Notify, disk_error, make_parents, remove
 from xwam_core.data.conform import Conform, conform_episode, conform_info, make_conform
 from xwam_core.data.sources.base import EpisodeSource, SourceInfo
 from xwam_core.data.store import EncodedEpisode, StoreSummary, StoreWriter, encode_episode, frame_schema
+from xwam_core.data.video import store_video
 from xwam_core.errors import DataError, RecipeError, XWAMError
 from xwam_core.progress import SILENT, Progress
 
@@ -218,9 +219,10 @@ def encode_parts(
     wanted = sorted(indices)
     produced = 0
     schema = frame_schema(info, job.cfg.store_format)
+    video = store_video(job.cfg.video, job.cfg.video_crf)
     for index, episode in zip(wanted, source.episodes_at(wanted), strict=False):
         episode = conform_episode(episode, conform)
-        encoded = encode_episode(episode, index, info, job.cfg.store_format, scratch, schema)
+        encoded = encode_episode(episode, index, info, job.cfg.store_format, scratch, schema, video)
         write_part(job.folder, index, encoded)
         produced += 1
         done(index, f"{episode.task} ({'success' if episode.success else 'no success'})")
@@ -558,6 +560,7 @@ def assemble(
         source_options=source_options if source_options is not None else first.manifest["source_options"],
         notify=progress.log,
         store_format=int(settings["prepare.store_format"]),
+        video=store_video(settings.get("prepare.video", "av1"), int(settings.get("prepare.video_crf", 0))),
     ) as writer:
         (writer.tmp / "meta").mkdir(parents=True, exist_ok=True)
         (writer.tmp / "meta" / "recipe.toml").write_text(recipe_toml)

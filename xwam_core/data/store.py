@@ -43,7 +43,7 @@ from xwam_core.atomic import Notify, atomic_folder
 from xwam_core.data.episode import Episode, ViewFrames
 from xwam_core.data.sources.base import SourceInfo
 from xwam_core.data.stats import RunningStats, episode_stats_from, stats_samples
-from xwam_core.data.video import encode_store_video, store_codec, video_feature_info
+from xwam_core.data.video import StoreVideo, encode_store_video, store_video, video_feature_info
 from xwam_core.errors import DataError
 
 CODEBASE_VERSION = "v3.0"
@@ -106,7 +106,7 @@ def depth_to_mm(depth_m: np.ndarray) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------------ schema
 def _features(
-    info: SourceInfo, store_format: int, moving: list[str], codec: str | None
+    info: SourceInfo, store_format: int, moving: list[str], video: StoreVideo | None
 ) -> dict[str, dict[str, Any]]:
     h, w = info.image_size
     feats: dict[str, dict[str, Any]] = {}
@@ -119,12 +119,12 @@ def _features(
                 "names": ["height", "width", "channel"],
             }
         else:
-            assert codec is not None
+            assert video is not None
             feats[rgb_key(view)] = {
                 "dtype": "video",
                 "shape": [h, w, 3],
                 "names": ["height", "width", "channels"],
-                "info": video_feature_info(codec, h, w, info.fps),
+                "info": video_feature_info(video, h, w, info.fps),
             }
         if info.has_depth:
             feats[depth_key(view)] = {
@@ -239,6 +239,7 @@ class StoreWriter:
         source_options: dict | None = None,
         notify: Notify | None = None,
         store_format: int = STORE_FORMAT,
+        video: StoreVideo | None = None,
     ):
         if store_format not in STORE_FORMATS:
             raise DataError(f"store_format={store_format!r}: expected one of {list(STORE_FORMATS)}")
@@ -252,7 +253,8 @@ class StoreWriter:
             raise DataError(f"{self.out}: already exists; pass --overwrite to replace it")
         if self.out.exists() and not self.out.is_dir():
             raise DataError(f"{self.out}: exists and is not a folder")
-        self.codec = store_codec() if store_format == 2 else None
+        # format 2's RGB video (xwam_core.data.video.store_video: LeRobot's AV1 unless told otherwise)
+        self.video = (video or store_video()) if store_format == 2 else None
         # format 2 decides which views move (per-frame cameras) before the first episode is written
         self.moving: list[str] | None = list(info.moving_views) if info.moving_views is not None else None
         if not info.has_cameras:
@@ -280,7 +282,7 @@ class StoreWriter:
         unknown = [v for v in self.moving if v not in self.info.views]
         if unknown:
             raise DataError(f"moving_views {unknown} are not views of the source {self.info.views}")
-        self.features = _features(self.info, self.store_format, self.moving, self.codec)
+        self.features = _features(self.info, self.store_format, self.moving, self.video)
         self.schema = _arrow_schema(self.features)
 
     # context manager: the store is built in atomic_folder's temporary folder, which is renamed onto
@@ -306,7 +308,9 @@ class StoreWriter:
         scratch = self.tmp / ".encoding"
         if self._frame_schema is None:
             self._frame_schema = frame_schema(self.info, self.store_format)
-        encoded = encode_episode(episode, index, self.info, self.store_format, scratch, self._frame_schema)
+        encoded = encode_episode(
+            episode, index, self.info, self.store_format, scratch, self._frame_schema, self.video
+        )
         self.add_encoded(encoded, move=True)
 
     def add_encoded(self, encoded: EncodedEpisode, move: bool = False) -> None:
@@ -463,7 +467,8 @@ class StoreWriter:
                 "depth_kind": self.info.depth_kind,
                 "depth_max_mm": DEPTH_MAX_MM,
                 "moving_views": list(self.moving or []),
-                "video_codec": self.codec,
+                "video_codec": self.video.codec if self.video else None,
+                "video_crf": self.video.crf if self.video else None,
                 "camera_convention": "extrinsics are camera-to-world with OpenCV camera axes",
                 "source_extra": self.info.extra,
             },
@@ -513,7 +518,7 @@ class EncodedEpisode:
 
 def frame_schema(info: SourceInfo, store_format: int) -> pa.Schema:
     """The Arrow schema of `EncodedEpisode.frames` (the store's columns that need no position in it)."""
-    full = _arrow_schema(_features(info, store_format, [], store_codec() if store_format == 2 else None))
+    full = _arrow_schema(_features(info, store_format, [], store_video() if store_format == 2 else None))
     placed = {"index", "episode_index", "task_index"}
     return pa.schema([f for f in full if f.name not in placed and ".cameras." not in f.name])
 
@@ -525,9 +530,11 @@ def encode_episode(
     store_format: int,
     video_dir: Path,
     schema: pa.Schema | None = None,
+    video: StoreVideo | None = None,
 ) -> EncodedEpisode:
     """Validate and encode episode number `index` of a store of `info`; its videos go into `video_dir`.
-    `schema`: `frame_schema(info, store_format)`, when the caller keeps it for many episodes."""
+    `schema`: `frame_schema(info, store_format)`, when the caller keeps it for many episodes; `video`: how
+    format 2 encodes RGB (default: `store_video()`)."""
     where = f"episode {index} ({episode.task!r})"
     episode.validate(where)
     check_matches_info(episode, info, where)
@@ -547,7 +554,7 @@ def encode_episode(
         else:
             video_dir.mkdir(parents=True, exist_ok=True)
             path = video_dir / f"{rgb_key(view_name)}.mp4"
-            encode_store_video(path, view.rgb, info.fps, store_codec())
+            encode_store_video(path, view.rgb, info.fps, video)
             videos[rgb_key(view_name)] = path
         if info.has_depth:
             assert view.depth is not None

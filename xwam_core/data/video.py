@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
@@ -97,45 +98,76 @@ def encode_video(path: str | os.PathLike, frames: np.ndarray, fps: float) -> str
     return codec
 
 
-# The store's RGB video: LeRobot's default (AV1 through SVT-AV1, crf 30, a keyframe every 2 frames,
-# preset 12, yuv420p), so LeRobot's tools treat xwam's videos like their own. H.264 (libx264) when this
-# PyAV has no SVT-AV1; both decode with PyAV (dav1d / ffmpeg's h264).
+# The store's RGB video. "av1" (the default) is LeRobot's: AV1 through SVT-AV1, crf 30, a keyframe every 2
+# frames, preset 12, yuv420p, so LeRobot's tools treat xwam's videos like their own (H.264 when this PyAV has
+# no SVT-AV1). "h264-444" keeps full colour resolution (H.264 High 4:4:4, crf 18): on small images 4:2:0
+# chroma costs more than the compression (64x64 Meta-World: 32.6 dB for the 4:2:0 round trip alone, 30.0
+# dB coded at AV1 crf 30, 37.3 dB at H.264 4:4:4 crf 18, about the same bytes). Both decode with PyAV.
 STORE_CODECS = ("libsvtav1", "libx264")
-STORE_CRF = 30
+STORE_VIDEO_KINDS = ("av1", "h264-444")
 STORE_GOP = 2
+_DEFAULT_CRF = {"av1": 30, "h264-444": 18}
+_MAX_CRF = {"libsvtav1": 63, "libx264": 51}
+
+
+@dataclass(frozen=True)
+class StoreVideo:
+    """How a store encodes its RGB video: the encoder, its pixel format and its constant rate factor."""
+
+    kind: str  # one of STORE_VIDEO_KINDS
+    codec: str  # PyAV encoder name
+    pix_fmt: str
+    crf: int
 
 
 def store_codec() -> str:
-    """The encoder of the store's RGB video: libsvtav1 (LeRobot's default), else libx264."""
+    """The encoder of the default ("av1") store video: libsvtav1 (LeRobot's default), else libx264."""
     return available_codec(STORE_CODECS)
 
 
-def encode_store_video(path: str | os.PathLike, frames: np.ndarray, fps: float, codec: str) -> None:
+def store_video(kind: str = "av1", crf: int = 0) -> StoreVideo:
+    """The store video of `kind` (STORE_VIDEO_KINDS) at `crf` (0: the kind's default)."""
+    if kind not in STORE_VIDEO_KINDS:
+        raise DataError(f"prepare.video={kind!r}: expected one of {list(STORE_VIDEO_KINDS)}")
+    codec = store_codec() if kind == "av1" else available_codec(("libx264",))
+    pix_fmt = "yuv444p" if kind == "h264-444" else "yuv420p"
+    crf = crf or _DEFAULT_CRF[kind]
+    if not 0 < crf <= _MAX_CRF[codec]:
+        raise DataError(
+            f"prepare.video_crf={crf}: expected 1..{_MAX_CRF[codec]} for {codec} (0: the default)"
+        )
+    return StoreVideo(kind, codec, pix_fmt, crf)
+
+
+def encode_store_video(
+    path: str | os.PathLike, frames: np.ndarray, fps: float, video: StoreVideo | None = None
+) -> None:
     """Write uint8 (T, H, W, 3) RGB frames (H, W even) as the store writes every view's episode video:
     frame i at pts i in a 1/fps time base (timestamp i / fps, what LeRobot's decoders look for)."""
+    video = video or store_video()
     frames, h, w = _checked_frames(path, frames)
-    options = {"crf": str(STORE_CRF), "g": str(STORE_GOP)}
-    if codec == "libsvtav1":
+    options = {"crf": str(video.crf), "g": str(STORE_GOP)}
+    if video.codec == "libsvtav1":
         options.update({"preset": "12", "svtav1-params": "lp=1"})  # one thread: prepare runs in workers
     else:
         options.update({"preset": "veryfast", "threads": "1"})
     rate = Fraction(fps).limit_denominator(1001)
     os.environ.setdefault("SVT_LOG", "1")  # SVT-AV1 prints its configuration to stderr unless told not to
     with av.open(os.fspath(path), mode="w") as container:
-        stream = container.add_stream(codec, rate=rate, options=options)
+        stream = container.add_stream(video.codec, rate=rate, options=options)
         assert isinstance(stream, av.video.stream.VideoStream)
-        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        stream.width, stream.height, stream.pix_fmt = w, h, video.pix_fmt
         stream.codec_context.time_base = 1 / rate
         _mux_frames(container, stream, frames, rate)
 
 
-def video_feature_info(codec: str, height: int, width: int, fps: float) -> dict[str, object]:
+def video_feature_info(video: StoreVideo, height: int, width: int, fps: float) -> dict[str, object]:
     """The `info` of a video feature in meta/info.json, with the keys LeRobot writes."""
     return {
         "video.height": height,
         "video.width": width,
-        "video.codec": {"libsvtav1": "av1", "libx264": "h264"}.get(codec, codec),
-        "video.pix_fmt": "yuv420p",
+        "video.codec": {"libsvtav1": "av1", "libx264": "h264"}.get(video.codec, video.codec),
+        "video.pix_fmt": video.pix_fmt,
         "video.is_depth_map": False,
         "video.fps": fps,
         "video.channels": 3,
