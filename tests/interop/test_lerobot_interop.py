@@ -28,6 +28,7 @@ from tests.conftest import SyntheticSource
 from xwam_core.data.reader import EpisodeStore
 from xwam_core.data.sources.lerobot import LeRobotSource
 from xwam_core.data.store import StoreWriter
+from xwam_core.data.video import store_video
 
 MIN_PSNR = 28.0  # AV1 crf 30 on the synthetic stripes (tests/test_store.py)
 DECODER_MAX_DIFF = 3  # LeRobot's decoder (FFmpeg through torchcodec) vs xwam's (PyAV): YUV->RGB rounding
@@ -45,13 +46,13 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float(10 * np.log10(255.0**2 / np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)))
 
 
-def xwam_store(path: Path, seed: int = 0):
+def xwam_store(path: Path, seed: int = 0, video=None):
     """3 episodes, views front (fixed camera) and side (moving: a wrist camera), depth."""
     source = SyntheticSource(episodes=3, length=12, seed=seed)
     episodes = list(source.episodes())
     for ep in episodes:
         ep.views["side"].extrinsics[:, 0, 3] += np.linspace(0, 0.2, ep.length, dtype=np.float32)
-    with StoreWriter(path, source.info()) as writer:
+    with StoreWriter(path, source.info(), video=video) as writer:
         for ep in episodes:
             writer.add(ep)
     return episodes
@@ -80,6 +81,15 @@ def check_lerobot_reads(dataset: LeRobotDataset, episodes, xwam_decoded) -> None
 
 def test_lerobot_reads_a_format_2_store_frame_exactly(tmp_path):
     episodes = xwam_store(tmp_path / "store")
+    store = EpisodeStore(tmp_path / "store")
+    decoded = [store.read_episode(i) for i in range(3)]
+    dataset = LeRobotDataset("xwam/store", root=tmp_path / "store")
+    check_lerobot_reads(dataset, episodes, decoded)
+
+
+def test_lerobot_reads_a_full_colour_store(tmp_path):
+    """`xwam prepare --video h264-444` (the demo's store): H.264 4:4:4, which LeRobot's decoder reads."""
+    episodes = xwam_store(tmp_path / "store", video=store_video("h264-444"))
     store = EpisodeStore(tmp_path / "store")
     decoded = [store.read_episode(i) for i in range(3)]
     dataset = LeRobotDataset("xwam/store", root=tmp_path / "store")
