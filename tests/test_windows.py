@@ -251,6 +251,35 @@ def test_decoding_in_the_loader_gives_the_cached_items(synthetic_store):
         WindowDataset(path, layout, frame_cache="maybe")
 
 
+def test_a_window_decodes_each_wanted_frame_from_its_keyframe(synthetic_store, monkeypatch):
+    """With the store's keyframe every 2 frames, a frame costs at most 2 decodes wherever the window lies,
+    also when the loader jumps back to an earlier window (reopen, then seek: not decode from the start)."""
+    from xwam_core.data import video as video_mod
+    from xwam_core.data.decode import StoreDecoder
+    from xwam_core.data.reader import EpisodeStore
+
+    decoded: list[float] = []
+    real_peek = video_mod.VideoReader._peek
+
+    def counting_peek(self):
+        fresh = self._pending is None
+        item = real_peek(self)
+        if fresh and item is not None:
+            decoded.append(round(item[0] * self.fps))
+        return item
+
+    monkeypatch.setattr(video_mod.VideoReader, "_peek", counting_peek)
+    path, episodes = synthetic_store
+    decoder = StoreDecoder(EpisodeStore(path))
+    for start in (8, 1, 6, 5, 0):  # forwards and backwards in one episode, even and odd frames
+        frames = start + 3 * np.arange(4)
+        decoded.clear()
+        rgb = decoder.rgb("front", 0, frames)
+        assert rgb.shape == (4, *episodes[0].views["front"].rgb.shape[1:])
+        expected = [f - f % 2 + k for f in frames for k in range(f % 2 + 1)]  # keyframe, then the frame
+        assert decoded == expected, (start, decoded)
+
+
 def test_window_index_is_per_episode_counts():
     from xwam_core.data.window_index import WindowIndex
 
