@@ -22,6 +22,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+
 import torch
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
@@ -178,7 +179,9 @@ class OpenpiServer:
         with self.service.timed() as timer:
             try:
                 if isinstance(message, str):
-                    raise MessageError("a text frame; expected binary msgpack frames (openpi's msgpack_numpy)")
+                    raise MessageError(
+                        "a text frame; expected binary msgpack frames (openpi's msgpack_numpy)"
+                    )
                 request = self.service.request(unpackb(message))
                 if request.seed is not None:
                     stream.generator, stream.seed = self.service.new_generator(request.seed), request.seed

@@ -24,6 +24,7 @@ that vanished is skipped (ROUTER_MANDATORY); REQ clients (an empty delimiter fra
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import threading
@@ -170,7 +171,7 @@ class ReleaseWorker:
 
     def run(self) -> int:
         """Serve until stop_event is set (SIGTERM in `xwam serve`): the request in flight is answered."""
-        context = zmq.Context.instance()
+        context: zmq.Context = zmq.Context.instance()
         socket = context.socket(zmq.DEALER)
         socket.setsockopt(zmq.LINGER, 2000)
         socket.connect(self.broker)
@@ -218,8 +219,10 @@ class ReleaseWorker:
                     )
                 request = self.adapter.request(restricted_loads(payload))
                 assert request.seed is not None
-                actions, states = self.service.act_with_states(request, self.service.new_generator(request.seed))
-                reply = self.adapter.reply(actions, states)
+                actions, states = self.service.act_with_states(
+                    request, self.service.new_generator(request.seed)
+                )
+                reply: dict[str, Any] = self.adapter.reply(actions, states)
                 timer.ok = True
             except XWAMError as e:
                 timer.note = f": {e}"
@@ -257,7 +260,7 @@ class Broker:
         return port
 
     def run(self) -> int:
-        context = zmq.Context.instance()
+        context: zmq.Context = zmq.Context.instance()
         front, back = context.socket(zmq.ROUTER), context.socket(zmq.ROUTER)
         back.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a vanished worker raises instead of eating the request
         for s in (front, back):
@@ -271,7 +274,13 @@ class Broker:
             front.close()
             back.close()
             raise XWAMError(f"broker: cannot bind {self.host} ({e}); is another broker running?") from None
-        logger.info("broker: clients on %s:%d, workers on %s:%d", self.host, self.front_port, self.host, self.back_port)
+        logger.info(
+            "broker: clients on %s:%d, workers on %s:%d",
+            self.host,
+            self.front_port,
+            self.host,
+            self.back_port,
+        )
         idle: deque[bytes] = deque()
         pending: deque[tuple[bytes, bytes]] = deque()
         req_clients: set[bytes] = set()  # REQ sockets: their replies need the empty delimiter back
@@ -298,7 +307,9 @@ class Broker:
         finally:
             front.close()
             back.close()
-        logger.info("broker: stopped (%d replies forwarded, %d requests pending)", self.forwarded, len(pending))
+        logger.info(
+            "broker: stopped (%d replies forwarded, %d requests pending)", self.forwarded, len(pending)
+        )
         return 0
 
     def _from_worker(
@@ -311,18 +322,14 @@ class Broker:
         elif kind == b"RESULT" and len(frames) == 4:
             client = frames[2]
             envelope = [client, b""] if client in req else [client]
-            try:
+            with contextlib.suppress(zmq.ZMQError):  # ROUTER drops replies to vanished clients quietly
                 front.send_multipart([*envelope, frames[3]])
                 self.forwarded += 1
-            except zmq.ZMQError:
-                pass
         elif kind == b"BYE" and len(frames) == 2:
             if worker in idle:
                 idle.remove(worker)
-            try:
+            with contextlib.suppress(zmq.ZMQError):  # it left already
                 back.send_multipart([worker, b"BYE"])
-            except zmq.ZMQError:
-                pass
         else:
             logger.warning("broker: ignored a worker message %r of %d frame(s)", kind[:16], len(frames))
 

@@ -58,9 +58,13 @@ class ObservationMap:
             key, sep, target = item.strip().rpartition("=")
             key, target = key.strip(), target.strip()
             if not sep or not key:
-                raise XWAMError(f"--map {item.strip()!r}: expected obs_key=TARGET with TARGET one of {MAP_TARGETS}")
+                raise XWAMError(
+                    f"--map {item.strip()!r}: expected obs_key=TARGET with TARGET one of {MAP_TARGETS}"
+                )
             if key in CONTROL_KEYS:
-                raise XWAMError(f"--map {key!r}: a control key (seed, prev_chunk, inference_delay) cannot be mapped")
+                raise XWAMError(
+                    f"--map {key!r}: a control key (seed, prev_chunk, inference_delay) cannot be mapped"
+                )
             if key in entries:
                 raise XWAMError(f"--map {key!r}: given twice")
             if target.startswith("view:"):
@@ -301,7 +305,11 @@ class PolicyService:
             raise MessageError(f"{what}: {type(value).__name__}, expected a uint8 (H, W, 3) array")
         if value.dtype != np.uint8:
             raise MessageError(f"{what}: dtype {value.dtype}, expected uint8 (H, W, 3)")
-        if value.ndim != 3 or value.shape[2] != 3 or not all(0 < s <= MAX_IMAGE_SIDE for s in value.shape[:2]):
+        if (
+            value.ndim != 3
+            or value.shape[2] != 3
+            or not all(0 < s <= MAX_IMAGE_SIDE for s in value.shape[:2])
+        ):
             raise MessageError(
                 f"{what}: shape {value.shape}, expected (H, W, 3) with sides from 1 to {MAX_IMAGE_SIDE}"
             )
@@ -330,9 +338,13 @@ class PolicyService:
         if isinstance(value, list | tuple) and len(value) == 1:  # a batch of one prompt
             value = value[0]
         if not isinstance(value, str):
-            raise MessageError(f"task: {type(value).__name__}, expected a string (one of the checkpoint's tasks)")
+            raise MessageError(
+                f"task: {type(value).__name__}, expected a string (one of the checkpoint's tasks)"
+            )
         if value not in self.spec.tasks:
-            shown = ", ".join(repr(t) for t in self.spec.tasks[:8]) + (" ..." if len(self.spec.tasks) > 8 else "")
+            shown = ", ".join(repr(t) for t in self.spec.tasks[:8]) + (
+                " ..." if len(self.spec.tasks) > 8 else ""
+            )
             raise MessageError(f"task {value[:80]!r} is not one of the checkpoint's tasks ({shown})")
         return value
 
@@ -341,7 +353,9 @@ class PolicyService:
         if not has:
             return {}
         if len(has) == 1:
-            raise MessageError(f"{has[0]!r} without {'inference_delay' if has[0] == 'prev_chunk' else 'prev_chunk'}")
+            raise MessageError(
+                f"{has[0]!r} without {'inference_delay' if has[0] == 'prev_chunk' else 'prev_chunk'}"
+            )
         if not self.real_time_chunking:
             raise MessageError(
                 "prev_chunk / inference_delay: this xwam's Policy has no real-time chunking yet "

@@ -19,7 +19,7 @@ import io
 import math
 import pickle
 from collections import OrderedDict
-from typing import Any
+from typing import Any, ClassVar
 
 import msgpack
 import numpy as np
@@ -82,7 +82,9 @@ def _decode_array(obj: dict) -> np.ndarray:
     ):
         raise MessageError(f"array: shape {shape!r} is not a list of integers")
     if any(d < 0 for d in shape) or len(shape) > 8:
-        raise MessageError(f"array: shape {list(shape)} refused; expected at most 8 dimensions, none negative")
+        raise MessageError(
+            f"array: shape {list(shape)} refused; expected at most 8 dimensions, none negative"
+        )
     expected = math.prod(shape) * dtype.itemsize
     if expected != len(data):
         raise MessageError(
@@ -225,10 +227,13 @@ def restricted_loads(payload: bytes) -> Any:
     return value
 
 
-class _ReplyPickler(pickle._Pickler):  # the Python implementation: its save_global can be overridden
+_PythonPickler: Any = pickle._Pickler  # type: ignore[attr-defined]  # unlike the C one, its save_global can be overridden
+
+
+class _ReplyPickler(_PythonPickler):
     """Writes numpy's reconstruction functions under their pre-2.0 names, which numpy 1.x and 2.x both read."""
 
-    _LEGACY = {
+    _LEGACY: ClassVar[dict[int, bytes]] = {
         id(_multiarray._reconstruct): b"numpy.core.multiarray\n_reconstruct\n",
         id(_multiarray.scalar): b"numpy.core.multiarray\nscalar\n",
     }
