@@ -105,6 +105,10 @@ def serve(
     num_steps_action: Annotated[
         int | None, typer.Option(help="Action denoising steps (default: the checkpoint's).")
     ] = None,
+    num_steps_video: Annotated[
+        int | None,
+        typer.Option(help="Video denoising steps, at least the action steps (default: the checkpoint's)."),
+    ] = None,
     summary_every: Annotated[
         float, typer.Option(help="Seconds between the info-level summary lines.")
     ] = 60.0,
@@ -129,7 +133,9 @@ def serve(
         raise XWAMError(f"--seed {seed}: expected an integer from 0 to 2**63 - 1")
     max_bytes = _max_bytes(max_message_mb)
     _logging(log_level)
-    policy = Policy.from_checkpoint(ckpt, device=device, num_steps_action=num_steps_action)
+    policy = Policy.from_checkpoint(
+        ckpt, device=device, num_steps_video=num_steps_video, num_steps_action=num_steps_action
+    )
     service = PolicyService(policy, ObservationMap.parse(mapping, list(policy.spec.views)), seed=seed)
     if protocol == "openpi":
         from xwam_core.serve.openpi import OpenpiServer

@@ -353,9 +353,8 @@ class PolicyService:
         if not has:
             return {}
         if len(has) == 1:
-            raise MessageError(
-                f"{has[0]!r} without {'inference_delay' if has[0] == 'prev_chunk' else 'prev_chunk'}"
-            )
+            other = "inference_delay" if has[0] == "prev_chunk" else "prev_chunk"
+            raise MessageError(f"{has[0]!r} without {other!r} (real-time chunking needs both)")
         if not self.real_time_chunking:
             raise MessageError(
                 "prev_chunk / inference_delay: this xwam's Policy has no real-time chunking yet "
