@@ -3,24 +3,25 @@ in-process Policy measured in the same run.
 
     python bench/serve.py                 # table
     python bench/serve.py --json          # one JSON object per line
-    python bench/serve.py --seconds 30 --clients 4
+    python bench/serve.py --seconds 60 --rounds 4 --clients 4
 
 The checkpoint is the `tiny` model preset (3 views of 64x64, 9 frames, 32 actions, 4 blocks) with the
 tiny recipe's policy-mode schedule (10 action steps), freshly initialised (the cost of a query does
 not depend on training) and exported to a temporary folder. `xwam serve` runs it in its own process
 (OMP_NUM_THREADS=1); each client is a process with openpi-client's WebsocketClientPolicy sending
-observations back to back.
+observations back to back. In-process blocks and load blocks alternate (--rounds), so each ratio
+compares neighbours in time: on a shared machine other jobs' load drifts over a minute.
 
 Figures:
   requests_answered            replies received by all clients in the load window
   requests_lost                requests sent without a reply (goal 0)
   client_latency_p50/p99_ms    a client's round trip under load (4 clients share one model: ~4 x service)
   throughput_rps               answered requests per second
-  in_process_ms                Policy.predict_chunk in this process, mean of rounds before and after the load
-  server_ms_per_request        load window / answered requests: the server's time per query when saturated
-  overhead_ratio               server_ms_per_request / in_process_ms (goal <= 1.10)
-  single_client_rtt_ms         one client alone, round trip p50 (decode + checks + Policy + encode + loopback)
-  single_client_ratio          single_client_rtt_ms / in_process_ms
+  in_process_ms                Policy.predict_chunk in this process (median per round; median of rounds)
+  server_ms_per_request        load block / requests answered in it: the server's time per query, saturated
+  overhead_ratio               per round server_ms_per_request / in_process_ms; the median (goal <= 1.10)
+  single_client_rtt_ms         one client alone, round trip median (decode + checks + Policy + encode + loopback)
+  single_client_ratio          single_client_rtt_ms / in-process queries interleaved with it
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -92,57 +94,67 @@ def make_observation(seed: int) -> dict:
     }
 
 
-def client(port: int, seconds: float, start_at: float, index: int, results: mp.Queue) -> None:
-    """One load client: back-to-back requests from start_at for `seconds`; reports its latencies."""
+def client(port: int, index: int, go: Any, stop: Any, phase: Any, done: Any, results: Any) -> None:
+    """One load client: back-to-back requests while `go` is set; says when it is idle; reports at the end."""
     from openpi_client.websocket_client_policy import WebsocketClientPolicy
 
     policy = WebsocketClientPolicy("127.0.0.1", port)
     obs = make_observation(index)
-    latencies, sent, errors = [], 0, 0
-    while time.time() < start_at:
-        time.sleep(0.001)
-    end = start_at + seconds
-    while time.time() < end:
-        sent += 1
-        t0 = time.perf_counter()
-        try:
-            reply = policy.infer(obs)
-            assert reply["actions"].shape == (32, len(ACTIONS))
-            latencies.append(time.perf_counter() - t0)
-        except Exception:
-            errors += 1
-    results.put({"sent": sent, "latencies": latencies, "errors": errors, "finished": time.time()})
+    latencies: list[tuple[int, float]] = []
+    sent = errors = 0
+    done.put(-1)  # connected
+    while True:
+        go.wait()
+        if stop.is_set():
+            break
+        current = phase.value
+        while go.is_set():
+            sent += 1
+            t0 = time.perf_counter()
+            try:
+                reply = policy.infer(obs)
+                assert reply["actions"].shape == (32, len(ACTIONS))
+                latencies.append((current, time.perf_counter() - t0))
+            except Exception:
+                errors += 1
+        done.put(current)
+    results.put({"sent": sent, "latencies": latencies, "errors": errors})
 
 
-def in_process_ms(ckpt: Path, rounds: int) -> float:
+def in_process_ms(policy: Any, queries: int) -> float:
+    """Median wall time of `queries` predict_chunk calls on one observation."""
     import numpy as np
 
-    from xwam_core.policy import Policy
-
-    policy = Policy.from_checkpoint(ckpt)
     obs = make_observation(0)
-    policy.predict_chunk(obs)  # warm-up
     times = []
-    for _ in range(rounds):
+    for _ in range(queries):
         t0 = time.perf_counter()
         policy.predict_chunk(obs)
         times.append(time.perf_counter() - t0)
-    return 1e3 * float(np.mean(times))
+    return 1e3 * float(np.median(times))
 
 
 def main() -> None:
     parser = bench_argparser(__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=20.0, help="length of the load window")
+    parser.add_argument(
+        "--seconds", type=float, default=60.0, help="load time in all (split over the rounds)"
+    )
     parser.add_argument("--clients", type=int, default=4, help="concurrent clients")
-    parser.add_argument("--rounds", type=int, default=40, help="in-process queries before and after the load")
+    parser.add_argument("--rounds", type=int, default=4, help="alternations of in-process and load blocks")
+    parser.add_argument("--queries", type=int, default=10, help="in-process queries per round")
     args = parser.parse_args()
     import numpy as np
 
     os.environ["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS", "1")
     import torch
 
+    from xwam_core.policy import Policy
+
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-    report = Report(f"xwam serve: {args.clients} openpi clients for {args.seconds:.0f} s (tiny preset, CPU)")
+    block_s = args.seconds / args.rounds
+    report = Report(
+        f"xwam serve: {args.clients} openpi clients, {args.rounds} x {block_s:.0f} s of load (tiny preset, CPU)"
+    )
     with tempfile.TemporaryDirectory(prefix="xwam-bench-serve-") as tmp:
         ckpt = export_tiny(Path(tmp))
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
@@ -153,6 +165,10 @@ def main() -> None:
             stderr=subprocess.PIPE,
             text=True,
         )
+        ctx = mp.get_context("spawn")
+        go, stop, phase = ctx.Event(), ctx.Event(), ctx.Value("i", -1)
+        done, results = ctx.Queue(), ctx.Queue()
+        procs: list[Any] = []
         try:
             assert server.stderr is not None
             port = None
@@ -162,7 +178,8 @@ def main() -> None:
                     raise SystemExit("xwam serve exited before listening")
                 match = re.search(r"ws://127\.0\.0\.1:(\d+)", line)
                 port = int(match.group(1)) if match else None
-            before = in_process_ms(ckpt, args.rounds)
+            policy = Policy.from_checkpoint(ckpt)
+            in_process_ms(policy, 2)  # warm-up
 
             # one client alone: the round trip without queueing
             from openpi_client.websocket_client_policy import WebsocketClientPolicy
@@ -170,47 +187,65 @@ def main() -> None:
             single = WebsocketClientPolicy("127.0.0.1", port)
             obs = make_observation(0)
             single.infer(obs)
-            rtts = []
-            for _ in range(args.rounds):
+            rtts, alone = [], []
+            for _ in range(args.queries):
                 t0 = time.perf_counter()
                 single.infer(obs)
                 rtts.append(time.perf_counter() - t0)
-
-            ctx = mp.get_context("spawn")
-            results: mp.Queue = ctx.Queue()
-            start_at = time.time() + 8.0  # the clients import and connect first
+                alone.append(in_process_ms(policy, 1))  # interleaved: the same machine load
             procs = [
-                ctx.Process(target=client, args=(port, args.seconds, start_at, i, results))
+                ctx.Process(target=client, args=(port, i, go, stop, phase, done, results))
                 for i in range(args.clients)
             ]
             for p in procs:
                 p.start()
-            outcomes = [results.get(timeout=args.seconds + 120) for _ in procs]
+            for _ in procs:
+                done.get(timeout=120)  # connected
+            inproc, windows = [], []
+            for r in range(args.rounds):  # in-process block, then a load block: neighbours share the load
+                inproc.append(in_process_ms(policy, args.queries))
+                phase.value = r
+                t0 = time.perf_counter()
+                go.set()
+                time.sleep(block_s)
+                go.clear()
+                for _ in procs:
+                    done.get(timeout=300)  # every client idle: its last request answered
+                windows.append(time.perf_counter() - t0)
+            stop.set()
+            go.set()
+            outcomes = [results.get(timeout=60) for _ in procs]
+        finally:
+            stop.set()
+            go.set()
             for p in procs:
                 p.join(30)
-            window = max(o["finished"] for o in outcomes) - start_at
-            after = in_process_ms(ckpt, args.rounds)
-        finally:
             server.terminate()
             server.wait(30)
 
-    latencies = np.concatenate([o["latencies"] for o in outcomes])
+    latencies = [(r, dt) for o in outcomes for r, dt in o["latencies"]]
     answered = len(latencies)
     lost = sum(o["sent"] for o in outcomes) - answered
-    inproc = (before + after) / 2
-    per_request = 1e3 * window / max(answered, 1)
-    p50, p99 = np.percentile(1e3 * latencies, [50, 99])
-    single_ms = 1e3 * float(np.median(rtts))
-    report.add("requests_answered", answered, "requests", f"{args.clients} clients, {window:.1f} s")
-    report.add("requests_lost", lost, "requests", "goal 0")
+    per_round = [sum(1 for r, _ in latencies if r == i) for i in range(args.rounds)]
+    per_request = [1e3 * w / max(n, 1) for w, n in zip(windows, per_round, strict=True)]
+    ratios = [s / i for s, i in zip(per_request, inproc, strict=True)]
+    p50, p99 = np.percentile([1e3 * dt for _, dt in latencies], [50, 99])
+    single_ms, alone_ms = 1e3 * float(np.median(rtts)), float(np.median(alone))
+    report.add("requests_answered", answered, "requests", f"{args.clients} clients, {sum(windows):.1f} s")
+    report.add("requests_lost", lost, "requests", f"goal 0 ({sum(o['errors'] for o in outcomes)} errors)")
     report.add("client_latency_p50_ms", p50, "ms", "under load: ~clients x service time")
     report.add("client_latency_p99_ms", p99, "ms")
-    report.add("throughput_rps", answered / window, "requests/s")
-    report.add("in_process_ms", inproc, "ms", f"before {before:.1f}, after {after:.1f}")
-    report.add("server_ms_per_request", per_request, "ms", "load window / answered")
-    report.add("overhead_ratio", per_request / inproc, "x", "goal <= 1.10")
-    report.add("single_client_rtt_ms", single_ms, "ms", "one client alone, p50")
-    report.add("single_client_ratio", single_ms / inproc, "x")
+    report.add("throughput_rps", answered / sum(windows), "requests/s")
+    report.add("in_process_ms", float(np.median(inproc)), "ms", "median of the rounds' medians")
+    report.add("server_ms_per_request", float(np.median(per_request)), "ms", "load block / answered, median")
+    report.add(
+        "overhead_ratio",
+        float(np.median(ratios)),
+        "x",
+        "goal <= 1.10; rounds " + ", ".join(f"{x:.2f}" for x in ratios),
+    )
+    report.add("single_client_rtt_ms", single_ms, "ms", "one client alone, median")
+    report.add("single_client_ratio", single_ms / alone_ms, "x", "over interleaved in-process queries")
     report.emit(args.json)
 
 

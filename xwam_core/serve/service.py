@@ -382,7 +382,11 @@ class PolicyService:
         """The chunk (K, D_action) in dataset units; `generator` is the stream's noise (advanced in place)."""
         with self._lock:
             self.policy.generator = generator
-            return np.asarray(self.policy.predict_chunk(request.obs, **request.rtc), dtype=np.float32)
+            chunk = self.policy.predict_chunk(request.obs, **request.rtc)
+            latencies = getattr(self.policy, "query_latencies_s", None)
+            if isinstance(latencies, list):  # kept per episode in process; a server never resets: bound it
+                latencies.clear()
+        return np.asarray(chunk, dtype=np.float32)
 
     def act_with_states(self, request: Request, generator: torch.Generator) -> tuple[np.ndarray, np.ndarray]:
         """(actions (K, D_action), states (S, D_state)), dataset units: the release protocol returns both."""
