@@ -188,9 +188,10 @@ _ALLOWED: dict[tuple[str, str], Any] = {
     ("numpy", "ndarray"): _ARRAY_CLASS,
     ("numpy", "dtype"): _checked_dtype,
     ("_codecs", "encode"): _latin1_bytes,
-    ("builtins", "set"): set,
-    ("builtins", "frozenset"): frozenset,
-    ("builtins", "complex"): complex,
+    # protocol 2 names builtins as Python 2's __builtin__
+    **{(module, "set"): set for module in ("builtins", "__builtin__")},
+    **{(module, "frozenset"): frozenset for module in ("builtins", "__builtin__")},
+    **{(module, "complex"): complex for module in ("builtins", "__builtin__")},
     ("collections", "OrderedDict"): OrderedDict,
 }
 
