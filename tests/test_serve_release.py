@@ -79,9 +79,9 @@ def test_release_client_through_the_broker(ckpt, policy, tmp_path):
         client.close()
 
 
-def test_req_clients_and_two_workers_and_a_leaving_worker(policy):
-    """A REQ client (empty delimiter) is answered; with two workers every request is answered; a worker
-    that stops says BYE and the broker stops dispatching to it."""
+def test_req_clients_and_two_workers_and_a_leaving_worker(policy, caplog):
+    """A REQ client (empty delimiter) is answered; with two workers every request is answered; a worker that
+    vanished is skipped; a worker that stops says BYE and the broker stops dispatching to it."""
     import zmq
 
     with release_stack(policy, workers=2) as broker:
@@ -109,10 +109,23 @@ def test_req_clients_and_two_workers_and_a_leaving_worker(policy):
             t.join(60)
         assert len(results) == 3 and all(np.array_equal(r, results[0]) for r in results)
 
-        leaving = broker.workers[0]
-        leaving.stop_event.set()
+        # a worker that vanished without BYE (a crash): the broker skips it instead of losing the request
+        crashed = zmq.Context.instance().socket(zmq.DEALER)
+        crashed.setsockopt(zmq.LINGER, 0)
+        crashed.connect(f"tcp://127.0.0.1:{broker.back_port}")
+        crashed.send_multipart([b"READY"])
         import time
 
+        time.sleep(0.2)
+        crashed.close()
+        time.sleep(0.2)
+        with caplog.at_level("WARNING", logger="xwam.serve"):
+            for _ in range(4):  # one of these is dispatched to the vanished worker first
+                assert clients[1].infer(request)["actions"].shape == (8, 4)
+        assert any("is gone" in r.getMessage() for r in caplog.records)
+
+        leaving = broker.workers[0]
+        leaving.stop_event.set()
         time.sleep(0.5)  # BYE, acknowledged
         for _ in range(3):
             assert clients[0].infer(request)["actions"].shape == (8, 4)
@@ -150,8 +163,10 @@ def test_release_checkpoints_get_the_releases_crop(policy):
 
 
 def test_xwam_broker_and_worker_commands_exit_0_on_sigterm(ckpt, policy):
-    """`xwam broker` and `xwam serve --protocol xwam-release` as processes: answered, then SIGTERM: 0."""
+    """`xwam broker` and `xwam serve --protocol xwam-release` as processes: the in-process actions; SIGTERM
+    while a request is in flight answers it, then both exit 0."""
     import socket
+    import time
 
     def free_port():
         with socket.socket() as s:
@@ -161,19 +176,26 @@ def test_xwam_broker_and_worker_commands_exit_0_on_sigterm(ckpt, policy):
     front, back = free_port(), free_port()
     broker = start_xwam("broker", "--front", str(front), "--back", str(back))
     worker = None
+    steps = ["--num-steps-video", "300", "--num-steps-action", "300"]  # ~1 s a query: time to signal
     try:
         wait_for_line(broker, r"broker: clients on")
-        worker = start_xwam("serve", "--ckpt", str(ckpt), "--protocol", "xwam-release", "--port", str(back))
+        worker = start_xwam(
+            "serve", "--ckpt", str(ckpt), "--protocol", "xwam-release", "--port", str(back), *steps
+        )
         wait_for_line(worker, r"xwam-release worker")
         client = ReleaseClient(front)
         request, obs = release_request(policy, seed=4)
-        reply = client.infer(request)
-        np.testing.assert_allclose(
-            reply["actions"], in_process_chunks(ckpt, [obs], release_seed(0, 4, 0))[0], atol=1e-6
-        )
-        client.close()
+        slow = Policy.from_checkpoint(ckpt, num_steps_video=300, num_steps_action=300)
+        slow.reset(seed=release_seed(0, 4, 0))
+        np.testing.assert_allclose(client.infer(request)["actions"], slow.predict_chunk(obs), atol=1e-6)
+        client.socket.send(pickle.dumps(request))
+        time.sleep(0.3)
         worker.send_signal(signal.SIGTERM)
+        from xwam_core.serve.wire import restricted_loads
+
+        assert restricted_loads(client.socket.recv())["actions"].shape == (8, 4)  # answered, then it left
         assert worker.wait(30) == 0
+        client.close()
         broker.send_signal(signal.SIGTERM)
         assert broker.wait(30) == 0
     finally:
