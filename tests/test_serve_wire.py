@@ -100,3 +100,10 @@ def test_serve_command_refusals_are_one_line():
         one_line_error(result, phrase)
     result = runner.invoke(app(), ["broker", "--max-message-mb", "-1"])
     one_line_error(result, "--max-message-mb -1")
+
+
+def test_only_loopback_addresses_pass_without_a_warning():
+    from xwam_cli.serve import _loopback
+
+    assert all(_loopback(h) for h in ("127.0.0.1", "127.0.0.2", "::1", "localhost"))
+    assert not any(_loopback(h) for h in ("0.0.0.0", "::", "192.168.1.20", "example.org", ""))
