@@ -13,6 +13,7 @@ nox.options.sessions = ["tests"]
 # Installed first in every environment: this exact CPU-capable build lies on the local disk here;
 # any newer torch would be a multi-gigabyte download.
 TORCH = ["torch==2.14.1", "torchvision==0.29.1"]
+OPENPI_CLIENT = "openpi-client==0.1.2"
 ENV = {
     "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl"),
     "PYOPENGL_PLATFORM": "egl",
@@ -28,7 +29,11 @@ def install(session: nox.Session, extras: str) -> None:
 @nox.session
 def tests(session: nox.Session) -> None:
     """The test suite (tiny data and models built on the spot; no downloads)."""
-    install(session, "sim,eval,train,dev")
+    install(session, "sim,eval,train,dev,serve")
+    # the real openpi client for the serve tests: it declares numpy<2, so without its dependencies, plus
+    # the light ones its websocket client imports (dm-tree only serves its action_chunk_broker, unused)
+    session.install("--no-deps", OPENPI_CLIENT)
+    session.install("typing_extensions", "pillow")
     session.run("pytest", "-q", "-p", "no:cacheprovider", "--durations=10", *session.posargs, env=ENV)
 
 
@@ -173,7 +178,7 @@ def ablate(session: nox.Session) -> None:
 @nox.session
 def bench(session: nox.Session) -> None:
     """Benchmarks: readable tables (pass --json after -- for JSON lines)."""
-    install(session, "sim,eval,train")
+    install(session, "sim,eval,train,serve")
     for script in sorted(
         p for p in os.listdir("bench") if p.endswith(".py") and p not in ("__init__.py", "report.py")
     ):

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from xwam_cli import ablate, convert, evaluate, infer, prepare, reconstruct, train
+from xwam_cli import ablate, convert, evaluate, infer, prepare, reconstruct, serve, train
 from xwam_cli.common import DEBUG_ENV, XWAMGroup, set_debug
 
 app = typer.Typer(
@@ -43,6 +43,8 @@ app.command(name="reconstruct", epilog=reconstruct.EXAMPLES)(reconstruct.reconst
 app.command(name="evaluate", epilog=evaluate.EXAMPLES)(evaluate.evaluate)
 app.command(name="convert", epilog=convert.EXAMPLES)(convert.convert)
 app.command(name="ablate", epilog=ablate.EXAMPLES)(ablate.ablate)
+app.command(name="serve", epilog=serve.EXAMPLES)(serve.serve)
+app.command(name="broker", epilog=serve.BROKER_EXAMPLES)(serve.broker)
 
 
 if __name__ == "__main__":
