@@ -12,6 +12,7 @@ current step with a checkpoint of it (TrainingInterrupted says what is on disk).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import signal
@@ -68,30 +69,78 @@ class TrainResult:
     start_step: int = 0  # where this fit began (== steps: nothing was left to train)
 
 
+def _mask_sums(masks: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+    """(micro-batches, terms) how many samples each loss term counts in each micro-batch (this process)."""
+    return torch.stack([torch.stack([m[f"{t}_mask"].sum() for t in LOSS_TERMS]) for m in masks]).detach()
+
+
 def _reduce_losses(
     losses: dict[str, torch.Tensor],
-    accelerator: Any,
+    step_masks: torch.Tensor,
     world: int,
     weights: dict[str, float] | None = None,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """Masked means over the GLOBAL batch: sum_local(m*l) * world / sum_global(m); DDP's gradient
-    averaging over processes then gives exactly the single-process gradient. The total is the
-    `weights`-weighted sum of the terms (train.loss_weights; a missing term weighs 1); each term is
-    logged unweighted and `loss` is the weighted total."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One micro-batch's share of the step's loss: each term's masked sum * world / its mask count over the
+    GLOBAL batch (`step_masks` (terms,): every micro-batch of every process). Gradient averaging over
+    processes (DDP, FSDP2) then gives exactly the single-process gradient, and k accumulated micro-batches
+    exactly that of one batch k times larger. The total is the `weights`-weighted sum of the terms
+    (train.loss_weights; a missing term weighs 1). Also returns the micro-batch's (terms,) masked sums
+    (detached) for the logs (`_step_logs`)."""
     weights = weights or {}
     total: Any = 0.0
-    logs: dict[str, float] = {}
-    for term in LOSS_TERMS:
-        value, mask = losses[term], losses[f"{term}_mask"]
-        mask_sum = mask.sum().detach()
-        global_mask_sum = accelerator.reduce(mask_sum.clone(), reduction="sum") if world > 1 else mask_sum
-        term_loss = (value * mask).sum() * world / global_mask_sum.clamp_min(1.0)
-        total = total + float(weights.get(term, 1.0)) * term_loss
-        logged = (value * mask).sum().detach()
-        logged = accelerator.reduce(logged.clone(), reduction="sum") if world > 1 else logged
-        logs[term] = float(logged / global_mask_sum.clamp_min(1.0))
+    sums = []
+    for i, term in enumerate(LOSS_TERMS):
+        masked = (losses[term] * losses[f"{term}_mask"]).sum()
+        total = total + float(weights.get(term, 1.0)) * masked * world / step_masks[i].clamp_min(1.0)
+        sums.append(masked.detach())
+    return total, torch.stack(sums)
+
+
+def _step_logs(
+    sums: torch.Tensor, step_masks: torch.Tensor, weights: dict[str, float] | None = None
+) -> dict[str, float]:
+    """Each term's masked mean over the global batch (unweighted) and `loss`, their weighted total, from
+    the (terms,) masked sums and mask counts of the whole step."""
+    weights = weights or {}
+    logs = {t: float(sums[i] / step_masks[i].clamp_min(1.0)) for i, t in enumerate(LOSS_TERMS)}
     logs["loss"] = sum(float(weights.get(t, 1.0)) * logs[t] for t in LOSS_TERMS)
-    return total, logs  # type: ignore[return-value]
+    return logs
+
+
+def _rows(batch: dict[str, torch.Tensor], start: int, stop: int) -> dict[str, torch.Tensor]:
+    """Samples [start, stop) of a loader batch."""
+    return {key: value[start:stop] for key, value in batch.items()}
+
+
+def shard_fsdp2(objective: TrainingObjective, device: torch.device, mixed_precision: str) -> list[Any]:
+    """Shard the trainable parts of `objective` over all processes with FSDP2; returns the sharded roots.
+
+    torch's own `fully_shard` on a 1-D device mesh, not accelerate's FSDP plugin: that refuses CPU
+    processes, while fully_shard runs on CPU ranks with gloo, so this path is tested here. Each block the
+    transformer names in `_no_split_modules` (WanTransformerBlock: the trunk's and the depth branch's) is
+    a unit, then the rest of the transformer; a trainable text conditioner is a unit of its own. The frozen
+    codec (the VAE) and a frozen text table stay outside: never sharded, never optimised. Parameters are
+    bf16 with float32 gradient reduction where train.mixed_precision resolved to bf16 (CUDA), float32
+    otherwise; inputs are not cast (autocast decides, as on the DDP path). Call before making the optimiser.
+    """
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    if mixed_precision == "bf16":
+        policy = MixedPrecisionPolicy(torch.bfloat16, torch.float32, cast_forward_inputs=False)
+    else:
+        policy = MixedPrecisionPolicy(cast_forward_inputs=False)
+    model = objective.model
+    units = tuple(getattr(model, "_no_split_modules", None) or ())
+    for module in model.modules():
+        if module is not model and type(module).__name__ in units:
+            fully_shard(module, mesh=mesh, mp_policy=policy)
+    roots: list[Any] = [fully_shard(model, mesh=mesh, mp_policy=policy)]
+    if any(p.requires_grad for p in objective.text.parameters()):
+        roots.append(fully_shard(objective.text, mesh=mesh, mp_policy=policy))
+    return roots
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -251,6 +300,10 @@ class Trainer:
             mixed_precision=mixed, kwargs_handlers=[ddp], cpu=not torch.cuda.is_available()
         )
         self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
+        # fsdp2: DCP checkpoints on any number of processes; the model is sharded when there are several
+        self.fsdp2 = cfg.strategy == "fsdp2"
+        self.sharded = self.fsdp2 and self.world > 1
+        self.fsdp_roots: list[Any] = []
 
     def build(self) -> None:
         """Data sets, model, objective, optimiser (the store and processes are already up)."""
@@ -308,6 +361,9 @@ class Trainer:
             self.layout.state_valid(),
             cfg.augment,
         ).to(self.accelerator.device)
+        self.objective.codec_micro_batch = cfg.codec_micro_batch
+        if self.sharded:  # before the optimiser: fully_shard replaces the parameters with sharded ones
+            self.fsdp_roots = shard_fsdp2(self.objective, self.accelerator.device, self.mixed_precision)
         self.params = [p for p in self.objective.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             self.params,
@@ -328,10 +384,12 @@ class Trainer:
         self.sampler = GlobalBatchSampler(
             self.train_set.sizes, recipe.data.batch_size, self.rank, self.world, recipe.seed, weights=weights
         )
+        self.accumulation = cfg.accumulation(recipe.data.batch_size, self.world)  # micro-batches per step
 
     def _prepare(self) -> None:
-        """Wrap for the processes (DDP) and start the data where the run stands."""
-        self.objective, self.optimizer = self.accelerator.prepare(self.objective, self.optimizer)
+        """Wrap for the processes (DDP; FSDP2 sharded in `build`) and start the data where the run stands."""
+        if not self.fsdp2:
+            self.objective, self.optimizer = self.accelerator.prepare(self.objective, self.optimizer)
         recipe = self.recipe
         self.sampler.start_step = self.step
         self.local_batch = self.sampler.local
@@ -361,33 +419,102 @@ class Trainer:
             "init": self.init_report,
             "device": str(self.accelerator.device),
             "mixed_precision": self.mixed_precision,
+            "strategy": self.cfg.strategy,
+            "micro_batch": self.local_batch // self.accumulation,
+            "accumulation": self.accumulation,
         }
 
     # ---- one step, validation -----------------------------------------------------------------------
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
-        """Forward, backward, clip, AdamW, LR schedule, EMA on one global batch; returns its losses."""
-        acc = self.accelerator
+        """One optimiser step on this process's share of a global batch: every micro-batch encoded and
+        noised first (so the loss masks of the whole step are known), then forward and backward micro-batch
+        by micro-batch with the gradients synchronised on the last only; clip, AdamW, LR schedule, EMA."""
+        acc, cfg = self.accelerator, self.cfg
         self.objective.train()
+        plain = self._plain_objective()
+        k = self.accumulation
+        micro = self.local_batch // k
+        first = self.rank * self.local_batch  # the global index of this process's first sample
         with acc.autocast():
-            losses = self.objective(
-                batch, self.recipe.seed, self.step, self.rank * self.local_batch, train=True
-            )
-        loss, logs = _reduce_losses(losses, acc, self.world, self.cfg.loss_weights)
-        acc.backward(loss)
-        if self.cfg.grad_clip > 0:
-            acc.clip_grad_norm_(self.params, self.cfg.grad_clip)
+            parts = [
+                plain.noise(
+                    _rows(batch, i * micro, (i + 1) * micro), self.recipe.seed, self.step, first + i * micro
+                )
+                for i in range(k)
+            ]
+        counts = _mask_sums([part.masks for part in parts])  # (k, terms)
+        if self.world > 1:
+            counts = acc.reduce(counts.to(acc.device), reduction="sum")
+        step_masks = counts.sum(0)
+        sums = torch.zeros(len(LOSS_TERMS), device=acc.device)
+        for i, part in enumerate(parts):
+            # every process runs the depth branch when any has depth (sharded blocks gather collectively)
+            part.run_depth = bool(counts[i, LOSS_TERMS.index("depth")] > 0)
+            with self._gradient_sync(i == k - 1):
+                with acc.autocast():
+                    losses = self.objective(part)
+                loss, part_sums = _reduce_losses(losses, step_masks, self.world, cfg.loss_weights)
+                acc.backward(loss)
+            sums += part_sums.to(sums.device)
+        if self.world > 1:
+            sums = acc.reduce(sums, reduction="sum")
+        logs = _step_logs(sums, step_masks, cfg.loss_weights)
+        if cfg.grad_clip > 0:
+            logs["grad_norm"] = self._clip_grad_norm(cfg.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
-            self.ema.step(acc.unwrap_model(self.objective).model.parameters())
+            self.ema.step(plain.model.parameters())
         logs["lr"] = float(self.scheduler.get_last_lr()[0])
         self.step += 1
         return logs
 
+    def _plain_objective(self) -> TrainingObjective:
+        """The objective without accelerate's DDP wrapper (FSDP2 shards it in place)."""
+        return self.objective if self.fsdp2 else self.accelerator.unwrap_model(self.objective)
+
+    def _gradient_sync(self, sync: bool) -> Any:
+        """Gradients reduced over the processes only when `sync` (the step's last micro-batch)."""
+        if sync or self.world == 1:
+            return contextlib.nullcontext()
+        if not self.sharded:
+            return self.accelerator.no_sync(self.objective)
+        roots = self.fsdp_roots
+
+        @contextlib.contextmanager
+        def unsynced() -> Any:
+            for root in roots:
+                root.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                for root in roots:
+                    root.set_requires_gradient_sync(True)
+
+        return unsynced()
+
+    def _clip_grad_norm(self, max_norm: float) -> float:
+        """Clip to the GLOBAL gradient norm and return it. Sharded gradients are DTensors: torch's
+        clip_grad_norm_ reduces their per-shard norms over the processes (the returned norm is a DTensor
+        whose full value is the norm of the whole gradient); replicated ones go through accelerate."""
+        if not self.sharded:
+            return float(self.accelerator.clip_grad_norm_(self.params, max_norm))
+        from torch.distributed.tensor import DTensor
+
+        norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+
     def validate(self) -> float:
         assert self.val_set is not None
-        return validate(self.objective, self.val_set, self.recipe, self.accelerator, self.cfg.val_batches)
+        return validate(
+            self.objective,
+            self.val_set,
+            self.recipe,
+            self.accelerator,
+            self.cfg.val_batches,
+            self._plain_objective(),
+        )
 
     # ---- the run folder ----------------------------------------------------------------------------
     def _take_run_folder(self, resume: str | None, overwrite: bool) -> None:
@@ -788,9 +915,15 @@ def train(
 
 
 @torch.no_grad()
-def validate(objective: Any, val_set: Any, recipe: Any, accelerator: Any, batches: int) -> float:
+def validate(
+    objective: Any, val_set: Any, recipe: Any, accelerator: Any, batches: int, plain: Any = None
+) -> float:
     """Held-out loss with fixed noise (seeded by batch index), the same at every evaluation; the terms
-    are weighted by train.loss_weights like the training loss."""
+    are weighted by train.loss_weights like the training loss. `plain` is `objective` without a DDP
+    wrapper. Every process runs every forward (and the depth branch when any process needs it): a
+    process whose share of a batch is empty computes one sample and counts none, so sharded blocks,
+    whose forward gathers collectively, never wait on a process that skipped one."""
+    plain = objective if plain is None else plain
     objective.eval()
     world, rank = accelerator.num_processes, accelerator.process_index
     g = recipe.data.batch_size
@@ -801,14 +934,18 @@ def validate(objective: Any, val_set: Any, recipe: Any, accelerator: Any, batche
         ids = list(range(first, min(first + g, n)))
         share = math.ceil(len(ids) / world)
         mine = ids[rank * share : (rank + 1) * share]  # contiguous: noise is seeded by the sample's index
-        if not mine:
-            continue
+        counted = 1.0 if mine else 0.0
+        mine = mine or ids[:1]
         batch = collate_windows([val_set[i] for i in mine])
         with accelerator.autocast():
-            losses = objective(batch, recipe.seed + 1, 0, mine[0], train=False)
+            noised = plain.noise(batch, recipe.seed + 1, 0, mine[0], train=False)
+            if world > 1:
+                depth = torch.tensor([float(noised.run_depth)], device=accelerator.device)
+                noised.run_depth = bool(accelerator.reduce(depth, reduction="sum") > 0)
+            losses = objective(noised)
         for t in LOSS_TERMS:
-            totals[t] += float((losses[t] * losses[f"{t}_mask"]).sum())
-            masks[t] += float(losses[f"{t}_mask"].sum())
+            totals[t] += counted * float((losses[t] * losses[f"{t}_mask"]).sum())
+            masks[t] += counted * float(losses[f"{t}_mask"].sum())
     values = torch.tensor(
         [totals[t] for t in LOSS_TERMS] + [masks[t] for t in LOSS_TERMS], device=accelerator.device
     )
@@ -839,7 +976,7 @@ class _Tracker:
         if self.writer is None:
             return
         for key, value in logs.items():
-            tag = key if key in ("lr",) else f"loss/{key}"
+            tag = key if key in ("lr", "grad_norm") else f"loss/{key}"
             self.writer.add_scalar(tag, value, step)
 
     def close(self) -> None:
