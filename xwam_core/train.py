@@ -586,7 +586,9 @@ class Trainer:
         acc.wait_for_everyone()
         path = self.run_dir / "checkpoints" / f"step-{self.step:08d}"
         self._saving = self.step
-        if acc.is_main_process:
+        if self.fsdp2:
+            self._save_sharded()
+        elif acc.is_main_process:
             objective = acc.unwrap_model(self.objective)
             optimizer = self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer
             state = ckpt_io.TrainingState(
@@ -595,7 +597,7 @@ class Trainer:
                 scheduler=self.scheduler.state_dict(),
                 history=self.history,
                 ema=self._ema_tensors(),
-                extra={"step": self.step, "processes": self.world, "sampler": self.sampler.state(self.step)},
+                extra=self._trainer_extra(),
             )
             path = ckpt_io.save_checkpoint(self.run_dir, self.policy_parts(), state, self.cfg.keep_last)
         acc.wait_for_everyone()
@@ -603,15 +605,113 @@ class Trainer:
         self.last_checkpoint, self._saved_step = path, self.step
         return path
 
+    def _save_sharded(self) -> None:
+        """FSDP2's checkpoint (train.strategy=fsdp2, any number of processes): every process writes its
+        shard of the trainable weights and the optimiser state (torch.distributed.checkpoint, by parameter
+        name, so a resume may use another number of processes); the main process adds the parameter
+        groups, scheduler, RNG, data order and step, and the inference part from the gathered weights.
+        One folder, renamed into place when complete, like every checkpoint."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        acc = self.accelerator
+        model_state, optim_state = get_state_dict(self.objective, self.optimizer)
+        trainable = {n for n, p in self.objective.named_parameters() if p.requires_grad}
+        shards = {
+            "model": {k: v for k, v in model_state.items() if k in trainable},
+            "optimizer": optim_state["state"],
+        }
+        parts = self.policy_parts()  # gathers the sharded weights onto the main process
+        with ckpt_io.sharded_checkpoint(
+            self.run_dir,
+            self.step,
+            self.cfg.keep_last,
+            acc.is_main_process,
+            self._share,
+            acc.wait_for_everyone,
+        ) as tmp:
+            ckpt_io.write_shards(tmp, shards)
+            if acc.is_main_process:
+                state = ckpt_io.TrainingState(
+                    trainable={},
+                    optimizer={"param_groups": optim_state["param_groups"]},
+                    scheduler=self.scheduler.state_dict(),
+                    history=self.history,
+                    extra=self._trainer_extra(),
+                )
+                ckpt_io.write_training_state(tmp, state)
+                ckpt_io.write_policy_parts(tmp, parts)
+
+    def _trainer_extra(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "processes": self.world,
+            "strategy": self.cfg.strategy,
+            "sampler": self.sampler.state(self.step),
+        }
+
+    def _share(self, value: str | None) -> str:
+        """The main process's `value`, on every process."""
+        if self.world == 1:
+            assert value is not None
+            return value
+        from accelerate.utils import broadcast_object_list
+
+        return str(broadcast_object_list([value], from_process=0)[0])
+
+    def export(self, out: str | Path, overwrite: bool = False) -> Path:
+        """Write the model as it is now to `out`, a checkpoint folder for inference only (what
+        `load_policy_parts` and the Policy read): under FSDP2 the shards are gathered onto the main
+        process, which writes it. Every process calls it."""
+        parts = self.policy_parts()
+        error = None
+        if self.accelerator.is_main_process:
+            try:
+                ckpt_io.export_checkpoint(parts, out, overwrite=overwrite)
+            except XWAMError as e:
+                error = str(e)
+        error = self._agree(error)
+        if error is not None:
+            raise XWAMError(error)
+        return Path(out)
+
+    def _full_modules(self) -> tuple[Any, Any]:
+        """(transformer, text conditioner) with their whole weights, as plain modules: the live ones, or
+        under FSDP2 fresh copies of the gathered weights on the main process (None on the others).
+        Collective when sharded."""
+        objective = self._plain_objective()
+        if not self.sharded:
+            return plain_model(objective.model), objective.text
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        from xwam_core.models.transformer import XWAMTransformer
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_state = get_model_state_dict(objective.model, options=options)
+        text_sharded = len(self.fsdp_roots) > 1
+        text_state = get_model_state_dict(objective.text, options=options) if text_sharded else None
+        if not self.accelerator.is_main_process:
+            return None, None
+        with torch.device("meta"):
+            model = XWAMTransformer.from_config(objective.model.config)
+            text = (
+                build_text(self.recipe.model, self.layout, int(model.config["text_dim"]))
+                if text_sharded
+                else None
+            )
+        model = _filled(model, model_state, objective.model)
+        text = _filled(text, text_state, objective.text) if text is not None else objective.text
+        return model, text
+
     def policy_parts(self) -> ckpt_io.PolicyParts:
-        """The inference part of a checkpoint of the model as it is now (LoRA adapters merged in)."""
+        """The inference part of a checkpoint of the model as it is now (LoRA adapters merged in; under
+        FSDP2 the whole weights, gathered: every process calls it, the main process gets the model)."""
         from xwam_core.recipe import recipe_to_toml
 
-        objective = self.accelerator.unwrap_model(self.objective)
+        model, text = self._full_modules()
         store, layout = self.store, self.layout
         return ckpt_io.PolicyParts(
-            model=plain_model(objective.model),
-            text=objective.text,
+            model=model,
+            text=text,
             codec=describe_codec(self.recipe.model.preset, self.recipe.model.vae),
             normalizer=self.train_set.normalizer,  # what training normalized with (data.normalization)
             data=ckpt_io.DataSpec(
@@ -657,6 +757,55 @@ class Trainer:
 
     def _restore(self, path: Path, state: ckpt_io.TrainingState) -> None:
         """Put a loaded training state in place, checking first that it fits what this recipe built."""
+        written = "fsdp2" if state.shards is not None else "ddp"
+        if written != self.cfg.strategy:
+            raise XWAMError(
+                f"{path}: was written with train.strategy={written}, this recipe trains with "
+                f"train.strategy={self.cfg.strategy}; resume with train.strategy={written}"
+            )
+        if state.shards is not None:
+            self._restore_shards(path, state)
+        else:
+            self._restore_tensors(path, state)
+        self.scheduler.load_state_dict(state.scheduler)
+        if state.rng is not None:
+            state.rng.restore()  # last: building drew from the RNGs; nothing may draw between here and step 1
+        if isinstance(state.extra.get("sampler"), dict):  # the data order continues where it stood
+            self.sampler.check(state.extra["sampler"], int(state.extra["step"]), str(path))
+        self.step, self.history = int(state.extra["step"]), list(state.history)
+        self.last_checkpoint, self._saved_step = path, self.step
+
+    def _restore_shards(self, path: Path, state: ckpt_io.TrainingState) -> None:
+        """FSDP2: the trainable weights and optimiser state from the shards, resharded onto this run's
+        processes (their number may differ from the writer's)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+        model_state, optim_state = get_state_dict(self.objective, self.optimizer)  # makes AdamW's state
+        trainable = {n for n, p in self.objective.named_parameters() if p.requires_grad}
+        groups = state.optimizer["param_groups"]
+        saved = [list(g["params"]) for g in groups]
+        mine = [list(g["params"]) for g in optim_state["param_groups"]]
+        if saved != mine:
+            raise XWAMError(
+                f"{path / ckpt_io.TRAINING / 'optimizer.json'}: optimises {sum(map(len, saved))} parameters "
+                f"in {len(saved)} group(s), this recipe {sum(map(len, mine))} in {len(mine)}; resume with the "
+                "recipe the run used"
+            )
+        shards = {
+            "model": {k: v for k, v in model_state.items() if k in trainable},
+            "optimizer": optim_state["state"],
+        }
+        ckpt_io.read_shards(path, shards)
+        set_state_dict(
+            self.objective,
+            self.optimizer,
+            model_state_dict=shards["model"],
+            optim_state_dict={"state": shards["optimizer"], "param_groups": groups},
+            options=StateDictOptions(strict=False),
+        )
+
+    def _restore_tensors(self, path: Path, state: ckpt_io.TrainingState) -> None:
+        """DDP (or one process): every tensor from its safetensors file, checked against this recipe."""
         root = path / ckpt_io.TRAINING
         named = {n: p for n, p in self.objective.named_parameters() if p.requires_grad}
         missing = sorted(set(named) - set(state.trainable))
@@ -701,7 +850,6 @@ class Trainer:
             raise XWAMError(
                 f"{root / 'optimizer.json'}: does not fit this recipe's optimiser ({e})"
             ) from None
-        self.scheduler.load_state_dict(state.scheduler)
         with torch.no_grad():
             for name, param in named.items():
                 param.copy_(state.trainable[name])
@@ -709,12 +857,6 @@ class Trainer:
             for i, p in enumerate(self.ema.shadow_params):
                 p.data.copy_(state.ema[f"shadow.{i}"])
             self.ema.optimization_step = int(state.ema.get("optimization_step", torch.tensor(0)))
-        if state.rng is not None:
-            state.rng.restore()  # last: building drew from the RNGs; nothing may draw between here and step 1
-        if isinstance(state.extra.get("sampler"), dict):  # the data order continues where it stood
-            self.sampler.check(state.extra["sampler"], int(state.extra["step"]), str(path))
-        self.step, self.history = int(state.extra["step"]), list(state.history)
-        self.last_checkpoint, self._saved_step = path, self.step
 
     def _ema_tensors(self) -> dict[str, torch.Tensor] | None:
         if self.ema is None:
@@ -886,6 +1028,18 @@ class Trainer:
             self.step,
             dirs[-1] if dirs else None,
         )
+
+
+def _filled(fresh: torch.nn.Module, state: dict[str, torch.Tensor], live: torch.nn.Module) -> Any:
+    """`fresh` (built on the meta device) holding `state`; its non-persistent buffers (RoPE tables), which
+    no state dict carries and FSDP2 never shards, are copied from `live`."""
+    fresh.load_state_dict(state, assign=True)
+    buffers = dict(live.named_buffers())
+    for name, buffer in list(fresh.named_buffers()):
+        if buffer.is_meta:
+            owner, _, leaf = name.rpartition(".")
+            fresh.get_submodule(owner)._buffers[leaf] = buffers[name].detach().cpu().clone()
+    return fresh
 
 
 def _same_shape(file: Path, name: str, saved: torch.Tensor, param: torch.Tensor) -> None:
