@@ -303,7 +303,9 @@ def write_shards(folder: Path, tensors: dict[str, Any]) -> None:
     calls it with the same folder (on a filesystem all of them see); each fsyncs its files."""
     import torch.distributed.checkpoint as dcp
 
-    dcp.save(tensors, storage_writer=dcp.FileSystemWriter(folder / TRAINING / SHARDED))
+    dcp.save(
+        tensors, storage_writer=dcp.FileSystemWriter(folder / TRAINING / SHARDED), no_dist=_one_process()
+    )
 
 
 def read_shards(path: Path, tensors: dict[str, Any]) -> None:
@@ -315,13 +317,22 @@ def read_shards(path: Path, tensors: dict[str, Any]) -> None:
     import torch.distributed.checkpoint as dcp
 
     try:
-        dcp.load(tensors, storage_reader=dcp.FileSystemReader(path / TRAINING / SHARDED))
+        dcp.load(
+            tensors, storage_reader=dcp.FileSystemReader(path / TRAINING / SHARDED), no_dist=_one_process()
+        )
     except Exception as e:  # DCP raises its own CheckpointException with every rank's traceback
         first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         raise XWAMError(
             f"{path / TRAINING / SHARDED}: does not fit this recipe's model and optimiser ({first[:200]}); "
             "resume with the recipe the run used"
         ) from None
+
+
+def _one_process() -> bool:
+    """No process group: DCP reads and writes the whole state in this process."""
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized())
 
 
 @contextmanager

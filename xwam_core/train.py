@@ -1,13 +1,20 @@
 """The one training loop behind `xwam pretrain` and `xwam finetune`, on Hugging Face accelerate.
 
-The same code runs on a CPU, one GPU, many GPUs (DDP or FSDP) and many nodes: launch it with
-`accelerate launch` (or torchrun) and accelerate picks the processes up. Per step:
-    global batch -> this process's slice -> TrainingObjective (per-sample losses) -> masked means
-    normalised over the global batch -> backward -> clip -> AdamW -> warm-up + cosine LR -> EMA.
+The same code runs on a CPU, one GPU, many GPUs and many nodes: launch it with `accelerate launch` (or
+torchrun) and accelerate picks the processes up. train.strategy chooses how they share the work: "ddp"
+(accelerate's DDP: every process holds the whole model) or "fsdp2" (torch's fully_shard: parameters,
+gradients and AdamW state sharded; accelerate's FSDP plugin refuses CPU processes, fully_shard does not,
+so both strategies are tested here on CPU ranks with gloo). Per step:
+    global batch -> this process's slice -> micro-batches of train.micro_batch, each encoded and noised
+    (TrainingObjective.noise) -> the step's loss-mask counts over the global batch -> per micro-batch:
+    TrainingObjective (per-sample losses) -> masked sums normalised over the global batch -> backward
+    (gradients synchronised on the last micro-batch only) -> clip to the global norm -> AdamW -> warm-up +
+    cosine LR -> EMA.
 `Trainer` has build / train_step / validate / save / resume / fit (torchtitan's shape). Checkpoints
-(xwam_core.checkpoint) are atomic and pickle-free; `resume` continues bit-exactly, RNG states included.
-One process owns the run folder at a time (xwam_core.runlock); Ctrl-C or SIGTERM ends `fit` after the
-current step with a checkpoint of it (TrainingInterrupted says what is on disk).
+(xwam_core.checkpoint) are atomic and pickle-free (FSDP2's sharded state: see there); `resume` continues
+bit-exactly, RNG states included. One process owns the run folder at a time (xwam_core.runlock); Ctrl-C
+or SIGTERM ends `fit` after the current step with a checkpoint of it (TrainingInterrupted says what is
+on disk).
 """
 
 from __future__ import annotations
@@ -699,7 +706,9 @@ class Trainer:
                 else None
             )
         model = _filled(model, model_state, objective.model)
-        text = _filled(text, text_state, objective.text) if text is not None else objective.text
+        text = (
+            _filled(text, text_state, objective.text) if text is not None and text_state else objective.text
+        )
         return model, text
 
     def policy_parts(self) -> ckpt_io.PolicyParts:
@@ -781,19 +790,20 @@ class Trainer:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
         model_state, optim_state = get_state_dict(self.objective, self.optimizer)  # makes AdamW's state
+        optim: dict[str, Any] = dict(optim_state)
         trainable = {n for n, p in self.objective.named_parameters() if p.requires_grad}
         groups = state.optimizer["param_groups"]
         saved = [list(g["params"]) for g in groups]
-        mine = [list(g["params"]) for g in optim_state["param_groups"]]
+        mine = [list(g["params"]) for g in optim["param_groups"]]
         if saved != mine:
             raise XWAMError(
                 f"{path / ckpt_io.TRAINING / 'optimizer.json'}: optimises {sum(map(len, saved))} parameters "
                 f"in {len(saved)} group(s), this recipe {sum(map(len, mine))} in {len(mine)}; resume with the "
                 "recipe the run used"
             )
-        shards = {
+        shards: dict[str, Any] = {
             "model": {k: v for k, v in model_state.items() if k in trainable},
-            "optimizer": optim_state["state"],
+            "optimizer": optim["state"],
         }
         ckpt_io.read_shards(path, shards)
         set_state_dict(
@@ -1030,7 +1040,7 @@ class Trainer:
         )
 
 
-def _filled(fresh: torch.nn.Module, state: dict[str, torch.Tensor], live: torch.nn.Module) -> Any:
+def _filled(fresh: torch.nn.Module, state: dict[str, Any], live: torch.nn.Module) -> Any:
     """`fresh` (built on the meta device) holding `state`; its non-persistent buffers (RoPE tables), which
     no state dict carries and FSDP2 never shards, are copied from `live`."""
     fresh.load_state_dict(state, assign=True)
