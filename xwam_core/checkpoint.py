@@ -40,6 +40,7 @@ import os
 import random
 import re
 import shutil
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -317,9 +318,13 @@ def read_shards(path: Path, tensors: dict[str, Any]) -> None:
     import torch.distributed.checkpoint as dcp
 
     try:
-        dcp.load(
-            tensors, storage_reader=dcp.FileSystemReader(path / TRAINING / SHARDED), no_dist=_one_process()
-        )
+        with warnings.catch_warnings():  # one process: DCP warns that it assumes one process
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(
+                tensors,
+                storage_reader=dcp.FileSystemReader(path / TRAINING / SHARDED),
+                no_dist=_one_process(),
+            )
     except Exception as e:  # DCP raises its own CheckpointException with every rank's traceback
         first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         raise XWAMError(
