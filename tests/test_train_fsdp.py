@@ -228,3 +228,22 @@ def test_ddp_with_accumulation_on_two_processes_matches_too(store, sharded_run, 
     """The DDP path accumulates under accelerate's no_sync: the same losses and global gradient norms."""
     finished(launch(store, tmp_path / "ddp", tmp_path / "ddp", "-", 29564, *SHARDED, "train.strategy=ddp"))
     assert_same_history(history(tmp_path / "ddp"), history(sharded_run / "record"))
+
+
+@pytest.mark.slow
+def test_bf16_parameters_with_float32_reduction_train_and_save_float32(store, sharded_run, tmp_path):
+    """train.mixed_precision=bf16 (what "auto" picks on CUDA): FSDP2 computes with bf16 parameters and
+    reduces gradients in float32; the sharded parameters, and so every checkpoint, stay float32. Forced
+    here on CPU, where autocast has bf16 too."""
+    out = tmp_path / "bf16"
+    finished(launch(store, out, tmp_path / "bf16", "-", 29565, *SHARDED, "train.mixed_precision=bf16", "train.max_steps=2"))  # fmt: skip
+    described = json.loads(Path(f"{tmp_path / 'bf16'}.rank0.json").read_text())["described"]
+    assert described["mixed_precision"] == "bf16"
+    got, want = history(tmp_path / "bf16"), history(sharded_run / "record")[:2]
+    assert got != want  # bf16 did compute
+    for a, b in zip(got, want, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=2e-2) and a["grad_norm"] == pytest.approx(
+            b["grad_norm"], rel=2e-2
+        )
+    weights = load_file(out / "checkpoints" / "step-00000002" / WEIGHTS)
+    assert {v.dtype for v in weights.values()} == {torch.float32}

@@ -482,7 +482,10 @@ class Trainer:
         return self.objective if self.fsdp2 else self.accelerator.unwrap_model(self.objective)
 
     def _gradient_sync(self, sync: bool) -> Any:
-        """Gradients reduced over the processes only when `sync` (the step's last micro-batch)."""
+        """Gradients reduced over the processes only when `sync` (the step's last micro-batch). Under FSDP2
+        the micro-batches before it accumulate unsharded gradients (one copy of the trainable weights per
+        process, in float32 with the bf16 policy): one reduce-scatter per step instead of one per
+        micro-batch, for that memory (a memory estimate of accumulation under FSDP2 must count it)."""
         if sync or self.world == 1:
             return contextlib.nullcontext()
         if not self.sharded:
