@@ -304,9 +304,11 @@ def write_shards(folder: Path, tensors: dict[str, Any]) -> None:
     calls it with the same folder (on a filesystem all of them see); each fsyncs its files."""
     import torch.distributed.checkpoint as dcp
 
-    dcp.save(
-        tensors, storage_writer=dcp.FileSystemWriter(folder / TRAINING / SHARDED), no_dist=_one_process()
-    )
+    with warnings.catch_warnings():  # one process: DCP warns that it assumes one process
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save(
+            tensors, storage_writer=dcp.FileSystemWriter(folder / TRAINING / SHARDED), no_dist=_one_process()
+        )
 
 
 def read_shards(path: Path, tensors: dict[str, Any]) -> None:
