@@ -89,6 +89,7 @@ def test_accumulation_is_described(store, tmp_path):
         ("train.codec_micro_batch=-2", "train.codec_micro_batch: expected an integer >= 0"),
         ("train.strategy='zero3'", "train.strategy: expected one of ddp, fsdp2, got 'zero3'"),
         ("train.ema_decay=0.99", "train.ema_decay: expected 0 with train.strategy=fsdp2"),
+        ("train.lora_rank=4", "train.lora_rank: expected 0 with train.strategy=fsdp2"),
         (
             "train.mixed_precision='fp16'",
             "train.mixed_precision: expected auto, no or bf16 with train.strategy=fsdp2",
@@ -96,7 +97,8 @@ def test_accumulation_is_described(store, tmp_path):
     ],
 )
 def test_bad_settings_are_refused_with_one_line_and_nothing_written(store, tmp_path, setting, message):
-    more = (setting,) if "ema" not in setting and "fp16" not in setting else (setting, "train.strategy=fsdp2")
+    fsdp2_only = any(key in setting for key in ("ema", "fp16", "lora"))
+    more = (setting, "train.strategy=fsdp2") if fsdp2_only else (setting,)
     out = tmp_path / "run"
     with pytest.raises(RecipeError, match=message) as err:
         Trainer(load_recipe(TINY, overrides(store, out, *more)))

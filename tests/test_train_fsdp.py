@@ -247,3 +247,19 @@ def test_bf16_parameters_with_float32_reduction_train_and_save_float32(store, sh
         )
     weights = load_file(out / "checkpoints" / "step-00000002" / WEIGHTS)
     assert {v.dtype for v in weights.values()} == {torch.float32}
+
+
+@pytest.mark.slow
+def test_a_cut_or_lost_shard_is_named_before_anything_is_unpickled(sharded_run, tmp_path):
+    ckpt = tmp_path / "step-00000001"
+    shutil.copytree(sharded_run / "run" / "checkpoints" / "step-00000001", ckpt)
+    assert load_training_state(ckpt).shards is not None
+    shard = ckpt / "training" / "sharded" / "__1_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:-10])
+    with pytest.raises(
+        XWAMError, match=r"__1_0.distcp: \d+ bytes, trainer.json recorded \d+; it was probably cut short"
+    ):
+        load_training_state(ckpt)
+    shard.unlink()
+    with pytest.raises(XWAMError, match=r"checkpoint lacks training/sharded/__1_0.distcp"):
+        load_training_state(ckpt)
