@@ -104,3 +104,28 @@ def test_bad_settings_are_refused_with_one_line_and_nothing_written(store, tmp_p
         Trainer(load_recipe(TINY, overrides(store, out, *more)))
     assert "\n" not in str(err.value)
     assert not out.exists()
+
+
+def test_the_codec_encodes_in_micro_batches(store, tmp_path):
+    """train.codec_micro_batch=2 on a batch of 4: the codec never sees more than 2 clips at once, and
+    the latents are those of encoding all 4 together."""
+    trainer = Trainer(load_recipe(TINY, overrides(store, tmp_path / "run", "train.codec_micro_batch=2")))
+    try:
+        objective = trainer._plain_objective()
+        batch = next(iter(trainer.loader))
+        seen: list[int] = []
+        encode = objective.codec.encode_views
+
+        def spy(frames):
+            seen.append(frames.shape[0])
+            return encode(frames)
+
+        objective.codec.encode_views = spy
+        chunked = objective.noise(batch, seed=0, step=0, first_index=0)
+        assert seen == [2, 2, 2, 2]  # RGB and depth, 2 clips each time
+        objective.codec_micro_batch = 0
+        whole = objective.noise(batch, seed=0, step=0, first_index=0)
+        assert seen[4:] == [4, 4]
+        assert torch.equal(chunked.x.video, whole.x.video) and torch.equal(chunked.x.depth, whole.x.depth)
+    finally:
+        trainer.close()
