@@ -217,7 +217,7 @@ def main() -> None:
             print(json.dumps(figures), flush=True)
         return
     report = Report("xwam training benchmarks")
-    for preset in args.presets.split(","):
+    for preset in filter(None, args.presets.split(",")):
         plain = run_child(preset, False, args.steps)
         ckpt = run_child(preset, True, max(2, args.steps // 2))
         report.add(
