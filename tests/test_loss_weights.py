@@ -33,7 +33,7 @@ def test_weights_scale_each_masked_term_and_missing_terms_weigh_one():
     logs = _step_logs(sums, counts)
     # masked means: video 2, action 2, state 0.5, depth 8
     assert logs == {"video": 2.0, "action": 2.0, "state": 0.5, "depth": 8.0, "loss": 12.5}
-    assert float(plain) == pytest.approx(12.5)
+    assert float(plain.detach()) == pytest.approx(12.5)
     weights = {"action": 3.0, "depth": 0.0}
     weighted, sums = _reduce_losses(losses, counts, world=1, weights=weights)
     logs = _step_logs(sums, counts, weights)
