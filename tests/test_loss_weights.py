@@ -37,7 +37,7 @@ def test_weights_scale_each_masked_term_and_missing_terms_weigh_one():
     weights = {"action": 3.0, "depth": 0.0}
     weighted, sums = _reduce_losses(losses, counts, world=1, weights=weights)
     logs = _step_logs(sums, counts, weights)
-    assert float(weighted) == pytest.approx(2.0 + 3 * 2.0 + 0.5)
+    assert float(weighted.detach()) == pytest.approx(2.0 + 3 * 2.0 + 0.5)
     assert logs["depth"] == 8.0 and logs["loss"] == pytest.approx(8.5)  # terms logged unweighted
     weighted.backward()
     assert torch.all(losses["depth"].grad == 0)  # weight 0: no gradient from depth
