@@ -8,7 +8,7 @@ import torch
 from xwam_core.errors import RecipeError
 from xwam_core.objective import LOSS_TERMS
 from xwam_core.recipe import LOSS_WEIGHT_TERMS, TrainConfig, load_recipe
-from xwam_core.train import _reduce_losses
+from xwam_core.train import _mask_sums, _reduce_losses, _step_logs
 
 
 def _losses() -> dict[str, torch.Tensor]:
@@ -28,12 +28,16 @@ def test_the_recipe_knows_the_objective_terms():
 
 def test_weights_scale_each_masked_term_and_missing_terms_weigh_one():
     losses = _losses()
-    plain, logs = _reduce_losses(losses, accelerator=None, world=1)
+    counts = _mask_sums([losses])[0]
+    plain, sums = _reduce_losses(losses, counts, world=1)
+    logs = _step_logs(sums, counts)
     # masked means: video 2, action 2, state 0.5, depth 8
     assert logs == {"video": 2.0, "action": 2.0, "state": 0.5, "depth": 8.0, "loss": 12.5}
-    assert float(plain) == pytest.approx(12.5)
-    weighted, logs = _reduce_losses(losses, accelerator=None, world=1, weights={"action": 3.0, "depth": 0.0})
-    assert float(weighted) == pytest.approx(2.0 + 3 * 2.0 + 0.5)
+    assert float(plain.detach()) == pytest.approx(12.5)
+    weights = {"action": 3.0, "depth": 0.0}
+    weighted, sums = _reduce_losses(losses, counts, world=1, weights=weights)
+    logs = _step_logs(sums, counts, weights)
+    assert float(weighted.detach()) == pytest.approx(2.0 + 3 * 2.0 + 0.5)
     assert logs["depth"] == 8.0 and logs["loss"] == pytest.approx(8.5)  # terms logged unweighted
     weighted.backward()
     assert torch.all(losses["depth"].grad == 0)  # weight 0: no gradient from depth

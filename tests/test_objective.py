@@ -232,7 +232,7 @@ def test_the_per_sample_mean_counts_real_steps_only():
 
 
 def test_a_batch_of_only_padded_steps_gives_zero_without_nan(setup, store):
-    from xwam_core.train import _reduce_losses
+    from xwam_core.train import _mask_sums, _reduce_losses, _step_logs
 
     data = WindowDataset(store, WindowLayout(4, 2), episodes=[0, 1], pad_episode_ends=True)
     last = [i for i in range(len(data)) if int(data.windows[i, 2]) == 11]  # each episode's last frame
@@ -245,7 +245,9 @@ def test_a_batch_of_only_padded_steps_gives_zero_without_nan(setup, store):
         assert torch.equal(losses[term], torch.zeros(2)) and torch.equal(
             losses[f"{term}_mask"], torch.zeros(2)
         )
-    total, logs = _reduce_losses(losses, None, 1)
+    counts = _mask_sums([losses])[0]
+    total, sums = _reduce_losses(losses, counts, 1)
+    logs = _step_logs(sums, counts)
     assert logs["action"] == 0.0 and logs["state"] == 0.0 and torch.isfinite(total)
     total.backward()
     assert all(torch.isfinite(p.grad).all() for p in obj.parameters() if p.grad is not None)

@@ -16,13 +16,19 @@
       training/              trainable.safetensors (the optimised parameters), optimizer.{safetensors,json},
                              rng.safetensors, trainer.json (step, history, scheduler, numpy/python RNG),
                              ema.safetensors (with EMA)
+                             or, for train.strategy=fsdp2: sharded/ (torch.distributed.checkpoint: one
+                             file per process + .metadata; model and optimiser tensors by parameter name),
+                             optimizer.json (parameter groups by name), rng.safetensors, trainer.json
+                             (also the size of every shard file)
 
 Written under a temporary name and renamed when complete (xwam_core.atomic), so a crash never leaves a
 broken checkpoint; a run keeps `keep_last` of them in RUN/checkpoints/step-NNNNNNNN/, and prunes older ones
 by renaming them to `.step-NNNNNNNN.pruned-<hex8>` before deleting them, so a checkpoint under its own
 name is always complete. What a kill leaves (`.step-*.tmp-*`, `.step-*.old-*`, `.step-*.pruned-*`) is
 removed by the next run that owns the folder (remove_checkpoint_leftovers). Nothing is ever unpickled:
-tensors are safetensors, everything else JSON. Reading a training state checks every file and names the
+tensors are safetensors, everything else JSON. The one exception is the sharded training state of FSDP2
+runs: DCP's own `.metadata` is a pickle, which torch's reader unpickles on resume; resume only from
+checkpoints your own runs wrote, and share the inference part (safetensors + JSON) instead. Reading a training state checks every file and names the
 one that is missing, cut short or malformed. Folders written before format 1 (no xwam_checkpoint.json)
 are refused with the `xwam convert xwam-v0` command that upgrades them.
 """
@@ -34,6 +40,9 @@ import os
 import random
 import re
 import shutil
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +61,7 @@ FORMAT_VERSION = 1
 MARKER = "xwam_checkpoint.json"
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 TRAINING = "training"
+SHARDED = "sharded"  # training/sharded/: the torch.distributed.checkpoint shards of an FSDP2 run
 PRUNED_MARK = ".pruned-"
 # what interrupted writes leave in RUN/checkpoints: a temporary being written (.tmp-), a step moved aside to
 # be replaced (.old-, complete until its replacement is in place) or to be deleted (.pruned-)
@@ -156,6 +166,9 @@ class TrainingState:
     ema: dict[str, torch.Tensor] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     rng: RngState | None = None  # when saving: None captures the RNGs as they are at the write
+    # sharded state (FSDP2), when loading: {file: bytes} of training/sharded/; `trainable` is then empty
+    # and `optimizer` holds only the parameter groups (read the tensors with read_shards)
+    shards: dict[str, int] | None = None
 
 
 # ------------------------------------------------------------------------------------ finding them
@@ -244,20 +257,29 @@ def write_policy_parts(folder: Path, parts: PolicyParts) -> None:
 
 
 def write_training_state(folder: Path, state: TrainingState) -> None:
-    """Write what resuming needs into `folder`/training/ (before write_policy_parts, which records it)."""
+    """Write what resuming needs into `folder`/training/ (before write_policy_parts, which records it).
+    With shards already written there (write_shards), only the parameter groups, RNG and trainer state
+    are added, and the shard files' sizes recorded."""
     root = folder / TRAINING
-    root.mkdir()
-    save_file(
-        {k: v.detach().contiguous().cpu() for k, v in state.trainable.items()}, root / "trainable.safetensors"
-    )
-    opt_tensors, opt_meta = _flatten_optimizer(state.optimizer)
-    save_file(opt_tensors, root / "optimizer.safetensors")
-    write_json_atomic(root / "optimizer.json", opt_meta)
+    sharded = (root / SHARDED).is_dir()
+    root.mkdir(exist_ok=sharded)
+    extra = dict(state.extra)
+    if sharded:
+        write_json_atomic(root / "optimizer.json", {"param_groups": state.optimizer["param_groups"]})
+        extra["shards"] = {f.name: f.stat().st_size for f in sorted((root / SHARDED).iterdir())}
+    else:
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in state.trainable.items()},
+            root / "trainable.safetensors",
+        )
+        opt_tensors, opt_meta = _flatten_optimizer(state.optimizer)
+        save_file(opt_tensors, root / "optimizer.safetensors")
+        write_json_atomic(root / "optimizer.json", opt_meta)
     rng = state.rng if state.rng is not None else RngState.capture()
     save_file(rng.tensors, root / "rng.safetensors")
     if state.ema is not None:
         save_file({k: v.contiguous().cpu() for k, v in state.ema.items()}, root / "ema.safetensors")
-    trainer = {**state.extra, "history": state.history, "scheduler": state.scheduler, "rng": rng.meta}
+    trainer = {**extra, "history": state.history, "scheduler": state.scheduler, "rng": rng.meta}
     write_json_atomic(root / "trainer.json", trainer)
 
 
@@ -274,6 +296,77 @@ def save_checkpoint(
         fsync_tree(tmp)
     prune_checkpoints(run_dir, keep_last)
     return final
+
+
+def write_shards(folder: Path, tensors: dict[str, Any]) -> None:
+    """Every process writes its shard of `tensors` (nested dicts of tensors and DTensors) into the
+    checkpoint folder `folder` (training/sharded/, torch.distributed.checkpoint). Collective: every process
+    calls it with the same folder (on a filesystem all of them see); each fsyncs its files."""
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():  # one process: DCP warns that it assumes one process
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save(
+            tensors, storage_writer=dcp.FileSystemWriter(folder / TRAINING / SHARDED), no_dist=_one_process()
+        )
+
+
+def read_shards(path: Path, tensors: dict[str, Any]) -> None:
+    """Fill `tensors` (shaped like write_shards' for this run's processes) in place from checkpoint
+    `path`'s shards, resharded to any number of processes. Collective, like write_shards.
+
+    DCP's `.metadata` is a pickle that torch's reader unpickles: call it only on checkpoints a run of
+    yours wrote (load_training_state has checked every shard file's size against trainer.json first)."""
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        with warnings.catch_warnings():  # one process: DCP warns that it assumes one process
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(
+                tensors,
+                storage_reader=dcp.FileSystemReader(path / TRAINING / SHARDED),
+                no_dist=_one_process(),
+            )
+    except Exception as e:  # DCP raises its own CheckpointException with every rank's traceback
+        first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise XWAMError(
+            f"{path / TRAINING / SHARDED}: does not fit this recipe's model and optimiser ({first[:200]}); "
+            "resume with the recipe the run used"
+        ) from None
+
+
+def _one_process() -> bool:
+    """No process group: DCP reads and writes the whole state in this process."""
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized())
+
+
+@contextmanager
+def sharded_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    keep_last: int,
+    main: bool,
+    share: Callable[[str | None], str],
+    barrier: Callable[[], None],
+) -> Iterator[Path]:
+    """The folder every process writes checkpoint step-N into (FSDP2's shards), atomic like
+    save_checkpoint: the main process makes the temporary folder and `share`s its name (every process
+    calls `share`, the others with None, and gets it back); on leaving, after `barrier` (every shard
+    written), the main process fsyncs it, renames it into place and prunes all but `keep_last`."""
+    final = Path(run_dir) / "checkpoints" / f"step-{step:08d}"
+    if not main:
+        tmp = Path(share(None))
+        yield tmp
+        barrier()
+        return
+    with atomic_folder(final, overwrite=True) as tmp:
+        share(str(tmp))
+        yield tmp
+        barrier()
+        fsync_tree(tmp)
+    prune_checkpoints(run_dir, keep_last)
 
 
 def prune_checkpoints(run_dir: str | Path, keep_last: int) -> None:
@@ -427,6 +520,9 @@ def load_training_state(path: Path) -> TrainingState:
     _expect(trainer_file, rng_meta, "numpy", _is_numpy_state, "numpy's MT19937 state", "rng.")
     _expect(trainer_file, rng_meta, "python", _is_python_state, "python's random state", "rng.")
 
+    shards = trainer.get("shards")
+    if shards is not None:
+        _check_shards(root, shards)
     rng_tensors = _load_tensors(root / "rng.safetensors")
     cpu = rng_tensors.get("torch_cpu")
     expected_rng = torch.get_rng_state()
@@ -437,6 +533,28 @@ def load_training_state(path: Path) -> TrainingState:
         )
     opt_file = root / "optimizer.json"
     opt_meta = _read_json(opt_file)
+    extra = {k: v for k, v in trainer.items() if k not in ("history", "scheduler", "rng", "shards")}
+    extra["step"] = step
+    if shards is not None:  # FSDP2: the tensors are in training/sharded/, the groups name parameters
+        groups = _expect(
+            opt_file,
+            opt_meta,
+            "param_groups",
+            lambda v: (
+                isinstance(v, list)
+                and all(
+                    isinstance(g, dict)
+                    and isinstance(g.get("params"), list)
+                    and all(isinstance(n, str) for n in g["params"])
+                    for g in v
+                )
+            ),
+            "a list of parameter groups, each with its parameters' names",
+        )
+        return TrainingState(
+            {}, {"param_groups": groups, "state": {}}, scheduler, list(history), None, extra,
+            RngState(rng_tensors, rng_meta), shards,
+        )  # fmt: skip
     groups = _expect(
         opt_file,
         opt_meta,
@@ -470,8 +588,6 @@ def load_training_state(path: Path) -> TrainingState:
     optimizer = _unflatten_optimizer(opt_tensors, {"param_groups": groups, "state": opt_state})
     trainable = _load_tensors(root / "trainable.safetensors")
     ema = _load_tensors(root / "ema.safetensors") if (root / "ema.safetensors").exists() else None
-    extra = {k: v for k, v in trainer.items() if k not in ("history", "scheduler", "rng")}
-    extra["step"] = step
     return TrainingState(
         trainable, optimizer, scheduler, list(history), ema, extra, RngState(rng_tensors, rng_meta)
     )
@@ -528,6 +644,25 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
             k: tensors[v["tensor"]] if isinstance(v, dict) and "tensor" in v else v for k, v in entry.items()
         }
     return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def _check_shards(root: Path, shards: Any) -> None:
+    """Every shard file trainer.json lists is there, at its recorded size (a cut or lost shard is named)."""
+    trainer_file = root / "trainer.json"
+    if not (isinstance(shards, dict) and shards and all(_is_count(v) for v in shards.values())):
+        raise XWAMError(
+            f"{trainer_file}: 'shards' is {_short(shards)}, expected {{file: bytes}} of {SHARDED}/"
+        )
+    for name, size in shards.items():
+        file = root / SHARDED / name
+        if not file.is_file():
+            raise XWAMError(
+                f"{root.parent}: checkpoint lacks {TRAINING}/{SHARDED}/{name} (listed in trainer.json)"
+            )
+        if file.stat().st_size != size:
+            raise XWAMError(
+                f"{file}: {file.stat().st_size} bytes, trainer.json recorded {size}; it was probably cut short"
+            )
 
 
 def _check_safetensors(file: Path) -> None:

@@ -81,8 +81,11 @@ def encode_batch(
     device: torch.device | str = "cpu",
     augment: AugmentConfig | None = None,
     generators: list[torch.Generator] | None = None,
+    codec_micro_batch: int = 0,
 ) -> Inputs:
-    """Loader batch -> model inputs. Augments per sample (own generator) when `augment` is given."""
+    """Loader batch -> model inputs. Augments per sample (own generator) when `augment` is given; the
+    codec encodes `codec_micro_batch` samples at a time (0: all at once), so a large batch never holds
+    every clip's codec activations together."""
     rgb = batch["rgb"].to(device).permute(0, 1, 2, 5, 3, 4).float() / 255.0  # (B, V, T, 3, H, W)
     depth = batch["depth"].to(device).float()  # (B, V, T, H, W)
     if augment is not None and augment.enabled:
@@ -96,9 +99,12 @@ def encode_batch(
         rgb = torch.cat([p[0] for p in parts])
         depth = torch.cat([p[1] for p in parts])
     frames = (rgb * 2.0 - 1.0).permute(0, 1, 3, 2, 4, 5)  # (B, V, 3, T, H, W) in [-1, 1]
+    chunk = codec_micro_batch if codec_micro_batch > 0 else frames.shape[0]
     with torch.no_grad():
-        video = codec.encode_views(frames)
-        depth_latents = codec.encode_views(depth_to_image(depth, depth_range))
+        video = torch.cat([codec.encode_views(part) for part in frames.split(chunk)])
+        depth_latents = torch.cat(
+            [codec.encode_views(depth_to_image(part, depth_range)) for part in depth.split(chunk)]
+        )
     return Inputs(
         video=video,
         depth=depth_latents,
@@ -107,6 +113,23 @@ def encode_batch(
         has_depth=batch["has_depth"].to(device).bool(),
         task_index=batch["task_index"].to(device),
     )
+
+
+@dataclass
+class Noised:
+    """One (local) batch encoded and noised, ready for the trainable parts (TrainingObjective.noise)."""
+
+    x: Inputs
+    t_video: torch.Tensor  # (B,) in [0, 1]
+    t_action: torch.Tensor  # (B,)
+    drop_text: torch.Tensor | None  # (B,) bool; None: keep every prompt (validation)
+    eps_video: torch.Tensor  # noise like x.video
+    eps_action: torch.Tensor  # like x.actions
+    eps_state: torch.Tensor  # like x.states
+    action_real: torch.Tensor  # (B, K) 1 where the action step is real
+    state_real: torch.Tensor  # (B, F) the same for the future states
+    masks: dict[str, torch.Tensor]  # {term_mask: (B,)}, which samples each loss term counts
+    run_depth: bool  # whether the depth branch runs (a trainer may switch it on for all processes)
 
 
 class TrainingObjective(nn.Module):
@@ -138,13 +161,16 @@ class TrainingObjective(nn.Module):
         self.register_buffer("action_valid", action_valid.float(), persistent=False)
         self.register_buffer("state_valid", state_valid.float(), persistent=False)
         self.depth_range = model.depth_range
+        self.codec_micro_batch = 0  # samples the codec encodes at once (0: all); train.codec_micro_batch
 
-    def forward(
+    def noise(
         self, batch: dict[str, torch.Tensor], seed: int, step: int, first_index: int, train: bool = True
-    ) -> dict[str, torch.Tensor]:
-        """Per-sample losses {term: (B,)} and their masks {term_mask: (B,)} for one (local) batch.
+    ) -> Noised:
+        """Augment, encode (the frozen codec, `codec_micro_batch` samples at a time) and noise one (local)
+        batch: everything before the trainable parts, so a trainer knows every loss mask of a step before
+        its first backward (gradient accumulation normalises over the whole global batch).
 
-        `first_index` is the global index of this process's first sample in the global batch.
+        `first_index` is the global index of the batch's first sample in the global batch.
         """
         b = batch["actions"].shape[0]
         gens = [sample_generator(seed, step, first_index + i) for i in range(b)]
@@ -158,6 +184,7 @@ class TrainingObjective(nn.Module):
             self.action_valid.device,
             self.augment if train else None,
             gens,
+            self.codec_micro_batch,
         )
         device = x.video.device
         levels = [sample_noise_levels(self.sampler, 1, generator=g) for g in gens]
@@ -168,16 +195,43 @@ class TrainingObjective(nn.Module):
         eps_video = torch.stack([torch.randn(x.video.shape[1:], generator=g) for g in gens]).to(device)
         eps_action = torch.stack([torch.randn(x.actions.shape[1:], generator=g) for g in gens]).to(device)
         eps_state = torch.stack([torch.randn(x.states.shape[1:], generator=g) for g in gens]).to(device)
+        action_real = real_steps(batch, "action_is_pad", x.actions.shape[:2], device)  # (B, K)
+        state_real = real_steps(batch, "state_is_pad", x.states.shape[:2], device)[:, 1:]  # (B, F)
+        masks = {
+            "video_mask": torch.ones(b, device=device),
+            "action_mask": action_on.float() * (action_real.sum(1) > 0).float(),
+            "state_mask": action_on.float() * (state_real.sum(1) > 0).float(),
+            "depth_mask": x.has_depth.float(),
+        }
+        return Noised(
+            x, t_video, t_action, drop_text, eps_video, eps_action, eps_state, action_real, state_real, masks,
+            run_depth=bool(x.has_depth.any()),
+        )  # fmt: skip
+
+    def forward(
+        self,
+        batch: dict[str, torch.Tensor] | Noised,
+        seed: int = 0,
+        step: int = 0,
+        first_index: int = 0,
+        train: bool = True,
+    ) -> dict[str, torch.Tensor]:
+        """Per-sample losses {term: (B,)} and their masks {term_mask: (B,)} for one (local) batch: a loader
+        batch (noised here with `seed`, `step`, `first_index`, `train`; see `noise`) or a `Noised` one."""
+        n = batch if isinstance(batch, Noised) else self.noise(batch, seed, step, first_index, train)
+        x, t_video, t_action = n.x, n.t_video, n.t_action
+        cfg: Any = self.model.config
+        b = x.video.shape[0]
+        device = x.video.device
 
         # the current frame and the current state are the clean condition (t = 0)
-        noisy_video = add_noise(x.video, eps_video, t_video)
+        noisy_video = add_noise(x.video, n.eps_video, t_video)
         noisy_video[:, :, :, :1] = x.video[:, :, :, :1]
-        noisy_actions = add_noise(x.actions, eps_action, t_action)
-        noisy_states = add_noise(x.states, eps_state, t_action)
+        noisy_actions = add_noise(x.actions, n.eps_action, t_action)
+        noisy_states = add_noise(x.states, n.eps_state, t_action)
         noisy_states[:, :1] = x.states[:, :1]
 
-        text = self.text(x.task_index, drop_text)
-        run_depth = bool(x.has_depth.any())
+        text = self.text(x.task_index, n.drop_text)
         out = self.model(
             noisy_video,
             noisy_actions,
@@ -185,29 +239,24 @@ class TrainingObjective(nn.Module):
             model_timestep(t_video),
             model_timestep(t_action),
             text,
-            run_depth=run_depth,
+            run_depth=n.run_depth,
             depth_context=x.depth[:, :, :, :1] if cfg.get("depth_condition", False) else None,
         )
 
         future = slice(1, None)
         v_err = (
-            out.video[:, :, :, future].float() - velocity_target(x.video, eps_video)[:, :, :, future]
+            out.video[:, :, :, future].float() - velocity_target(x.video, n.eps_video)[:, :, :, future]
         ) ** 2
         if self.video_loss == "sample":
             # (v_pred - v) t = x0 - x0_pred, with t clamped as the x-prediction heads clamp it
             v_err = v_err * t_video.float().clamp_min(MIN_SAMPLE_T).view(-1, 1, 1, 1, 1, 1) ** 2
-        losses = {"video": v_err.flatten(1).mean(1), "video_mask": torch.ones(b, device=device)}
-        a_err = (out.actions.float() - velocity_target(x.actions, eps_action)) ** 2  # (B, K, Da)
-        a_real = real_steps(batch, "action_is_pad", a_err.shape[:2], device)  # (B, K)
-        losses["action"] = masked_step_mean(a_err, self.action_valid, a_real)
-        losses["action_mask"] = action_on.float() * (a_real.sum(1) > 0).float()
-        s_err = (out.states[:, future].float() - velocity_target(x.states, eps_state)[:, future]) ** 2
-        s_real = real_steps(batch, "state_is_pad", x.states.shape[:2], device)[:, future]  # (B, F)
-        losses["state"] = masked_step_mean(s_err, self.state_valid, s_real)
-        losses["state_mask"] = action_on.float() * (s_real.sum(1) > 0).float()
-        if run_depth and out.depth is not None:
+        losses = {"video": v_err.flatten(1).mean(1)}
+        a_err = (out.actions.float() - velocity_target(x.actions, n.eps_action)) ** 2  # (B, K, Da)
+        losses["action"] = masked_step_mean(a_err, self.action_valid, n.action_real)
+        s_err = (out.states[:, future].float() - velocity_target(x.states, n.eps_state)[:, future]) ** 2
+        losses["state"] = masked_step_mean(s_err, self.state_valid, n.state_real)
+        if n.run_depth and out.depth is not None:
             losses["depth"] = ((out.depth.float() - x.depth) ** 2).flatten(1).mean(1)
         else:
             losses["depth"] = torch.zeros(b, device=device)
-        losses["depth_mask"] = x.has_depth.float()
-        return losses
+        return {**losses, **n.masks}

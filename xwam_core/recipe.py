@@ -36,6 +36,7 @@ T = TypeVar("T")
 REQUIRED: Any = dataclasses.MISSING  # marker for documentation: fields without a default are required
 TEXT_KINDS = ("task", "umt5")
 MIXED_PRECISIONS = ("auto", "no", "bf16", "fp16")
+STRATEGIES = ("ddp", "fsdp2")  # train.strategy: how several processes share the work (xwam_core.train)
 
 
 # ----------------------------------------------------------------------------------------- sections
@@ -225,6 +226,14 @@ class TrainConfig:
     keep_last: int = 3
     log_every: int = 10  # TensorBoard scalars every N steps (and at validations and the end); 0: every step
     lora_rank: int = 0  # finetune: >0 trains LoRA adapters on the trunk (peft) plus the new parts
+    # "ddp": every process holds the whole model (accelerate's DDP; one process: plain training);
+    # "fsdp2": parameters, gradients and optimiser state sharded over the processes (torch's fully_shard),
+    # training state saved as torch.distributed.checkpoint shards (docs/checkpoint.md)
+    strategy: str = "ddp"
+    # samples each process puts through the model at once; data.batch_size / processes / micro_batch
+    # micro-batches are accumulated per optimiser step (0: the whole per-process share at once)
+    micro_batch: int = 0
+    codec_micro_batch: int = 0  # samples the codec (VAE) encodes at once (0: the whole micro-batch)
     # Weight of each loss term in the total (video, action, state, depth); a missing term weighs 1.
     # The paper and the authors' release: all 1.
     loss_weights: dict[str, float] = field(
@@ -269,6 +278,40 @@ class TrainConfig:
         )
         require(self.log_every >= 0, "train.log_every", "an integer >= 0", self.log_every)
         require(self.lora_rank >= 0, "train.lora_rank", "an integer >= 0 (0: no LoRA)", self.lora_rank)
+        require(
+            self.strategy in STRATEGIES, "train.strategy", f"one of {', '.join(STRATEGIES)}", self.strategy
+        )
+        require(
+            self.micro_batch >= 0,
+            "train.micro_batch",
+            "an integer >= 0 (0: no gradient accumulation)",
+            self.micro_batch,
+        )
+        require(
+            self.codec_micro_batch >= 0,
+            "train.codec_micro_batch",
+            "an integer >= 0 (0: the whole micro-batch at once)",
+            self.codec_micro_batch,
+        )
+        if self.strategy == "fsdp2":
+            require(
+                self.ema_decay == 0,
+                "train.ema_decay",
+                "0 with train.strategy=fsdp2 (EMA is not sharded yet)",
+                self.ema_decay,
+            )
+            require(
+                self.lora_rank == 0,
+                "train.lora_rank",
+                "0 with train.strategy=fsdp2 (LoRA is not sharded yet)",
+                self.lora_rank,
+            )
+            require(
+                self.mixed_precision != "fp16",
+                "train.mixed_precision",
+                "auto, no or bf16 with train.strategy=fsdp2 (fp16 needs a loss scaler FSDP2 lacks here)",
+                self.mixed_precision,
+            )
         for term, weight in self.loss_weights.items():
             require(
                 term in LOSS_WEIGHT_TERMS,
@@ -286,6 +329,18 @@ class TrainConfig:
                 weight,
             )
         self.augment.validate()
+
+    def accumulation(self, global_batch: int, processes: int) -> int:
+        """Micro-batches per optimiser step: global batch = micro_batch x processes x accumulation."""
+        local = global_batch // max(1, processes)
+        if self.micro_batch == 0 or self.micro_batch == local:
+            return 1
+        if self.micro_batch > local or local % self.micro_batch:
+            raise RecipeError(
+                f"train.micro_batch={self.micro_batch}: must divide the per-process batch {local} "
+                f"(data.batch_size={global_batch} over {processes} processes)"
+            )
+        return local // self.micro_batch
 
 
 @dataclass

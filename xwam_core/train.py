@@ -1,17 +1,25 @@
 """The one training loop behind `xwam pretrain` and `xwam finetune`, on Hugging Face accelerate.
 
-The same code runs on a CPU, one GPU, many GPUs (DDP or FSDP) and many nodes: launch it with
-`accelerate launch` (or torchrun) and accelerate picks the processes up. Per step:
-    global batch -> this process's slice -> TrainingObjective (per-sample losses) -> masked means
-    normalised over the global batch -> backward -> clip -> AdamW -> warm-up + cosine LR -> EMA.
+The same code runs on a CPU, one GPU, many GPUs and many nodes: launch it with `accelerate launch` (or
+torchrun) and accelerate picks the processes up. train.strategy chooses how they share the work: "ddp"
+(accelerate's DDP: every process holds the whole model) or "fsdp2" (torch's fully_shard: parameters,
+gradients and AdamW state sharded; accelerate's FSDP plugin refuses CPU processes, fully_shard does not,
+so both strategies are tested here on CPU ranks with gloo). Per step:
+    global batch -> this process's slice -> micro-batches of train.micro_batch, each encoded and noised
+    (TrainingObjective.noise) -> the step's loss-mask counts over the global batch -> per micro-batch:
+    TrainingObjective (per-sample losses) -> masked sums normalised over the global batch -> backward
+    (gradients synchronised on the last micro-batch only) -> clip to the global norm -> AdamW -> warm-up +
+    cosine LR -> EMA.
 `Trainer` has build / train_step / validate / save / resume / fit (torchtitan's shape). Checkpoints
-(xwam_core.checkpoint) are atomic and pickle-free; `resume` continues bit-exactly, RNG states included.
-One process owns the run folder at a time (xwam_core.runlock); Ctrl-C or SIGTERM ends `fit` after the
-current step with a checkpoint of it (TrainingInterrupted says what is on disk).
+(xwam_core.checkpoint) are atomic and pickle-free (FSDP2's sharded state: see there); `resume` continues
+bit-exactly, RNG states included. One process owns the run folder at a time (xwam_core.runlock); Ctrl-C
+or SIGTERM ends `fit` after the current step with a checkpoint of it (TrainingInterrupted says what is
+on disk).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import signal
@@ -68,30 +76,78 @@ class TrainResult:
     start_step: int = 0  # where this fit began (== steps: nothing was left to train)
 
 
+def _mask_sums(masks: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+    """(micro-batches, terms) how many samples each loss term counts in each micro-batch (this process)."""
+    return torch.stack([torch.stack([m[f"{t}_mask"].sum() for t in LOSS_TERMS]) for m in masks]).detach()
+
+
 def _reduce_losses(
     losses: dict[str, torch.Tensor],
-    accelerator: Any,
+    step_masks: torch.Tensor,
     world: int,
     weights: dict[str, float] | None = None,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """Masked means over the GLOBAL batch: sum_local(m*l) * world / sum_global(m); DDP's gradient
-    averaging over processes then gives exactly the single-process gradient. The total is the
-    `weights`-weighted sum of the terms (train.loss_weights; a missing term weighs 1); each term is
-    logged unweighted and `loss` is the weighted total."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One micro-batch's share of the step's loss: each term's masked sum * world / its mask count over the
+    GLOBAL batch (`step_masks` (terms,): every micro-batch of every process). Gradient averaging over
+    processes (DDP, FSDP2) then gives exactly the single-process gradient, and k accumulated micro-batches
+    exactly that of one batch k times larger. The total is the `weights`-weighted sum of the terms
+    (train.loss_weights; a missing term weighs 1). Also returns the micro-batch's (terms,) masked sums
+    (detached) for the logs (`_step_logs`)."""
     weights = weights or {}
     total: Any = 0.0
-    logs: dict[str, float] = {}
-    for term in LOSS_TERMS:
-        value, mask = losses[term], losses[f"{term}_mask"]
-        mask_sum = mask.sum().detach()
-        global_mask_sum = accelerator.reduce(mask_sum.clone(), reduction="sum") if world > 1 else mask_sum
-        term_loss = (value * mask).sum() * world / global_mask_sum.clamp_min(1.0)
-        total = total + float(weights.get(term, 1.0)) * term_loss
-        logged = (value * mask).sum().detach()
-        logged = accelerator.reduce(logged.clone(), reduction="sum") if world > 1 else logged
-        logs[term] = float(logged / global_mask_sum.clamp_min(1.0))
+    sums = []
+    for i, term in enumerate(LOSS_TERMS):
+        masked = (losses[term] * losses[f"{term}_mask"]).sum()
+        total = total + float(weights.get(term, 1.0)) * masked * world / step_masks[i].clamp_min(1.0)
+        sums.append(masked.detach())
+    return total, torch.stack(sums)
+
+
+def _step_logs(
+    sums: torch.Tensor, step_masks: torch.Tensor, weights: dict[str, float] | None = None
+) -> dict[str, float]:
+    """Each term's masked mean over the global batch (unweighted) and `loss`, their weighted total, from
+    the (terms,) masked sums and mask counts of the whole step."""
+    weights = weights or {}
+    logs = {t: float(sums[i] / step_masks[i].clamp_min(1.0)) for i, t in enumerate(LOSS_TERMS)}
     logs["loss"] = sum(float(weights.get(t, 1.0)) * logs[t] for t in LOSS_TERMS)
-    return total, logs  # type: ignore[return-value]
+    return logs
+
+
+def _rows(batch: dict[str, torch.Tensor], start: int, stop: int) -> dict[str, torch.Tensor]:
+    """Samples [start, stop) of a loader batch."""
+    return {key: value[start:stop] for key, value in batch.items()}
+
+
+def shard_fsdp2(objective: TrainingObjective, device: torch.device, mixed_precision: str) -> list[Any]:
+    """Shard the trainable parts of `objective` over all processes with FSDP2; returns the sharded roots.
+
+    torch's own `fully_shard` on a 1-D device mesh, not accelerate's FSDP plugin: that refuses CPU
+    processes, while fully_shard runs on CPU ranks with gloo, so this path is tested here. Each block the
+    transformer names in `_no_split_modules` (WanTransformerBlock: the trunk's and the depth branch's) is
+    a unit, then the rest of the transformer; a trainable text conditioner is a unit of its own. The frozen
+    codec (the VAE) and a frozen text table stay outside: never sharded, never optimised. Parameters are
+    bf16 with float32 gradient reduction where train.mixed_precision resolved to bf16 (CUDA), float32
+    otherwise; inputs are not cast (autocast decides, as on the DDP path). Call before making the optimiser.
+    """
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    if mixed_precision == "bf16":
+        policy = MixedPrecisionPolicy(torch.bfloat16, torch.float32, cast_forward_inputs=False)
+    else:
+        policy = MixedPrecisionPolicy(cast_forward_inputs=False)
+    model = objective.model
+    units = tuple(getattr(model, "_no_split_modules", None) or ())
+    for module in model.modules():
+        if module is not model and type(module).__name__ in units:
+            fully_shard(module, mesh=mesh, mp_policy=policy)
+    roots: list[Any] = [fully_shard(model, mesh=mesh, mp_policy=policy)]
+    if any(p.requires_grad for p in objective.text.parameters()):
+        roots.append(fully_shard(objective.text, mesh=mesh, mp_policy=policy))
+    return roots
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -251,6 +307,10 @@ class Trainer:
             mixed_precision=mixed, kwargs_handlers=[ddp], cpu=not torch.cuda.is_available()
         )
         self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
+        # fsdp2: DCP checkpoints on any number of processes; the model is sharded when there are several
+        self.fsdp2 = cfg.strategy == "fsdp2"
+        self.sharded = self.fsdp2 and self.world > 1
+        self.fsdp_roots: list[Any] = []
 
     def build(self) -> None:
         """Data sets, model, objective, optimiser (the store and processes are already up)."""
@@ -308,6 +368,9 @@ class Trainer:
             self.layout.state_valid(),
             cfg.augment,
         ).to(self.accelerator.device)
+        self.objective.codec_micro_batch = cfg.codec_micro_batch
+        if self.sharded:  # before the optimiser: fully_shard replaces the parameters with sharded ones
+            self.fsdp_roots = shard_fsdp2(self.objective, self.accelerator.device, self.mixed_precision)
         self.params = [p for p in self.objective.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             self.params,
@@ -328,10 +391,12 @@ class Trainer:
         self.sampler = GlobalBatchSampler(
             self.train_set.sizes, recipe.data.batch_size, self.rank, self.world, recipe.seed, weights=weights
         )
+        self.accumulation = cfg.accumulation(recipe.data.batch_size, self.world)  # micro-batches per step
 
     def _prepare(self) -> None:
-        """Wrap for the processes (DDP) and start the data where the run stands."""
-        self.objective, self.optimizer = self.accelerator.prepare(self.objective, self.optimizer)
+        """Wrap for the processes (DDP; FSDP2 sharded in `build`) and start the data where the run stands."""
+        if not self.fsdp2:
+            self.objective, self.optimizer = self.accelerator.prepare(self.objective, self.optimizer)
         recipe = self.recipe
         self.sampler.start_step = self.step
         self.local_batch = self.sampler.local
@@ -361,33 +426,105 @@ class Trainer:
             "init": self.init_report,
             "device": str(self.accelerator.device),
             "mixed_precision": self.mixed_precision,
+            "strategy": self.cfg.strategy,
+            "micro_batch": self.local_batch // self.accumulation,
+            "accumulation": self.accumulation,
         }
 
     # ---- one step, validation -----------------------------------------------------------------------
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
-        """Forward, backward, clip, AdamW, LR schedule, EMA on one global batch; returns its losses."""
-        acc = self.accelerator
+        """One optimiser step on this process's share of a global batch: every micro-batch encoded and
+        noised first (so the loss masks of the whole step are known), then forward and backward micro-batch
+        by micro-batch with the gradients synchronised on the last only; clip, AdamW, LR schedule, EMA."""
+        acc, cfg = self.accelerator, self.cfg
         self.objective.train()
+        plain = self._plain_objective()
+        k = self.accumulation
+        micro = self.local_batch // k
+        first = self.rank * self.local_batch  # the global index of this process's first sample
         with acc.autocast():
-            losses = self.objective(
-                batch, self.recipe.seed, self.step, self.rank * self.local_batch, train=True
-            )
-        loss, logs = _reduce_losses(losses, acc, self.world, self.cfg.loss_weights)
-        acc.backward(loss)
-        if self.cfg.grad_clip > 0:
-            acc.clip_grad_norm_(self.params, self.cfg.grad_clip)
+            parts = [
+                plain.noise(
+                    _rows(batch, i * micro, (i + 1) * micro), self.recipe.seed, self.step, first + i * micro
+                )
+                for i in range(k)
+            ]
+        counts = _mask_sums([part.masks for part in parts])  # (k, terms)
+        if self.world > 1:
+            counts = acc.reduce(counts.to(acc.device), reduction="sum")
+        step_masks = counts.sum(0)
+        sums = torch.zeros(len(LOSS_TERMS), device=acc.device)
+        for i, part in enumerate(parts):
+            # every process runs the depth branch when any has depth (sharded blocks gather collectively)
+            part.run_depth = bool(counts[i, LOSS_TERMS.index("depth")] > 0)
+            with self._gradient_sync(i == k - 1):
+                with acc.autocast():
+                    losses = self.objective(part)
+                loss, part_sums = _reduce_losses(losses, step_masks, self.world, cfg.loss_weights)
+                acc.backward(loss)
+            sums += part_sums.to(sums.device)
+        if self.world > 1:
+            sums = acc.reduce(sums, reduction="sum")
+        logs = _step_logs(sums, step_masks, cfg.loss_weights)
+        if cfg.grad_clip > 0:
+            logs["grad_norm"] = self._clip_grad_norm(cfg.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
-            self.ema.step(acc.unwrap_model(self.objective).model.parameters())
+            self.ema.step(plain.model.parameters())
         logs["lr"] = float(self.scheduler.get_last_lr()[0])
         self.step += 1
         return logs
 
+    def _plain_objective(self) -> TrainingObjective:
+        """The objective without accelerate's DDP wrapper (FSDP2 shards it in place)."""
+        return self.objective if self.fsdp2 else self.accelerator.unwrap_model(self.objective)
+
+    def _gradient_sync(self, sync: bool) -> Any:
+        """Gradients reduced over the processes only when `sync` (the step's last micro-batch). Under FSDP2
+        the micro-batches before it accumulate unsharded gradients (one copy of the trainable weights per
+        process, in float32 with the bf16 policy): one reduce-scatter per step instead of one per
+        micro-batch, for that memory (a memory estimate of accumulation under FSDP2 must count it)."""
+        if sync or self.world == 1:
+            return contextlib.nullcontext()
+        if not self.sharded:
+            return self.accelerator.no_sync(self.objective)
+        roots = self.fsdp_roots
+
+        @contextlib.contextmanager
+        def unsynced() -> Any:
+            for root in roots:
+                root.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                for root in roots:
+                    root.set_requires_gradient_sync(True)
+
+        return unsynced()
+
+    def _clip_grad_norm(self, max_norm: float) -> float:
+        """Clip to the GLOBAL gradient norm and return it. Sharded gradients are DTensors: torch's
+        clip_grad_norm_ reduces their per-shard norms over the processes (the returned norm is a DTensor
+        whose full value is the norm of the whole gradient); replicated ones go through accelerate."""
+        if not self.sharded:
+            return float(self.accelerator.clip_grad_norm_(self.params, max_norm))
+        from torch.distributed.tensor import DTensor
+
+        norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+
     def validate(self) -> float:
         assert self.val_set is not None
-        return validate(self.objective, self.val_set, self.recipe, self.accelerator, self.cfg.val_batches)
+        return validate(
+            self.objective,
+            self.val_set,
+            self.recipe,
+            self.accelerator,
+            self.cfg.val_batches,
+            self._plain_objective(),
+        )
 
     # ---- the run folder ----------------------------------------------------------------------------
     def _take_run_folder(self, resume: str | None, overwrite: bool) -> None:
@@ -459,7 +596,9 @@ class Trainer:
         acc.wait_for_everyone()
         path = self.run_dir / "checkpoints" / f"step-{self.step:08d}"
         self._saving = self.step
-        if acc.is_main_process:
+        if self.fsdp2:
+            self._save_sharded()
+        elif acc.is_main_process:
             objective = acc.unwrap_model(self.objective)
             optimizer = self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer
             state = ckpt_io.TrainingState(
@@ -468,7 +607,7 @@ class Trainer:
                 scheduler=self.scheduler.state_dict(),
                 history=self.history,
                 ema=self._ema_tensors(),
-                extra={"step": self.step, "processes": self.world, "sampler": self.sampler.state(self.step)},
+                extra=self._trainer_extra(),
             )
             path = ckpt_io.save_checkpoint(self.run_dir, self.policy_parts(), state, self.cfg.keep_last)
         acc.wait_for_everyone()
@@ -476,15 +615,115 @@ class Trainer:
         self.last_checkpoint, self._saved_step = path, self.step
         return path
 
+    def _save_sharded(self) -> None:
+        """FSDP2's checkpoint (train.strategy=fsdp2, any number of processes): every process writes its
+        shard of the trainable weights and the optimiser state (torch.distributed.checkpoint, by parameter
+        name, so a resume may use another number of processes); the main process adds the parameter
+        groups, scheduler, RNG, data order and step, and the inference part from the gathered weights.
+        One folder, renamed into place when complete, like every checkpoint."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        acc = self.accelerator
+        model_state, optim_state = get_state_dict(self.objective, self.optimizer)
+        trainable = {n for n, p in self.objective.named_parameters() if p.requires_grad}
+        shards = {
+            "model": {k: v for k, v in model_state.items() if k in trainable},
+            "optimizer": optim_state["state"],
+        }
+        parts = self.policy_parts()  # gathers the sharded weights onto the main process
+        with ckpt_io.sharded_checkpoint(
+            self.run_dir,
+            self.step,
+            self.cfg.keep_last,
+            acc.is_main_process,
+            self._share,
+            acc.wait_for_everyone,
+        ) as tmp:
+            ckpt_io.write_shards(tmp, shards)
+            if acc.is_main_process:
+                state = ckpt_io.TrainingState(
+                    trainable={},
+                    optimizer={"param_groups": optim_state["param_groups"]},
+                    scheduler=self.scheduler.state_dict(),
+                    history=self.history,
+                    extra=self._trainer_extra(),
+                )
+                ckpt_io.write_training_state(tmp, state)
+                ckpt_io.write_policy_parts(tmp, parts)
+
+    def _trainer_extra(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "processes": self.world,
+            "strategy": self.cfg.strategy,
+            "sampler": self.sampler.state(self.step),
+        }
+
+    def _share(self, value: str | None) -> str:
+        """The main process's `value`, on every process."""
+        if self.world == 1:
+            assert value is not None
+            return value
+        from accelerate.utils import broadcast_object_list
+
+        return str(broadcast_object_list([value], from_process=0)[0])
+
+    def export(self, out: str | Path, overwrite: bool = False) -> Path:
+        """Write the model as it is now to `out`, a checkpoint folder for inference only (what
+        `load_policy_parts` and the Policy read): under FSDP2 the shards are gathered onto the main
+        process, which writes it. Every process calls it."""
+        parts = self.policy_parts()
+        error = None
+        if self.accelerator.is_main_process:
+            try:
+                ckpt_io.export_checkpoint(parts, out, overwrite=overwrite)
+            except XWAMError as e:
+                error = str(e)
+        error = self._agree(error)
+        if error is not None:
+            raise XWAMError(error)
+        return Path(out)
+
+    def _full_modules(self) -> tuple[Any, Any]:
+        """(transformer, text conditioner) with their whole weights, as plain modules: the live ones, or
+        under FSDP2 fresh copies of the gathered weights on the main process (None on the others).
+        Collective when sharded."""
+        objective = self._plain_objective()
+        if not self.sharded:
+            return plain_model(objective.model), objective.text
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        from xwam_core.models.transformer import XWAMTransformer
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_state = get_model_state_dict(objective.model, options=options)
+        text_sharded = len(self.fsdp_roots) > 1
+        text_state = get_model_state_dict(objective.text, options=options) if text_sharded else None
+        if not self.accelerator.is_main_process:
+            return None, None
+        with torch.device("meta"):
+            model = XWAMTransformer.from_config(objective.model.config)
+            text = (
+                build_text(self.recipe.model, self.layout, int(model.config["text_dim"]))
+                if text_sharded
+                else None
+            )
+        model = _filled(model, model_state, objective.model)
+        text = (
+            _filled(text, text_state, objective.text) if text is not None and text_state else objective.text
+        )
+        return model, text
+
     def policy_parts(self) -> ckpt_io.PolicyParts:
-        """The inference part of a checkpoint of the model as it is now (LoRA adapters merged in)."""
+        """The inference part of a checkpoint of the model as it is now (LoRA adapters merged in; under
+        FSDP2 the whole weights, gathered: every process calls it, the main process gets the model)."""
         from xwam_core.recipe import recipe_to_toml
 
-        objective = self.accelerator.unwrap_model(self.objective)
+        model, text = self._full_modules()
         store, layout = self.store, self.layout
         return ckpt_io.PolicyParts(
-            model=plain_model(objective.model),
-            text=objective.text,
+            model=model,
+            text=text,
             codec=describe_codec(self.recipe.model.preset, self.recipe.model.vae),
             normalizer=self.train_set.normalizer,  # what training normalized with (data.normalization)
             data=ckpt_io.DataSpec(
@@ -530,6 +769,56 @@ class Trainer:
 
     def _restore(self, path: Path, state: ckpt_io.TrainingState) -> None:
         """Put a loaded training state in place, checking first that it fits what this recipe built."""
+        written = "fsdp2" if state.shards is not None else "ddp"
+        if written != self.cfg.strategy:
+            raise XWAMError(
+                f"{path}: was written with train.strategy={written}, this recipe trains with "
+                f"train.strategy={self.cfg.strategy}; resume with train.strategy={written}"
+            )
+        if state.shards is not None:
+            self._restore_shards(path, state)
+        else:
+            self._restore_tensors(path, state)
+        self.scheduler.load_state_dict(state.scheduler)
+        if state.rng is not None:
+            state.rng.restore()  # last: building drew from the RNGs; nothing may draw between here and step 1
+        if isinstance(state.extra.get("sampler"), dict):  # the data order continues where it stood
+            self.sampler.check(state.extra["sampler"], int(state.extra["step"]), str(path))
+        self.step, self.history = int(state.extra["step"]), list(state.history)
+        self.last_checkpoint, self._saved_step = path, self.step
+
+    def _restore_shards(self, path: Path, state: ckpt_io.TrainingState) -> None:
+        """FSDP2: the trainable weights and optimiser state from the shards, resharded onto this run's
+        processes (their number may differ from the writer's)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+        model_state, optim_state = get_state_dict(self.objective, self.optimizer)  # makes AdamW's state
+        optim: dict[str, Any] = dict(optim_state)
+        trainable = {n for n, p in self.objective.named_parameters() if p.requires_grad}
+        groups = state.optimizer["param_groups"]
+        saved = [list(g["params"]) for g in groups]
+        mine = [list(g["params"]) for g in optim["param_groups"]]
+        if saved != mine:
+            raise XWAMError(
+                f"{path / ckpt_io.TRAINING / 'optimizer.json'}: optimises {sum(map(len, saved))} parameters "
+                f"in {len(saved)} group(s), this recipe {sum(map(len, mine))} in {len(mine)}; resume with the "
+                "recipe the run used"
+            )
+        shards: dict[str, Any] = {
+            "model": {k: v for k, v in model_state.items() if k in trainable},
+            "optimizer": optim["state"],
+        }
+        ckpt_io.read_shards(path, shards)
+        set_state_dict(
+            self.objective,
+            self.optimizer,
+            model_state_dict=shards["model"],
+            optim_state_dict={"state": shards["optimizer"], "param_groups": groups},
+            options=StateDictOptions(strict=False),
+        )
+
+    def _restore_tensors(self, path: Path, state: ckpt_io.TrainingState) -> None:
+        """DDP (or one process): every tensor from its safetensors file, checked against this recipe."""
         root = path / ckpt_io.TRAINING
         named = {n: p for n, p in self.objective.named_parameters() if p.requires_grad}
         missing = sorted(set(named) - set(state.trainable))
@@ -574,7 +863,6 @@ class Trainer:
             raise XWAMError(
                 f"{root / 'optimizer.json'}: does not fit this recipe's optimiser ({e})"
             ) from None
-        self.scheduler.load_state_dict(state.scheduler)
         with torch.no_grad():
             for name, param in named.items():
                 param.copy_(state.trainable[name])
@@ -582,12 +870,6 @@ class Trainer:
             for i, p in enumerate(self.ema.shadow_params):
                 p.data.copy_(state.ema[f"shadow.{i}"])
             self.ema.optimization_step = int(state.ema.get("optimization_step", torch.tensor(0)))
-        if state.rng is not None:
-            state.rng.restore()  # last: building drew from the RNGs; nothing may draw between here and step 1
-        if isinstance(state.extra.get("sampler"), dict):  # the data order continues where it stood
-            self.sampler.check(state.extra["sampler"], int(state.extra["step"]), str(path))
-        self.step, self.history = int(state.extra["step"]), list(state.history)
-        self.last_checkpoint, self._saved_step = path, self.step
 
     def _ema_tensors(self) -> dict[str, torch.Tensor] | None:
         if self.ema is None:
@@ -761,6 +1043,18 @@ class Trainer:
         )
 
 
+def _filled(fresh: torch.nn.Module, state: dict[str, Any], live: torch.nn.Module) -> Any:
+    """`fresh` (built on the meta device) holding `state`; its non-persistent buffers (RoPE tables), which
+    no state dict carries and FSDP2 never shards, are copied from `live`."""
+    fresh.load_state_dict(state, assign=True)
+    buffers = dict(live.named_buffers())
+    for name, buffer in list(fresh.named_buffers()):
+        if buffer.is_meta:
+            owner, _, leaf = name.rpartition(".")
+            fresh.get_submodule(owner)._buffers[leaf] = buffers[name].detach().cpu().clone()
+    return fresh
+
+
 def _same_shape(file: Path, name: str, saved: torch.Tensor, param: torch.Tensor) -> None:
     if tuple(saved.shape) != tuple(param.shape):
         raise XWAMError(
@@ -788,9 +1082,15 @@ def train(
 
 
 @torch.no_grad()
-def validate(objective: Any, val_set: Any, recipe: Any, accelerator: Any, batches: int) -> float:
+def validate(
+    objective: Any, val_set: Any, recipe: Any, accelerator: Any, batches: int, plain: Any = None
+) -> float:
     """Held-out loss with fixed noise (seeded by batch index), the same at every evaluation; the terms
-    are weighted by train.loss_weights like the training loss."""
+    are weighted by train.loss_weights like the training loss. `plain` is `objective` without a DDP
+    wrapper. Every process runs every forward (and the depth branch when any process needs it): a
+    process whose share of a batch is empty computes one sample and counts none, so sharded blocks,
+    whose forward gathers collectively, never wait on a process that skipped one."""
+    plain = objective if plain is None else plain
     objective.eval()
     world, rank = accelerator.num_processes, accelerator.process_index
     g = recipe.data.batch_size
@@ -801,14 +1101,18 @@ def validate(objective: Any, val_set: Any, recipe: Any, accelerator: Any, batche
         ids = list(range(first, min(first + g, n)))
         share = math.ceil(len(ids) / world)
         mine = ids[rank * share : (rank + 1) * share]  # contiguous: noise is seeded by the sample's index
-        if not mine:
-            continue
+        counted = 1.0 if mine else 0.0
+        mine = mine or ids[:1]
         batch = collate_windows([val_set[i] for i in mine])
         with accelerator.autocast():
-            losses = objective(batch, recipe.seed + 1, 0, mine[0], train=False)
+            noised = plain.noise(batch, recipe.seed + 1, 0, mine[0], train=False)
+            if world > 1:
+                depth = torch.tensor([float(noised.run_depth)], device=accelerator.device)
+                noised.run_depth = bool(accelerator.reduce(depth, reduction="sum") > 0)
+            losses = objective(noised)
         for t in LOSS_TERMS:
-            totals[t] += float((losses[t] * losses[f"{t}_mask"]).sum())
-            masks[t] += float(losses[f"{t}_mask"].sum())
+            totals[t] += counted * float((losses[t] * losses[f"{t}_mask"]).sum())
+            masks[t] += counted * float(losses[f"{t}_mask"].sum())
     values = torch.tensor(
         [totals[t] for t in LOSS_TERMS] + [masks[t] for t in LOSS_TERMS], device=accelerator.device
     )
@@ -839,7 +1143,7 @@ class _Tracker:
         if self.writer is None:
             return
         for key, value in logs.items():
-            tag = key if key in ("lr",) else f"loss/{key}"
+            tag = key if key in ("lr", "grad_norm") else f"loss/{key}"
             self.writer.add_scalar(tag, value, step)
 
     def close(self) -> None:
