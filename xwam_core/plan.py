@@ -1,40 +1,45 @@
 """What a recipe needs per GPU, said before any work (`xwam pretrain RECIPE --dry-run`).
 
-The model, the text conditioner and the codec are built on the meta device (no weight is allocated,
-nothing is downloaded: the Wan2.2 VAE's geometry is `codecs.WAN22_VAE_GEOMETRY` unless `model.vae` is a
-local folder), and one forward of a single sample runs on meta tensors. That forward is the measurement
-the activation figures come from:
+The model, the text conditioner and the codec are built on the meta device: no weight is allocated and
+nothing is downloaded (the Wan2.2 VAE's geometry is `codecs.WAN22_VAE_GEOMETRY` unless `model.vae` is a
+local folder). Then the training objective itself (augmentation, codec, noising, transformer, losses)
+runs on meta tensors for a micro-batch of 1 and of 2 samples, and three things are counted as it runs:
+- live bytes: a dispatch mode follows every tensor an op creates (by storage) until its last reference
+  dies, so the forward's peak is what the code really holds (latents, activations, losses and the
+  transients between them) in the compute dtype; weights and their views are counted apart;
+- saved bytes per block: what autograd keeps for backward (`saved_tensors_hooks`), so that gradient
+  checkpointing can be derived: a checkpointed block keeps its inputs instead, and backward recomputes
+  one block at a time;
+- FLOPs: torch's FlopCounterMode (2 x params x tokens for every matmul, 4 x N_q x N_k x width for every
+  attention, the codec's convolutions).
+Attention runs as the fused kernels run it (flash / memory-efficient on GPUs, flash on CPUs): they keep
+q, k, v, the output and the log-sum-exp, never the attention matrix (on meta, torch would pick the math
+path, which keeps it). Each figure is fixed + b x per-sample, fitted exactly to the two traces.
 
-- activations: the bytes autograd saves for backward, counted per storage with
-  `torch.autograd.graph.saved_tensors_hooks` (so what the model code really keeps, in the compute dtype),
-  split by block. Without gradient checkpointing a micro-batch of b samples keeps
-      b x (sum over blocks of saved(block) + saved(outside the blocks))
-  and with it
-      b x (sum over blocks of input(block) + saved(outside) + max over blocks of saved(block))
-  (each checkpointed block keeps only its inputs; backward recomputes one block at a time). The table
-  prints saved(block) per token: ~`activation_kb_per_token_block`.
-- codec: the frozen codec's weights (fp32, on every GPU: it is outside the sharded module) plus the peak
-  of live tensors while one sample's clips are encoded (RGB and depth, all views), counted by a dispatch
-  mode that follows every tensor's storage on meta; times the clips per codec call.
-- FLOPs: torch's FlopCounterMode on the same meta forward (= 2 x params x tokens for every matmul plus
-  4 x N_q x N_k x width for every attention); a training step is 3 x forward (backward = 2 x forward),
-  plus one more forward of the blocks under gradient checkpointing; plus the codec's forward.
+Per GPU, for a micro-batch of b samples (P parameters, P_t of them trained, R ranks), in bytes:
+    activations(b)   forward peak(b) without checkpointing; with it
+                     forward peak(b) - saved(blocks) + inputs(blocks) + max saved(block)
+    encoding(b)      the live peak while the batch is augmented and encoded (before the transformer)
+    single, ddp      weights 4P (+ 2P under bf16/fp16 autocast: the half-precision copies it keeps for
+                     the forward), gradients 4P_t, AdamW m and v 8P_t (the fp32 weights are the master
+                     copy); ddp adds the reducer's gradient buckets 4P_t (the Trainer's DDP does not view
+                     gradients as buckets)
+    fsdp2            (4P + 4P_t + 8P_t) / R, plus the unsharded half-precision (bf16 params, fp32
+                     reduction) parameters of the root and of two blocks (the running one and the
+                     prefetched one) and one block's unsharded gradients; every WanTransformerBlock of
+                     both branches a unit, the rest the root
+    codec            its frozen fp32 weights on every GPU (outside the sharded module)
+    peak             weights + buckets + optimizer + codec weights + text table
+                     + max(encoding, activations, gradients)
+                     (the encoding is over before the forward starts; backward frees activations as the
+                     gradients appear; with accumulation the gradients persist and are added instead)
+A training step's FLOPs are 3 x forward (backward = 2 x forward) plus one more forward of the blocks
+under checkpointing, plus the codec's forward; the step time is quoted at `MFU` of the GPU's dense bf16
+peak.
 
-Memory per GPU under a strategy (P: the model's parameters, P_t: the trainable ones, R: ranks), in bytes:
-- single / ddp: fp32 weights 4P, gradients 4P_t, AdamW m and v 8P_t (the fp32 weights are the master
-  copy under mixed precision); under bf16/fp16 autocast also the half-precision copies of the weights
-  autocast keeps for the forward (2P); ddp adds its reducer's gradient buckets (4P_t; the Trainer's DDP
-  does not view gradients as buckets).
-- fsdp2 (fully_shard per WanTransformerBlock of both branches, the rest as the root unit; bf16 params
-  with fp32 reduction under mixed precision): (4P + 4P_t + 8P_t) / R, plus the unsharded half-precision
-  parameters of the root and of two blocks (the one running and the prefetched one) and one block's
-  unsharded gradients.
-The peak is weights + gradients + buckets + optimizer + codec weights + max(encoding, activations): the
-codec's encoding is over before the transformer's forward starts.
-
-Calibrated against measured peak memory: `bench/plan_check.py` trains the tiny and a medium preset on
-this CPU (fp32) in fresh processes and compares the peak RSS growth of a training step with this figure
-(tests/test_plan.py checks tiny within 20%).
+Checked against measurement (`bench/plan_check.py`, tests/test_plan.py): the tiny and a medium preset
+trained on this CPU in fp32, peak RSS growth of two training steps in a fresh process vs this figure
+for one process: see docs/training.md, "Memory and speed".
 """
 
 from __future__ import annotations
@@ -42,11 +47,11 @@ from __future__ import annotations
 import json
 import math
 import weakref
-from unittest import mock
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+from unittest import mock
 
 import torch
 import torch.nn as nn
@@ -55,6 +60,11 @@ from torch.utils._pytree import tree_leaves
 
 from xwam_core.errors import XWAMError
 from xwam_core.recipe import Recipe
+
+if TYPE_CHECKING:
+    from xwam_core.models.codecs import Codec
+    from xwam_core.models.text import TextConditioner
+    from xwam_core.models.transformer import XWAMTransformer
 
 GB = 1e9  # memory is printed in GB = 10^9 bytes and compared with the GPU's nominal size (conservative)
 
@@ -176,25 +186,43 @@ def _umt5_cache_shape(path: str, tasks: int) -> tuple[int, int]:
 
 
 # ------------------------------------------------------------------------------ meta measurements
+# Ops that read a tensor's value (bool(t), t.item()); on meta tensors the trace answers them with 1/true.
+_DATA_DEPENDENT = (torch.ops.aten.is_nonzero.default, torch.ops.aten._local_scalar_dense.default)
+
+
 class _LiveBytes(TorchDispatchMode):
     """Follows every tensor an op creates (by storage) until its last Python reference dies: the peak of
     live bytes of a computation on meta tensors, without allocating anything."""
 
-    def __init__(self) -> None:
+    def __init__(self, ignore: set[int] | None = None) -> None:
         super().__init__()
+        self.ignore = ignore or set()  # storages that exist already (weights): views of them cost nothing
         self.live = 0
         self.peak = 0
         self._storages: dict[int, list[int]] = {}  # storage id -> [bytes, live tensor objects]
+        self._truthy: set[int] = set()
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func in _DATA_DEPENDENT and args[0].device.type == "meta":
+            # only `any(...)` answers yes ("a sample has depth": the depth branch runs); range checks
+            # (`index.min() < 0`) answer no
+            return _storage_bytes(args[0])[0] in self._truthy
+        if func is torch.ops.aten._to_copy.default and args[0].device.type == "meta":
+            device = (kwargs or {}).get("device")
+            if device is not None and torch.device(device).type != "meta":  # small values read back
+                return torch.zeros(args[0].shape, dtype=(kwargs or {}).get("dtype") or args[0].dtype)
         out = func(*args, **(kwargs or {}))
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor):
                 self.track(t)
+        if func.overloadpacket is torch.ops.aten.any and isinstance(out, torch.Tensor) and out.is_meta:
+            self._truthy.add(_storage_bytes(out)[0])
         return out
 
     def track(self, t: torch.Tensor) -> None:
         key = t.untyped_storage()._cdata
+        if key in self.ignore:
+            return
         entry = self._storages.get(key)
         if entry is None:
             entry = self._storages[key] = [t.untyped_storage().nbytes(), 0]
@@ -210,22 +238,45 @@ class _LiveBytes(TorchDispatchMode):
             if entry[1] == 0:
                 self.live -= entry[0]
                 del self._storages[key]
+                self._truthy.discard(key)
 
 
 @dataclass
-class ForwardTrace:
-    """One sample's forward on meta: what autograd keeps, what checkpointed blocks keep, FLOPs."""
+class StepTrace:
+    """One sample's training forward (augmentation, codec, noising, transformer, losses) on meta tensors."""
 
-    saved_outside: int  # bytes saved outside the blocks (embeddings, heads, RoPE, text projection)
-    saved_blocks: list[int]  # bytes saved inside each block (main blocks, then depth blocks)
-    block_inputs: list[int]  # bytes a checkpointed block keeps: its inputs
-    forward_flops: int
-    block_forward_flops: int  # the part of forward_flops inside the blocks (recomputed under checkpointing)
+    encoding: int  # live bytes while the sample is augmented and encoded (before the transformer runs)
+    forward_peak: int  # live bytes at the forward's peak, from the batch on (latents, activations, losses)
+    saved_blocks: list[int]  # bytes autograd keeps inside each block (main blocks, then depth blocks)
+    block_inputs: list[int]  # bytes a checkpointed block keeps instead: its inputs
+    transformer_flops: int  # the transformer's forward
+    block_flops: int  # the part of it inside the blocks (run again in backward under checkpointing)
+    codec_flops: int  # the encoding's forward (augmentation included)
 
     def activations(self, checkpointing: bool) -> int:
-        if checkpointing:
-            return self.saved_outside + sum(self.block_inputs) + max(self.saved_blocks, default=0)
-        return self.saved_outside + sum(self.saved_blocks)
+        """Per sample: the forward's peak; under checkpointing the blocks keep their inputs, and backward
+        recomputes one block at a time."""
+        if not checkpointing or not self.saved_blocks:
+            return self.forward_peak
+        kept = sum(self.block_inputs) + max(self.saved_blocks)
+        return self.forward_peak - sum(self.saved_blocks) + kept
+
+
+@dataclass
+class Footprint:
+    """Bytes (or FLOPs) of a micro-batch of b samples: fixed + b x per_sample, fitted exactly to traces of
+    1 and 2 samples (what does not grow with the batch: RoPE tables, the timestep embedding, ...)."""
+
+    fixed: int
+    per_sample: int
+
+    @classmethod
+    def fit(cls, one: int, two: int) -> Footprint:
+        per_sample = max(two - one, 0)
+        return cls(max(one - per_sample, 0), per_sample)
+
+    def at(self, samples: int) -> int:
+        return self.fixed + samples * self.per_sample
 
 
 class _FusedAttention(torch.autograd.Function):
@@ -253,25 +304,24 @@ def _fused_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, **k
     return _FusedAttention.apply(query, key, value, kwargs)
 
 
-def trace_forward(
-    model: nn.Module, shape: DataShape, factors: tuple[int, int], dtype: torch.dtype
-) -> ForwardTrace:
-    """Run the model on one sample of meta tensors in `dtype`; count saved bytes per block and FLOPs.
-    `factors`: the codec's (spatial, temporal) compression."""
+def trace_step(
+    built: Built, recipe: Recipe, shape: DataShape, dtype: torch.dtype, samples: int = 1
+) -> StepTrace:
+    """Run the training objective on one sample of meta tensors, the transformer in `dtype` (the compute
+    dtype: autocast's casts, or FSDP2's bf16 parameters); count live bytes, saved bytes per block, FLOPs."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from xwam_core.models.transformer import SelfAttnInputs
+    from xwam_core.objective import TrainingObjective
 
-    cfg: Any = model.config
+    model: Any = built.model
     blocks = [*model.wan.blocks, *model.depth_blocks]
     owner = [-1]  # the block running now (-1: outside the blocks)
     saved: dict[int, tuple[int, int]] = {}  # storage -> (owner, bytes); a storage counts once
     inputs = [0] * len(blocks)
     shared: set[int] = set()
     counter = FlopCounterMode(display=False)
-    flops_in_blocks = [0]
-
-    weights = {_storage_bytes(p)[0] for p in model.parameters()}  # saved weights are not activations
+    marks: dict[str, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         key, nbytes = _storage_bytes(t)
@@ -282,7 +332,7 @@ def trace_forward(
     def enter(index: int) -> Any:
         def hook(_module: nn.Module, args: tuple[Any, ...]) -> None:
             owner[0] = index
-            flops_in_blocks[0] -= counter.get_total_flops()
+            marks["block_flops"] -= counter.get_total_flops()
             # what a checkpointed block keeps: its hidden input (and, in the depth branch, the main
             # branch's keys/values it attends to); the text and the AdaLN projection all blocks share, once
             held = [args[0]]
@@ -298,35 +348,69 @@ def trace_forward(
 
     def leave(_module: nn.Module, _args: Any, _out: Any) -> None:
         owner[0] = -1
-        flops_in_blocks[0] += counter.get_total_flops()
+        marks["block_flops"] += counter.get_total_flops()
 
-    handles = []
+    def model_starts(_module: nn.Module, _args: Any) -> None:
+        marks["encoding"] = live.peak
+        marks["flops_before_model"] = counter.get_total_flops()
+
+    def model_ends(_module: nn.Module, _args: Any, _out: Any) -> None:
+        marks["model_flops"] = counter.get_total_flops() - marks["flops_before_model"]
+
+    handles = [model.register_forward_pre_hook(model_starts), model.register_forward_hook(model_ends)]
     for i, block in enumerate(blocks):
         handles.append(block.register_forward_pre_hook(enter(i)))
         handles.append(block.register_forward_hook(leave))
-    video = torch.empty(
-        1, len(shape.views), cfg.in_channels, *latent_grid(shape, factors), device="meta", dtype=dtype
+    marks["block_flops"] = 0
+    for p in model.parameters():
+        p.data = p.data.to(dtype)
+    modules = (model, built.text, built.codec)
+    # weights and buffers are counted apart: a view of one (a transposed weight autograd keeps) costs nothing
+    weights = {_storage_bytes(t)[0] for m in modules for t in [*m.parameters(), *m.buffers()]}
+    live = _LiveBytes(ignore=weights)
+    views, (height, width), frames = len(shape.views), shape.image_size, shape.num_frames
+    meta = torch.device("meta")
+    objective = TrainingObjective(
+        model,
+        built.text,
+        built.codec,
+        recipe.noise,
+        torch.ones(shape.action_dim, dtype=torch.bool, device=meta),
+        torch.ones(shape.state_dim, dtype=torch.bool, device=meta),
+        recipe.train.augment,
     )
-    actions = torch.empty(1, shape.num_actions, cfg.action_dim, device="meta", dtype=dtype)
-    states = torch.empty(1, shape.num_frames, cfg.state_dim, device="meta", dtype=dtype)
-    t = torch.empty(1, device="meta")
-    text = torch.empty(1, shape.text_seq_len, cfg.text_dim, device="meta", dtype=dtype)
-    depth_context = video[:, :, :, :1] if cfg.get("depth_condition", False) else None
+    batch = {  # one sample as the loader gives it
+        "rgb": torch.empty(samples, views, frames, height, width, 3, dtype=torch.uint8, device=meta),
+        "depth": torch.empty(samples, views, frames, height, width, device=meta),
+        "intrinsics": torch.eye(3).expand(samples, views, frames, 3, 3).to(meta),
+        "actions": torch.empty(samples, shape.num_actions, shape.action_dim, device=meta),
+        "states": torch.empty(samples, frames, shape.state_dim, device=meta),
+        "has_depth": torch.ones(samples, dtype=torch.bool, device=meta),
+        "task_index": torch.zeros(samples, dtype=torch.long, device=meta),
+    }
     fused = mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", _fused_sdpa)
     try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), counter, fused:
-            model(video, actions, states, t, t, text, run_depth=True, depth_context=depth_context)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), counter, live, fused:
+            losses = objective(batch, 0, 0, 0)
+            marks["forward_peak"] = live.peak
+            del losses
     finally:
         for h in handles:
             h.remove()
     per_block = [0] * len(blocks)
-    outside = 0
     for who, nbytes in saved.values():
-        if who < 0:
-            outside += nbytes
-        else:
+        if who >= 0:
             per_block[who] += nbytes
-    return ForwardTrace(outside, per_block, inputs, counter.get_total_flops(), flops_in_blocks[0])
+    total_flops = counter.get_total_flops()
+    return StepTrace(
+        encoding=marks["encoding"],
+        forward_peak=marks["forward_peak"],
+        saved_blocks=per_block,
+        block_inputs=inputs,
+        transformer_flops=marks["model_flops"],
+        block_flops=marks["block_flops"],
+        codec_flops=total_flops - marks["model_flops"],
+    )
 
 
 def _storage_bytes(t: torch.Tensor) -> tuple[int, int]:
@@ -350,43 +434,12 @@ def latent_grid(shape: DataShape, factors: tuple[int, int]) -> tuple[int, int, i
     return 1 + (shape.num_frames - 1) // temporal, height // spatial, width // spatial
 
 
-@dataclass
-class CodecTrace:
-    parameters: int
-    weight_bytes: int
-    encode_peak_per_sample: int  # live bytes while one sample's RGB and depth clips are encoded
-    clips_per_sample: int
-    forward_flops_per_sample: int
-
-
-def trace_codec(codec: nn.Module, shape: DataShape) -> CodecTrace:
-    """The codec on one clip of meta tensors: peak live bytes and FLOPs; x views x 2 (RGB and depth)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    height, width = shape.image_size
-    views = len(shape.views)
-    params = sum(p.numel() for p in codec.parameters())
-    weight_bytes = sum(_nbytes(p) for p in codec.parameters())
-    with torch.no_grad():
-        tracker = _LiveBytes()
-        counter = FlopCounterMode(display=False)
-        with tracker, counter:
-            # one sample: its views' RGB clips, then the same for depth images (encode_batch's two calls)
-            for _ in range(2):
-                clips = torch.empty(views, 3, shape.num_frames, height, width, device="meta")
-                tracker.track(clips)
-                latents = codec.encode(clips)
-                del clips
-        del latents
-    return CodecTrace(params, weight_bytes, tracker.peak, 2 * views, counter.get_total_flops())
-
-
 # ----------------------------------------------------------------------------------------- building
 @dataclass
 class Built:
-    model: nn.Module
-    codec: nn.Module
-    text: nn.Module
+    model: XWAMTransformer
+    codec: Codec
+    text: TextConditioner
     parameters: dict[str, dict[str, int]]  # group -> {"trainable", "frozen"}
 
     @property
@@ -402,7 +455,7 @@ def build_on_meta(recipe: Recipe, shape: DataShape) -> Built:
     from xwam_core.data.windows import WindowLayout
     from xwam_core.factory import Layout, model_kwargs
     from xwam_core.models.codecs import empty_codec
-    from xwam_core.models.text import TaskEmbeddingText
+    from xwam_core.models.text import PrecomputedText, TaskEmbeddingText
     from xwam_core.models.transformer import XWAMTransformer
 
     cfg = recipe.model
@@ -421,11 +474,12 @@ def build_on_meta(recipe: Recipe, shape: DataShape) -> Built:
     with init_empty_weights(include_buffers=False):
         model = XWAMTransformer(**model_kwargs(cfg, layout))
         codec = empty_codec(cfg.preset, cfg.vae)
-        text: nn.Module = (
-            TaskEmbeddingText(max(shape.tasks, 1), model.config.text_dim, cfg.text_seq_len)
-            if cfg.text == "task"
-            else nn.Module()  # precomputed UMT5 embeddings: a buffer table, no encoder at training
-        )
+        text: TextConditioner
+        if cfg.text == "task":
+            text = TaskEmbeddingText(max(shape.tasks, 1), model.config.text_dim, cfg.text_seq_len)
+        else:  # precomputed UMT5 embeddings: a table on the GPU, no encoder at training
+            table = torch.empty(max(shape.tasks, 1), shape.text_seq_len, model.config.text_dim, device="meta")
+            text = PrecomputedText(table, table[0], padding="kept")
     codec.requires_grad_(False)
     if recipe.train.lora_rank > 0:
         from xwam_core.finetune import add_lora
@@ -461,11 +515,17 @@ class Memory:
     codec_weights: int
     encoding: int  # the codec's encoding of a micro-batch (or codec micro-batch)
     text_table: int
+    # with accumulation the gradients outlive a micro-batch's backward and meet the next one's forward;
+    # without, they grow in backward as the activations are freed (and are dropped after the step)
+    gradients_persist: bool
 
     @property
     def total(self) -> int:
-        static = self.weights + self.gradients + self.ddp_buckets + self.optimizer + self.codec_weights
-        return static + self.text_table + max(self.encoding, self.activations)
+        """The peak: what stays, plus the largest of what comes and goes in turn (the codec's encoding,
+        then the forward's activations, then, as backward frees those, the gradients)."""
+        static = self.weights + self.ddp_buckets + self.optimizer + self.codec_weights + self.text_table
+        grads = self.gradients if self.gradients_persist else 0
+        return static + grads + max(self.encoding, self.activations, self.gradients - grads)
 
 
 @dataclass
@@ -492,6 +552,7 @@ class Plan:
     memory_other_checkpointing: Memory  # the same with gradient checkpointing switched the other way
     activation_bytes_per_token_block: float
     flops_per_step: float  # whole global batch
+    flops_six_params_tokens: float  # the rule of thumb: 6 x parameters x the tokens they see
     codec_flops_per_step: float
     step_seconds: float
     fits: bool
@@ -543,19 +604,30 @@ def _precision(recipe: Recipe, on_gpu: bool) -> str:
 @dataclass
 class _Measured:
     built: Built
-    trace: ForwardTrace
-    codec: CodecTrace
+    trace: StepTrace  # of one sample
+    encoding: Footprint
+    activations: dict[bool, Footprint]  # by gradient checkpointing
+    transformer_flops: Footprint
+    block_flops: Footprint
+    codec_flops: Footprint
     shape: DataShape
-    dtype: torch.dtype
 
 
 def measure(recipe: Recipe, shape: DataShape, precision: str) -> _Measured:
+    """Build on meta and trace the training forward of 1 and of 2 samples in the compute dtype."""
     built = build_on_meta(recipe, shape)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-    for p in built.model.parameters():
-        p.data = p.data.to(dtype)  # the compute dtype: autocast's casts, or FSDP2's bf16 parameters
-    trace = trace_forward(built.model, shape, built.factors, dtype)
-    return _Measured(built, trace, trace_codec(built.codec, shape), shape, dtype)
+    one, two = (trace_step(built, recipe, shape, dtype, samples) for samples in (1, 2))
+    return _Measured(
+        built=built,
+        trace=one,
+        encoding=Footprint.fit(one.encoding, two.encoding),
+        activations={c: Footprint.fit(one.activations(c), two.activations(c)) for c in (False, True)},
+        transformer_flops=Footprint.fit(one.transformer_flops, two.transformer_flops),
+        block_flops=Footprint.fit(one.block_flops, two.block_flops),
+        codec_flops=Footprint.fit(one.codec_flops, two.codec_flops),
+        shape=shape,
+    )
 
 
 def memory_for(
@@ -581,21 +653,18 @@ def memory_for(
         gradients = 4 * trainable
         optimizer = 8 * trainable
         buckets = 4 * trainable if strategy == "ddp" and ranks > 1 else 0
-    sample = m.trace.activations(checkpointing)
-    text_table = sum(_nbytes(b) for b in m.built.text.buffers())
-    if m.built.text.__class__ is nn.Module:  # UMT5: (tasks + 1) x L x text_dim fp32 table on the GPU
-        text_table = (m.shape.tasks + 1) * m.shape.text_seq_len * int(model.config.text_dim) * 4
-    clips = codec_batch or batch.micro_batch * m.codec.clips_per_sample // 2
-    encoding = m.codec.encode_peak_per_sample * clips // max(m.codec.clips_per_sample // 2, 1)
+    codec_weights = sum(_nbytes(p) for p in m.built.codec.parameters())  # fp32, frozen, on every GPU
     return Memory(
         weights=weights,
         gradients=gradients,
         ddp_buckets=buckets,
         optimizer=optimizer,
-        activations=sample * batch.micro_batch,
-        codec_weights=m.codec.weight_bytes,
-        encoding=encoding,
-        text_table=text_table,
+        activations=m.activations[checkpointing].at(batch.micro_batch),
+        codec_weights=codec_weights,
+        # the objective encodes a micro-batch at once, or CODEC_BATCH_KEY samples at a time
+        encoding=m.encoding.at(min(codec_batch or batch.micro_batch, batch.micro_batch)),
+        text_table=sum(_nbytes(b) for b in m.built.text.buffers()),
+        gradients_persist=batch.accumulation > 1,
     )
 
 
@@ -608,8 +677,12 @@ def plan(
     image_size: tuple[int, int] | None = None,
     on_gpu: bool = True,
     shape: DataShape | None = None,
+    micro_batch: int | None = None,
 ) -> Plan:
-    """What `recipe` needs per GPU on `gpus` GPUs; `fits` and a one-line `advice` when it does not."""
+    """What `recipe` needs per GPU on `gpus` GPUs; `fits` and a one-line `advice` when it does not.
+
+    `on_gpu=False` plans this CPU's run (mixed_precision "auto" is fp32 there); `shape` replaces the data
+    layout found from the recipe, `micro_batch` the recipe's."""
     if gpus < 1:
         raise XWAMError(f"--gpus {gpus}: expected an integer >= 1")
     card = gpu_named(gpu)
@@ -623,7 +696,7 @@ def plan(
         raise XWAMError(f"strategy 'single' runs on one GPU, not {gpus}: use ddp or fsdp2")
     shape = shape or data_shape(recipe, image_size)
     precision = _precision(recipe, on_gpu)
-    batch = resolve_batch(recipe, gpus)
+    batch = resolve_batch(recipe, gpus, micro_batch)
     m = measure(recipe, shape, precision)
     ckpt = recipe.train.gradient_checkpointing
     codec_batch = int(recipe_value(recipe, CODEC_BATCH_KEY, 0))
@@ -631,7 +704,7 @@ def plan(
     other = memory_for(m, strategy, batch, precision, not ckpt, codec_batch)
     views = len(shape.views)
     latent_f, latent_h, latent_w = latent_grid(shape, m.built.factors)
-    patch = tuple(m.built.model.config.patch_size)
+    patch = tuple(m.built.model.cfg.patch_size)
     per_view_frame = (latent_h // patch[1]) * (latent_w // patch[2])
     video_tokens = views * (latent_f // patch[0]) * per_view_frame
     tokens = {
@@ -649,9 +722,21 @@ def plan(
         m.built.model.depth_blocks
     )
     per_token_block = sum(m.trace.saved_blocks) / max(block_tokens, 1) if blocks else 0.0
-    fwd = m.trace.forward_flops + (m.trace.block_forward_flops if ckpt else 0)
-    flops = 3 * m.trace.forward_flops * batch.global_batch + (fwd - m.trace.forward_flops) * batch.global_batch
-    codec_flops = m.codec.forward_flops_per_sample * batch.global_batch
+    # backward = 2 x forward; checkpointed blocks run their forward once more
+    micro_batches = batch.ranks * batch.accumulation
+    transformer = m.transformer_flops.at(batch.micro_batch) * micro_batches
+    recompute = m.block_flops.at(batch.micro_batch) * micro_batches if ckpt else 0
+    flops = 3 * transformer + recompute
+    codec_flops = m.codec_flops.at(batch.micro_batch) * micro_batches
+    depth_params = sum(
+        g["trainable"] + g["frozen"] for k, g in m.built.parameters.items() if k == "depth branch"
+    )
+    main_params = sum(
+        g["trainable"] + g["frozen"] for k, g in m.built.parameters.items() if k == "main branch"
+    )
+    six_pt = (
+        6 * (main_params * tokens["sequence"] + depth_params * tokens["depth_branch"]) * batch.global_batch
+    )
     step_seconds = (flops + codec_flops) / gpus / (MFU * card.bf16_flops)
     result = Plan(
         recipe=recipe.name,
@@ -668,43 +753,52 @@ def plan(
         memory_other_checkpointing=other,
         activation_bytes_per_token_block=per_token_block,
         flops_per_step=flops,
+        flops_six_params_tokens=six_pt,
         codec_flops_per_step=codec_flops,
         step_seconds=step_seconds,
         fits=memory.total <= capacity * GB,
     )
     if not result.fits:
-        result.advice = _advice(m, recipe, result, capacity, precision, codec_batch)
+        result.advice = _advice(m, result, capacity, precision, codec_batch)
     return result
 
 
-def _advice(
-    m: _Measured, recipe: Recipe, p: Plan, capacity: float, precision: str, codec_batch: int
-) -> str:
-    """One line: what this needs, and the first setting that fits (fsdp2 and checkpointing before a
-    smaller micro-batch, the largest micro-batch that fits), or that none does on these GPUs."""
+def _advice(m: _Measured, p: Plan, capacity: float, precision: str, codec_batch: int) -> str:
+    """One line: what this needs, and what fits: the largest micro-batch (x accumulation, the same global
+    batch) that fits with the simplest strategy (ddp before fsdp2, checkpointing only when needed), or
+    from how many GPUs fsdp2 fits at micro-batch 1."""
     need = (
-        f"needs {p.memory.total / GB:.0f} GB/GPU on {p.batch.ranks} x {capacity:g} GB "
+        f"needs {_gb_value(p.memory.total)} GB/GPU on {p.batch.ranks} x {capacity:g} GB "
         f"({p.strategy}, micro-batch {p.batch.micro_batch}"
         f"{', grad checkpointing' if p.checkpointing else ''})"
     )
     per_rank = p.batch.global_batch // p.batch.ranks
-    strategies = [s for s in STRATEGIES if s != "single"] if p.batch.ranks > 1 else ["single"]
-    options = []
-    for strategy in strategies:
-        for ckpt in sorted({p.checkpointing, True}):
-            options.append((strategy, ckpt))
+    strategies = ["single"] if p.batch.ranks == 1 and p.strategy == "single" else ["ddp", "fsdp2"]
+    options = [(s, c) for s in strategies for c in sorted({p.checkpointing, True})]
     for micro in sorted((d for d in range(1, per_rank + 1) if per_rank % d == 0), reverse=True):
+        batch = Batch(p.batch.global_batch, p.batch.ranks, micro, per_rank // micro)
         for strategy, ckpt in options:
-            batch = Batch(p.batch.global_batch, p.batch.ranks, micro, per_rank // micro)
             mem = memory_for(m, strategy, batch, precision, ckpt, codec_batch)
             if mem.total <= capacity * GB:
                 how = strategy + (" + grad checkpointing" if ckpt else "")
                 return (
-                    f"{need}; fits with {how} at micro-batch {micro} (x accumulation {per_rank // micro}): "
-                    f"{mem.total / GB:.0f} GB/GPU"
+                    f"{need}; fits with {how} at micro-batch {micro} (x accumulation {batch.accumulation}): "
+                    f"{_gb_value(mem.total)} GB/GPU"
                 )
-    smallest = memory_for(m, "fsdp2", Batch(p.batch.global_batch, p.batch.ranks, 1, per_rank), precision, True, 1)
-    return f"{need}; does not fit even with fsdp2 + grad checkpointing at micro-batch 1 ({smallest.total / GB:.0f} GB/GPU): use more GPUs or GPUs with more memory"
+    floor = memory_for(
+        m, "fsdp2", Batch(p.batch.global_batch, p.batch.ranks, 1, per_rank), precision, True, 1
+    )
+    line = (
+        f"{need}; does not fit even with fsdp2 + grad checkpointing at micro-batch 1 "
+        f"({_gb_value(floor.total)} GB/GPU)"
+    )
+    ranks = p.batch.ranks
+    while ranks < 1 << 20:  # what sharding over more GPUs gives (the rest does not shrink with them)
+        ranks *= 2
+        mem = memory_for(m, "fsdp2", Batch(ranks, ranks, 1, 1), precision, True, 1)
+        if mem.total <= capacity * GB:
+            return f"{line}; fsdp2 fits from {ranks} GPUs of {capacity:g} GB"
+    return f"{line}; more GPUs do not help: the unsharded part alone is too large for {capacity:g} GB"
 
 
 # ------------------------------------------------------------------------------------------- output
@@ -714,7 +808,10 @@ def plan_json(p: Plan) -> str:
 
 def plan_rows(p: Plan) -> Iterator[tuple[str, str]]:
     """(label, value) rows of the dry-run table."""
-    yield "recipe", f"{p.recipe}: {p.strategy} on {p.batch.ranks} x {p.gpu.name} ({p.gpu_memory_gb:g} GB), {p.precision if p.precision != 'no' else 'fp32'}"
+    yield (
+        "recipe",
+        f"{p.recipe}: {p.strategy} on {p.batch.ranks} x {p.gpu.name} ({p.gpu_memory_gb:g} GB), {p.precision if p.precision != 'no' else 'fp32'}",
+    )
     b = p.batch
     yield (
         "batch",
@@ -741,8 +838,9 @@ def plan_rows(p: Plan) -> Iterator[tuple[str, str]]:
     )
     mem, other = p.memory, p.memory_other_checkpointing
     yield "memory/GPU: weights", _gb(mem.weights)
-    yield "memory/GPU: gradients", _gb(mem.gradients) + (
-        f" (+ DDP buckets {_gb(mem.ddp_buckets)})" if mem.ddp_buckets else ""
+    yield (
+        "memory/GPU: gradients",
+        _gb(mem.gradients) + (f" (+ DDP buckets {_gb(mem.ddp_buckets)})" if mem.ddp_buckets else ""),
     )
     yield "memory/GPU: optimizer (AdamW m+v)", _gb(mem.optimizer)
     on, off = (mem, other) if p.checkpointing else (other, mem)
@@ -762,14 +860,25 @@ def plan_rows(p: Plan) -> Iterator[tuple[str, str]]:
     )
     yield (
         "FLOPs per step",
-        f"{p.flops_per_step:.3g} transformer + {p.codec_flops_per_step:.3g} codec "
-        f"({(p.flops_per_step + p.codec_flops_per_step) / b.ranks:.3g} per GPU)",
+        f"{p.flops_per_step:.3g} transformer (6 x params x tokens: {p.flops_six_params_tokens:.3g}; the rest "
+        f"attention's quadratic term{' and the recompute' if p.checkpointing else ''}) + "
+        f"{p.codec_flops_per_step:.3g} codec = {(p.flops_per_step + p.codec_flops_per_step) / b.ranks:.3g} per GPU",
     )
-    yield "step time", f"{p.step_seconds:.2f} s at {MFU:.0%} MFU of {p.gpu.bf16_flops / 1e12:.0f} TFLOP/s bf16"
+    yield (
+        "step time",
+        f"{p.step_seconds:.2f} s at {MFU:.0%} MFU of {p.gpu.bf16_flops / 1e12:.0f} TFLOP/s bf16",
+    )
 
 
 def _gb(nbytes: float) -> str:
-    return f"{nbytes / GB:.1f} GB"
+    return f"{_gb_value(nbytes)} GB"
+
+
+def _gb_value(nbytes: float) -> str:
+    """GB to three significant digits (615, 76.1, 0.412), never in exponent form."""
+    value = nbytes / GB
+    digits = max(0, 2 - math.floor(math.log10(value))) if value > 0 else 0
+    return f"{value:.{digits}f}"
 
 
 def _count(n: int) -> str:
