@@ -14,6 +14,9 @@ For bench/train.py's presets (tiny: 64x64, width 128, 4 blocks, batch 8; medium:
                                         and a warm-up of the kernels; each in a fresh process, glibc's
                                         malloc with a fixed mmap threshold (freed tensors are returned)
     <preset>[_grad_ckpt]_ratio          predicted / measured
+With --codec SIZE (e.g. 128): the Wan2.2 VAE (its geometry, random weights: 2.8 GB) encoding one clip of
+9 frames at SIZExSIZE, the planner's live-bytes trace on meta vs the measured peak RSS growth:
+    wan_vae_<SIZE>_predicted_mb, wan_vae_<SIZE>_measured_mb, wan_vae_<SIZE>_ratio
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -157,8 +161,45 @@ def measured_bytes(preset: str, grad_ckpt: bool) -> int:
 FIXED_MMAP_THRESHOLD = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
-def run_child(preset: str, grad_ckpt: bool, default_malloc: bool = False) -> int:
-    cmd = [sys.executable, __file__, "--child", preset] + (["--grad-ckpt"] if grad_ckpt else [])
+def codec_bytes(size: int) -> tuple[int, int]:
+    """Runs in a child process: (predicted, measured) peak of the Wan2.2 VAE encoding one clip."""
+    import gc
+
+    import torch
+    from accelerate import init_empty_weights
+
+    from xwam_core.models.codecs import empty_codec
+    from xwam_core.plan import _LiveBytes, _storage_bytes
+
+    with init_empty_weights(include_buffers=False):
+        codec = empty_codec("base")
+    live = _LiveBytes(ignore={_storage_bytes(t)[0] for t in [*codec.parameters(), *codec.buffers()]})
+    with torch.no_grad(), live:
+        clip = torch.empty(1, 3, FRAMES, size, size, device="meta")
+        live.track(clip)
+        codec.encode(clip)
+    predicted = live.peak
+    del codec, clip, live
+    gc.collect()
+    codec = empty_codec("base")  # the real geometry, randomly initialised
+    codec.requires_grad_(False)
+    with torch.no_grad():
+        codec.encode(torch.rand(1, 3, 5, 32, 32) * 2 - 1)  # warm the kernels
+    gc.collect()
+    base = _rss_bytes()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    with torch.no_grad():
+        codec.encode(torch.rand(1, 3, FRAMES, size, size) * 2 - 1)
+    return predicted, _peak_bytes() - base
+
+
+def run_child(
+    preset: str, grad_ckpt: bool, default_malloc: bool = False, extra: list[str] | None = None
+) -> Any:
+    cmd = [sys.executable, __file__, "--child", preset, *(extra or [])] + (
+        ["--grad-ckpt"] if grad_ckpt else []
+    )
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     env.pop("MALLOC_MMAP_THRESHOLD_", None)
     if not default_malloc:
@@ -166,7 +207,7 @@ def run_child(preset: str, grad_ckpt: bool, default_malloc: bool = False) -> int
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if out.returncode != 0:
         raise SystemExit(f"plan_check child failed:\n{out.stderr[-2000:]}")
-    return int(json.loads(out.stdout.strip().splitlines()[-1]))
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def compare(preset: str, grad_ckpt: bool, default_malloc: bool = False) -> dict[str, float]:
@@ -182,22 +223,32 @@ def main() -> None:
     parser = bench_argparser(__doc__ or "")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--grad-ckpt", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--presets", default="tiny,medium")
+    parser.add_argument("--presets", default="tiny,medium", help="comma-separated; empty: none")
+    parser.add_argument("--codec", type=int, default=0, help="also check the Wan2.2 VAE at SIZExSIZE")
     parser.add_argument(
         "--default-malloc", action="store_true", help="measure under glibc's default (dynamic) mmap threshold"
     )
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(measured_bytes(args.child, args.grad_ckpt)))
+        if args.child == "codec":
+            print(json.dumps(codec_bytes(args.codec)))
+        else:
+            print(json.dumps(measured_bytes(args.child, args.grad_ckpt)))
         return
     report = Report("xwam dry-run memory vs measured peak (CPU, fp32)")
-    for preset in args.presets.split(","):
+    for preset in filter(None, args.presets.split(",")):
         for grad_ckpt in (False, True):
             name = preset + ("_grad_ckpt" if grad_ckpt else "")
             r = compare(preset, grad_ckpt, args.default_malloc)
             report.add(f"{name}_predicted_mb", r["predicted"] / 2**20, "MB", "xwam_core.plan")
             report.add(f"{name}_measured_mb", r["measured"] / 2**20, "MB", "peak RSS growth of 2 steps")
             report.add(f"{name}_ratio", r["ratio"], "ratio", "predicted / measured")
+    if args.codec:
+        predicted, measured = run_child("codec", False, extra=["--codec", str(args.codec)])
+        name = f"wan_vae_{args.codec}"
+        report.add(f"{name}_predicted_mb", predicted / 2**20, "MB", "one clip, live-bytes trace on meta")
+        report.add(f"{name}_measured_mb", measured / 2**20, "MB", "peak RSS growth of the encode")
+        report.add(f"{name}_ratio", predicted / measured, "ratio", "predicted / measured")
     report.emit(args.json)
 
 

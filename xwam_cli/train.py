@@ -64,6 +64,14 @@ StrategyOpt = Annotated[
     str | None,
     typer.Option(help="--dry-run: single, ddp or fsdp2 (default: the recipe's train.strategy, else ddp)."),
 ]
+MicroBatchOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--micro-batch",
+        help="--dry-run: samples per GPU per forward (the rest of the global batch is accumulation); "
+        "default: the recipe's.",
+    ),
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="--dry-run: print the plan as JSON.")]
 
 
@@ -74,12 +82,15 @@ def _dry_run(
     gpu: str,
     gpu_memory: float | None,
     strategy: str | None,
+    micro_batch: int | None,
     as_json: bool,
 ) -> None:
     from xwam_core.plan import plan, plan_json, plan_rows
 
     recipe = recipe_with(recipe_path, set_, {})
-    result = plan(recipe, gpus=gpus, gpu=gpu, gpu_memory_gb=gpu_memory, strategy=strategy)
+    result = plan(
+        recipe, gpus=gpus, gpu=gpu, gpu_memory_gb=gpu_memory, strategy=strategy, micro_batch=micro_batch
+    )
     if as_json:
         print(plan_json(result))
     else:
@@ -155,13 +166,14 @@ def pretrain(
     gpu: GpuOpt = "H100",
     gpu_memory: GpuMemoryOpt = None,
     strategy: StrategyOpt = None,
+    micro_batch: MicroBatchOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Train a world-action model from a video prior (model.init) or from scratch (tiny recipes).
 
     Ctrl-C or SIGTERM ends the run after the current step with a checkpoint of it."""
     if dry_run:
-        _dry_run(recipe, set_, gpus, gpu, gpu_memory, strategy, as_json)
+        _dry_run(recipe, set_, gpus, gpu, gpu_memory, strategy, micro_batch, as_json)
         return
     _run(recipe, set_, None, resume, overwrite)
 
@@ -184,13 +196,14 @@ def finetune(
     gpu: GpuOpt = "H100",
     gpu_memory: GpuMemoryOpt = None,
     strategy: StrategyOpt = None,
+    micro_batch: MicroBatchOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Adapt a checkpoint to new data; mismatched heads/embeddings are re-initialised and listed.
 
     Ctrl-C or SIGTERM ends the run after the current step with a checkpoint of it."""
     if dry_run:
-        _dry_run(recipe, set_, gpus, gpu, gpu_memory, strategy, as_json)
+        _dry_run(recipe, set_, gpus, gpu, gpu_memory, strategy, micro_batch, as_json)
         return
     if init is None:
         raise XWAMError("finetune needs --init CKPT: the checkpoint (or run folder) to start from")
