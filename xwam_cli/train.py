@@ -56,7 +56,9 @@ DryRunOpt = Annotated[
     ),
 ]
 GpusOpt = Annotated[int, typer.Option("--gpus", help="--dry-run: GPUs in all (ranks).")]
-GpuOpt = Annotated[str, typer.Option("--gpu", help="--dry-run: the GPU: H100, A100 or H200.")]
+GpuOpt = Annotated[
+    str | None, typer.Option("--gpu", help="--dry-run: the GPU: H100 (default), A100 or H200.")
+]
 GpuMemoryOpt = Annotated[
     float | None, typer.Option("--gpu-memory", help="--dry-run: GB per GPU (default: the GPU's).")
 ]
@@ -79,7 +81,7 @@ def _dry_run(
     recipe_path: Path,
     set_: list[str] | None,
     gpus: int,
-    gpu: str,
+    gpu: str | None,
     gpu_memory: float | None,
     strategy: str | None,
     micro_batch: int | None,
@@ -163,7 +165,7 @@ def pretrain(
     overwrite: OverwriteOpt = False,
     dry_run: DryRunOpt = False,
     gpus: GpusOpt = 1,
-    gpu: GpuOpt = "H100",
+    gpu: GpuOpt = None,
     gpu_memory: GpuMemoryOpt = None,
     strategy: StrategyOpt = None,
     micro_batch: MicroBatchOpt = None,
@@ -193,7 +195,7 @@ def finetune(
     overwrite: OverwriteOpt = False,
     dry_run: DryRunOpt = False,
     gpus: GpusOpt = 1,
-    gpu: GpuOpt = "H100",
+    gpu: GpuOpt = None,
     gpu_memory: GpuMemoryOpt = None,
     strategy: StrategyOpt = None,
     micro_batch: MicroBatchOpt = None,

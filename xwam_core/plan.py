@@ -77,7 +77,7 @@ STRATEGY_KEY = ("train", "strategy")
 GLOBAL_BATCH_KEY = ("data", "batch_size")  # the global batch: micro-batch x ranks x accumulation
 ACCUMULATION_KEY = ("train", "grad_accum")
 MICRO_BATCH_KEY = ("train", "micro_batch")
-CODEC_BATCH_KEY = ("train", "codec_batch")  # clips per codec call; absent: a micro-batch's clips at once
+CODEC_BATCH_KEY = ("train", "codec_batch")  # samples per codec call; absent: the whole micro-batch at once
 
 MFU = 0.40  # the utilisation step times are quoted at
 
@@ -125,10 +125,10 @@ class DataShape:
     source: str  # where views and image size came from
 
 
-def data_shape(recipe: Recipe, image_size: tuple[int, int] | None = None) -> DataShape:
+def data_shape(recipe: Recipe) -> DataShape:
     """The layout training would see: the store's views/size/dimensions when the store exists; a recipe
     that prepares its own store (prepare.out = data.store) gives them before it is made; else the
-    paper's 3 views at 256x320. `image_size` overrides the size."""
+    paper's 3 views at 256x320."""
     from xwam_core.data.windows import WindowLayout
     from xwam_core.models.presets import PRESETS
 
@@ -145,15 +145,17 @@ def data_shape(recipe: Recipe, image_size: tuple[int, int] | None = None) -> Dat
         a_dim, s_dim = len(store.action_names), len(store.state_names)
         source = f"store {store_path}"
     elif recipe.prepare.out and recipe.prepare.out == store_path and recipe.prepare.source == "metaworld":
+        from xwam_core.data.sources.metaworld import ACTION_NAMES, STATE_LAYOUTS
+
         mw = recipe.prepare.metaworld
         views, size, tasks = list(mw.views), (mw.size, mw.size), len(mw.tasks)
-        a_dim, s_dim = 4, 18 if mw.state == "task" else 8  # the Meta-World source's dimensions
-        source = f"prepare.metaworld (store {store_path} not made yet)"
+        a_dim, s_dim = len(ACTION_NAMES), len(STATE_LAYOUTS[mw.state])
+        source = f"prepare.metaworld; store {store_path} not made yet"
     else:
         layout = PRESETS[model.preset]
         views = [f"view{i}" for i in range(int(layout["num_views"]))]
         size, tasks = PAPER_IMAGE_SIZE, 1
-        source = f"the paper's layout (store {store_path or '(none)'} not found here)"
+        source = f"the paper's layout; store {store_path or '(none)'} not found here"
     if data.views:
         views = list(data.views)
     text_len = model.text_seq_len
@@ -161,7 +163,7 @@ def data_shape(recipe: Recipe, image_size: tuple[int, int] | None = None) -> Dat
         text_len, tasks = _umt5_cache_shape(model.text_cache, tasks)
     return DataShape(
         views=views,
-        image_size=(int(image_size[0]), int(image_size[1])) if image_size else (int(size[0]), int(size[1])),
+        image_size=(int(size[0]), int(size[1])),
         num_frames=window.num_frames,
         num_actions=window.num_actions,
         action_dim=model.action_dim or a_dim or int(PRESETS[model.preset]["action_dim"]),
@@ -186,13 +188,15 @@ def _umt5_cache_shape(path: str, tasks: int) -> tuple[int, int]:
 
 
 # ------------------------------------------------------------------------------ meta measurements
-# Ops that read a tensor's value (bool(t), t.item()); on meta tensors the trace answers them with 1/true.
+# Ops that read a tensor's value (bool(t), t.item()): on meta tensors the trace answers true for the
+# result of an `any` (so the depth branch runs) and false otherwise (so range checks pass).
 _DATA_DEPENDENT = (torch.ops.aten.is_nonzero.default, torch.ops.aten._local_scalar_dense.default)
 
 
 class _LiveBytes(TorchDispatchMode):
-    """Follows every tensor an op creates (by storage) until its last Python reference dies: the peak of
-    live bytes of a computation on meta tensors, without allocating anything."""
+    """Follows every tensor an op creates (by storage) until its last reference dies: the peak of live
+    bytes of a computation, on meta tensors without allocating anything. A meta value read back to the
+    CPU (small: colour-jitter factors) reads as zeros."""
 
     def __init__(self, ignore: set[int] | None = None) -> None:
         super().__init__()
@@ -204,8 +208,6 @@ class _LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         if func in _DATA_DEPENDENT and args[0].device.type == "meta":
-            # only `any(...)` answers yes ("a sample has depth": the depth branch runs); range checks
-            # (`index.min() < 0`) answer no
             return _storage_bytes(args[0])[0] in self._truthy
         if func is torch.ops.aten._to_copy.default and args[0].device.type == "meta":
             device = (kwargs or {}).get("device")
@@ -243,7 +245,7 @@ class _LiveBytes(TorchDispatchMode):
 
 @dataclass
 class StepTrace:
-    """One sample's training forward (augmentation, codec, noising, transformer, losses) on meta tensors."""
+    """A micro-batch's training forward (augmentation, codec, noising, transformer, losses) on meta."""
 
     encoding: int  # live bytes while the sample is augmented and encoded (before the transformer runs)
     forward_peak: int  # live bytes at the forward's peak, from the batch on (latents, activations, losses)
@@ -282,8 +284,9 @@ class Footprint:
 class _FusedAttention(torch.autograd.Function):
     """Fused attention as the GPU (flash / memory-efficient) and CPU (flash) kernels keep it for backward:
     q, k, v, the output and the log-sum-exp, never the attention matrix. Stands in for SDPA in the trace
-    (on meta tensors torch picks the math path, which keeps the matrix); its forward still runs the
-    math path (no grad) so the FLOP count includes attention."""
+    (on meta tensors torch picks the math path, which keeps the matrix). Its forward still runs the math
+    path, without grad, so that the FLOP count includes attention; that path's matrix is then a transient
+    of one layer in the live bytes (a small overestimate: 28 MB a sample for the base model)."""
 
     @staticmethod
     def forward(ctx: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kwargs: Any) -> Any:
@@ -379,7 +382,7 @@ def trace_step(
         torch.ones(shape.state_dim, dtype=torch.bool, device=meta),
         recipe.train.augment,
     )
-    batch = {  # one sample as the loader gives it
+    batch = {  # as the loader gives it
         "rgb": torch.empty(samples, views, frames, height, width, 3, dtype=torch.uint8, device=meta),
         "depth": torch.empty(samples, views, frames, height, width, device=meta),
         "intrinsics": torch.eye(3).expand(samples, views, frames, 3, 3).to(meta),
@@ -671,10 +674,9 @@ def memory_for(
 def plan(
     recipe: Recipe,
     gpus: int = 8,
-    gpu: str = DEFAULT_GPU,
+    gpu: str | None = None,
     gpu_memory_gb: float | None = None,
     strategy: str | None = None,
-    image_size: tuple[int, int] | None = None,
     on_gpu: bool = True,
     shape: DataShape | None = None,
     micro_batch: int | None = None,
@@ -685,7 +687,7 @@ def plan(
     layout found from the recipe, `micro_batch` the recipe's."""
     if gpus < 1:
         raise XWAMError(f"--gpus {gpus}: expected an integer >= 1")
-    card = gpu_named(gpu)
+    card = gpu_named(gpu or DEFAULT_GPU)
     capacity = gpu_memory_gb if gpu_memory_gb is not None else card.memory_gb
     if capacity <= 0:
         raise XWAMError(f"--gpu-memory {capacity}: expected GB > 0")
@@ -694,7 +696,7 @@ def plan(
         raise XWAMError(f"strategy {strategy!r}: expected one of {', '.join(STRATEGIES)}")
     if strategy == "single" and gpus != 1:
         raise XWAMError(f"strategy 'single' runs on one GPU, not {gpus}: use ddp or fsdp2")
-    shape = shape or data_shape(recipe, image_size)
+    shape = shape or data_shape(recipe)
     precision = _precision(recipe, on_gpu)
     batch = resolve_batch(recipe, gpus, micro_batch)
     m = measure(recipe, shape, precision)
@@ -851,7 +853,10 @@ def plan_rows(p: Plan) -> Iterator[tuple[str, str]]:
     )
     yield "memory/GPU: codec", f"{_gb(mem.codec_weights)} weights + {_gb(mem.encoding)} encoding"
     if mem.text_table:
-        yield "memory/GPU: text table", _gb(mem.text_table)
+        yield (
+            "memory/GPU: text table",
+            f"{_gb(mem.text_table)} ({s.tasks} task(s) + the empty prompt x {s.text_seq_len} tokens, fp32)",
+        )
     yield (
         "memory/GPU: peak",
         f"{_gb(mem.total)} of {p.gpu_memory_gb:g} GB ({'fits' if p.fits else 'does NOT fit'}; "
