@@ -111,13 +111,15 @@ def test_refusal_is_one_line_saying_what_would_fit() -> None:
 
 def test_batch_keys_and_their_absence() -> None:
     recipe = load_recipe(TINY, ["data.batch_size=16"])
-    assert P.resolve_batch(recipe, 2) == P.Batch(16, 2, 8, 1)  # no accumulation key: accumulation 1
-    setattr(getattr(recipe, P.ACCUMULATION_KEY[0]), P.ACCUMULATION_KEY[1], 4)
-    assert P.resolve_batch(recipe, 2) == P.Batch(16, 2, 2, 4)
-    setattr(getattr(recipe, P.MICRO_BATCH_KEY[0]), P.MICRO_BATCH_KEY[1], 1)
+    assert P.resolve_batch(recipe, 2) == P.Batch(16, 2, 8, 1)  # no micro-batch key: accumulation 1
+    assert P.resolve_batch(recipe, 2, micro_batch=2) == P.Batch(16, 2, 2, 4)
+    section, key = P.MICRO_BATCH_KEY
+    setattr(getattr(recipe, section), key, 1)  # the Trainer's key, read where the recipe has it
     assert P.resolve_batch(recipe, 2) == P.Batch(16, 2, 1, 8)
     with pytest.raises(XWAMError, match="does not divide over 3 GPUs"):
         P.resolve_batch(recipe, 3)
+    with pytest.raises(XWAMError, match="micro-batch 3 does not divide the 8 samples per GPU"):
+        P.resolve_batch(recipe, 2, micro_batch=3)
 
 
 def test_bad_options_are_one_line_errors() -> None:

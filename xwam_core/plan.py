@@ -71,13 +71,12 @@ GB = 1e9  # memory is printed in GB = 10^9 bytes and compared with the GPU's nom
 STRATEGIES = ("single", "ddp", "fsdp2")
 DEFAULT_STRATEGY = "ddp"
 
-# Recipe keys the planner reads, in one place: (section, key). The strategy and the accumulation keys
-# belong to the Trainer; a recipe without them plans DDP with accumulation 1.
+# Recipe keys the planner reads, in one place: (section, key). They belong to the Trainer; a recipe without
+# them plans DDP with the whole per-GPU share in one micro-batch, encoded at once.
 STRATEGY_KEY = ("train", "strategy")
 GLOBAL_BATCH_KEY = ("data", "batch_size")  # the global batch: micro-batch x ranks x accumulation
-ACCUMULATION_KEY = ("train", "grad_accum")
-MICRO_BATCH_KEY = ("train", "micro_batch")
-CODEC_BATCH_KEY = ("train", "codec_batch")  # samples per codec call; absent: the whole micro-batch at once
+MICRO_BATCH_KEY = ("train", "micro_batch")  # samples per GPU and forward (0: the per-GPU share)
+CODEC_BATCH_KEY = ("train", "codec_micro_batch")  # samples the codec encodes at once (0: the micro-batch)
 
 MFU = 0.40  # the utilisation step times are quoted at
 
@@ -577,23 +576,21 @@ def recipe_value(recipe: Recipe, key: tuple[str, str], default: Any) -> Any:
 
 
 def resolve_batch(recipe: Recipe, ranks: int, micro_batch: int | None = None) -> Batch:
-    """global = micro x ranks x accumulation, from the recipe's keys (accumulation 1 without them)."""
+    """global = micro-batch x ranks x accumulation; the micro-batch is `micro_batch`, else the recipe's,
+    else the whole per-GPU share (accumulation 1)."""
     global_batch = int(recipe_value(recipe, GLOBAL_BATCH_KEY, 1))
     per_rank, rest = divmod(global_batch, ranks)
     if rest:
         raise XWAMError(f"data.batch_size={global_batch} does not divide over {ranks} GPUs")
     if micro_batch is None:
         micro_batch = int(recipe_value(recipe, MICRO_BATCH_KEY, 0))
-    if not micro_batch:
-        accumulation = int(recipe_value(recipe, ACCUMULATION_KEY, 1)) or 1
-        micro_batch, rest = divmod(per_rank, accumulation)
-        if rest or micro_batch < 1:
-            raise XWAMError(
-                f"{global_batch} samples over {ranks} GPUs x accumulation {accumulation}: not a whole micro-batch"
-            )
+    micro_batch = micro_batch or per_rank
     accumulation, rest = divmod(per_rank, micro_batch)
     if rest or accumulation < 1:
-        raise XWAMError(f"micro-batch {micro_batch} does not divide the {per_rank} samples per GPU")
+        raise XWAMError(
+            f"micro-batch {micro_batch} does not divide the {per_rank} samples per GPU "
+            f"(data.batch_size={global_batch} over {ranks} GPUs)"
+        )
     return Batch(global_batch, ranks, micro_batch, accumulation)
 
 
