@@ -89,6 +89,8 @@ def test_dry_run_table_and_finetune_without_init() -> None:
         assert row in result.stdout
     result = CliRunner().invoke(app, ["finetune", TINY])
     assert result.exit_code == 1 and "needs --init" in result.output
+    result = CliRunner().invoke(app, ["pretrain", TINY, "--gpus", "8", "--json"])  # no --dry-run
+    assert result.exit_code == 1 and "--gpus, --json: planning options" in result.output
 
 
 def test_refusal_is_one_line_saying_what_would_fit() -> None:

@@ -55,7 +55,7 @@ DryRunOpt = Annotated[
         "downloaded: the model is built on the meta device.",
     ),
 ]
-GpusOpt = Annotated[int, typer.Option("--gpus", help="--dry-run: GPUs in all (ranks).")]
+GpusOpt = Annotated[int | None, typer.Option("--gpus", help="--dry-run: GPUs in all (ranks); default 1.")]
 GpuOpt = Annotated[
     str | None, typer.Option("--gpu", help="--dry-run: the GPU: H100 (default), A100 or H200.")
 ]
@@ -77,10 +77,17 @@ MicroBatchOpt = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="--dry-run: print the plan as JSON.")]
 
 
+def _dry_run_only(**given: object) -> None:
+    """The planning options mean nothing to a training run: refuse them there rather than ignore them."""
+    named = [f"--{name.replace('_', '-')}" for name, value in given.items() if value not in (None, False)]
+    if named:
+        raise XWAMError(f"{', '.join(named)}: planning options, they go with --dry-run")
+
+
 def _dry_run(
     recipe_path: Path,
     set_: list[str] | None,
-    gpus: int,
+    gpus: int | None,
     gpu: str | None,
     gpu_memory: float | None,
     strategy: str | None,
@@ -91,7 +98,12 @@ def _dry_run(
 
     recipe = recipe_with(recipe_path, set_, {})
     result = plan(
-        recipe, gpus=gpus, gpu=gpu, gpu_memory_gb=gpu_memory, strategy=strategy, micro_batch=micro_batch
+        recipe,
+        gpus=1 if gpus is None else gpus,
+        gpu=gpu,
+        gpu_memory_gb=gpu_memory,
+        strategy=strategy,
+        micro_batch=micro_batch,
     )
     if as_json:
         print(plan_json(result))
@@ -164,7 +176,7 @@ def pretrain(
     resume: ResumeOpt = None,
     overwrite: OverwriteOpt = False,
     dry_run: DryRunOpt = False,
-    gpus: GpusOpt = 1,
+    gpus: GpusOpt = None,
     gpu: GpuOpt = None,
     gpu_memory: GpuMemoryOpt = None,
     strategy: StrategyOpt = None,
@@ -177,6 +189,9 @@ def pretrain(
     if dry_run:
         _dry_run(recipe, set_, gpus, gpu, gpu_memory, strategy, micro_batch, as_json)
         return
+    _dry_run_only(
+        gpus=gpus, gpu=gpu, gpu_memory=gpu_memory, strategy=strategy, micro_batch=micro_batch, json=as_json
+    )
     _run(recipe, set_, None, resume, overwrite)
 
 
@@ -194,7 +209,7 @@ def finetune(
     resume: ResumeOpt = None,
     overwrite: OverwriteOpt = False,
     dry_run: DryRunOpt = False,
-    gpus: GpusOpt = 1,
+    gpus: GpusOpt = None,
     gpu: GpuOpt = None,
     gpu_memory: GpuMemoryOpt = None,
     strategy: StrategyOpt = None,
@@ -207,6 +222,9 @@ def finetune(
     if dry_run:
         _dry_run(recipe, set_, gpus, gpu, gpu_memory, strategy, micro_batch, as_json)
         return
+    _dry_run_only(
+        gpus=gpus, gpu=gpu, gpu_memory=gpu_memory, strategy=strategy, micro_batch=micro_batch, json=as_json
+    )
     if init is None:
         raise XWAMError("finetune needs --init CKPT: the checkpoint (or run folder) to start from")
     _run(recipe, set_, init, resume, overwrite)
