@@ -48,7 +48,7 @@ import json
 import math
 import weakref
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from unittest import mock
@@ -559,7 +559,6 @@ class Plan:
     step_seconds: float
     fits: bool
     advice: str = ""
-    notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
