@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from xwam_cli.common import RichProgress, console, err_console, recipe_with, user_errors
+from xwam_core.errors import XWAMError
 
 EXAMPLES = """
 [bold]Examples[/]
@@ -17,6 +18,8 @@ EXAMPLES = """
   xwam pretrain recipes/tiny_cpu.toml --set train.max_steps=200 --set train.out=runs/quick
   xwam pretrain recipes/tiny_cpu.toml --resume latest      # after Ctrl-C, SIGTERM or a crash
   xwam pretrain recipes/tiny_cpu.toml --overwrite          # replace the run in train.out
+  xwam pretrain recipes/base.toml --dry-run --gpus 8     # what it needs per GPU, before any work
+  xwam pretrain recipes/base.toml --dry-run --gpus 256 --gpu H200 --strategy fsdp2 --json
   accelerate launch --multi_gpu --num_processes 8 -m xwam_cli.main pretrain recipes/base.toml
 """
 
@@ -25,6 +28,7 @@ FINETUNE_EXAMPLES = """
 
   xwam finetune recipes/finetune_tiny.toml --init out/demo/run
   xwam finetune recipes/finetune_tiny.toml --init CKPT --set train.lora_rank=16
+  xwam finetune recipes/finetune_base.toml --dry-run --gpus 8
 """
 
 RecipeArg = Annotated[Path, typer.Argument(help="Recipe TOML (see recipes/).", exists=False)]
@@ -41,6 +45,78 @@ OverwriteOpt = Annotated[
         "flag or --resume such a folder is refused).",
     ),
 ]
+
+DryRunOpt = Annotated[
+    bool,
+    typer.Option(
+        "--dry-run",
+        help="Say what the recipe needs per GPU (parameters, tokens, memory, FLOPs, step time) and exit; "
+        "a recipe that cannot fit is refused with what would (exit status 1). Nothing is trained or "
+        "downloaded: the model is built on the meta device.",
+    ),
+]
+GpusOpt = Annotated[int | None, typer.Option("--gpus", help="--dry-run: GPUs in all (ranks); default 1.")]
+GpuOpt = Annotated[
+    str | None, typer.Option("--gpu", help="--dry-run: the GPU: H100 (default), A100 or H200.")
+]
+GpuMemoryOpt = Annotated[
+    float | None, typer.Option("--gpu-memory", help="--dry-run: GB per GPU (default: the GPU's).")
+]
+StrategyOpt = Annotated[
+    str | None,
+    typer.Option(help="--dry-run: single, ddp or fsdp2 (default: the recipe's train.strategy, else ddp)."),
+]
+MicroBatchOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--micro-batch",
+        help="--dry-run: samples per GPU per forward (the rest of the global batch is accumulation); "
+        "default: the recipe's.",
+    ),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="--dry-run: print the plan as JSON.")]
+
+
+def _dry_run_only(**given: object) -> None:
+    """The planning options mean nothing to a training run: refuse them there rather than ignore them."""
+    named = [f"--{name.replace('_', '-')}" for name, value in given.items() if value not in (None, False)]
+    if named:
+        raise XWAMError(f"{', '.join(named)}: planning options, they go with --dry-run")
+
+
+def _dry_run(
+    recipe_path: Path,
+    set_: list[str] | None,
+    gpus: int | None,
+    gpu: str | None,
+    gpu_memory: float | None,
+    strategy: str | None,
+    micro_batch: int | None,
+    as_json: bool,
+) -> None:
+    from xwam_core.plan import plan, plan_json, plan_rows
+
+    recipe = recipe_with(recipe_path, set_, {})
+    result = plan(
+        recipe,
+        gpus=1 if gpus is None else gpus,
+        gpu=gpu,
+        gpu_memory_gb=gpu_memory,
+        strategy=strategy,
+        micro_batch=micro_batch,
+    )
+    if as_json:
+        print(plan_json(result))
+    else:
+        table = Table(title=f"dry run: {recipe_path}", show_header=False)
+        table.add_column(style="bold")
+        table.add_column()
+        for label, value in plan_rows(result):
+            table.add_row(label, value)
+        console.print(table)
+    if not result.fits:
+        err_console.print(f"error: {result.advice}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
 
 
 def _run(
@@ -95,11 +171,27 @@ def _run(
 
 @user_errors
 def pretrain(
-    recipe: RecipeArg, set_: SetOpt = None, resume: ResumeOpt = None, overwrite: OverwriteOpt = False
+    recipe: RecipeArg,
+    set_: SetOpt = None,
+    resume: ResumeOpt = None,
+    overwrite: OverwriteOpt = False,
+    dry_run: DryRunOpt = False,
+    gpus: GpusOpt = None,
+    gpu: GpuOpt = None,
+    gpu_memory: GpuMemoryOpt = None,
+    strategy: StrategyOpt = None,
+    micro_batch: MicroBatchOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Train a world-action model from a video prior (model.init) or from scratch (tiny recipes).
 
     Ctrl-C or SIGTERM ends the run after the current step with a checkpoint of it."""
+    if dry_run:
+        _dry_run(recipe, set_, gpus, gpu, gpu_memory, strategy, micro_batch, as_json)
+        return
+    _dry_run_only(
+        gpus=gpus, gpu=gpu, gpu_memory=gpu_memory, strategy=strategy, micro_batch=micro_batch, json=as_json
+    )
     _run(recipe, set_, None, resume, overwrite)
 
 
@@ -107,13 +199,32 @@ def pretrain(
 def finetune(
     recipe: RecipeArg,
     init: Annotated[
-        str, typer.Option(help="Checkpoint folder to start from, or a run folder (its newest checkpoint).")
-    ],
+        str | None,
+        typer.Option(
+            help="Checkpoint folder to start from, or a run folder (its newest checkpoint); required "
+            "except with --dry-run."
+        ),
+    ] = None,
     set_: SetOpt = None,
     resume: ResumeOpt = None,
     overwrite: OverwriteOpt = False,
+    dry_run: DryRunOpt = False,
+    gpus: GpusOpt = None,
+    gpu: GpuOpt = None,
+    gpu_memory: GpuMemoryOpt = None,
+    strategy: StrategyOpt = None,
+    micro_batch: MicroBatchOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Adapt a checkpoint to new data; mismatched heads/embeddings are re-initialised and listed.
 
     Ctrl-C or SIGTERM ends the run after the current step with a checkpoint of it."""
+    if dry_run:
+        _dry_run(recipe, set_, gpus, gpu, gpu_memory, strategy, micro_batch, as_json)
+        return
+    _dry_run_only(
+        gpus=gpus, gpu=gpu, gpu_memory=gpu_memory, strategy=strategy, micro_batch=micro_batch, json=as_json
+    )
+    if init is None:
+        raise XWAMError("finetune needs --init CKPT: the checkpoint (or run folder) to start from")
     _run(recipe, set_, init, resume, overwrite)

@@ -316,3 +316,49 @@ def codec_from_description(description: dict[str, Any], vae: str | Path | None =
         raise XWAMError(f"codec {description}: unknown kind {kind!r} (expected 'pixel' or 'wan-vae')")
     codec.requires_grad_(False)
     return codec.eval()
+
+
+# The Wan2.2 VAE's geometry (Wan-AI/Wan2.2-TI2V-5B-Diffusers, vae/config.json), so it can be sized without
+# its weights; its latent statistics are not needed for that.
+WAN22_VAE_GEOMETRY: dict[str, Any] = {
+    "base_dim": 160,
+    "decoder_base_dim": 256,
+    "z_dim": 48,
+    "dim_mult": [1, 2, 4, 4],
+    "num_res_blocks": 2,
+    "attn_scales": [],
+    "temperal_downsample": [False, True, True],
+    "is_residual": True,
+    "in_channels": 12,
+    "out_channels": 12,
+    "patch_size": 2,
+    "scale_factor_temporal": 4,
+    "scale_factor_spatial": 16,
+}
+
+
+def empty_codec(preset: str, vae: str = "") -> Codec:
+    """The preset's codec with the right geometry and no weights read (build it under accelerate's
+    `init_empty_weights` to allocate none): the Wan2.2 VAE's from `vae`'s config.json when that is a
+    local folder, else `WAN22_VAE_GEOMETRY`. For sizing (xwam_core.plan), never for encoding."""
+    import inspect
+    import json
+
+    description = describe_codec(preset, vae)
+    if description["kind"] != "wan-vae":
+        return codec_from_description(description)
+    from diffusers import AutoencoderKLWan
+
+    config = dict(WAN22_VAE_GEOMETRY)
+    folder = Path(vae).expanduser() if vae else None
+    if folder is not None and folder.is_dir():
+        for candidate in (folder / "vae" / "config.json", folder / "config.json"):
+            if candidate.is_file():
+                config = json.loads(candidate.read_text(encoding="utf-8"))
+                break
+    accepted = set(inspect.signature(AutoencoderKLWan.__init__).parameters) - {"self"}
+    config = {k: v for k, v in config.items() if k in accepted}
+    z_dim = int(config["z_dim"])
+    config.setdefault("latents_mean", [0.0] * z_dim)
+    config.setdefault("latents_std", [1.0] * z_dim)
+    return WanVAECodec(AutoencoderKLWan(**config))

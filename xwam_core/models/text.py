@@ -31,6 +31,7 @@ UMT5_HUB_ID = "Wan-AI/Wan2.2-TI2V-5B-Diffusers"
 PADDINGS = ("kept", "zeroed")  # UMT5 outputs at padded token positions: kept (the release) or zeros
 DEFAULT_PADDING = "kept"
 LEGACY_PADDING = "zeroed"  # what text written without a recorded padding holds
+UMT5_MAX_LENGTH = 512  # tokens per prompt, as Wan2.2 was trained
 
 
 def check_padding(padding: str) -> str:
@@ -174,7 +175,7 @@ def encode_prompts_umt5(
     texts: list[str],
     path_or_hub_id: str | Path = UMT5_HUB_ID,
     *,
-    max_length: int = 512,
+    max_length: int = UMT5_MAX_LENGTH,
     batch_size: int = 8,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
