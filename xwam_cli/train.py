@@ -132,6 +132,8 @@ def _run(
             f"[bold]{recipe.name}[/]: {info['parameters'] / 1e6:.2f} M trainable parameters, "
             f"{info['train_windows']} training / {info['val_windows']} held-out windows, "
             f"{info['processes']} process(es) on {info['device']}, precision {info['mixed_precision']}\n"
+            f"strategy {info['strategy']}: micro-batch {info['micro_batch']} per process x "
+            f"accumulation {info['accumulation']}\n"
             f"model: {info['init']}"
         )
         for note in trainer.notes:  # a stale lock taken over, leftovers of interrupted runs removed
