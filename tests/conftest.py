@@ -164,3 +164,13 @@ def synthetic_store(tmp_path: Path) -> tuple[Path, list[Episode]]:
 def synthetic_builder(cfg: object) -> SyntheticSource:
     """An importable builder of a small synthetic source, so worker processes (spawned) can build it."""
     return SyntheticSource(episodes=5, length=12, size=(32, 32))
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now (for torchrun's --master_port and servers in tests): fixed numbers
+    collide between parallel test workers and with what other runs left in use."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -185,7 +185,7 @@ CASES: list[Case] = [
     Case("infer-unknown-option", lambda e: e.infer("--steps", "3"), ("no such option: --steps",)),
     Case("evaluate-extra-argument", lambda e: ["evaluate", str(e.run), "more"], ("extra argument", "more")),
     Case("pretrain-no-recipe", lambda e: ["pretrain"], ("missing argument",)),
-    Case("finetune-no-init", lambda e: ["finetune", str(TINY)], ("missing option '--init'",)),
+    Case("finetune-no-init", lambda e: ["finetune", str(TINY)], ("finetune needs --init",)),
     Case(
         "reconstruct-float-option-text",
         lambda e: ["reconstruct", str(e.run), "--voxel-size", "fine"],

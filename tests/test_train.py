@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from tests.conftest import SyntheticSource, write_store
+from tests.conftest import SyntheticSource, free_port, write_store
 from xwam_cli.main import app
 from xwam_core.checkpoint import checkpoint_dirs
 from xwam_core.models.transformer import XWAMTransformer
@@ -108,7 +108,7 @@ def test_two_processes_match_one(small_store, tmp_path):
         "--nproc_per_node",
         "2",
         "--master_port",
-        "29533",
+        str(free_port()),
         "-m",
         "xwam_cli.main",
         "pretrain",

@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import SyntheticSource, write_store
+from tests.conftest import SyntheticSource, free_port, write_store
 from xwam_core.checkpoint import checkpoint_dirs, load_policy_parts, load_training_state
 from xwam_core.data.reader import EpisodeStore
 from xwam_core.data.windows import WindowDataset
@@ -58,9 +58,9 @@ def overrides(store: Path, out: Path, *more: str) -> list[str]:
     ]
 
 
-def launch(store: Path, out: Path, record: Path, resume: str, port: int, *more: str, env: dict | None = None):
+def launch(store: Path, out: Path, record: Path, resume: str, *more: str, env: dict | None = None):
     """2 gloo processes under torchrun (a session of their own, so a test can kill the whole group)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            str(ROOT / "tests" / "dist_fsdp.py"), str(TINY), str(record), resume, *overrides(store, out, *more)]  # fmt: skip
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.Popen(
@@ -129,7 +129,7 @@ def sharded_run(store, tmp_path_factory) -> Path:
     final model."""
     root = tmp_path_factory.mktemp("fsdp-run")
     proc = launch(
-        store, root / "run", root / "record", "-", 29561, *SHARDED,
+        store, root / "run", root / "record", "-", *SHARDED,
         env={"XWAM_TEST_EXPORT": str(root / "export")},
     )  # fmt: skip
     finished(proc)
@@ -193,7 +193,7 @@ def test_sigkill_inside_a_sharded_checkpoint_write_resumes_to_the_uninterrupted_
 ):
     run = tmp_path / "killed"
     proc = launch(
-        store, run, tmp_path / "first", "-", 29562, *SHARDED,
+        store, run, tmp_path / "first", "-", *SHARDED,
         env={"XWAM_TEST_WRITE_DELAY": "2.0"},
     )  # fmt: skip
     assert proc.stdout is not None
@@ -209,7 +209,7 @@ def test_sigkill_inside_a_sharded_checkpoint_write_resumes_to_the_uninterrupted_
     assert list((run / "checkpoints").glob(".step-00000003.tmp-*"))  # the write was cut: a temporary
     load_training_state(checkpoint_dirs(run)[-1])  # every shard listed is whole
 
-    finished(launch(store, run, tmp_path / "again", "latest", 29563, *SHARDED))
+    finished(launch(store, run, tmp_path / "again", "latest", *SHARDED))
     again = json.loads(Path(f"{tmp_path / 'again'}.rank0.json").read_text())
     assert again["start"] == 2
     assert not list((run / "checkpoints").glob(".step-*"))  # the leftover temporary was removed
@@ -226,7 +226,7 @@ def test_sigkill_inside_a_sharded_checkpoint_write_resumes_to_the_uninterrupted_
 @pytest.mark.slow
 def test_ddp_with_accumulation_on_two_processes_matches_too(store, sharded_run, tmp_path):
     """The DDP path accumulates under accelerate's no_sync: the same losses and global gradient norms."""
-    finished(launch(store, tmp_path / "ddp", tmp_path / "ddp", "-", 29564, *SHARDED, "train.strategy=ddp"))
+    finished(launch(store, tmp_path / "ddp", tmp_path / "ddp", "-", *SHARDED, "train.strategy=ddp"))
     assert_same_history(history(tmp_path / "ddp"), history(sharded_run / "record"))
 
 
@@ -236,7 +236,7 @@ def test_bf16_parameters_with_float32_reduction_train_and_save_float32(store, sh
     reduces gradients in float32; the sharded parameters, and so every checkpoint, stay float32. Forced
     here on CPU, where autocast has bf16 too."""
     out = tmp_path / "bf16"
-    finished(launch(store, out, tmp_path / "bf16", "-", 29565, *SHARDED, "train.mixed_precision=bf16", "train.max_steps=2"))  # fmt: skip
+    finished(launch(store, out, tmp_path / "bf16", "-", *SHARDED, "train.mixed_precision=bf16", "train.max_steps=2"))  # fmt: skip
     described = json.loads(Path(f"{tmp_path / 'bf16'}.rank0.json").read_text())["described"]
     assert described["mixed_precision"] == "bf16"
     got, want = history(tmp_path / "bf16"), history(sharded_run / "record")[:2]

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import SyntheticSource, write_store
+from tests.conftest import SyntheticSource, free_port, write_store
 from xwam_core.data.mixture import MixtureDataset, check_compatible, weighted_quantiles
 from xwam_core.data.reader import EpisodeStore
 from xwam_core.data.sampler import GlobalBatchSampler, quotas
@@ -159,14 +159,14 @@ def test_two_ranks_on_a_mixture_read_their_shards_and_resume_mid_epoch(two_store
     ]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
-    def launch(out: Path, record: Path, resume: str, port: int) -> None:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+    def launch(out: Path, record: Path, resume: str) -> None:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
                str(ROOT / "tests" / "dist_mixture.py"), str(TINY), str(record), resume, *overrides, f"train.out={out}"]  # fmt: skip
         done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     full = tmp_path / "full"
-    launch(full, tmp_path / "full", "-", 29541)
+    launch(full, tmp_path / "full", "-")
     ranks = _record(tmp_path / "full")
     assert ranks[0]["windows"] == [20, 16]
     every = {
@@ -185,7 +185,7 @@ def test_two_ranks_on_a_mixture_read_their_shards_and_resume_mid_epoch(two_store
     resumed = tmp_path / "resumed"
     (resumed / "checkpoints").mkdir(parents=True)
     shutil.copytree(full / "checkpoints" / "step-00000004", resumed / "checkpoints" / "step-00000004")
-    launch(resumed, tmp_path / "again", str(resumed / "checkpoints" / "step-00000004"), 29542)
+    launch(resumed, tmp_path / "again", str(resumed / "checkpoints" / "step-00000004"))
     again = _record(tmp_path / "again")
     for r in (0, 1):
         assert sorted(again[r]["steps"], key=int) == [str(s) for s in range(5, 10)]
