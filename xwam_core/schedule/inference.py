@@ -191,15 +191,15 @@ class DenoisingSchedule:
         t_action = torch.zeros(self.num_steps_video)
         t_action[: self.num_steps_action] = action_sigmas[:-1] * NUM_TRAIN_TIMESTEPS
         self._timesteps = torch.stack([t_video, t_action])  # (2, T_video)
-        self._timesteps_on: dict[tuple[torch.device, int], torch.Tensor] = {}
+        self._timesteps_on: dict[tuple[torch.device, int, bool], torch.Tensor] = {}
 
     def num_denoiser_calls(self, mode: str) -> int:
         """Forward passes per query (without guidance): T_action in policy mode, T_video in world mode."""
         return self.num_steps_action if mode == "policy" else self.num_steps_video
 
     def _timesteps_for(self, device: torch.device, batch_size: int) -> torch.Tensor:
-        key = (device, batch_size)
-        if key not in self._timesteps_on:  # (2, T_video, B), made once per device/batch size
+        key = (device, batch_size, torch.is_inference_mode_enabled())
+        if key not in self._timesteps_on:  # (2, T_video, B), made once per device/batch size/grad mode
             self._timesteps_on[key] = (
                 self._timesteps.to(device=device, dtype=torch.float32)[:, :, None]
                 .expand(-1, -1, batch_size)
