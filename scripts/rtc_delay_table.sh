@@ -5,7 +5,7 @@
 # The two chunkings run side by side (one process each, one thread each); then the markdown table.
 set -euo pipefail
 CKPT=$1; OUT=$2; EPISODES=${3:-10}; DELAYS=${4:-"0 2 4 8"}
-XWAM=${XWAM:-xwam}
+XWAM=${XWAM:-xwam}  # word-split: e.g. "python -m xwam_cli.main"
 PYTHON=${PYTHON:-python}
 export OMP_NUM_THREADS=1 MUJOCO_GL=${MUJOCO_GL:-egl}
 mkdir -p "$OUT"
@@ -13,7 +13,7 @@ for chunking in naive rtc; do
   (
     for d in $DELAYS; do
       [ -f "$OUT/${chunking}_d$d.json" ] && continue  # resumable: finished cells are kept
-      "$XWAM" evaluate --sim metaworld --ckpt "$CKPT" --tasks reach-v3,push-v3 --episodes "$EPISODES" \
+      $XWAM evaluate --sim metaworld --ckpt "$CKPT" --tasks reach-v3,push-v3 --episodes "$EPISODES" \
         --seed 1000 --actions-per-query 8 --baselines none --inference-delay "$d" --chunking "$chunking" \
         --out "$OUT/${chunking}_d$d.json" > "$OUT/${chunking}_d$d.log" 2>&1
     done

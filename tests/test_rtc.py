@@ -136,3 +136,78 @@ def test_bad_guidance_is_refused(model):
         sample(model, seed=0, rtc=RTCGuidance(prev, inference_delay=1))  # 20 > the chunk's 16
     with pytest.raises(ValueError, match="inference delay"):
         sample(model, seed=0, rtc=RTCGuidance(prev[:, :4], inference_delay=6))
+
+
+# ---------------------------------------------------------------------------------- the Policy's keywords
+@pytest.fixture(scope="module")
+def policy_and_obs(tmp_path_factory):
+    from tests.run_fixtures import tiny_checkpoint
+    from xwam_core.data.reader import EpisodeStore
+    from xwam_core.data.windows import WindowDataset
+    from xwam_core.policy import Policy
+
+    store_path, ckpt = tiny_checkpoint(tmp_path_factory)
+    policy = Policy.from_checkpoint(ckpt)
+    store = EpisodeStore(store_path)
+    window = WindowDataset(store, policy.spec.window, episodes=[2], normalize=False)[0]
+    obs = {
+        "images": {v: window["rgb"][j, 0] for j, v in enumerate(policy.spec.views)},
+        "state": window["states"][0],
+        "task": store.episodes[2].task,
+    }
+    return policy, obs
+
+
+def test_policy_prev_chunk_in_dataset_units(policy_and_obs, monkeypatch):
+    """prev_chunk is in dataset units: the sampler gets it normalized (and it maps back), the delayed
+    prefix comes back exactly, and d = 0 with no overlap weights is plain sampling."""
+    policy, obs = policy_and_obs
+    policy.reset(seed=1)
+    old = policy.predict_chunk(obs)  # (8, 4) dataset units
+    prev = old[3:] * 1.5 + 0.25  # somewhere else, still dataset units
+    seen = []
+    call = type(policy.schedule).__call__
+
+    def recording(self, *args, **kwargs):
+        seen.append(kwargs.get("rtc"))
+        return call(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(policy.schedule), "__call__", recording)
+    policy.reset(seed=2)
+    new = policy.predict_chunk(obs, prev_chunk=prev, inference_delay=2)
+    assert new.shape == old.shape and new.dtype == np.float32
+    np.testing.assert_array_equal(new[:2], prev[:2])  # exactly, in dataset units
+    guidance = seen[-1]
+    assert guidance.inference_delay == 2 and guidance.prev_actions.shape == (1, 5, 4)
+    np.testing.assert_allclose(
+        policy.normalizer.action.denormalize(guidance.prev_actions[0].numpy()), prev, rtol=1e-5, atol=1e-5
+    )
+    np.testing.assert_allclose(
+        guidance.prev_actions[0].numpy(), policy.normalizer.action.normalize(prev), rtol=1e-6
+    )
+    policy.reset(seed=2)
+    plain = policy.predict_chunk(obs)
+    policy.reset(seed=2)
+    unguided = policy.predict_chunk(obs, prev_chunk=prev, inference_delay=0, overlap="none")
+    np.testing.assert_array_equal(unguided, plain)
+    assert seen[-1] is not None and seen[-2] is None  # the guided path ran, with zero weights
+
+
+def test_policy_refuses_bad_real_time_chunking_arguments(policy_and_obs):
+    from xwam_core.errors import XWAMError
+
+    policy, obs = policy_and_obs
+    prev = np.zeros((5, 4), np.float32)
+    cases = [
+        (dict(inference_delay=2), "needs prev_chunk"),
+        (dict(prev_chunk=np.zeros((5, 3), np.float32)), r"expected \(L, 4\)"),
+        (dict(prev_chunk=np.zeros((9, 4), np.float32)), "L <= the chunk's 8"),
+        (dict(prev_chunk=prev, inference_delay=6), "expected 0 to the 5 actions"),
+        (dict(prev_chunk=prev, inference_delay=-1), "inference_delay -1"),
+        (dict(prev_chunk=prev, inference_delay=1.5), "an integer number of control steps"),
+        (dict(prev_chunk=prev, overlap="linear"), "overlap 'linear'"),
+        (dict(prev_chunk=np.full((5, 4), np.nan, np.float32)), "NaN"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(XWAMError, match=message):
+            policy.predict_chunk(obs, **kwargs)
