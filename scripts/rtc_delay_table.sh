@@ -42,14 +42,13 @@ def cell(runs, task=None):
     return f"{k}/{n} ({100 * k / n:.0f}%) [{100 * lo:.0f}-{100 * hi:.0f}]"
 
 print(f"held-out starts of seeds {', '.join(seeds)}, pooled; 95% Wilson intervals in brackets")
-print("| delay d (steps) | chunking | reach-v3 | push-v3 | both | plan gap at a switch | ms per query |")
-print("|---|---|---|---|---|---|---|")
+print("| delay d (steps) | chunking | reach-v3 | push-v3 | both | plan gap at a switch |")
+print("|---|---|---|---|---|---|")
 for d in delays:
     for c in ("naive", "rtc"):
         runs = [json.loads((out / f"{c}_d{d}_seed{seed}.json").read_text()) for seed in seeds]
         gaps = [r["rollouts"] for r in runs]
         gap = [x["switch_jump"] for rs in gaps for x in rs if x["switch_jump"] is not None]
-        ms = [x["latency_ms"] for rs in gaps for x in rs if x["latency_ms"] is not None]
         print(f"| {d} | {c} | {cell(runs, 'reach-v3')} | {cell(runs, 'push-v3')} | {cell(runs)} | "
-              f"{sum(gap) / len(gap):.3f} | {sum(ms) / len(ms):.0f} |")
+              f"{sum(gap) / len(gap):.3f} |")
 PY
