@@ -17,6 +17,7 @@ EXAMPLES = """
   xwam evaluate out/demo/infer --metrics psnr,lpips --lpips-weights ~/weights/alexnet.safetensors
   xwam evaluate --sim metaworld --ckpt CKPT --tasks reach-v3,push-v3 --episodes 10 --video out/demo/rollouts
   xwam evaluate --sim metaworld --ckpt CKPT --tasks reach-v3 --actions-per-query 8 --baselines expert,bc
+  xwam evaluate --sim metaworld --ckpt CKPT --tasks reach-v3,push-v3 --inference-delay 4 --chunking rtc
 """
 
 BASELINE_TITLES = {
@@ -90,8 +91,13 @@ def sim_table(result: Any) -> Table:
     caption = "95% Wilson score intervals in brackets"
     if result.actions_per_query is not None:
         who = "model and BC" if "bc" in policies else "model"
+        delay = ""
+        if result.inference_delay or result.chunking != "naive":
+            delay = f"inference delay {result.inference_delay} steps, {result.chunking} chunk switching; "
         caption = (
-            f"{result.actions_per_query} of {result.chunk} actions executed per query ({who}); " + caption
+            f"{result.actions_per_query} of {result.chunk} actions executed per query ({who}); "
+            + delay
+            + caption
         )
     table = Table(
         title=f"Meta-World closed loop: {result.episodes} held-out episodes per task, seed {result.seed}, "
@@ -229,6 +235,20 @@ def evaluate(
             "(default: the checkpoint's, the whole chunk)."
         ),
     ] = None,
+    inference_delay: Annotated[
+        int | None,
+        typer.Option(
+            help="--sim: simulated inference delay in control steps, 0 to --actions-per-query: the executing "
+            "chunk keeps running this many steps after each query before the new one takes over (default: 0)."
+        ),
+    ] = None,
+    chunking: Annotated[
+        str | None,
+        typer.Option(
+            help="--sim: how the model's new chunk takes over: naive (switch on arrival) or rtc (real-time "
+            "chunking: the delayed actions frozen, the overlap inpainted; docs/rtc.md) (default: naive)."
+        ),
+    ] = None,
     render_quality: Annotated[
         str | None, typer.Option(help="--sim: 'fast' or 'default' (default: the training store's).")
     ] = None,
@@ -256,6 +276,8 @@ def evaluate(
         "--baselines": baselines,
         "--no-baselines": no_baselines or None,
         "--actions-per-query": actions_per_query,
+        "--inference-delay": inference_delay,
+        "--chunking": chunking,
     }
     if sim is not None:
         if run is not None:
@@ -278,6 +300,8 @@ def evaluate(
             out,
             actions_per_query,
             data,
+            0 if inference_delay is None else inference_delay,
+            "naive" if chunking is None else chunking,
         )
         return
     if run is None:
@@ -340,8 +364,11 @@ def _evaluate_sim(
     out: Path | None,
     actions_per_query: int | None = None,
     data: Path | None = None,
+    inference_delay: int = 0,
+    chunking: str = "naive",
 ) -> None:
     from xwam_core.errors import XWAMError
+    from xwam_core.rtc_executor import CHUNKINGS
 
     if sim != "metaworld":
         raise XWAMError(f"--sim {sim!r}: the simulators are: metaworld")
@@ -351,6 +378,10 @@ def _evaluate_sim(
         raise XWAMError(f"--seed {seed}: expected an integer >= 0")
     if actions_per_query is not None and actions_per_query < 1:
         raise XWAMError(f"--actions-per-query {actions_per_query}: expected 1 to the checkpoint's chunk")
+    if chunking not in CHUNKINGS:
+        raise XWAMError(f"--chunking {chunking!r}: expected one of {', '.join(CHUNKINGS)}")
+    if inference_delay < 0:
+        raise XWAMError(f"--inference-delay {inference_delay}: expected an integer >= 0 (control steps)")
     chosen = ["expert", "random", "bc"] if baselines is None else (split_csv(baselines) or [])
     if chosen == ["none"]:
         chosen = []
@@ -382,7 +413,8 @@ def _evaluate_sim(
         raise XWAMError("--sim metaworld needs --tasks, e.g. --tasks reach-v3,push-v3")
     from xwam_core.sim.metaworld import check_request
 
-    check_request(policy, task_list, episodes, max_steps, render_quality)  # before the minute of BC
+    # every check before the minute of BC
+    check_request(policy, task_list, episodes, max_steps, render_quality, inference_delay, chunking)
     store = None
     if "bc" in chosen:
         store = _bc_store(policy, data)
@@ -406,6 +438,8 @@ def _evaluate_sim(
             baselines=chosen,
             progress=progress,
             bc=bc,
+            inference_delay=inference_delay,
+            chunking=chunking,
         )
     console.print(sim_table(result))
     console.print(goal_table(result))
@@ -414,6 +448,12 @@ def _evaluate_sim(
         console.print(
             f"model: {data_json['model_latency_ms_mean']:.1f} ms per query (policy mode, "
             f"{policy.actions_per_query} of {k} actions executed per query)"
+        )
+    if data_json["model_switch_jump_mean"] is not None:
+        console.print(
+            f"model: mean gap between the new and the old chunk's action where one takes over "
+            f"{data_json['model_switch_jump_mean']:.3f} (action units; "
+            f"inference delay {inference_delay} steps, {chunking} switching)"
         )
     if bc is not None:
         info = bc.info

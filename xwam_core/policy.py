@@ -4,6 +4,7 @@
     policy.reset(seed=0)
     action = policy.select_action(obs)                       # one action; a chunk is queued behind it
     chunk = policy.predict_chunk(obs)                        # (K, D_action) in dataset units
+    chunk = policy.predict_chunk(obs, prev_chunk=chunk[8:], inference_delay=3)   # real-time chunking
     pred = policy.predict(batch_obs, mode="world")           # + future RGB (uint8) and depth (metres)
 
 An observation is a mapping, for one sample or a batch (leading B):
@@ -13,6 +14,13 @@ An observation is a mapping, for one sample or a batch (leading B):
     depth   {view: (H, W) float metres}  only for a depth_condition checkpoint in world mode
 Actions and states come back in dataset units. The Policy owns normalization and conditioning:
 `xwam infer`, the simulators and the policy server all go through it.
+
+Real-time chunking (docs/rtc.md, xwam_core.schedule.rtc): `prev_chunk` (L, D_action) in dataset units is
+what remains of the chunk now executing, aligned so that its row 0 runs at this observation's time (for a
+chunk queried s steps ago: old_chunk[s:], L = K - s); `inference_delay` d <= L is how many control steps
+this query takes. The new chunk's first d actions are then prev_chunk[:d] exactly (they run while it is
+computed) and the rest is inpainted to continue it. `xwam_core.rtc_executor.ChunkExecutor` does this
+bookkeeping for a control loop.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from xwam_core.errors import XWAMError
 from xwam_core.models.codecs import codec_from_description, depth_to_image, image_to_depth
 from xwam_core.objective import pad_last
 from xwam_core.schedule.inference import DenoisingSchedule, initial_latents, model_denoiser
+from xwam_core.schedule.rtc import OVERLAPS, RTCGuidance, sampling_context
 
 MODES = ("policy", "world")
 
@@ -124,21 +133,94 @@ class Policy:
             self._queue.extend(chunk[: self.actions_per_query])
         return self._queue.popleft()
 
-    def predict_chunk(self, obs: Mapping[str, Any]) -> np.ndarray:
-        """The action chunk (K, D_action) for one observation, in dataset units (policy mode)."""
-        prediction = self.predict(obs, mode="policy")
+    def predict_chunk(
+        self,
+        obs: Mapping[str, Any],
+        prev_chunk: np.ndarray | None = None,
+        inference_delay: int = 0,
+        overlap: str = "exp",
+    ) -> np.ndarray:
+        """The action chunk (K, D_action) for one observation, in dataset units (policy mode).
+
+        With `prev_chunk` (L, D_action), the remaining actions of the executing chunk in dataset units
+        aligned to start now, the chunk is sampled by real-time chunking: its first `inference_delay`
+        actions equal prev_chunk's, the overlap up to L is guided towards it (`overlap`: "exp", the
+        paper's decaying weights, or "none": only the frozen prefix)."""
+        prediction = self.predict(
+            obs, mode="policy", prev_chunk=prev_chunk, inference_delay=inference_delay, overlap=overlap
+        )
         self.query_latencies_s.append(prediction.latency_s)
         return prediction.actions[0]
 
-    @torch.inference_mode()
     def predict(
-        self, obs: Mapping[str, Any], mode: str = "policy", generator: torch.Generator | None = None
+        self,
+        obs: Mapping[str, Any],
+        mode: str = "policy",
+        generator: torch.Generator | None = None,
+        prev_chunk: np.ndarray | None = None,
+        inference_delay: int = 0,
+        overlap: str = "exp",
     ) -> Prediction:
-        """Actions (and in world mode the future RGB-D) for one observation or a batch of them."""
+        """Actions (and in world mode the future RGB-D) for one observation or a batch of them;
+        `prev_chunk` ((L, D_action), or (B, L, D_action) for a batch) and `inference_delay`: real-time
+        chunking, as in predict_chunk."""
         if mode not in MODES:
             raise XWAMError(f"mode {mode!r}: expected 'policy' or 'world'")
-        generator = generator or self.generator
+        with sampling_context(guided=prev_chunk is not None):
+            return self._predict(obs, mode, generator or self.generator, prev_chunk, inference_delay, overlap)
+
+    def _real_time_chunking(
+        self,
+        prev_chunk: np.ndarray | None,
+        inference_delay: int,
+        overlap: str,
+        batched: bool,
+        batch_size: int,
+    ) -> tuple[np.ndarray | None, RTCGuidance | None]:
+        """Check the previous chunk (dataset units) and turn it into the sampler's guidance (normalized)."""
+        k = self.spec.window.num_actions
+        if prev_chunk is None:
+            if inference_delay != 0:
+                raise XWAMError(
+                    f"inference_delay {inference_delay} needs prev_chunk (the actions that run meanwhile)"
+                )
+            return None, None
+        prev = np.asarray(prev_chunk, dtype=np.float32)
+        prev = prev if batched else prev[None]
+        da = self.normalizer.action_dim
+        if prev.ndim != 3 or prev.shape[0] != batch_size or prev.shape[2] != da or prev.shape[1] > k:
+            expected = f"({batch_size}, L, {da})" if batched else f"(L, {da})"
+            raise XWAMError(
+                f"prev_chunk has shape {np.asarray(prev_chunk).shape}; expected {expected} with L <= the chunk's {k}"
+            )
+        if not np.isfinite(prev).all():
+            raise XWAMError("prev_chunk holds NaN or infinite actions")
+        length = prev.shape[1]
+        if isinstance(inference_delay, bool) or not isinstance(inference_delay, (int, np.integer)):
+            raise XWAMError(
+                f"inference_delay {inference_delay!r}: expected an integer number of control steps"
+            )
+        if not 0 <= inference_delay <= length:
+            raise XWAMError(
+                f"inference_delay {inference_delay}: expected 0 to the {length} actions of prev_chunk"
+            )
+        if overlap not in OVERLAPS:
+            raise XWAMError(f"overlap {overlap!r}: expected one of {', '.join(OVERLAPS)}")
+        normalized = torch.from_numpy(self.normalizer.action.normalize(prev).astype(np.float32))
+        return prev, RTCGuidance(normalized.to(self.device), int(inference_delay), overlap)
+
+    def _predict(
+        self,
+        obs: Mapping[str, Any],
+        mode: str,
+        generator: torch.Generator,
+        prev_chunk: np.ndarray | None,
+        inference_delay: int,
+        overlap: str,
+    ) -> Prediction:
         rgb0, state0, tasks, depth0 = self._inputs(obs, with_depth=mode == "world" and self.depth_condition)
+        batched = np.asarray(obs["state"]).ndim == 2
+        prev, rtc = self._real_time_chunking(prev_chunk, inference_delay, overlap, batched, state0.shape[0])
         cfg = self.model.config
         window = self.spec.window
         start = time.perf_counter()
@@ -161,7 +243,7 @@ class Policy:
         if self.schedule_config.guidance_scale != 1.0:
             empty = self.text.empty(tasks.shape[0]).to(self.device)
             uncond = model_denoiser(self.model, empty, depth_context=depth_context)
-        result = self.schedule(denoiser, video, actions, states, mode=mode, uncond_denoiser=uncond)
+        result = self.schedule(denoiser, video, actions, states, mode=mode, uncond_denoiser=uncond, rtc=rtc)
         rgb = depth = None
         if mode == "world":
             assert result.video is not None
@@ -173,8 +255,11 @@ class Policy:
         latency = time.perf_counter() - start
         a = result.actions[..., : self.normalizer.action_dim].float().cpu().numpy()
         s = result.states[..., : self.normalizer.state_dim].float().cpu().numpy()
+        actions_out = self.normalizer.action.denormalize(a)  # (B, K, D_action)
+        if prev is not None:  # the delayed prefix exactly as it runs (the normalize round trip is not exact)
+            actions_out[:, :inference_delay] = prev[:, :inference_delay]
         return Prediction(
-            actions=self.normalizer.action.denormalize(a),
+            actions=actions_out,
             states=self.normalizer.state.denormalize(s),
             rgb=rgb.cpu().numpy() if rgb is not None else None,
             depth=depth.float().cpu().numpy() if depth is not None else None,

@@ -13,12 +13,17 @@ Policy mode stops after T_action steps without depth; world mode runs everything
 depth on the last call only. The sync schedule gives every stream T_video steps (the baseline).
 
 Latent frame 0 of the video and state 0 are the clean condition: they are never noised or stepped.
+
+Real-time chunking (rtc.py): given an `RTCGuidance`, each action step takes the action velocity guided
+towards the previous chunk's remaining actions, and the first d actions are frozen to them after the last
+action step (so world mode's later video steps see the frozen actions); video and states are not guided.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Protocol
 
 import torch
@@ -26,6 +31,7 @@ from diffusers.schedulers.scheduling_unipc_multistep import UniPCMultistepSchedu
 
 from xwam_core.errors import require
 from xwam_core.schedule.flow import NUM_TRAIN_TIMESTEPS
+from xwam_core.schedule.rtc import RTCGuidance, guided_action_velocity, sampling_context
 from xwam_core.schedule.unipc import FlowUniPC
 
 SCHEDULES = ("async", "sync")
@@ -177,6 +183,7 @@ class DenoisingSchedule:
         )
         self.video, video_sigmas = _make_stepper(self.num_steps_video, config)
         self.actions, action_sigmas = _make_stepper(self.num_steps_action, config)
+        self._action_sigmas = [float(x) for x in action_sigmas]  # (T_action + 1,) for RTC's guidance
         self.states, _ = _make_stepper(self.num_steps_action, config)
         # Model timesteps per denoiser call: sigma * 1000 exactly (diffusers' .timesteps are truncated
         # to integers); t_action is 0 once actions are clean.
@@ -184,15 +191,15 @@ class DenoisingSchedule:
         t_action = torch.zeros(self.num_steps_video)
         t_action[: self.num_steps_action] = action_sigmas[:-1] * NUM_TRAIN_TIMESTEPS
         self._timesteps = torch.stack([t_video, t_action])  # (2, T_video)
-        self._timesteps_on: dict[tuple[torch.device, int], torch.Tensor] = {}
+        self._timesteps_on: dict[tuple[torch.device, int, bool], torch.Tensor] = {}
 
     def num_denoiser_calls(self, mode: str) -> int:
         """Forward passes per query (without guidance): T_action in policy mode, T_video in world mode."""
         return self.num_steps_action if mode == "policy" else self.num_steps_video
 
     def _timesteps_for(self, device: torch.device, batch_size: int) -> torch.Tensor:
-        key = (device, batch_size)
-        if key not in self._timesteps_on:  # (2, T_video, B), made once per device/batch size
+        key = (device, batch_size, torch.is_inference_mode_enabled())
+        if key not in self._timesteps_on:  # (2, T_video, B), made once per device/batch size/grad mode
             self._timesteps_on[key] = (
                 self._timesteps.to(device=device, dtype=torch.float32)[:, :, None]
                 .expand(-1, -1, batch_size)
@@ -200,7 +207,6 @@ class DenoisingSchedule:
             )
         return self._timesteps_on[key]
 
-    @torch.inference_mode()
     def __call__(
         self,
         denoiser: Denoiser,
@@ -210,18 +216,35 @@ class DenoisingSchedule:
         *,
         mode: str = "world",
         uncond_denoiser: Denoiser | None = None,
+        rtc: RTCGuidance | None = None,
     ) -> DenoiseResult:
         """Denoise from the initial tensors (see `initial_latents`) and return the clean streams.
 
         video (B, V, C, F, h, w): frame 0 the clean condition, frames 1.. the starting noise;
         actions (B, K, Da): starting noise; states (B, S, Ds): state 0 the clean condition, 1.. noise.
-        `uncond_denoiser` (null prompt) is required when guidance_scale != 1.
+        `uncond_denoiser` (null prompt) is required when guidance_scale != 1. `rtc`: real-time chunking
+        of the action stream towards the previous chunk (rtc.py); None samples as usual.
         """
         if mode not in MODES:
             raise ValueError(f"mode: expected one of {', '.join(MODES)}, got {mode!r}")
-        guidance = self.config.guidance_scale
-        if guidance != 1.0 and uncond_denoiser is None:
+        if self.config.guidance_scale != 1.0 and uncond_denoiser is None:
             raise ValueError("guidance_scale != 1 needs an uncond_denoiser (the null-prompt model)")
+        if rtc is not None:
+            rtc.validate(actions)
+        with sampling_context(guided=rtc is not None):
+            return self._denoise(denoiser, video, actions, states, mode, uncond_denoiser, rtc)
+
+    def _denoise(
+        self,
+        denoiser: Denoiser,
+        video: torch.Tensor,
+        actions: torch.Tensor,
+        states: torch.Tensor,
+        mode: str,
+        uncond_denoiser: Denoiser | None,
+        rtc: RTCGuidance | None,
+    ) -> DenoiseResult:
+        guidance = self.config.guidance_scale
         batch_size = video.shape[0]
         timesteps = self._timesteps_for(video.device, batch_size)  # (2, T_video, B) float32
         # The model-input buffers are stepped in place; frame 0 / state 0 (the condition) are never written.
@@ -233,32 +256,42 @@ class DenoisingSchedule:
         self.video.start(video_noisy)
         self.actions.start(actions_in)
         self.states.start(states_noisy)
+        rtc_weights = rtc.weights(actions.shape[1]) if rtc is not None else None  # (K,)
 
         num_calls = self.num_denoiser_calls(mode)
+        calls_per_step = 1 if guidance == 1.0 else 2
         depth = None
-        calls = 0
         for step in range(num_calls):
             run_depth = mode == "world" and step == num_calls - 1
             t_video, t_action = timesteps[0, step], timesteps[1, step]  # (B,), (B,)
-            v_video, v_actions, v_states, depth = denoiser(
-                video_in, actions_in, states_in, t_video, t_action, run_depth
+
+            velocities = partial(
+                _velocities,
+                denoiser,
+                uncond_denoiser,
+                guidance,
+                video_in,
+                states_in,
+                t_video,
+                t_action,
+                run_depth,
             )
-            calls += 1
-            if guidance != 1.0:
-                assert uncond_denoiser is not None
-                u_video, u_actions, u_states, _ = uncond_denoiser(
-                    video_in, actions_in, states_in, t_video, t_action, False
+            if rtc is not None and rtc_weights is not None and step < self.num_steps_action:
+                sigma = self._action_sigmas[step]
+                v_video, v_actions, v_states, depth = guided_action_velocity(
+                    velocities, actions_in, sigma, rtc, rtc_weights
                 )
-                calls += 1
-                v_video = torch.lerp(u_video, v_video, guidance)
-                v_actions = torch.lerp(u_actions, v_actions, guidance)
-                v_states = torch.lerp(u_states, v_states, guidance)
+            else:
+                v_video, v_actions, v_states, depth = velocities(actions_in)
 
             if step < self.num_steps_action:
                 self.actions.step(step, v_actions, actions_in, out=actions_in)
                 self.states.step(step, v_states[:, 1:], states_noisy, out=states_noisy)
+                if rtc is not None and step == self.num_steps_action - 1:
+                    rtc.freeze(actions_in)  # the actions that run during the delay are the old chunk's
             if mode == "world" or step < num_calls - 1:
                 self.video.step(step, v_video[:, :, :, 1:], video_noisy, out=video_noisy)
+        calls = num_calls * calls_per_step
 
         return DenoiseResult(
             actions=actions_in,
@@ -267,6 +300,28 @@ class DenoisingSchedule:
             depth=depth if mode == "world" else None,
             num_denoiser_calls=calls,
         )
+
+
+def _velocities(
+    denoiser: Denoiser,
+    uncond_denoiser: Denoiser | None,
+    guidance: float,
+    video: torch.Tensor,
+    states: torch.Tensor,
+    t_video: torch.Tensor,
+    t_action: torch.Tensor,
+    run_depth: bool,
+    actions: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Every stream's velocity (and depth) at one step, with classifier-free guidance when guidance != 1."""
+    v_video, v_actions, v_states, depth = denoiser(video, actions, states, t_video, t_action, run_depth)
+    if guidance != 1.0:
+        assert uncond_denoiser is not None
+        u_video, u_actions, u_states, _ = uncond_denoiser(video, actions, states, t_video, t_action, False)
+        v_video = torch.lerp(u_video, v_video, guidance)
+        v_actions = torch.lerp(u_actions, v_actions, guidance)
+        v_states = torch.lerp(u_states, v_states, guidance)
+    return v_video, v_actions, v_states, depth
 
 
 def initial_latents(

@@ -116,6 +116,7 @@ class FlowUniPC:
             and xc.shape == like.shape
             and xc.dtype == like.dtype
             and xc.device == like.device
+            and (torch.is_inference_mode_enabled() or not xc.is_inference())  # RTC steps outside it
         ):
             self._buffers = {
                 "xc": torch.empty_like(like, memory_format=torch.contiguous_format),

@@ -7,9 +7,15 @@ conventions (xwam_core.data.sources.metaworld: same cameras, renderer, intrinsic
 the way the store records it (hand xyz, quaternion wxyz, gripper opening), and hands both to the
 Policy (xwam_core.policy), which normalizes with the checkpoint's statistics and queues the predicted
 chunk: `policy.actions_per_query` actions run open loop before the next query (default: the whole
-chunk, docs/method.md section 6; `xwam evaluate --actions-per-query N`). Actions are clipped to [-1, 1] as the environment applies them. An episode
+chunk, docs/method.md section 6; `xwam evaluate --actions-per-query N`). A simulated inference delay of
+d control steps (`--inference-delay`) keeps the executing chunk running for d steps after each query before
+the new chunk takes over, switched naively or by real-time chunking (`--chunking naive|rtc`,
+xwam_core.rtc_executor, docs/rtc.md). Actions are clipped to [-1, 1] as the environment applies them. An episode
 succeeds if Meta-World's info["success"] is true after any step (then it stops), else it runs
 `max_steps` steps.
+
+The model's actor is anything with the Policy's acting interface (`SimActor`): the in-process Policy, or a
+client of a policy server that mirrors its spec and normalizer.
 
 Held-out starts: episode i of task T uses the simulator seed
 SeedSequence([seed, crc32(T), i, EVAL_STREAM]).generate_state(1)[0]; the store's episodes use
@@ -42,14 +48,14 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from xwam_core.atomic import atomic_file
 from xwam_core.errors import XWAMError
-from xwam_core.policy import Policy
 from xwam_core.progress import SILENT, Progress
+from xwam_core.rtc_executor import ChunkExecutor, check_chunking
 from xwam_core.sim.scores import MIN_STARTS, goal_following, wilson_interval
 
 if TYPE_CHECKING:
@@ -61,6 +67,27 @@ BASELINES = ("expert", "random", "bc")
 LEARNED = ("model", "bc")  # policies with a predicted first chunk (the goal-following check)
 VIDEO_FPS = 30.0
 VIDEO_MIN_HEIGHT = 192
+
+
+class SimActor(Protocol):
+    """What the closed loop needs from the model's actor: the Policy's acting interface.
+
+    spec: the checkpoint's data spec (views, image_size, tasks, window.num_actions, store, val_episodes);
+    normalizer: its state_names, state_dim and action_dim; actions_per_query: executed per query.
+    predict_chunk(obs, prev_chunk=None, inference_delay=0) -> (K, D_action) in dataset units, obs as the
+    Policy takes it (images per view, state in dataset units, task); reset(seed) starts an episode and seeds
+    the noise. Optional: query_latencies_s (seconds per query since reset) for the latency column.
+    """
+
+    spec: Any
+    normalizer: Any
+    actions_per_query: int
+
+    def reset(self, seed: int | None = None) -> None: ...
+
+    def predict_chunk(
+        self, obs: Any, prev_chunk: np.ndarray | None = None, inference_delay: int = 0
+    ) -> np.ndarray: ...
 
 
 def eval_episode_seed(seed: int, task: str, index: int) -> int:
@@ -103,6 +130,7 @@ class Rollout:
     steps: int
     queries: int = 0
     latency_ms: float | None = None  # model: mean policy-mode latency per query
+    switch_jump: float | None = None  # learned: mean |new chunk's first action run - old chunk's, same step|
     video: str | None = None
     final_state: list[float] = field(default_factory=list)  # the state when the episode ended
 
@@ -117,6 +145,8 @@ class SimResult:
     notes: dict[str, Any] = field(default_factory=dict)
     actions_per_query: int | None = None  # executed per query by the model and BC
     chunk: int | None = None  # actions the model predicts per query (K)
+    inference_delay: int = 0  # simulated control steps per query (the executing chunk runs meanwhile)
+    chunking: str = "naive"  # how the model's new chunk takes over: naive | rtc (BC: always naive)
     # goal following: task -> policy ("expert", "model", "bc") -> one summed xyz per start (episode order)
     displacements: dict[str, dict[str, list[list[float]]]] = field(default_factory=dict)
     displacement_steps: dict[str, list[int]] = field(default_factory=dict)  # task -> steps summed per start
@@ -172,6 +202,11 @@ class SimResult:
             "max_steps": self.max_steps,
             "actions_per_query": self.actions_per_query,
             "chunk": self.chunk,
+            "inference_delay": self.inference_delay,
+            "chunking": self.chunking,
+            "model_switch_jump_mean": _mean(
+                [r.switch_jump for r in self.rollouts if r.policy == "model" and r.switch_jump is not None]
+            ),
             "success_rate": {
                 "per_task": per_task,
                 "mean": {p: self.success_rate(p) for p in policies},
@@ -210,7 +245,11 @@ class SimResult:
         }
 
 
-def state_layout(policy: Policy) -> str:
+def _mean(values: list[float]) -> float | None:
+    return float(np.mean(values)) if values else None
+
+
+def state_layout(policy: SimActor) -> str:
     """The Meta-World state layout ('hand' or 'task') the checkpoint was trained on, from its state names."""
     from xwam_core.data.sources import metaworld as mw
 
@@ -226,20 +265,27 @@ def state_layout(policy: Policy) -> str:
 
 
 def check_request(
-    policy: Policy, tasks: list[str], episodes: int, max_steps: int, render_quality: str | None = None
+    policy: SimActor,
+    tasks: list[str],
+    episodes: int,
+    max_steps: int,
+    render_quality: str | None = None,
+    inference_delay: int = 0,
+    chunking: str = "naive",
 ) -> str:
     """Every check of a closed-loop request that needs no simulation (the CLI runs it before the minute of
     behaviour cloning); returns the render quality to use."""
     from xwam_core.data.sources import metaworld as mw
 
     _check(policy, tasks, episodes, max_steps)
+    check_chunking(policy.actions_per_query, inference_delay, chunking, policy.spec.window.num_actions)
     quality = render_quality or store_render_quality(policy.spec.store) or "fast"
     if quality not in mw.RENDER_QUALITIES:
         raise XWAMError(f"--render-quality {quality!r}: expected 'fast' or 'default'")
     return quality
 
 
-def _check(policy: Policy, tasks: list[str], episodes: int, max_steps: int) -> None:
+def _check(policy: SimActor, tasks: list[str], episodes: int, max_steps: int) -> None:
     from xwam_core.data.sources import metaworld as mw
 
     layout = policy.spec
@@ -317,7 +363,7 @@ def _baselines(baselines: bool | Sequence[str], bc: BCPolicy | None) -> list[str
 
 
 def evaluate_metaworld(
-    policy: Policy,
+    policy: SimActor,
     tasks: list[str],
     episodes: int,
     seed: int = 0,
@@ -327,13 +373,17 @@ def evaluate_metaworld(
     baselines: bool | Sequence[str] = True,
     progress: Progress = SILENT,
     bc: BCPolicy | None = None,
+    inference_delay: int = 0,
+    chunking: str = "naive",
 ) -> SimResult:
     """Roll the policy (and the baselines) out on `episodes` held-out starts per task; each finished
     rollout's outcome is the progress bar's status text. `baselines`: True (expert, random and, when `bc`
-    is given, BC), False, or names from BASELINES. BC executes the model's actions per query."""
+    is given, BC), False, or names from BASELINES. BC executes the model's actions per query.
+    `inference_delay` (control steps) and `chunking` (naive | rtc): how each new chunk takes over
+    (xwam_core.rtc_executor); BC, which has no sampler to guide, always switches naively."""
     from xwam_core.data.sources import metaworld as mw
 
-    quality = check_request(policy, tasks, episodes, max_steps, render_quality)
+    quality = check_request(policy, tasks, episodes, max_steps, render_quality, inference_delay, chunking)
     policies = ["model", *_baselines(baselines, bc)]
     learner: dict[str, Any] = {"model": policy}
     if "bc" in policies:
@@ -376,11 +426,15 @@ def evaluate_metaworld(
             "checked_against_training_store": checked,
             "render_quality": quality,
             "chunk": f"{policy.actions_per_query} of {k} actions executed open loop per query",
+            "inference_delay": f"{inference_delay} control steps simulated per query; {chunking} chunk switching"
+            + (" (BC: naive)" if "bc" in policies and chunking != "naive" else ""),
             "views": list(layout.views),
             "image_size": list(layout.image_size),
         },
         actions_per_query=policy.actions_per_query,
         chunk=k,
+        inference_delay=inference_delay,
+        chunking=chunking,
         bc=bc.info if "bc" in policies and bc is not None else None,
     )
     bar = progress.task("rollouts", total=len(tasks) * episodes * len(policies))
@@ -409,8 +463,16 @@ def evaluate_metaworld(
                         video = None
                         if video_dir is not None and which == "model":
                             video = _VideoWriter(Path(video_dir) / f"{task}_ep{i:03d}_model.mp4")
+                        executor = None
+                        if actor is not None:
+                            executor = ChunkExecutor(
+                                actor,
+                                actor.actions_per_query,
+                                inference_delay,
+                                chunking if which == "model" else "naive",
+                            )
                         rollout = _rollout(
-                            actor or policy, task_sim, gl, task, i, episode_seed, which, max_steps, video
+                            executor, task_sim, gl, task, i, episode_seed, which, max_steps, video
                         )
                         result.rollouts.append(rollout)
                         outcome = "success" if rollout.success else "fail"
@@ -475,7 +537,7 @@ def _expert_actions(task_sim: Any, episode_seed: int, steps: int) -> np.ndarray:
 
 
 def _rollout(
-    actor: Any,
+    executor: ChunkExecutor | None,
     task_sim: Any,
     gl: Any,
     task: str,
@@ -485,26 +547,25 @@ def _rollout(
     max_steps: int,
     video: _VideoWriter | None,
 ) -> Rollout:
-    """One episode driven by `which`: a learned actor (the model's Policy, or BC: anything with reset,
-    wants_observation, select_action and query_latencies_s), the scripted expert, or random."""
+    """One episode driven by `which`: a learned actor through its chunk executor (the model's actor or
+    BC), the scripted expert, or random."""
     n_views = len(task_sim.cameras)
     rgb = np.empty((n_views, task_sim.height, task_sim.width, 3), np.uint8)
     depth = np.empty((n_views, task_sim.height, task_sim.width), np.float32)
     obs = task_sim.reset(episode_seed)
     rng = np.random.default_rng(episode_seed)
-    learned = which in LEARNED
-    if learned:
-        actor.reset(seed=episode_seed)  # the model's noise is seeded by the episode seed
+    if executor is not None:
+        executor.reset(seed=episode_seed)  # the model's noise is seeded by the episode seed
     success, steps = False, 0
     observation: dict[str, Any] = {}
     if video is not None:
         _render(task_sim, gl, rgb, depth)
         video.add(rgb)
     while steps < max_steps:
-        if learned:
-            if actor.wants_observation:  # render only when the actor is queried
-                observation = _observation(actor, task_sim, gl, task)
-            chosen = actor.select_action(observation)
+        if executor is not None:
+            if executor.wants_observation:  # render only when the actor is queried
+                observation = _observation(executor.actor, task_sim, gl, task)
+            chosen = executor.select_action(observation)
         elif which == "expert":
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the experts warn whenever the env clips their gains
@@ -521,7 +582,7 @@ def _rollout(
             success = True
             break
     path = video.close() if video is not None else None
-    latencies = actor.query_latencies_s if learned else []
+    latencies = list(getattr(executor.actor, "query_latencies_s", [])) if executor is not None else []
     return Rollout(
         task=task,
         episode=index,
@@ -529,8 +590,9 @@ def _rollout(
         policy=which,
         success=bool(success),
         steps=steps,
-        queries=len(latencies),
+        queries=executor.queries if executor is not None else 0,
         latency_ms=1000 * float(np.mean(latencies)) if latencies else None,
         video=path,
+        switch_jump=_mean(executor.switch_jumps) if executor is not None else None,
         final_state=[float(x) for x in task_sim.state()],
     )
