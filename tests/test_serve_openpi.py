@@ -1,5 +1,5 @@
 """`xwam serve --protocol openpi`: openpi's own client gets the in-process Policy's chunks; API key,
-metadata, the observation mapping, RemotePolicy, the real-time chunking hook and SIGTERM."""
+metadata, the observation mapping, RemotePolicy, real-time chunking and SIGTERM."""
 
 from __future__ import annotations
 
@@ -100,39 +100,35 @@ def test_mapping_resizes_and_remote_policy(ckpt, policy):
             remote.predict_chunk({**obs, "task": "fly"})
 
 
-def test_real_time_chunking_hook(policy):
-    """prev_chunk + inference_delay reach predict_chunk as keywords once the Policy takes them; before
-    that they are refused with a clear line (the connection keeps serving)."""
+def test_real_time_chunking_through_the_server(ckpt, policy):
+    """prev_chunk + inference_delay (real-time chunking, docs/rtc.md) travel with the observation: the server
+    answers what the in-process Policy's predict_chunk(obs, prev_chunk, inference_delay) gives with the
+    same seed, its first d actions the previous chunk's exactly; incomplete or inconsistent requests get
+    one line and the connection keeps serving."""
     obs = observation(policy, 1)
-    prev = np.zeros((8, 4), np.float32)
+    prev = np.linspace(-0.5, 0.5, 32, dtype=np.float32).reshape(8, 4)
+    local = Policy.from_checkpoint(ckpt)
+    local.reset(seed=3)
+    expected = local.predict_chunk(obs, prev_chunk=prev, inference_delay=3)
     with openpi_server(policy) as server:
         client = openpi_client.WebsocketClientPolicy("127.0.0.1", server.port)
-        if not server.service.real_time_chunking:
-            with pytest.raises(RuntimeError, match="no real-time chunking yet"):
-                client.infer({**obs, "prev_chunk": prev, "inference_delay": 2})
+        assert client.get_server_metadata()["real_time_chunking"] is True
+        reply = client.infer({**obs, "seed": 3, "prev_chunk": prev, "inference_delay": 3})["actions"]
+        np.testing.assert_allclose(reply, expected, rtol=0, atol=1e-6)
+        np.testing.assert_array_equal(reply[:3], prev[:3])
+        assert np.abs(reply[3:] - prev[3:]).max() > 0  # only the delayed prefix is frozen
         with pytest.raises(RuntimeError, match="'prev_chunk' without 'inference_delay'"):
             client.infer({**obs, "prev_chunk": prev})
-        assert client.infer(obs)["actions"].shape == (8, 4)
-
-    calls = []
-
-    class RTCPolicy:  # what the Policy will look like with real-time chunking: the keywords arrive
-        def __init__(self, inner):
-            self.inner, self.spec, self.normalizer = inner, inner.spec, inner.normalizer
-            self.actions_per_query, self.generator = inner.actions_per_query, inner.generator
-
-        def predict_chunk(self, obs, prev_chunk=None, inference_delay=0):
-            calls.append((prev_chunk, inference_delay))
-            self.inner.generator = self.generator
-            return self.inner.predict_chunk(obs)
-
-    with openpi_server(RTCPolicy(policy)) as server:
-        client = openpi_client.WebsocketClientPolicy("127.0.0.1", server.port)
-        assert client.get_server_metadata()["real_time_chunking"] is True
-        client.infer({**obs, "prev_chunk": prev + 1, "inference_delay": 3})
-        assert calls[-1][1] == 3 and calls[-1][0].shape == (8, 4) and calls[-1][0][0, 0] == 1.0
         with pytest.raises(RuntimeError, match="inference_delay 9"):
             client.infer({**obs, "prev_chunk": prev, "inference_delay": 9})
+        assert client.infer(obs)["actions"].shape == (8, 4)
+        # RemotePolicy sends them as keywords, as the chunk executor calls the in-process Policy
+        from xwam_core.serve.client import RemotePolicy
+
+        with RemotePolicy(f"127.0.0.1:{server.port}") as remote:
+            remote.reset(seed=3)
+            chunk = remote.predict_chunk(obs, prev_chunk=prev, inference_delay=3)
+        np.testing.assert_allclose(chunk, expected, rtol=0, atol=1e-6)
 
 
 def test_xwam_serve_command_api_key_and_sigterm(ckpt, policy):

@@ -203,6 +203,16 @@ def evaluate(
     ] = None,
     sim: Annotated[str | None, typer.Option(help="Closed loop in a simulator: 'metaworld'.")] = None,
     ckpt: Annotated[Path | None, typer.Option(help="--sim: checkpoint folder.")] = None,
+    server: Annotated[
+        str | None,
+        typer.Option(
+            help="--sim: act through a policy server instead of --ckpt: `xwam serve`'s ws://HOST:PORT "
+            "(openpi protocol; docs/serve.md)."
+        ),
+    ] = None,
+    api_key: Annotated[
+        str | None, typer.Option(help="--server: its API key (or $XWAM_SERVE_API_KEY).")
+    ] = None,
     tasks: Annotated[
         str | None, typer.Option(help="--sim: comma-separated tasks, e.g. reach-v3,push-v3.")
     ] = None,
@@ -267,6 +277,8 @@ def evaluate(
     }
     sim_only = {
         "--ckpt": ckpt,
+        "--server": server,
+        "--api-key": api_key,
         "--tasks": tasks,
         "--video": video,
         "--render-quality": render_quality,
@@ -302,6 +314,8 @@ def evaluate(
             data,
             0 if inference_delay is None else inference_delay,
             "naive" if chunking is None else chunking,
+            server,
+            api_key,
         )
         return
     if run is None:
@@ -366,14 +380,22 @@ def _evaluate_sim(
     data: Path | None = None,
     inference_delay: int = 0,
     chunking: str = "naive",
+    server: str | None = None,
+    api_key: str | None = None,
 ) -> None:
+    import os
+
     from xwam_core.errors import XWAMError
     from xwam_core.rtc_executor import CHUNKINGS
 
     if sim != "metaworld":
         raise XWAMError(f"--sim {sim!r}: the simulators are: metaworld")
-    if ckpt is None:
-        raise XWAMError("--sim metaworld needs --ckpt CKPT (the checkpoint to roll out)")
+    if ckpt is None and server is None:
+        raise XWAMError("--sim metaworld needs --ckpt CKPT (the checkpoint to roll out) or --server URL")
+    if ckpt is not None and server is not None:
+        raise XWAMError("--ckpt and --server: give one (the server loads its own checkpoint)")
+    if api_key is not None and server is None:
+        raise XWAMError("--api-key is the key of a policy server: add --server URL")
     if seed < 0:
         raise XWAMError(f"--seed {seed}: expected an integer >= 0")
     if actions_per_query is not None and actions_per_query < 1:
@@ -400,7 +422,14 @@ def _evaluate_sim(
     from xwam_core.policy import Policy
     from xwam_core.sim.metaworld import evaluate_metaworld
 
-    policy = Policy.from_checkpoint(ckpt)
+    policy: Any
+    if server is not None:  # every query over the wire (xwam_core.serve.client): the Policy's interface
+        from xwam_core.serve.client import RemotePolicy
+
+        policy = RemotePolicy(server, api_key or os.environ.get("XWAM_SERVE_API_KEY"))
+    else:
+        assert ckpt is not None
+        policy = Policy.from_checkpoint(ckpt)
     k = policy.spec.window.num_actions
     if actions_per_query is not None:
         if actions_per_query > k:
@@ -466,7 +495,10 @@ def _evaluate_sim(
     if video is not None:
         console.print(f"rollout videos: {video}")
     if out is not None:
-        data_json["checkpoint"] = str(Path(ckpt).resolve())
+        if ckpt is not None:
+            data_json["checkpoint"] = str(Path(ckpt).resolve())
+        else:
+            data_json["server"] = server
         console.print(f"results: {write_json_atomic(out, data_json)}")
 
 

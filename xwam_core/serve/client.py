@@ -80,6 +80,7 @@ class RemotePolicy:
             window=WindowLayout(int(m["future_frames"]), int(m["frame_stride"])),
             tasks=list(m["tasks"]),
             fps=m.get("fps"),
+            val_episodes=int(m.get("val_episodes", 0)),
         )
         self.normalizer = RemoteLayout(list(m["state_names"]), list(m["action_names"]))
         k = int(m["action_horizon"])

@@ -13,7 +13,6 @@ process), so a connection's chunks are the in-process Policy's: the same observa
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 import threading
@@ -198,11 +197,9 @@ class PolicyService:
         self.seed = seed
         self.stats = LatencyStats()
         self._lock = threading.Lock()
-        params = inspect.signature(policy.predict_chunk).parameters
-        # real-time chunking arrives in the Policy as predict_chunk(obs, prev_chunk=, inference_delay=)
-        self.real_time_chunking = all(k in params for k in ("prev_chunk", "inference_delay")) or any(
-            p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()
-        )
+        # real-time chunking (docs/rtc.md): predict_chunk(obs, prev_chunk=, inference_delay=); the chunk
+        # executor stays on the client, the server keeps no chunk state
+        self.real_time_chunking = True
 
     # -------------------------------------------------------------------- what the policy expects
     @property
@@ -228,6 +225,9 @@ class PolicyService:
             "frame_stride": int(self.spec.window.frame_stride),
             "tasks": list(self.spec.tasks),
             "fps": self.spec.fps,
+            # how many episodes of the training store were held out: a client training a baseline on that
+            # store (xwam evaluate --sim --server --data STORE) leaves the same ones out
+            "val_episodes": int(self.spec.val_episodes),
             "units": "state and actions in dataset units (the server normalizes)",
             "observation_keys": self.mapping.describe(list(self.spec.views)),
             "control_keys": list(CONTROL_KEYS),
@@ -355,11 +355,6 @@ class PolicyService:
         if len(has) == 1:
             other = "inference_delay" if has[0] == "prev_chunk" else "prev_chunk"
             raise MessageError(f"{has[0]!r} without {other!r} (real-time chunking needs both)")
-        if not self.real_time_chunking:
-            raise MessageError(
-                "prev_chunk / inference_delay: this xwam's Policy has no real-time chunking yet "
-                "(its predict_chunk takes no prev_chunk)"
-            )
         chunk = _array(message["prev_chunk"], "prev_chunk")
         k, a = self.action_horizon, self.normalizer.action_dim
         if chunk.dtype.kind != "f" or chunk.ndim != 2 or chunk.shape[1] != a or not 0 < chunk.shape[0] <= k:
