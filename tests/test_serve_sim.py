@@ -13,9 +13,9 @@ pytest.importorskip("metaworld")
 pytest.importorskip("websockets")
 pytest.importorskip("msgpack")
 
-from tests.run_fixtures import app, metaworld_checkpoint, one_line_error, runner  # noqa: E402
-from tests.serve_fixtures import openpi_server  # noqa: E402
-from xwam_core.policy import Policy  # noqa: E402
+from tests.run_fixtures import app, metaworld_checkpoint, one_line_error, runner
+from tests.serve_fixtures import openpi_server
+from xwam_core.policy import Policy
 
 pytestmark = pytest.mark.sim
 
