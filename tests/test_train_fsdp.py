@@ -263,3 +263,37 @@ def test_a_cut_or_lost_shard_is_named_before_anything_is_unpickled(sharded_run, 
     shard.unlink()
     with pytest.raises(XWAMError, match=r"checkpoint lacks training/sharded/__1_0.distcp"):
         load_training_state(ckpt)
+
+
+@pytest.mark.slow
+def test_dcp_metadata_is_read_with_a_restricted_unpickler(sharded_run, tmp_path):
+    """The sharded state's one pickle (DCP's .metadata) resolves only DCP's own classes: a real one loads,
+    one that would run code is refused with one line naming the file, and the code never runs."""
+    import pickle
+
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    from xwam_core.checkpoint import read_shards
+    from xwam_core.dcp_metadata import RestrictedFileSystemReader
+
+    ckpt = tmp_path / "step-00000001"
+    shutil.copytree(sharded_run / "run" / "checkpoints" / "step-00000001", ckpt)
+    sharded = ckpt / "training" / "sharded"
+    assert isinstance(RestrictedFileSystemReader(sharded).read_metadata(), Metadata)
+
+    marker = tmp_path / "ran"
+
+    class RunsCode:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    (sharded / ".metadata").write_bytes(pickle.dumps(RunsCode()))
+    with pytest.raises(
+        XWAMError, match=r"sharded/.metadata: not a torch.distributed.checkpoint metadata file"
+    ) as e:
+        read_shards(ckpt, {})
+    assert "\n" not in str(e.value) and ("posix.system" in str(e.value) or "os.system" in str(e.value))
+    assert not marker.exists()
+    (sharded / ".metadata").write_bytes(pickle.dumps({"not": "metadata"}))
+    with pytest.raises(XWAMError, match="holds a dict, expected DCP's Metadata"):
+        RestrictedFileSystemReader(sharded).read_metadata()

@@ -25,10 +25,11 @@ Written under a temporary name and renamed when complete (xwam_core.atomic), so 
 broken checkpoint; a run keeps `keep_last` of them in RUN/checkpoints/step-NNNNNNNN/, and prunes older ones
 by renaming them to `.step-NNNNNNNN.pruned-<hex8>` before deleting them, so a checkpoint under its own
 name is always complete. What a kill leaves (`.step-*.tmp-*`, `.step-*.old-*`, `.step-*.pruned-*`) is
-removed by the next run that owns the folder (remove_checkpoint_leftovers). Nothing is ever unpickled:
-tensors are safetensors, everything else JSON. The one exception is the sharded training state of FSDP2
-runs: DCP's own `.metadata` is a pickle, which torch's reader unpickles on resume; resume only from
-checkpoints your own runs wrote, and share the inference part (safetensors + JSON) instead. Reading a training state checks every file and names the
+removed by the next run that owns the folder (remove_checkpoint_leftovers). Nothing is unpickled freely:
+tensors are safetensors, everything else JSON. The one pickle is the sharded training state of FSDP2
+runs: DCP's own `.metadata`, read on resume with a restricted unpickler that admits only DCP's metadata
+classes (xwam_core.dcp_metadata); DCP reads its tensor files with torch.load(weights_only=True). Share
+the inference part (safetensors + JSON), not the training state. Reading a training state checks every file and names the
 one that is missing, cut short or malformed. Folders written before format 1 (no xwam_checkpoint.json)
 are refused with the `xwam convert xwam-v0` command that upgrades them.
 """
@@ -315,16 +316,20 @@ def read_shards(path: Path, tensors: dict[str, Any]) -> None:
     """Fill `tensors` (shaped like write_shards' for this run's processes) in place from checkpoint
     `path`'s shards, resharded to any number of processes. Collective, like write_shards.
 
-    DCP's `.metadata` is a pickle that torch's reader unpickles: call it only on checkpoints a run of
-    yours wrote (load_training_state has checked every shard file's size against trainer.json first)."""
+    DCP's `.metadata` is a pickle: it is read with a restricted unpickler (xwam_core.dcp_metadata) that
+    refuses anything but DCP's own metadata classes, after load_training_state has checked every shard
+    file's size against trainer.json; the tensors are read with torch.load(weights_only=True) by DCP."""
     import torch.distributed.checkpoint as dcp
 
+    from xwam_core.dcp_metadata import RestrictedFileSystemReader
+
+    RestrictedFileSystemReader(path / TRAINING / SHARDED).read_metadata()  # a refused file: its own line
     try:
         with warnings.catch_warnings():  # one process: DCP warns that it assumes one process
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             dcp.load(
                 tensors,
-                storage_reader=dcp.FileSystemReader(path / TRAINING / SHARDED),
+                storage_reader=RestrictedFileSystemReader(path / TRAINING / SHARDED),
                 no_dist=_one_process(),
             )
     except Exception as e:  # DCP raises its own CheckpointException with every rank's traceback
