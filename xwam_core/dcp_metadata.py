@@ -68,7 +68,7 @@ class RestrictedFileSystemReader(dcp.FileSystemReader):
             raise XWAMError(f"{path}: not a torch.distributed.checkpoint metadata file ({e})") from None
         if not isinstance(metadata, Metadata):
             raise XWAMError(f"{path}: holds a {type(metadata).__name__}, expected DCP's Metadata")
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
+        storage = getattr(metadata, "storage_meta", None) or StorageMeta()
+        storage.load_id = self.load_id
+        metadata.storage_meta = storage
         return metadata
