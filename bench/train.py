@@ -11,7 +11,7 @@ branch, backward, AdamW) on synthetic windows:
                                               FlopCounterMode) / dense float32 matmul FLOP/s measured
                                               in the same process
     <preset>_peak_rss_mb, <preset>_peak_rss_mb_grad_ckpt   each in a fresh process
-    medium_fsdp2_over_ddp_step_time_2proc     seconds per step of FSDP2 (xwam_core.train.shard_fsdp2)
+    medium_fsdp2_over_ddp_step_time_2proc     seconds per step of FSDP2 (xwam_core.fsdp.shard_fsdp2)
                                               over DDP, both on 2 gloo CPU processes (torchrun) with
                                               the preset's global batch split over them, measured in
                                               the same run (--dist-presets; "" skips it)
@@ -143,7 +143,7 @@ def measure_distributed(preset: str, strategy: str, steps: int) -> dict[str, flo
     import torch
     import torch.distributed as dist
 
-    from xwam_core.train import shard_fsdp2
+    from xwam_core.fsdp import shard_fsdp2
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()

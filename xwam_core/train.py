@@ -31,13 +31,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 from xwam_core import checkpoint as ckpt_io
 from xwam_core import runlock
-from xwam_core.atomic import atomic_file, write_json_atomic, write_text_atomic
+from xwam_core.atomic import write_json_atomic, write_text_atomic
 from xwam_core.data.mixture import MixtureDataset, check_compatible
 from xwam_core.data.reader import EpisodeStore
 from xwam_core.data.sampler import GlobalBatchSampler, quotas
@@ -45,10 +44,12 @@ from xwam_core.data.windows import WindowDataset, WindowLayout, collate_windows,
 from xwam_core.errors import XWAMError
 from xwam_core.factory import build_codec, build_model, build_text, layout_for
 from xwam_core.finetune import add_lora, init_from_checkpoint, plain_model
+from xwam_core.fsdp import shard_fsdp2
 from xwam_core.models.codecs import describe_codec
 from xwam_core.objective import LOSS_TERMS, TrainingObjective
 from xwam_core.progress import SILENT, Progress
 from xwam_core.recipe import TrainConfig
+from xwam_core.train_log import Tracker, plot_losses
 
 
 def lr_lambda(warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
@@ -117,37 +118,6 @@ def _step_logs(
 def _rows(batch: dict[str, torch.Tensor], start: int, stop: int) -> dict[str, torch.Tensor]:
     """Samples [start, stop) of a loader batch."""
     return {key: value[start:stop] for key, value in batch.items()}
-
-
-def shard_fsdp2(objective: TrainingObjective, device: torch.device, mixed_precision: str) -> list[Any]:
-    """Shard the trainable parts of `objective` over all processes with FSDP2; returns the sharded roots.
-
-    torch's own `fully_shard` on a 1-D device mesh, not accelerate's FSDP plugin: that refuses CPU
-    processes, while fully_shard runs on CPU ranks with gloo, so this path is tested here. Each block the
-    transformer names in `_no_split_modules` (WanTransformerBlock: the trunk's and the depth branch's) is
-    a unit, then the rest of the transformer; a trainable text conditioner is a unit of its own. The frozen
-    codec (the VAE) and a frozen text table stay outside: never sharded, never optimised. Parameters are
-    bf16 with float32 gradient reduction where train.mixed_precision resolved to bf16 (CUDA), float32
-    otherwise; inputs are not cast (autocast decides, as on the DDP path). Call before making the optimiser.
-    """
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    if mixed_precision == "bf16":
-        policy = MixedPrecisionPolicy(torch.bfloat16, torch.float32, cast_forward_inputs=False)
-    else:
-        policy = MixedPrecisionPolicy(cast_forward_inputs=False)
-    model = objective.model
-    units = tuple(getattr(model, "_no_split_modules", None) or ())
-    for module in model.modules():
-        if module is not model and type(module).__name__ in units:
-            fully_shard(module, mesh=mesh, mp_policy=policy)
-    roots: list[Any] = [fully_shard(model, mesh=mesh, mp_policy=policy)]
-    if any(p.requires_grad for p in objective.text.parameters()):
-        roots.append(fully_shard(objective.text, mesh=mesh, mp_policy=policy))
-    return roots
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -893,7 +863,7 @@ class Trainer:
         bar = progress.task("steps", total=cfg.max_steps, completed=self.step)
         start_step, t0 = self.step, time.perf_counter()
         val_loss: float | None = None
-        tracker: _Tracker | None = None
+        tracker: Tracker | None = None
         data = iter(self.loader)
         try:
             while self.step < cfg.max_steps and not self._stop_agreed(stop):
@@ -927,7 +897,7 @@ class Trainer:
         seconds = time.perf_counter() - t0
         samples_per_s = (self.step - start_step) * self.recipe.data.batch_size / max(seconds, 1e-9)
         if self.accelerator.is_main_process:
-            _plot_losses(self.history, self.run_dir / "loss_curve.png")
+            plot_losses(self.history, self.run_dir / "loss_curve.png")
             summary = {
                 "steps": cfg.max_steps,
                 "final": self.history[-1] if self.history else {},
@@ -955,7 +925,7 @@ class Trainer:
             start_step=start_step,
         )
 
-    def _begin_outputs(self) -> _Tracker | None:
+    def _begin_outputs(self) -> Tracker | None:
         """After the first step: replace the old run (--overwrite), write recipe.toml, open the logs."""
         if not self.accelerator.is_main_process:
             return None
@@ -963,7 +933,7 @@ class Trainer:
             runlock.clear_run(self.run_dir)
             self.overwrite = False
         write_text_atomic(self.run_dir / "recipe.toml", _recipe_toml(self.recipe))
-        return _Tracker(self.run_dir / "logs")
+        return Tracker(self.run_dir / "logs")
 
     def _stop_agreed(self, stop: _StopRequest) -> bool:
         """Whether any process was asked to stop (all processes then stop after the same step)."""
@@ -1113,55 +1083,3 @@ def validate(
             for i, t in enumerate(LOSS_TERMS)
         )
     )
-
-
-class _Tracker:
-    """TensorBoard scalars per loss term and learning rate (when tensorboard is installed)."""
-
-    def __init__(self, log_dir: Path):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer: Any = SummaryWriter(str(log_dir))
-        except ImportError:
-            self.writer = None
-
-    def log(self, step: int, logs: dict[str, float]) -> None:
-        if self.writer is None:
-            return
-        for key, value in logs.items():
-            tag = key if key in ("lr", "grad_norm") else f"loss/{key}"
-            self.writer.add_scalar(tag, value, step)
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-
-
-def _plot_losses(history: list[dict[str, float]], path: Path) -> None:
-    if not history:
-        return
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    steps = np.array([h["step"] for h in history])
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
-    for term in (*LOSS_TERMS, "loss"):
-        values = np.array([h[term] for h in history])
-        ax.plot(steps, values, label=term, lw=2 if term == "loss" else 1)
-    val = [(h["step"], h["val_loss"]) for h in history if "val_loss" in h]
-    if val:
-        ax.plot(*zip(*val, strict=True), "o-", label="val loss", color="black")
-    ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp)
-    plt.close(fig)
