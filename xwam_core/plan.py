@@ -295,8 +295,11 @@ class _FusedAttention(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx: Any, *grads: Any) -> Any:  # never run: the trace only counts
-        raise NotImplementedError
+    def backward(ctx: Any, *grads: Any) -> Any:
+        # the planner traces the forward pass and counts what autograd keeps; it never differentiates
+        raise RuntimeError(
+            "plan: the fused-attention stand-in only counts memory and FLOPs; it has no backward"
+        )
 
 
 _SDPA = torch.nn.functional.scaled_dot_product_attention
