@@ -70,8 +70,7 @@ def main() -> None:
     expert: dict[str, list[tuple[np.ndarray, int]]] = {}
     task_sims = {t: mw.TaskSim(sim, t, ["corner2"], 8, 8, "fast", layouts[0]) for t in tasks}
     for t in tasks:
-        firsts = [sim_mw._expert_actions(task_sims[t], s, 32) for s in starts[t]]
-        expert[t] = [(f[:, :3].sum(0), len(f)) for f in firsts]
+        expert[t] = [sim_mw.expert_displacement(task_sims[t], s, 32) for s in starts[t]]
     try:
         for updates, batch, bc in trained:
             row: dict[str, object] = {
@@ -82,10 +81,7 @@ def main() -> None:
             for t in tasks:
                 moved, target = [], []
                 for s, (summed, n) in zip(starts[t], expert[t], strict=True):
-                    task_sims[t].reset(s)
-                    bc.reset(seed=s)
-                    chunk = bc.predict_chunk({"state": task_sims[t].state().astype(np.float32), "task": t})
-                    moved.append(np.clip(chunk[:n, :3], -1, 1).sum(0))
+                    moved.append(sim_mw.first_chunk_displacement(bc, task_sims[t], gl, t, s, n))
                     target.append(summed)
                 p, e = np.asarray(moved), np.asarray(target)
                 row[t] = [None if (r := pearson(p[:, k], e[:, k])) is None else round(r, 2) for k in range(3)]

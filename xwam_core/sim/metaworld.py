@@ -450,15 +450,13 @@ def evaluate_metaworld(
                 moves: dict[str, list[list[float]]] = {p: [] for p in ["expert", *learner]}
                 summed: list[int] = []
                 for i, episode_seed in enumerate(seeds[task]):
-                    expert_first = _expert_actions(task_sim, episode_seed, k)  # goal following
-                    n = len(expert_first)
+                    expert_moved, n = expert_displacement(task_sim, episode_seed, k)  # goal following
                     summed.append(n)
-                    moves["expert"].append([float(x) for x in expert_first[:, :3].sum(0)])
+                    moves["expert"].append([float(x) for x in expert_moved])
                     for which in policies:
                         actor = learner.get(which)
                         if actor is not None:  # the first chunk, exactly as the rollout's first query
-                            chunk = _first_chunk(actor, task_sim, gl, task, episode_seed)
-                            first = np.clip(chunk[:n, :3], -1.0, 1.0).sum(0)
+                            first = first_chunk_displacement(actor, task_sim, gl, task, episode_seed, n)
                             moves[which].append([float(x) for x in first])
                         video = None
                         if video_dir is not None and which == "model":
@@ -500,6 +498,22 @@ def observe(task_sim: Any, gl: Any) -> tuple[np.ndarray, np.ndarray]:
     depth = np.empty((n_views, task_sim.height, task_sim.width), np.float32)
     _render(task_sim, gl, rgb, depth)
     return rgb, task_sim.state().astype(np.float32)
+
+
+def expert_displacement(task_sim: Any, episode_seed: int, k: int) -> tuple[np.ndarray, int]:
+    """Goal following's reference: the scripted expert's first `k` actions from `episode_seed` (fewer if it
+    succeeds sooner), clipped as the environment applies them, summed over xyz: ((3,), n actions)."""
+    actions = _expert_actions(task_sim, episode_seed, k)
+    return actions[:, :3].sum(0), len(actions)
+
+
+def first_chunk_displacement(
+    actor: Any, task_sim: Any, gl: Any, task: str, episode_seed: int, n: int
+) -> np.ndarray:
+    """Goal following's measure: `actor`'s (the Policy or BC) first chunk at `episode_seed`, its first `n`
+    xyz actions clipped as the environment applies them and summed: (3,)."""
+    chunk = _first_chunk(actor, task_sim, gl, task, episode_seed)
+    return np.clip(chunk[:n, :3], -1.0, 1.0).sum(0)
 
 
 def _first_chunk(actor: Any, task_sim: Any, gl: Any, task: str, episode_seed: int) -> np.ndarray:
