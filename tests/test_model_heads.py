@@ -177,3 +177,38 @@ def test_state_broadcast_starts_as_a_no_op_and_feeds_the_current_state_to_action
     moved[:, 0] += 1.0
     changed = model(video, acts, moved, t, t, text, run_depth=False)
     assert not torch.allclose(changed.actions, model(video, acts, sts, t, t, text, run_depth=False).actions)
+
+
+def test_state_modulation_starts_as_a_no_op_and_conditions_the_action_stream_on_the_current_state():
+    torch.manual_seed(0)
+    model = build_model("tiny", **SMALL, state_modulation=True).eval()
+    assert model.config.state_modulation and model.state_modulator is not None
+    video = torch.randn(1, V, 48, F, H, W)
+    acts, sts = torch.randn(1, 8, 4), torch.randn(1, 3, 8)
+    t = torch.tensor([500.0])
+    text = torch.randn(1, 4, model.config.text_dim)
+    before = model(video, acts, sts, t, t, text, run_depth=False)
+    plugin, model.state_modulator = model.state_modulator, None
+    without = model(video, acts, sts, t, t, text, run_depth=False)
+    model.state_modulator = plugin
+    assert torch.equal(before.actions, without.actions) and torch.equal(before.video, without.video)
+
+    with torch.no_grad():
+        plugin.embed[-1].weight.normal_()
+    # only the current state is read: a future state's change does not reach the modulation ...
+    emb = plugin(sts[:, 0])
+    moved_future = sts.clone()
+    moved_future[:, 2] += 1.0
+    assert torch.equal(plugin(moved_future[:, 0]), emb)
+    # ... the current state's does, through the action stream's AdaLN (the video tokens' timestep embedding
+    # is untouched: their modulation is that of the model without the plug-in)
+    moved = sts.clone()
+    moved[:, 0] += 1.0
+    changed = model(video, acts, moved, t, t, text, run_depth=False)
+    assert not torch.allclose(changed.actions, model(video, acts, sts, t, t, text, run_depth=False).actions)
+    timestep_class = model._timestep_class(model._layout(video, acts, sts), video.device)
+    temb, _ = model._embed_timesteps(t, t, timestep_class, torch.float32, plugin(sts[:, 0]))
+    plain, _ = model._embed_timesteps(t, t, timestep_class, torch.float32)
+    action_rows = timestep_class == 2
+    torch.testing.assert_close(temb[:, action_rows], plain[:, action_rows] + emb[:, None])
+    assert torch.equal(temb[:, ~action_rows], plain[:, ~action_rows])

@@ -239,6 +239,33 @@ class CurrentStateBroadcast(_ZeroInitBroadcast):
         return action_tokens, state_tokens
 
 
+class CurrentStateModulation(nn.Module):
+    """Adds an embedding of the current state to the action stream's timestep embedding, so every block's
+    AdaLN shift/scale/gate of the action and future-state tokens depends on it (DiT's class conditioning).
+
+    A token is one of a few hundred, and a small model trained from scratch reads a condition through the
+    AdaLN modulation far sooner than through attention or a summed token (DiT, Peebles & Xie 2023: adaLN-Zero
+    against in-context conditioning). The last layer is zero-initialised: a no-op until trained. Demo-only.
+    """
+
+    def __init__(self, state_dim: int, inner_dim: int) -> None:
+        super().__init__()
+        self.embed = nn.Sequential(
+            nn.Linear(state_dim, inner_dim), nn.SiLU(), nn.Linear(inner_dim, inner_dim)
+        )
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        last = self.embed[-1]
+        assert isinstance(last, nn.Linear)
+        last.weight.zero_()
+        last.bias.zero_()  # type: ignore[union-attr]
+
+    def forward(self, current_state: torch.Tensor) -> torch.Tensor:
+        """current_state (B, state_dim), normalized -> (B, D), added to the action timestep's embedding."""
+        return self.embed(current_state)
+
+
 class ObservedDepthConditioner(nn.Module):
     """RGB-D input: the observed current depth latent enters every depth-branch token, and the depth head
     is gated against it (observed + g * (head - observed)).

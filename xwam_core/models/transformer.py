@@ -54,6 +54,7 @@ from xwam_core.models.codecs import DepthRange
 from xwam_core.models.heads import (
     CurrentFrameBroadcast,
     CurrentStateBroadcast,
+    CurrentStateModulation,
     ObservedDepthConditioner,
     VideoHead,
     build_video_head,
@@ -362,7 +363,9 @@ class XWAMTransformer(ModelMixin, ConfigMixin):  # type: ignore[misc]
     `video_prediction` names the video head (`VIDEO_HEADS`): "velocity" (Wan's own output, the paper's),
     "sample", "residual" or "gated" (x-prediction heads, each declaring the loss form training uses).
     `condition_broadcast` adds a `CurrentFrameBroadcast`, `state_broadcast` a `CurrentStateBroadcast` (the
-    current state's token added to every action and future-state token); `depth_condition` an `ObservedDepthConditioner`
+    current state's token added to every action and future-state token), `state_modulation` a
+    `CurrentStateModulation` (the current state embedded into the action stream's timestep embedding, so
+    it sets every block's AdaLN for the action and future-state tokens); `depth_condition` an `ObservedDepthConditioner`
     (RGB-D input to the depth branch, whose head is gated against the observed depth). `gate_init_logit` is
     where both gated heads start (sigmoid(-4) ~ 0.018 of the head, the rest the current frame / observed depth).
 
@@ -418,6 +421,7 @@ class XWAMTransformer(ModelMixin, ConfigMixin):  # type: ignore[misc]
         new_parameter_init: str = "release",
         depth_encoding: str = "inverse",
         state_broadcast: bool = False,
+        state_modulation: bool = False,
     ) -> None:
         super().__init__()
         if action_state_readout not in ACTION_STATE_READOUTS:
@@ -504,6 +508,7 @@ class XWAMTransformer(ModelMixin, ConfigMixin):  # type: ignore[misc]
         )
         self.frame_broadcast = CurrentFrameBroadcast(inner_dim) if condition_broadcast else None
         self.state_broadcaster = CurrentStateBroadcast(inner_dim) if state_broadcast else None
+        self.state_modulator = CurrentStateModulation(state_dim, inner_dim) if state_modulation else None
         self.gradient_checkpointing = False
         self._init_new_parameters()  # the depth blocks are deep copies of the last M blocks
         self.video_head.prepare_output_layer(self.wan.proj_out)
@@ -537,7 +542,14 @@ class XWAMTransformer(ModelMixin, ConfigMixin):  # type: ignore[misc]
             _init_linear(layer, release)
         self.depth_scale_shift_table.normal_(std=self.inner_dim**-0.5)
         _init_linear(self.depth_proj_out, release)
-        for plugin in (self.video_head, self.depth_conditioner, self.frame_broadcast, self.state_broadcaster):
+        plugins = (
+            self.video_head,
+            self.depth_conditioner,
+            self.frame_broadcast,
+            self.state_broadcaster,
+            self.state_modulator,
+        )
+        for plugin in plugins:
             if plugin is not None:
                 plugin.reset_parameters()  # no-ops and shut gates: see xwam_core.models.heads
 
@@ -756,11 +768,13 @@ class XWAMTransformer(ModelMixin, ConfigMixin):  # type: ignore[misc]
         t_action: torch.Tensor,
         timestep_class: torch.Tensor,
         dtype: torch.dtype,
+        state_embedding: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token (temb (B, N, D), AdaLN projection (B, N, 6, D)) via Wan's condition embedder.
 
         Embeds the three distinct timesteps per sample, then gathers per token: what Wan2.2 computes
-        for a (B, N) timestep, at 3/N of the cost.
+        for a (B, N) timestep, at 3/N of the cost. `state_embedding` (B, D) (`state_modulation`) is added
+        to the action timestep's embedding (class 2: action and future-state tokens) before the projection.
         """
         embedder = self.wan.condition_embedder
         batch = t_video.shape[0]
@@ -770,6 +784,10 @@ class XWAMTransformer(ModelMixin, ConfigMixin):  # type: ignore[misc]
         if emb.dtype != time_dtype and time_dtype != torch.int8:
             emb = emb.to(time_dtype)
         temb = embedder.time_embedder(emb).to(dtype)  # (B*3, D)
+        if state_embedding is not None:
+            offset = torch.zeros_like(temb).unflatten(0, (batch, 3))  # (B, 3, D)
+            offset[:, 2] = state_embedding.to(temb.dtype)
+            temb = temb + offset.flatten(0, 1)
         proj = embedder.time_proj(embedder.act_fn(temb))  # (B*3, 6D)
         temb = temb.unflatten(0, (batch, 3))[:, timestep_class]  # (B, N, D)
         proj = proj.unflatten(0, (batch, 3)).unflatten(2, (6, -1))[:, timestep_class]  # (B, N, 6, D)
@@ -888,7 +906,12 @@ class XWAMTransformer(ModelMixin, ConfigMixin):  # type: ignore[misc]
         if text_hidden.shape[0] not in (1, batch):
             raise XWAMError(f"text has batch {text_hidden.shape[0]}, expected 1 or {batch} like the video")
 
-        temb, proj = self._embed_timesteps(t_video, t_action, timestep_class, text_hidden.dtype)
+        state_embedding = None
+        if self.state_modulator is not None and states is not None:
+            state_embedding = self.state_modulator(states[:, 0].to(text_hidden.dtype))  # the current state
+        temb, proj = self._embed_timesteps(
+            t_video, t_action, timestep_class, text_hidden.dtype, state_embedding
+        )
 
         # Tokens: each view patchified alone, plus its view embedding; frame-major order.
         x = self.wan.patch_embedding(video.flatten(0, 1).to(dtype))  # (B*V, D, F', h', w')
