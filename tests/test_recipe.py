@@ -134,6 +134,7 @@ OUT_OF_RANGE = [
     ("train.betas=[-0.1, 0.999]", "train.betas", "[-0.1, 0.999]"),
     ("train.warmup_steps=-1", "train.warmup_steps", "-1"),
     ("train.min_lr_ratio=1.5", "train.min_lr_ratio", "1.5"),
+    ("train.action_lr_scale=0", "train.action_lr_scale", "0.0"),
     ("train.grad_clip=-1", "train.grad_clip", "-1.0"),
     ("train.mixed_precision='fp8'", "train.mixed_precision", "'fp8'"),
     ("train.ema_decay=1.0", "train.ema_decay", "1.0"),

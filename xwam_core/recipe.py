@@ -239,10 +239,19 @@ class TrainConfig:
     loss_weights: dict[str, float] = field(
         default_factory=lambda: {"video": 1.0, "action": 1.0, "state": 1.0, "depth": 1.0}
     )
+    # learning-rate multiplier of the action/state modules (their encoders and decoders and the state
+    # plug-ins, xwam_core.train.ACTION_MODULES), an optimiser group of their own when it is not 1
+    action_lr_scale: float = 1.0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def validate(self) -> None:
         require(bool(self.out), "train.out", "a run folder", self.out)
+        require(
+            self.action_lr_scale > 0 and math.isfinite(self.action_lr_scale),
+            "train.action_lr_scale",
+            "a finite number > 0",
+            self.action_lr_scale,
+        )
         require(self.max_steps >= 1, "train.max_steps", "an integer >= 1", self.max_steps)
         require(self.lr > 0, "train.lr", "a learning rate > 0", self.lr)
         require(self.weight_decay >= 0, "train.weight_decay", "a number >= 0", self.weight_decay)

@@ -197,6 +197,36 @@ def _stop_workers(loader: Any) -> None:
         loader._iterator = None
 
 
+# The modules of the action/state streams (model attribute names): `train.action_lr_scale` multiplies their
+# learning rate. They are new in X-WAM (Wan has no actions), as the depth head is.
+ACTION_MODULES = (
+    "action_encoder",
+    "action_decoder",
+    "state_encoder",
+    "state_decoder",
+    "state_broadcaster",
+    "state_modulator",
+)
+
+
+def optimizer_groups(objective: torch.nn.Module, lr: float, action_lr_scale: float) -> list[dict[str, Any]]:
+    """AdamW's parameter groups: one group of every trainable parameter, or, when `action_lr_scale` is not 1,
+    the rest at `lr` and the action/state modules (ACTION_MODULES) at `lr * action_lr_scale`. The LR schedule
+    multiplies each group's own rate, so the ratio holds through warm-up and decay."""
+    trainable = [(name, p) for name, p in objective.named_parameters() if p.requires_grad]
+    if action_lr_scale == 1.0:
+        return [{"params": [p for _, p in trainable]}]
+
+    def is_action(name: str) -> bool:
+        return any(part in ACTION_MODULES for part in name.split("."))
+
+    action = [p for name, p in trainable if is_action(name)]
+    if not action:
+        raise XWAMError("train.action_lr_scale: the model has no action/state modules to scale")
+    rest = [p for name, p in trainable if not is_action(name)]
+    return [{"params": rest}, {"params": action, "lr": lr * action_lr_scale}]
+
+
 class Trainer:
     """pretrain and finetune: `build` everything, then `fit` calls train_step / validate / save.
 
@@ -343,7 +373,7 @@ class Trainer:
             self.fsdp_roots = shard_fsdp2(self.objective, self.accelerator.device, self.mixed_precision)
         self.params = [p for p in self.objective.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
-            self.params,
+            optimizer_groups(self.objective, cfg.lr, cfg.action_lr_scale),
             lr=cfg.lr,
             betas=(cfg.betas[0], cfg.betas[1]),
             weight_decay=cfg.weight_decay,
