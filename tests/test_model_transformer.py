@@ -116,8 +116,9 @@ def test_per_token_timesteps_are_wired(model, monkeypatch):
     seen = {}
     original = model._embed_timesteps
 
-    def spy(t_video, t_action, timestep_class, dtype):
-        temb, proj = original(t_video, t_action, timestep_class, dtype)
+    def spy(t_video, t_action, timestep_class, dtype, state_embedding=None):
+        assert state_embedding is None  # no state_modulation: the paper's model
+        temb, proj = original(t_video, t_action, timestep_class, dtype, state_embedding)
         seen["temb"] = temb
         return temb, proj
 
