@@ -160,17 +160,7 @@ def test_state_broadcast_starts_as_a_no_op_and_feeds_the_current_state_to_action
     torch.testing.assert_close(s[:, 1:], states[:, 1:] + states[:, :1])
 
     # in the model: off at init changes nothing; trained, every action token reads the current state
-    torch.manual_seed(0)
-    model = build_model("tiny", **SMALL, state_broadcast=True).eval()
-    video = torch.randn(1, V, 48, F, H, W)
-    acts, sts = torch.randn(1, 8, 4), torch.randn(1, 3, 8)
-    t = torch.tensor([500.0])
-    text = torch.randn(1, 4, model.config.text_dim)
-    before = model(video, acts, sts, t, t, text, run_depth=False)
-    plugin, model.state_broadcaster = model.state_broadcaster, None
-    without = model(video, acts, sts, t, t, text, run_depth=False)
-    model.state_broadcaster = plugin
-    assert torch.equal(before.actions, without.actions) and torch.equal(before.video, without.video)
+    model, plugin, (video, acts, sts, t, text) = _model_with_a_no_op_plugin("state_broadcaster")
     with torch.no_grad():
         plugin.proj.weight.normal_()
     moved = sts.clone()
@@ -179,20 +169,28 @@ def test_state_broadcast_starts_as_a_no_op_and_feeds_the_current_state_to_action
     assert not torch.allclose(changed.actions, model(video, acts, sts, t, t, text, run_depth=False).actions)
 
 
-def test_state_modulation_starts_as_a_no_op_and_conditions_the_action_stream_on_the_current_state():
+def _model_with_a_no_op_plugin(attribute: str):
+    """A small model with the state plug-in at `attribute` switched on, checked to change nothing at init
+    (the same outputs with the plug-in removed); returns the model, the plug-in and the inputs used."""
     torch.manual_seed(0)
-    model = build_model("tiny", **SMALL, state_modulation=True).eval()
-    assert model.config.state_modulation and model.state_modulator is not None
+    flag = {"state_broadcaster": "state_broadcast", "state_modulator": "state_modulation"}[attribute]
+    model = build_model("tiny", **SMALL, **{flag: True}).eval()
+    assert model.config[flag] and getattr(model, attribute) is not None
     video = torch.randn(1, V, 48, F, H, W)
     acts, sts = torch.randn(1, 8, 4), torch.randn(1, 3, 8)
     t = torch.tensor([500.0])
     text = torch.randn(1, 4, model.config.text_dim)
     before = model(video, acts, sts, t, t, text, run_depth=False)
-    plugin, model.state_modulator = model.state_modulator, None
+    plugin = getattr(model, attribute)
+    setattr(model, attribute, None)
     without = model(video, acts, sts, t, t, text, run_depth=False)
-    model.state_modulator = plugin
+    setattr(model, attribute, plugin)
     assert torch.equal(before.actions, without.actions) and torch.equal(before.video, without.video)
+    return model, plugin, (video, acts, sts, t, text)
 
+
+def test_state_modulation_starts_as_a_no_op_and_conditions_the_action_stream_on_the_current_state():
+    model, plugin, (video, acts, sts, t, text) = _model_with_a_no_op_plugin("state_modulator")
     with torch.no_grad():
         plugin.embed[-1].weight.normal_()
     # only the current state is read: a future state's change does not reach the modulation ...
