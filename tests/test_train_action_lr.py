@@ -7,7 +7,8 @@ import torch
 
 from xwam_core.errors import XWAMError
 from xwam_core.models.presets import build_model
-from xwam_core.train import ACTION_MODULES, lr_lambda, optimizer_groups
+from xwam_core.models.transformer import ACTION_MODULES
+from xwam_core.train import lr_lambda, optimizer_groups
 
 SMALL = dict(num_layers=2, num_depth_blocks=1, in_channels=48, out_channels=48, num_views=2, action_dim=4,
              state_dim=8, num_actions=8, num_states=3)  # fmt: skip

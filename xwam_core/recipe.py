@@ -240,7 +240,7 @@ class TrainConfig:
         default_factory=lambda: {"video": 1.0, "action": 1.0, "state": 1.0, "depth": 1.0}
     )
     # learning-rate multiplier of the action/state modules (their encoders and decoders and the state
-    # plug-ins, xwam_core.train.ACTION_MODULES), an optimiser group of their own when it is not 1
+    # plug-ins, xwam_core.models.transformer.ACTION_MODULES), an optimiser group of their own when it is not 1
     action_lr_scale: float = 1.0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 

@@ -46,6 +46,7 @@ from xwam_core.factory import build_codec, build_model, build_text, layout_for
 from xwam_core.finetune import add_lora, init_from_checkpoint, plain_model
 from xwam_core.fsdp import shard_fsdp2
 from xwam_core.models.codecs import describe_codec
+from xwam_core.models.transformer import ACTION_MODULES
 from xwam_core.objective import LOSS_TERMS, TrainingObjective
 from xwam_core.progress import SILENT, Progress
 from xwam_core.recipe import TrainConfig
@@ -195,18 +196,6 @@ def _stop_workers(loader: Any) -> None:
         iterator._shutdown_workers()
     if iterator is not None:
         loader._iterator = None
-
-
-# The modules of the action/state streams (model attribute names): `train.action_lr_scale` multiplies their
-# learning rate. They are new in X-WAM (Wan has no actions), as the depth head is.
-ACTION_MODULES = (
-    "action_encoder",
-    "action_decoder",
-    "state_encoder",
-    "state_decoder",
-    "state_broadcaster",
-    "state_modulator",
-)
 
 
 def optimizer_groups(objective: torch.nn.Module, lr: float, action_lr_scale: float) -> list[dict[str, Any]]:

@@ -353,6 +353,18 @@ def _mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
 # --------------------------------------------------------------------------------------------------
 
 
+# The action/state streams' modules (XWAMTransformer attribute names; a plug-in that is off is None): new in
+# X-WAM (Wan has no actions); `train.action_lr_scale` multiplies their learning rate (xwam_core.train).
+ACTION_MODULES = (
+    "action_encoder",
+    "action_decoder",
+    "state_encoder",
+    "state_decoder",
+    "state_broadcaster",
+    "state_modulator",
+)
+
+
 class XWAMTransformer(ModelMixin, ConfigMixin):  # type: ignore[misc]
     r"""Wan2.2 DiT over [multi-view video | actions | states] with per-token timesteps and a depth branch.
 
