@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -117,6 +118,65 @@ def test_policy_mode_is_reproducible_and_fast(ckpt, tmp_path):
     assert a.manifest["num_denoiser_calls"] == 2  # num_steps_action from the checkpoint's recipe
 
 
+def test_recorded_actions_give_the_future_they_cause(ckpt, tmp_path, tmp_path_factory):
+    """--actions recorded: the video given the episode's actions and states (the action-conditioned world
+    model); they are the run's actions, so evaluate leaves the action metrics out and refuses them."""
+    store, checkpoint = ckpt
+    out = tmp_path / "recorded"
+    args = ["infer", "--ckpt", str(checkpoint), "--data", str(store), "--out", str(out)]
+    result = runner.invoke(app(), [*args, "--windows-per-episode", "2", "--actions", "recorded"])
+    assert result.exit_code == 0, result.output
+    run, sampled = load_run(out), load_run(world_run(tmp_path_factory))
+    assert run.manifest["actions"] == "recorded" and sampled.manifest["actions"] == "sampled"
+    assert "--actions recorded" in run.manifest["command"]
+    np.testing.assert_array_equal(run["pred_actions"], run["true_actions"])
+    np.testing.assert_array_equal(run["pred_states"][:, 1:], run["true_states"][:, 1:])
+    np.testing.assert_allclose(run["pred_states"][:, 0], run["true_states"][:, 0], rtol=1e-5, atol=1e-5)
+    # the same windows and noise seed as the sampled run: only the actions and states differ, and the video
+    # follows them
+    assert run["frame_index"].tolist() == sampled["frame_index"].tolist()
+    assert not np.array_equal(run["pred_rgb"], sampled["pred_rgb"])
+    observed = run["pred_rgb"][:, :, 0]
+    np.testing.assert_array_equal(observed, sampled["pred_rgb"][:, :, 0])
+    evaluated = runner.invoke(app(), ["evaluate", str(out)])
+    assert evaluated.exit_code == 0, evaluated.output
+    metrics = json.loads((out / "metrics.json").read_text())["metrics"]
+    assert "psnr" in metrics and "absrel" in metrics
+    assert not any(m.startswith("action") for m in metrics)
+    one_line_error(runner.invoke(app(), ["evaluate", str(out), "--metrics", "action_mse"]), "recorded ones")
+
+
+def test_policy_refuses_given_streams_it_cannot_use(ckpt):
+    from xwam_core.errors import XWAMError
+    from xwam_core.policy import Policy
+
+    store, checkpoint = ckpt
+    policy = Policy.from_checkpoint(checkpoint)
+    episode = read_episode(EpisodeStore(store), 0)
+    obs = {
+        "images": {v: episode.views[v].rgb[0] for v in ("a", "b")},
+        "state": episode.state[0],
+        "task": episode.task,
+        "depth": {v: episode.views[v].depth[0] for v in ("a", "b")},
+    }
+    actions, states = episode.action[:8], episode.state[0:9:2]
+    pred = policy.predict(obs, mode="world", given_actions=actions, given_states=states)
+    np.testing.assert_array_equal(pred.actions[0], actions)
+    cases = [
+        ({"given_actions": actions}, "go together"),
+        ({"given_actions": actions, "given_states": states, "mode": "policy"}, "only in world mode"),
+        (
+            {"given_actions": actions[:7], "given_states": states},
+            "given_actions has shape (7, 4); expected (8, 4)",
+        ),
+        ({"given_actions": actions, "given_states": states[:3]}, "given_states has shape"),
+        ({"given_actions": actions * np.nan, "given_states": states}, "NaN"),
+    ]
+    for kwargs, needle in cases:
+        with pytest.raises(XWAMError, match=re.escape(needle)):
+            policy.predict(obs, **{"mode": "world", **kwargs})
+
+
 def test_existing_run_needs_overwrite_and_is_replaced_whole(ckpt, tmp_path):
     store, checkpoint = ckpt
     out = tmp_path / "run"
@@ -184,6 +244,8 @@ def test_bad_input_one_line_nothing_written(ckpt, tmp_path, tmp_path_factory):
     one_line_error(infer("--episodes", "9"), "no episode(s) [9]")
     one_line_error(infer("--episodes", "x"), "--episodes")
     one_line_error(infer("--mode", "dream"), "--mode")
+    one_line_error(infer("--actions", "planned"), "--actions 'planned'", "'sampled' or 'recorded'")
+    one_line_error(infer("--actions", "recorded", "--mode", "policy"), "--actions recorded", "world mode")
     one_line_error(infer("--num-steps-action", "9", "--num-steps-video", "4"), "num_steps_action")
     assert not out.exists()
     no_temporaries(tmp_path)
@@ -235,7 +297,8 @@ def test_the_recorded_command_line_comes_from_the_options():
     opts = InferOptions(Path("ck"), Path("st"), Path("o"), episodes=[3, 4], mode="policy", videos=False)
     line = opts.command_line()
     assert line == (
-        "xwam infer --ckpt ck --data st --out o --episodes 3,4 --mode policy --windows-per-episode 4 "
+        "xwam infer --ckpt ck --data st --out o --episodes 3,4 --mode policy --actions sampled "
+        "--windows-per-episode 4 "
         "--batch-size 1 --seed 0 --no-videos"
     )
     parsed: list[InferOptions] = []

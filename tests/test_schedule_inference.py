@@ -157,6 +157,27 @@ def test_async_actions_are_clean_and_frozen_while_video_is_still_noisy(config):
     assert (oracle.calls[t_a - 1]["t_action"] > 0).all()
 
 
+@pytest.mark.parametrize("config", [CONFIGS[0], CONFIGS[1]], ids=ids)
+def test_given_actions_stay_clean_while_the_video_is_denoised(config):
+    """actions_given: the model sees the given actions and states at t = 0 on every call, as in training's
+    clean-action samples; they come back untouched and the video still reaches its x0."""
+    oracle = Oracle(seed=9)
+    video, _, _ = oracle.start()
+    actions, states = oracle.x0["actions"].clone(), oracle.x0["states"].clone()
+    result = DenoisingSchedule(config)(oracle, video, actions, states, mode="world", actions_given=True)
+    assert torch.equal(result.actions, oracle.x0["actions"])
+    assert torch.equal(result.states, oracle.x0["states"])
+    assert_recovers(result.video, oracle, "video")
+    assert result.num_denoiser_calls == len(oracle.calls) == config.num_steps_video
+    for call in oracle.calls:
+        assert (call["t_action"] == 0).all() and (call["t_video"] > 0).all()
+        assert torch.equal(call["actions"], oracle.x0["actions"])
+        assert torch.equal(call["states"], oracle.x0["states"])
+    assert oracle.path_error < TOL
+    with pytest.raises(ValueError, match="only in world mode"):
+        DenoisingSchedule(config)(oracle, video, actions, states, mode="policy", actions_given=True)
+
+
 def test_sync_schedule_moves_all_streams_together():
     oracle = Oracle(seed=3)
     DenoisingSchedule(InferenceScheduleConfig(schedule="sync", num_steps_video=15))(oracle, *oracle.start())

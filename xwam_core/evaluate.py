@@ -52,6 +52,8 @@ def applicable_metrics(run: RunData, with_lpips: bool) -> list[MetricSpec]:
 def _missing(run: RunData, spec: MetricSpec) -> str | None:
     """Why `spec` cannot be computed on this run, or None."""
     if spec.kind == "action":
+        if run.manifest.get("actions") == "recorded":
+            return "its actions are the recorded ones, given (xwam infer --actions recorded)"
         return None
     if run.mode != "world":
         return "a policy-mode run has actions only; rerun `xwam infer --mode world`"

@@ -68,6 +68,11 @@ class InferOptions:
         show=_show_episodes,
     )
     mode: str = option("world", "'world' (actions + future RGB-D) or 'policy' (actions only, fast).")
+    actions: str = option(
+        "sampled",
+        "World mode: 'sampled' (the model's own, as it acts) or 'recorded' (the future RGB-D given the "
+        "episode's actions and states: the action-conditioned world model; no action metrics).",
+    )
     windows_per_episode: int = option(4, "Windows per episode, evenly spaced.")
     batch_size: int = option(1, "Windows per model call (latency is per window).")
     seed: int = option(0, "Noise seed; the same seed gives the same predictions.")

@@ -47,6 +47,7 @@ from xwam_core.runs import (
 )
 
 MODES = ("policy", "world")
+ACTION_SOURCES = ("sampled", "recorded")  # world mode: the model's actions, or the episode's (given)
 MAX_DEPTH_FRACTION = 0.9  # clouds keep depth <= 0.9 x the model's (farthest) far plane (beyond: background)
 
 
@@ -147,6 +148,12 @@ class InferenceRun:
     def __init__(self, opts: InferOptions) -> None:
         if opts.mode not in MODES:
             raise XWAMError(f"--mode {opts.mode!r}: expected 'policy' or 'world'")
+        if opts.actions not in ACTION_SOURCES:
+            raise XWAMError(f"--actions {opts.actions!r}: expected 'sampled' or 'recorded'")
+        if opts.actions == "recorded" and opts.mode != "world":
+            raise XWAMError(
+                "--actions recorded: only in world mode (it predicts the future the actions cause)"
+            )
         if opts.windows_per_episode < 1:
             raise XWAMError(f"--windows-per-episode {opts.windows_per_episode}: expected an integer >= 1")
         if opts.batch_size < 1:
@@ -234,7 +241,14 @@ class InferenceRun:
                 not latencies
             ):  # the first call pays one-off costs (allocations, kernels): keep it out of the latency
                 policy.predict(obs, mode="policy", generator=torch.Generator().manual_seed(0))
-            pred = policy.predict(obs, mode=opts.mode, generator=generator)
+            recorded = opts.actions == "recorded"
+            pred = policy.predict(
+                obs,
+                mode=opts.mode,
+                generator=generator,
+                given_actions=batch["actions"].numpy() if recorded else None,
+                given_states=batch["states"].numpy() if recorded else None,
+            )
             calls = pred.num_denoiser_calls
             b = len(batch["task_index"])
             per_window = pred.latency_s / b
@@ -322,6 +336,7 @@ class InferenceRun:
             "store_depth_kind": store.depth_kind,
             "predicts_depth": self.policy.predicts_depth,
             "mode": opts.mode,
+            "actions": opts.actions,  # "recorded": pred_actions/pred_states are the episode's, given
             "views": list(spec.views),
             "tasks": list(spec.tasks),
             "episodes": [int(e) for e in self.episodes],

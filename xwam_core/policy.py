@@ -6,6 +6,7 @@
     chunk = policy.predict_chunk(obs)                        # (K, D_action) in dataset units
     chunk = policy.predict_chunk(obs, prev_chunk=chunk[8:], inference_delay=3)   # real-time chunking
     pred = policy.predict(batch_obs, mode="world")           # + future RGB (uint8) and depth (metres)
+    pred = policy.predict(batch_obs, mode="world", given_actions=a, given_states=s)   # the future they cause
 
 An observation is a mapping, for one sample or a batch (leading B):
     images  {view: (H, W, 3) uint8}      every view the checkpoint names, at its image size
@@ -160,14 +161,28 @@ class Policy:
         prev_chunk: np.ndarray | None = None,
         inference_delay: int = 0,
         overlap: str = "exp",
+        given_actions: np.ndarray | None = None,
+        given_states: np.ndarray | None = None,
     ) -> Prediction:
         """Actions (and in world mode the future RGB-D) for one observation or a batch of them;
         `prev_chunk` ((L, D_action), or (B, L, D_action) for a batch) and `inference_delay`: real-time
-        chunking, as in predict_chunk."""
+        chunking, as in predict_chunk.
+
+        World mode with `given_actions` (K, D_action) and `given_states` (T, D_state) (leading B for a
+        batch; dataset units; the window's states, the first being the observation's, which is used):
+        the video and depth those actions lead to (the action-conditioned world model, as training's
+        clean-action samples); they come back unchanged as the prediction's actions and states."""
         if mode not in MODES:
             raise XWAMError(f"mode {mode!r}: expected 'policy' or 'world'")
+        if (given_actions is None) != (given_states is None):
+            raise XWAMError("given_actions and given_states go together (training conditions on both)")
+        if given_actions is not None and (mode != "world" or prev_chunk is not None):
+            raise XWAMError("given_actions: only in world mode and without prev_chunk")
+        given = None if given_actions is None else (given_actions, given_states)
         with sampling_context(guided=prev_chunk is not None):
-            return self._predict(obs, mode, generator or self.generator, prev_chunk, inference_delay, overlap)
+            return self._predict(
+                obs, mode, generator or self.generator, prev_chunk, inference_delay, overlap, given
+            )
 
     def _real_time_chunking(
         self,
@@ -217,10 +232,12 @@ class Policy:
         prev_chunk: np.ndarray | None,
         inference_delay: int,
         overlap: str,
+        given: tuple[Any, Any] | None = None,
     ) -> Prediction:
         rgb0, state0, tasks, depth0 = self._inputs(obs, with_depth=mode == "world" and self.depth_condition)
         batched = np.asarray(obs["state"]).ndim == 2
         prev, rtc = self._real_time_chunking(prev_chunk, inference_delay, overlap, batched, state0.shape[0])
+        given_raw = None if given is None else self._given_streams(*given, batched, state0.shape[0])
         cfg = self.model.config
         window = self.spec.window
         start = time.perf_counter()
@@ -235,6 +252,8 @@ class Policy:
             window.num_frames,
             generator=generator,
         )
+        if given_raw is not None:  # clean from the start: the schedule keeps them at t = 0
+            actions, states = self._given_latents(given_raw, actions, states)
         depth_context = None
         if depth0 is not None:
             depth_context = self.codec.encode_views(depth_to_image(depth0, self.depth_range))
@@ -243,7 +262,16 @@ class Policy:
         if self.schedule_config.guidance_scale != 1.0:
             empty = self.text.empty(tasks.shape[0]).to(self.device)
             uncond = model_denoiser(self.model, empty, depth_context=depth_context)
-        result = self.schedule(denoiser, video, actions, states, mode=mode, uncond_denoiser=uncond, rtc=rtc)
+        result = self.schedule(
+            denoiser,
+            video,
+            actions,
+            states,
+            mode=mode,
+            uncond_denoiser=uncond,
+            rtc=rtc,
+            actions_given=given_raw is not None,
+        )
         rgb = depth = None
         if mode == "world":
             assert result.video is not None
@@ -258,14 +286,50 @@ class Policy:
         actions_out = self.normalizer.action.denormalize(a)  # (B, K, D_action)
         if prev is not None:  # the delayed prefix exactly as it runs (the normalize round trip is not exact)
             actions_out[:, :inference_delay] = prev[:, :inference_delay]
+        states_out = self.normalizer.state.denormalize(s)
+        if given_raw is not None:  # exactly as given (the normalize round trip is not exact)
+            actions_out = given_raw[0].copy()
+            states_out = np.concatenate([states_out[:, :1], given_raw[1][:, 1:]], axis=1)
         return Prediction(
             actions=actions_out,
-            states=self.normalizer.state.denormalize(s),
+            states=states_out,
             rgb=rgb.cpu().numpy() if rgb is not None else None,
             depth=depth.float().cpu().numpy() if depth is not None else None,
             latency_s=latency,
             num_denoiser_calls=result.num_denoiser_calls,
         )
+
+    def _given_streams(
+        self, actions: Any, states: Any, batched: bool, batch_size: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Check given actions (B, K, D_action) and window states (B, T, D_state), dataset units."""
+        window = self.spec.window
+        checked = []
+        for name, value, length, dim in (
+            ("given_actions", actions, window.num_actions, self.normalizer.action_dim),
+            ("given_states", states, window.num_frames, self.normalizer.state_dim),
+        ):
+            array = np.asarray(value, dtype=np.float32)
+            array = array if batched else array[None]
+            if array.shape != (batch_size, length, dim):
+                expected = f"({batch_size}, {length}, {dim})" if batched else f"({length}, {dim})"
+                raise XWAMError(f"{name} has shape {np.asarray(value).shape}; expected {expected}")
+            if not np.isfinite(array).all():
+                raise XWAMError(f"{name} holds NaN or infinite values")
+            checked.append(array)
+        return checked[0], checked[1]
+
+    def _given_latents(
+        self, given: tuple[np.ndarray, np.ndarray], actions: torch.Tensor, states: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's action and state tensors holding the given streams (normalized, padded), state 0
+        kept as the observation's."""
+        cfg = self.model.config
+        a = torch.from_numpy(self.normalizer.action.normalize(given[0]).astype(np.float32))
+        s = torch.from_numpy(self.normalizer.state.normalize(given[1][:, 1:]).astype(np.float32))
+        actions = pad_last(a, cfg.action_dim).to(device=actions.device, dtype=actions.dtype)
+        future = pad_last(s, cfg.state_dim).to(device=states.device, dtype=states.dtype)
+        return actions, torch.cat([states[:, :1], future], dim=1)
 
     # ------------------------------------------------------------------------------------ inputs
     def _inputs(

@@ -217,6 +217,7 @@ class DenoisingSchedule:
         mode: str = "world",
         uncond_denoiser: Denoiser | None = None,
         rtc: RTCGuidance | None = None,
+        actions_given: bool = False,
     ) -> DenoiseResult:
         """Denoise from the initial tensors (see `initial_latents`) and return the clean streams.
 
@@ -224,15 +225,20 @@ class DenoisingSchedule:
         actions (B, K, Da): starting noise; states (B, S, Ds): state 0 the clean condition, 1.. noise.
         `uncond_denoiser` (null prompt) is required when guidance_scale != 1. `rtc`: real-time chunking
         of the action stream towards the previous chunk (rtc.py); None samples as usual.
+        `actions_given` (world mode): `actions` and all of `states` are clean, given (the recorded ones):
+        they stay at t = 0 and untouched while the video is denoised, as in training's clean-action
+        samples (the action-conditioned world model).
         """
         if mode not in MODES:
             raise ValueError(f"mode: expected one of {', '.join(MODES)}, got {mode!r}")
+        if actions_given and (mode != "world" or rtc is not None):
+            raise ValueError("actions_given: only in world mode and without real-time chunking")
         if self.config.guidance_scale != 1.0 and uncond_denoiser is None:
             raise ValueError("guidance_scale != 1 needs an uncond_denoiser (the null-prompt model)")
         if rtc is not None:
             rtc.validate(actions)
         with sampling_context(guided=rtc is not None):
-            return self._denoise(denoiser, video, actions, states, mode, uncond_denoiser, rtc)
+            return self._denoise(denoiser, video, actions, states, mode, uncond_denoiser, rtc, actions_given)
 
     def _denoise(
         self,
@@ -243,10 +249,15 @@ class DenoisingSchedule:
         mode: str,
         uncond_denoiser: Denoiser | None,
         rtc: RTCGuidance | None,
+        actions_given: bool = False,
     ) -> DenoiseResult:
         guidance = self.config.guidance_scale
         batch_size = video.shape[0]
         timesteps = self._timesteps_for(video.device, batch_size)  # (2, T_video, B) float32
+        action_steps = self.num_steps_action
+        if actions_given:  # clean from the start: t_action = 0 at every call, never stepped
+            timesteps = torch.stack([timesteps[0], torch.zeros_like(timesteps[1])])
+            action_steps = 0
         # The model-input buffers are stepped in place; frame 0 / state 0 (the condition) are never written.
         video_in = video.clone()  # (B, V, C, F, h, w)
         actions_in = actions.clone()  # (B, K, Da)
@@ -276,7 +287,7 @@ class DenoisingSchedule:
                 t_action,
                 run_depth,
             )
-            if rtc is not None and rtc_weights is not None and step < self.num_steps_action:
+            if rtc is not None and rtc_weights is not None and step < action_steps:
                 sigma = self._action_sigmas[step]
                 v_video, v_actions, v_states, depth = guided_action_velocity(
                     velocities, actions_in, sigma, rtc, rtc_weights
@@ -284,7 +295,7 @@ class DenoisingSchedule:
             else:
                 v_video, v_actions, v_states, depth = velocities(actions_in)
 
-            if step < self.num_steps_action:
+            if step < action_steps:
                 self.actions.step(step, v_actions, actions_in, out=actions_in)
                 self.states.step(step, v_states[:, 1:], states_noisy, out=states_noisy)
                 if rtc is not None and step == self.num_steps_action - 1:
