@@ -149,7 +149,7 @@ class InferenceRun:
         if opts.mode not in MODES:
             raise XWAMError(f"--mode {opts.mode!r}: expected 'policy' or 'world'")
         if opts.actions not in ACTION_SOURCES:
-            raise XWAMError(f"--actions {opts.actions!r}: expected 'sampled' or 'recorded'")
+            raise XWAMError(f"--actions {opts.actions!r}: expected {' or '.join(map(repr, ACTION_SOURCES))}")
         if opts.actions == "recorded" and opts.mode != "world":
             raise XWAMError(
                 "--actions recorded: only in world mode (it predicts the future the actions cause)"
@@ -234,6 +234,7 @@ class InferenceRun:
         collected: dict[str, list[np.ndarray]] = {}
         latencies: list[float] = []
         calls = 0
+        recorded = opts.actions == "recorded"  # world mode given the episode's actions and states
         for start in range(0, len(self.windows), opts.batch_size):
             batch = collate_windows([self.dataset[i] for i in self.windows[start : start + opts.batch_size]])
             obs = self.observation(batch)
@@ -241,7 +242,6 @@ class InferenceRun:
                 not latencies
             ):  # the first call pays one-off costs (allocations, kernels): keep it out of the latency
                 policy.predict(obs, mode="policy", generator=torch.Generator().manual_seed(0))
-            recorded = opts.actions == "recorded"
             pred = policy.predict(
                 obs,
                 mode=opts.mode,
