@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from tests.conftest import read_episode
 from tests.run_fixtures import (
@@ -175,6 +176,51 @@ def test_policy_refuses_given_streams_it_cannot_use(ckpt):
     for kwargs, needle in cases:
         with pytest.raises(XWAMError, match=re.escape(needle)):
             policy.predict(obs, **{"mode": "world", **kwargs})
+
+
+def test_action_noise_scale_sets_where_the_actions_start(ckpt, tmp_path):
+    """inference.action_noise_scale (a Policy override, `xwam infer --action-noise-scale`): the model's first
+    call sees the actions' and future states' starting noise scaled by it (0: zeros), the video's unchanged;
+    the run records it and a negative scale is refused in one line naming the setting."""
+    from xwam_core.policy import Policy
+
+    store, checkpoint = ckpt
+    episode = read_episode(EpisodeStore(store), 0)
+    obs = {
+        "images": {v: episode.views[v].rgb[0] for v in ("a", "b")},
+        "state": episode.state[0],
+        "task": episode.task,
+        "depth": {v: episode.views[v].depth[0] for v in ("a", "b")},
+    }
+    first_inputs = {}
+
+    def first_call(scale: float) -> list[torch.Tensor]:
+        policy = Policy.from_checkpoint(checkpoint, action_noise_scale=scale)
+        seen: list[list[torch.Tensor]] = []  # cloned: the sampler steps its tensors in place
+        hook = policy.model.register_forward_pre_hook(
+            lambda m, args: seen.append([x.clone() for x in args[:3]])
+        )
+        policy.predict(obs, mode="policy", generator=torch.Generator().manual_seed(5))
+        hook.remove()
+        return seen[0]
+
+    for scale in (1.0, 0.0):
+        first_inputs[scale] = first_call(scale)
+    video1, actions1, states1 = first_inputs[1.0]
+    video0, actions0, states0 = first_inputs[0.0]
+    assert actions1.abs().mean() > 0.3 and states1[:, 1:].abs().mean() > 0.3  # unit Gaussian noise
+    assert not actions0.any() and not states0[:, 1:].any()
+    torch.testing.assert_close(states0[:, 0], states1[:, 0])
+    torch.testing.assert_close(video0, video1)
+    out = tmp_path / "deterministic"
+    args = ["infer", "--ckpt", str(checkpoint), "--data", str(store), "--out", str(out), "--mode", "policy"]
+    result = runner.invoke(app(), [*args, "--action-noise-scale", "0"])
+    assert result.exit_code == 0, result.output
+    run = load_run(out)
+    assert run.manifest["inference"]["action_noise_scale"] == 0.0
+    assert "--action-noise-scale 0.0" in run.manifest["command"]
+    bad = runner.invoke(app(), [*args, "--action-noise-scale", "-1", "--overwrite"])
+    one_line_error(bad, "inference.action_noise_scale", "-1")
 
 
 def test_existing_run_needs_overwrite_and_is_replaced_whole(ckpt, tmp_path):

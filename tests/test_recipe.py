@@ -157,6 +157,7 @@ OUT_OF_RANGE = [
     ("inference.solver_order=4", "inference.solver_order", "4"),
     ("inference.unipc_impl='euler'", "inference.unipc_impl", "'euler'"),
     ("inference.guidance_scale=0.5", "inference.guidance_scale", "0.5"),
+    ("inference.action_noise_scale=-1", "inference.action_noise_scale", "-1.0"),
     # NaN and infinity are refused wherever a number goes, in sections and in free-form tables
     ("train.lr=nan", "train.lr", "nan"),
     ("train.grad_clip=inf", "train.grad_clip", "inf"),
@@ -198,6 +199,7 @@ def test_range_edges_are_accepted():
             "prepare.metaworld.size=256",
             "prepare.metaworld.max_steps=500",
             "inference.num_steps_action=50",
+            "inference.action_noise_scale=0",
         ],
     )
 

@@ -245,6 +245,25 @@ def test_initial_latents_keep_the_condition():
     assert torch.equal(video[:, :, :, :1], video_context) and torch.equal(states[:, 0], state_context)
 
 
+def test_action_noise_scale_scales_only_the_action_and_state_noise():
+    """inference.action_noise_scale multiplies the actions' and future states' starting noise; the video's
+    noise and both conditions are the same draws whatever the scale (so the seed keeps its meaning)."""
+    video_context, state_context = torch.randn(B, V, C, 1, H, W), torch.randn(B, DS)
+
+    def start(scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(3)
+        return initial_latents(video_context, state_context, F, K, DA, S, g, action_noise_scale=scale)
+
+    video1, actions1, states1 = start(1.0)
+    video_half, actions_half, states_half = start(0.5)
+    video0, actions0, states0 = start(0.0)
+    assert torch.equal(video_half, video1) and torch.equal(video0, video1)
+    assert torch.allclose(actions_half, 0.5 * actions1) and actions1.abs().max() > 0.1
+    assert torch.allclose(states_half[:, 1:], 0.5 * states1[:, 1:])
+    assert not actions0.any() and not states0[:, 1:].any()
+    assert torch.equal(states0[:, 0], state_context)
+
+
 @dataclass
 class FakeOutput:
     video: torch.Tensor
@@ -293,6 +312,9 @@ def test_model_adapter_builds_the_step_cache_once():
         ({"shift": 0.0}, "shift"),
         ({"solver_order": 4}, "solver_order"),
         ({"guidance_scale": 0.5}, "guidance_scale"),
+        ({"action_noise_scale": -0.5}, "action_noise_scale"),
+        ({"action_noise_scale": float("nan")}, "action_noise_scale"),
+        ({"action_noise_scale": float("inf")}, "action_noise_scale"),
         ({"unipc_impl": "euler"}, "unipc_impl"),
     ],
 )

@@ -133,7 +133,7 @@ def test_real_time_chunking_through_the_server(ckpt, policy):
 
 def test_xwam_serve_command_api_key_and_sigterm(ckpt, policy):
     """The `xwam serve` command: a connection without the API key is closed with a reason; with it, the
-    in-process chunk; SIGTERM while a request is in flight answers it, then exits 0 with a summary."""
+    in-process chunk (its options, --action-noise-scale among them, reach the sampler); SIGTERM while a request is in flight answers it, then exits 0 with a summary."""
     import websockets.sync.client
     from websockets.exceptions import ConnectionClosed
 
@@ -141,7 +141,7 @@ def test_xwam_serve_command_api_key_and_sigterm(ckpt, policy):
 
     process = start_xwam(
         "serve", "--ckpt", str(ckpt), "--port", "0", "--api-key", "k3y", "--num-steps-video", "300", "--num-steps-action", "300",
-        "--log-level", "debug", "--seed", "9",
+        "--log-level", "debug", "--seed", "9", "--action-noise-scale", "0",
     )  # fmt: skip
     try:
         match, _ = wait_for_line(process, r"ws://127\.0\.0\.1:(\d+)")
@@ -151,8 +151,9 @@ def test_xwam_serve_command_api_key_and_sigterm(ckpt, policy):
         with pytest.raises(ConnectionClosed, match="unauthorized"):
             openpi_client.WebsocketClientPolicy("127.0.0.1", port, api_key="wrong")
         client = openpi_client.WebsocketClientPolicy("127.0.0.1", port, api_key="k3y")
+        assert client.get_server_metadata()["action_noise_scale"] == 0.0
         obs = observation(policy, 6)
-        slow = Policy.from_checkpoint(ckpt, num_steps_video=300, num_steps_action=300)
+        slow = Policy.from_checkpoint(ckpt, num_steps_video=300, num_steps_action=300, action_noise_scale=0)
         slow.reset(seed=9)
         np.testing.assert_allclose(client.infer(obs)["actions"], slow.predict_chunk(obs), atol=1e-6)
         # a request in flight when SIGTERM arrives is answered

@@ -73,8 +73,14 @@ def test_evaluate_sim_server_option(ckpt, tmp_path):
     a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("local", "served"))
     same_rollouts(a, b)
     assert b["server"] == url and "checkpoint" not in b
+    # the server's scale, from its metadata: the checkpoint's (the tiny recipe's 0)
+    assert a["action_noise_scale"] == b["action_noise_scale"] == 0.0
     one_line_error(runner.invoke(app(), [*base, "--ckpt", str(ckpt), "--server", url]), "give one")
     one_line_error(runner.invoke(app(), [*base, "--ckpt", str(ckpt), "--api-key", "k"]), "add --server")
+    one_line_error(
+        runner.invoke(app(), [*base, "--server", "ws://127.0.0.1:1", "--action-noise-scale", "0"]),
+        "xwam serve --action-noise-scale",
+    )
     one_line_error(
         runner.invoke(app(), [*base, "--server", "ws://127.0.0.1:1"]), "cannot reach the policy server"
     )

@@ -153,6 +153,9 @@ def test_cli_video_json_and_bad_input(tmp_path, tmp_path_factory, monkeypatch):
     data = json.loads(out.read_text())
     assert data["success_rate"]["per_task"]["reach-v3"].keys() == {"model"}
     assert data["actions_per_query"] == 8 and data["bc"] is None
+    assert data["action_noise_scale"] == 0.0 and "action noise scale 0" in " ".join(
+        result.output.split()
+    )  # the recipe's
     assert data["max_steps"] == 4 and data["notes"]["render_quality"] == "fast"
     frames = decode_video(video / "reach-v3_ep000_model.mp4")
     assert (
@@ -166,6 +169,8 @@ def test_cli_video_json_and_bad_input(tmp_path, tmp_path_factory, monkeypatch):
             "reach-v3",
             "--actions-per-query",
             "4",
+            "--action-noise-scale",
+            "0.5",
             "--baselines",
             "expert,bc",
             "--out",
@@ -181,10 +186,16 @@ def test_cli_video_json_and_bad_input(tmp_path, tmp_path_factory, monkeypatch):
     assert "held-out episodes excluded" in " ".join(result.output.split())  # the BC line, however wrapped
     data = json.loads(out.read_text())
     assert data["actions_per_query"] == 4 and data["bc"]["episodes"] == [0]
+    assert data["action_noise_scale"] == 0.5 and "action noise scale 0.5" in " ".join(result.output.split())
     assert data["success_rate"]["interval_95"]["per_task"]["reach-v3"].keys() == {"model", "bc", "expert"}
     one_line_error(
         runner.invoke(app(), [*base, "--tasks", "reach-v3", "--actions-per-query", "0"]),
         "--actions-per-query 0",
+    )
+    one_line_error(
+        runner.invoke(app(), [*base, "--tasks", "reach-v3", "--action-noise-scale", "-0.5"]),
+        "inference.action_noise_scale",
+        "-0.5",
     )
     one_line_error(
         runner.invoke(app(), [*base, "--tasks", "reach-v3", "--actions-per-query", "9"]),

@@ -245,6 +245,13 @@ def evaluate(
             "(default: the checkpoint's, the whole chunk)."
         ),
     ] = None,
+    action_noise_scale: Annotated[
+        float | None,
+        typer.Option(
+            help="--sim with --ckpt: scale of the noise the model's actions start from, >= 0: 1 samples, 0 "
+            "starts from its mean (default: the checkpoint's inference.action_noise_scale)."
+        ),
+    ] = None,
     inference_delay: Annotated[
         int | None,
         typer.Option(
@@ -288,6 +295,7 @@ def evaluate(
         "--baselines": baselines,
         "--no-baselines": no_baselines or None,
         "--actions-per-query": actions_per_query,
+        "--action-noise-scale": action_noise_scale,
         "--inference-delay": inference_delay,
         "--chunking": chunking,
     }
@@ -316,6 +324,7 @@ def evaluate(
             "naive" if chunking is None else chunking,
             server,
             api_key,
+            action_noise_scale,
         )
         return
     if run is None:
@@ -382,6 +391,7 @@ def _evaluate_sim(
     chunking: str = "naive",
     server: str | None = None,
     api_key: str | None = None,
+    action_noise_scale: float | None = None,
 ) -> None:
     import os
 
@@ -396,6 +406,10 @@ def _evaluate_sim(
         raise XWAMError("--ckpt and --server: give one (the server loads its own checkpoint)")
     if api_key is not None and server is None:
         raise XWAMError("--api-key is the key of a policy server: add --server URL")
+    if action_noise_scale is not None and server is not None:
+        raise XWAMError(
+            "--action-noise-scale: the server samples with its own (xwam serve --action-noise-scale); drop it"
+        )
     if seed < 0:
         raise XWAMError(f"--seed {seed}: expected an integer >= 0")
     if actions_per_query is not None and actions_per_query < 1:
@@ -429,7 +443,7 @@ def _evaluate_sim(
         policy = RemotePolicy(server, api_key or os.environ.get("XWAM_SERVE_API_KEY"))
     else:
         assert ckpt is not None
-        policy = Policy.from_checkpoint(ckpt)
+        policy = Policy.from_checkpoint(ckpt, action_noise_scale=action_noise_scale)
     k = policy.spec.window.num_actions
     if actions_per_query is not None:
         if actions_per_query > k:
@@ -474,9 +488,14 @@ def _evaluate_sim(
     console.print(goal_table(result))
     data_json = result.to_json()
     if data_json["model_latency_ms_mean"] is not None:
+        noise = (
+            ""
+            if server is not None
+            else f", action noise scale {policy.schedule_config.action_noise_scale:g}"
+        )
         console.print(
             f"model: {data_json['model_latency_ms_mean']:.1f} ms per query (policy mode, "
-            f"{policy.actions_per_query} of {k} actions executed per query)"
+            f"{policy.actions_per_query} of {k} actions executed per query{noise})"
         )
     if data_json["model_switch_jump_mean"] is not None:
         console.print(
@@ -497,8 +516,10 @@ def _evaluate_sim(
     if out is not None:
         if ckpt is not None:
             data_json["checkpoint"] = str(Path(ckpt).resolve())
+            data_json["action_noise_scale"] = float(policy.schedule_config.action_noise_scale)
         else:
             data_json["server"] = server
+            data_json["action_noise_scale"] = policy.metadata.get("action_noise_scale")
         console.print(f"results: {write_json_atomic(out, data_json)}")
 
 

@@ -109,6 +109,13 @@ def serve(
         int | None,
         typer.Option(help="Video denoising steps, at least the action steps (default: the checkpoint's)."),
     ] = None,
+    action_noise_scale: Annotated[
+        float | None,
+        typer.Option(
+            help="Scale of the noise the actions start from: 1 samples, 0 starts from its mean "
+            "(default: the checkpoint's inference.action_noise_scale)."
+        ),
+    ] = None,
     summary_every: Annotated[
         float, typer.Option(help="Seconds between the info-level summary lines.")
     ] = 60.0,
@@ -134,7 +141,11 @@ def serve(
     max_bytes = _max_bytes(max_message_mb)
     _logging(log_level)
     policy = Policy.from_checkpoint(
-        ckpt, device=device, num_steps_video=num_steps_video, num_steps_action=num_steps_action
+        ckpt,
+        device=device,
+        num_steps_video=num_steps_video,
+        num_steps_action=num_steps_action,
+        action_noise_scale=action_noise_scale,
     )
     service = PolicyService(policy, ObservationMap.parse(mapping, list(policy.spec.views)), seed=seed)
     if protocol == "openpi":

@@ -78,6 +78,11 @@ class InferOptions:
     seed: int = option(0, "Noise seed; the same seed gives the same predictions.")
     num_steps_video: int | None = option(None, "Video denoising steps (default: the checkpoint's).")
     num_steps_action: int | None = option(None, "Action/state denoising steps (default: the checkpoint's).")
+    action_noise_scale: float | None = option(
+        None,
+        "Scale of the noise the actions and states start from: 1 samples, 0 starts from its mean "
+        "(default: the checkpoint's inference.action_noise_scale).",
+    )
     videos: bool = option(True, "Write the side-by-side mp4 per view (world mode).")
     overwrite: bool = option(False, "Replace an existing run folder.", flag="--overwrite")
     command: str = ""  # the command line that made the run (recorded in its manifest)

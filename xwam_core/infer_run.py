@@ -168,7 +168,10 @@ class InferenceRun:
         self.store = EpisodeStore(opts.store)
         self.checkpoint = resolve(opts.checkpoint)
         self.policy = Policy.from_checkpoint(
-            self.checkpoint, num_steps_video=opts.num_steps_video, num_steps_action=opts.num_steps_action
+            self.checkpoint,
+            num_steps_video=opts.num_steps_video,
+            num_steps_action=opts.num_steps_action,
+            action_noise_scale=opts.action_noise_scale,
         )
         spec = self.policy.spec
         check_compatible(self.policy, self.store, str(self.checkpoint))

@@ -95,11 +95,17 @@ class Policy:
         num_steps_video: int | None = None,
         num_steps_action: int | None = None,
         actions_per_query: int | None = None,
+        action_noise_scale: float | None = None,
     ) -> Policy:
-        """Load a checkpoint folder (or a run folder's newest); step counts override the checkpoint's."""
+        """Load a checkpoint folder (or a run folder's newest); step counts and the action noise scale
+        (inference.action_noise_scale) override the checkpoint's."""
         parts = load_policy_parts(path)
-        steps = {"num_steps_video": num_steps_video, "num_steps_action": num_steps_action}
-        parts.inference = replace(parts.inference, **{k: v for k, v in steps.items() if v is not None})
+        given = {
+            "num_steps_video": num_steps_video,
+            "num_steps_action": num_steps_action,
+            "action_noise_scale": action_noise_scale,
+        }
+        parts.inference = replace(parts.inference, **{k: v for k, v in given.items() if v is not None})
         parts.inference.validate()
         return cls(parts, device, vae, actions_per_query)
 
@@ -251,6 +257,7 @@ class Policy:
             cfg.action_dim,
             window.num_frames,
             generator=generator,
+            action_noise_scale=self.schedule_config.action_noise_scale,
         )
         if given_raw is not None:  # clean from the start: the schedule keeps them at t = 0
             actions, states = self._given_latents(given_raw, actions, states)

@@ -70,6 +70,9 @@ class InferenceScheduleConfig:
     unipc_impl: str = "precomputed"  # "precomputed" (FlowUniPC, same arithmetic) | "diffusers" (reference)
     guidance_scale: float = 1.0  # classifier-free guidance; 1 = one pass, no null-prompt call
     actions_per_query: int = 0  # actions of each chunk executed open loop before the next query; 0: all
+    # scale of the Gaussian noise the action and future-state streams start from: 1 samples the learned
+    # distribution (the paper's); below 1 draws closer to its mode, 0 starts every query from the noise's mean
+    action_noise_scale: float = 1.0
 
     def validate(self) -> None:
         """Raise RecipeError naming the first field outside its range (the recipe loader, checkpoint loading
@@ -101,6 +104,12 @@ class InferenceScheduleConfig:
             "inference.actions_per_query",
             "an integer >= 0 (0: the whole chunk)",
             self.actions_per_query,
+        )
+        require(
+            0.0 <= self.action_noise_scale < math.inf,
+            "inference.action_noise_scale",
+            "a finite number >= 0 (1: the paper's sampler, 0: start from the noise's mean)",
+            self.action_noise_scale,
         )
         require(
             1.0 <= self.guidance_scale < math.inf,
@@ -343,11 +352,14 @@ def initial_latents(
     action_dim: int,
     num_states: int,
     generator: torch.Generator | None = None,
+    action_noise_scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Starting tensors for `DenoisingSchedule`: the clean condition followed by Gaussian noise.
 
     video_context (B, V, C, 1, h, w) is the current frame's latent, state_context (B, Ds) the
-    current state; num_latent_frames and num_states count the condition too.
+    current state; num_latent_frames and num_states count the condition too. The actions' and future
+    states' noise is multiplied by `action_noise_scale` (inference.action_noise_scale); the same draws are
+    made whatever the scale, so the video's noise does not depend on it.
     """
     b, v, c, _, h, w = video_context.shape
     device, dtype = video_context.device, video_context.dtype
@@ -358,6 +370,8 @@ def initial_latents(
     noise_states = torch.randn(
         b, num_states - 1, state_context.shape[-1], generator=generator, device=device, dtype=dtype
     )
+    if action_noise_scale != 1.0:
+        actions, noise_states = actions * action_noise_scale, noise_states * action_noise_scale
     video = torch.cat([video_context, noise_video], dim=3)  # (B, V, C, F, h, w)
     states = torch.cat([state_context[:, None].to(dtype), noise_states], dim=1)  # (B, S, Ds)
     return video, actions, states

@@ -221,6 +221,7 @@ class PolicyService:
             "action_names": list(self.normalizer.action_names),
             "action_horizon": self.action_horizon,
             "actions_per_query": int(self.policy.actions_per_query),
+            "action_noise_scale": float(self.policy.schedule_config.action_noise_scale),
             "future_frames": int(self.spec.window.future_frames),
             "frame_stride": int(self.spec.window.frame_stride),
             "tasks": list(self.spec.tasks),
