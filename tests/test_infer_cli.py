@@ -147,6 +147,16 @@ def test_recorded_actions_give_the_future_they_cause(ckpt, tmp_path, tmp_path_fa
     one_line_error(runner.invoke(app(), ["evaluate", str(out), "--metrics", "action_mse"]), "recorded ones")
 
 
+def first_observation(episode) -> dict:
+    """The Policy's observation of an episode's first frame (views a and b, with depth)."""
+    return {
+        "images": {v: episode.views[v].rgb[0] for v in ("a", "b")},
+        "state": episode.state[0],
+        "task": episode.task,
+        "depth": {v: episode.views[v].depth[0] for v in ("a", "b")},
+    }
+
+
 def test_policy_refuses_given_streams_it_cannot_use(ckpt):
     from xwam_core.errors import XWAMError
     from xwam_core.policy import Policy
@@ -154,12 +164,7 @@ def test_policy_refuses_given_streams_it_cannot_use(ckpt):
     store, checkpoint = ckpt
     policy = Policy.from_checkpoint(checkpoint)
     episode = read_episode(EpisodeStore(store), 0)
-    obs = {
-        "images": {v: episode.views[v].rgb[0] for v in ("a", "b")},
-        "state": episode.state[0],
-        "task": episode.task,
-        "depth": {v: episode.views[v].depth[0] for v in ("a", "b")},
-    }
+    obs = first_observation(episode)
     actions, states = episode.action[:8], episode.state[0:9:2]
     pred = policy.predict(obs, mode="world", given_actions=actions, given_states=states)
     np.testing.assert_array_equal(pred.actions[0], actions)
@@ -186,12 +191,7 @@ def test_action_noise_scale_sets_where_the_actions_start(ckpt, tmp_path):
 
     store, checkpoint = ckpt
     episode = read_episode(EpisodeStore(store), 0)
-    obs = {
-        "images": {v: episode.views[v].rgb[0] for v in ("a", "b")},
-        "state": episode.state[0],
-        "task": episode.task,
-        "depth": {v: episode.views[v].depth[0] for v in ("a", "b")},
-    }
+    obs = first_observation(episode)
     first_inputs = {}
 
     def first_call(scale: float) -> list[torch.Tensor]:
