@@ -251,3 +251,50 @@ def test_a_batch_of_only_padded_steps_gives_zero_without_nan(setup, store):
     assert logs["action"] == 0.0 and logs["state"] == 0.0 and torch.isfinite(total)
     total.backward()
     assert all(torch.isfinite(p.grad).all() for p in obj.parameters() if p.grad is not None)
+
+
+def test_executed_action_weight_weights_the_first_actions_of_the_loss(setup, monkeypatch):
+    """train.executed_action_weight: each sample's action loss is the weighted mean over its steps, the
+    first inference.actions_per_query weighing `weight` and the rest 1; the state loss is untouched."""
+    from xwam_core import objective as module
+    from xwam_core.objective import executed_action_weights, masked_step_mean
+
+    assert executed_action_weights(8, 2, 1.0) is None  # the paper's uniform mean
+    assert executed_action_weights(8, 0, 4.0) is None and executed_action_weights(8, 8, 4.0) is None
+    weights = executed_action_weights(8, 2, 4.0)
+    assert weights is not None and weights.tolist() == [4.0, 4.0] + [1.0] * 6
+    model, text, codec, layout, batch = setup
+    calls: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def recording(err, dim_w, step_w):
+        calls.append((err.clone(), dim_w.clone(), step_w.clone()))
+        return masked_step_mean(err, dim_w, step_w)
+
+    monkeypatch.setattr(module, "masked_step_mean", recording)
+    results = {}
+    for name, step_weights in (("uniform", None), ("weighted", weights)):
+        calls.clear()
+        objective = TrainingObjective(
+            model,
+            text,
+            codec,
+            NoiseSamplerConfig(),
+            layout.action_valid(),
+            layout.state_valid(),
+            None,
+            step_weights,
+        )
+        torch.manual_seed(0)
+        with torch.no_grad():
+            results[name] = (objective(batch, seed=3, step=0, first_index=0, train=False), list(calls))
+    (uniform, uniform_calls), (weighted, weighted_calls) = results["uniform"], results["weighted"]
+    (err, dims, real), (err_w, _, step_w) = uniform_calls[0], weighted_calls[0]
+    torch.testing.assert_close(err_w, err)  # the same noise, the same errors: only the weighting differs
+    torch.testing.assert_close(step_w, real * weights)
+    per_step = (err * dims).sum(-1) / dims.sum()  # (B, K)
+    torch.testing.assert_close(
+        weighted["action"], (per_step * real * weights).sum(1) / (real * weights).sum(1)
+    )
+    torch.testing.assert_close(uniform["action"], (per_step * real).sum(1) / real.sum(1))
+    assert not torch.allclose(weighted["action"], uniform["action"])
+    torch.testing.assert_close(weighted["state"], uniform["state"])

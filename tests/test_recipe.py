@@ -158,6 +158,8 @@ OUT_OF_RANGE = [
     ("inference.unipc_impl='euler'", "inference.unipc_impl", "'euler'"),
     ("inference.guidance_scale=0.5", "inference.guidance_scale", "0.5"),
     ("inference.action_noise_scale=-1", "inference.action_noise_scale", "-1.0"),
+    ("train.executed_action_weight=0", "train.executed_action_weight", "0.0"),
+    ("train.executed_action_weight=inf", "train.executed_action_weight", "inf"),
     # NaN and infinity are refused wherever a number goes, in sections and in free-form tables
     ("train.lr=nan", "train.lr", "nan"),
     ("train.grad_clip=inf", "train.grad_clip", "inf"),

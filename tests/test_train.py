@@ -265,3 +265,20 @@ def test_fit_ends_its_loader_workers_so_the_process_can_exit(small_store, tmp_pa
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert cli.returncode == 0, cli.stderr[-2000:]
+
+
+def test_the_trainer_weights_the_executed_actions_as_the_recipe_says(small_store, tmp_path):
+    """train.executed_action_weight reaches the objective: the first inference.actions_per_query of the K
+    actions weigh it; a query that executes the whole chunk leaves the loss the plain mean."""
+    from xwam_core.train import Trainer
+
+    base = tiny_overrides(small_store, tmp_path / "run", steps=1)  # K = 4 frames x stride 2 = 8 actions
+    trainer = Trainer(
+        load_recipe(TINY, [*base, "inference.actions_per_query=3", "train.executed_action_weight=5"])
+    )
+    weights = trainer.objective.action_step_weights
+    assert weights is not None and weights.tolist() == [5.0] * 3 + [1.0] * 5
+    whole = Trainer(
+        load_recipe(TINY, [*base, "inference.actions_per_query=0", "train.executed_action_weight=5"])
+    )
+    assert whole.objective.action_step_weights is None

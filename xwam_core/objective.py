@@ -72,6 +72,16 @@ def masked_step_mean(err: torch.Tensor, dim_w: torch.Tensor, step_w: torch.Tenso
     return total / (w.sum() * step_w.sum(1)).clamp_min(1e-12)
 
 
+def executed_action_weights(num_actions: int, actions_per_query: int, weight: float) -> torch.Tensor | None:
+    """(K,) action-loss weights: `weight` for the first `actions_per_query` steps (the ones a query executes,
+    train.executed_action_weight), 1 for the rest; None when they are all 1 (the paper's uniform mean)."""
+    if weight == 1.0 or not 0 < actions_per_query < num_actions:
+        return None
+    weights = torch.ones(num_actions)
+    weights[:actions_per_query] = weight
+    return weights
+
+
 def encode_batch(
     batch: dict[str, torch.Tensor],
     codec: Codec,
@@ -150,6 +160,7 @@ class TrainingObjective(nn.Module):
         action_valid: torch.Tensor,
         state_valid: torch.Tensor,
         augment: AugmentConfig | None = None,
+        action_step_weights: torch.Tensor | None = None,
     ):
         super().__init__()
         self.video_loss = model.video_head.loss_form  # "velocity" or "sample", the head's
@@ -160,6 +171,12 @@ class TrainingObjective(nn.Module):
         self.augment = augment
         self.register_buffer("action_valid", action_valid.float(), persistent=False)
         self.register_buffer("state_valid", state_valid.float(), persistent=False)
+        # (K,) weight of each action step in a sample's action loss (None: all 1; executed_action_weights)
+        self.action_step_weights: torch.Tensor | None
+        if action_step_weights is None:
+            self.action_step_weights = None
+        else:
+            self.register_buffer("action_step_weights", action_step_weights.float(), persistent=False)
         self.depth_range = model.depth_range
         self.codec_micro_batch = 0  # samples the codec encodes at once (0: all); train.codec_micro_batch
 
@@ -252,7 +269,10 @@ class TrainingObjective(nn.Module):
             v_err = v_err * t_video.float().clamp_min(MIN_SAMPLE_T).view(-1, 1, 1, 1, 1, 1) ** 2
         losses = {"video": v_err.flatten(1).mean(1)}
         a_err = (out.actions.float() - velocity_target(x.actions, n.eps_action)) ** 2  # (B, K, Da)
-        losses["action"] = masked_step_mean(a_err, self.action_valid, n.action_real)
+        action_w = (
+            n.action_real if self.action_step_weights is None else n.action_real * self.action_step_weights
+        )
+        losses["action"] = masked_step_mean(a_err, self.action_valid, action_w)
         s_err = (out.states[:, future].float() - velocity_target(x.states, n.eps_state)[:, future]) ** 2
         losses["state"] = masked_step_mean(s_err, self.state_valid, n.state_real)
         if n.run_depth and out.depth is not None:

@@ -242,6 +242,10 @@ class TrainConfig:
     # learning-rate multiplier of the action/state modules (their encoders and decoders and the state
     # plug-ins, xwam_core.models.transformer.ACTION_MODULES), an optimiser group of their own when it is not 1
     action_lr_scale: float = 1.0
+    # weight, in each sample's action loss, of the first inference.actions_per_query actions (the ones a query
+    # executes) against the rest of the chunk; 1: every action alike (the paper's). No effect when a query
+    # executes the whole chunk (actions_per_query 0 or K)
+    executed_action_weight: float = 1.0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def validate(self) -> None:
@@ -251,6 +255,12 @@ class TrainConfig:
             "train.action_lr_scale",
             "a finite number > 0",
             self.action_lr_scale,
+        )
+        require(
+            0 < self.executed_action_weight < math.inf,
+            "train.executed_action_weight",
+            "a finite number > 0 (1: every action of the chunk alike)",
+            self.executed_action_weight,
         )
         require(self.max_steps >= 1, "train.max_steps", "an integer >= 1", self.max_steps)
         require(self.lr > 0, "train.lr", "a learning rate > 0", self.lr)

@@ -47,7 +47,7 @@ from xwam_core.finetune import add_lora, init_from_checkpoint, plain_model
 from xwam_core.fsdp import shard_fsdp2
 from xwam_core.models.codecs import describe_codec
 from xwam_core.models.transformer import ACTION_MODULES
-from xwam_core.objective import LOSS_TERMS, TrainingObjective
+from xwam_core.objective import LOSS_TERMS, TrainingObjective, executed_action_weights
 from xwam_core.progress import SILENT, Progress
 from xwam_core.recipe import TrainConfig
 from xwam_core.train_log import Tracker, plot_losses
@@ -356,6 +356,9 @@ class Trainer:
             self.layout.action_valid(),
             self.layout.state_valid(),
             cfg.augment,
+            executed_action_weights(
+                self.layout.window.num_actions, recipe.inference.actions_per_query, cfg.executed_action_weight
+            ),
         ).to(self.accelerator.device)
         self.objective.codec_micro_batch = cfg.codec_micro_batch
         if self.sharded:  # before the optimiser: fully_shard replaces the parameters with sharded ones
