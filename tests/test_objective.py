@@ -46,7 +46,7 @@ def setup(store):
     return model, text, build_codec(cfg), layout, batch
 
 
-def objective(setup, model=None) -> TrainingObjective:
+def objective(setup, model=None, action_step_weights=None) -> TrainingObjective:
     default_model, text, codec, layout, _ = setup
     return TrainingObjective(
         model or default_model,
@@ -56,6 +56,7 @@ def objective(setup, model=None) -> TrainingObjective:
         layout.action_valid(),
         layout.state_valid(),
         None,
+        action_step_weights,
     )
 
 
@@ -263,7 +264,7 @@ def test_executed_action_weight_weights_the_first_actions_of_the_loss(setup, mon
     assert executed_action_weights(8, 0, 4.0) is None and executed_action_weights(8, 8, 4.0) is None
     weights = executed_action_weights(8, 2, 4.0)
     assert weights is not None and weights.tolist() == [4.0, 4.0] + [1.0] * 6
-    model, text, codec, layout, batch = setup
+    batch = setup[4]
     calls: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     def recording(err, dim_w, step_w):
@@ -274,19 +275,14 @@ def test_executed_action_weight_weights_the_first_actions_of_the_loss(setup, mon
     results = {}
     for name, step_weights in (("uniform", None), ("weighted", weights)):
         calls.clear()
-        objective = TrainingObjective(
-            model,
-            text,
-            codec,
-            NoiseSamplerConfig(),
-            layout.action_valid(),
-            layout.state_valid(),
-            None,
-            step_weights,
-        )
         torch.manual_seed(0)
         with torch.no_grad():
-            results[name] = (objective(batch, seed=3, step=0, first_index=0, train=False), list(calls))
+            results[name] = (
+                objective(setup, action_step_weights=step_weights)(
+                    batch, seed=3, step=0, first_index=0, train=False
+                ),
+                list(calls),
+            )
     (uniform, uniform_calls), (weighted, weighted_calls) = results["uniform"], results["weighted"]
     (err, dims, real), (err_w, _, step_w) = uniform_calls[0], weighted_calls[0]
     torch.testing.assert_close(err_w, err)  # the same noise, the same errors: only the weighting differs

@@ -173,10 +173,8 @@ class TrainingObjective(nn.Module):
         self.register_buffer("state_valid", state_valid.float(), persistent=False)
         # (K,) weight of each action step in a sample's action loss (None: all 1; executed_action_weights)
         self.action_step_weights: torch.Tensor | None
-        if action_step_weights is None:
-            self.action_step_weights = None
-        else:
-            self.register_buffer("action_step_weights", action_step_weights.float(), persistent=False)
+        weights = None if action_step_weights is None else action_step_weights.float()
+        self.register_buffer("action_step_weights", weights, persistent=False)
         self.depth_range = model.depth_range
         self.codec_micro_batch = 0  # samples the codec encodes at once (0: all); train.codec_micro_batch
 
