@@ -173,7 +173,11 @@ def _model_with_a_no_op_plugin(attribute: str):
     """A small model with the state plug-in at `attribute` switched on, checked to change nothing at init
     (the same outputs with the plug-in removed); returns the model, the plug-in and the inputs used."""
     torch.manual_seed(0)
-    flag = {"state_broadcaster": "state_broadcast", "state_modulator": "state_modulation"}[attribute]
+    flag = {
+        "state_broadcaster": "state_broadcast",
+        "state_modulator": "state_modulation",
+        "video_state_modulator": "video_state_modulation",
+    }[attribute]
     model = build_model("tiny", **SMALL, **{flag: True}).eval()
     assert model.config[flag] and getattr(model, attribute) is not None
     video = torch.randn(1, V, 48, F, H, W)
@@ -210,3 +214,26 @@ def test_state_modulation_starts_as_a_no_op_and_conditions_the_action_stream_on_
     action_rows = timestep_class == 2
     torch.testing.assert_close(temb[:, action_rows], plain[:, action_rows] + emb[:, None])
     assert torch.equal(temb[:, ~action_rows], plain[:, ~action_rows])
+
+
+def test_video_state_modulation_starts_as_a_no_op_and_conditions_the_future_video_on_the_current_state():
+    model, plugin, (video, acts, sts, t, text) = _model_with_a_no_op_plugin("video_state_modulator")
+    assert model.state_modulator is None  # its own switch and embedding, apart from the action stream's
+    with torch.no_grad():
+        plugin.embed[-1].weight.normal_()
+    emb = plugin(sts[:, 0])
+    moved = sts.clone()
+    moved[:, 0] += 1.0
+    changed = model(video, acts, moved, t, t, text)
+    base = model(video, acts, sts, t, t, text)
+    assert not torch.allclose(changed.video[:, :, :, 1:], base.video[:, :, :, 1:])
+    assert not torch.allclose(changed.depth, base.depth)  # the depth branch reads the video tokens' AdaLN
+    # only the future video tokens' timestep embedding moves (class 1); the clean current frame's and the
+    # action stream's stay those of the model without the plug-in
+    timestep_class = model._timestep_class(model._layout(video, acts, sts), video.device)
+    temb, _ = model._embed_timesteps(t, t, timestep_class, torch.float32, None, emb)
+    plain, _ = model._embed_timesteps(t, t, timestep_class, torch.float32)
+    future_video = timestep_class == 1
+    assert future_video.any()
+    torch.testing.assert_close(temb[:, future_video], plain[:, future_video] + emb[:, None])
+    assert torch.equal(temb[:, ~future_video], plain[:, ~future_video])

@@ -116,9 +116,10 @@ def test_per_token_timesteps_are_wired(model, monkeypatch):
     seen = {}
     original = model._embed_timesteps
 
-    def spy(t_video, t_action, timestep_class, dtype, state_embedding=None):
-        assert state_embedding is None  # no state_modulation: the paper's model
-        temb, proj = original(t_video, t_action, timestep_class, dtype, state_embedding)
+    def spy(t_video, t_action, timestep_class, dtype, state_embedding=None, video_state_embedding=None):
+        # no state_modulation, no video_state_modulation: the paper's model
+        assert state_embedding is None and video_state_embedding is None
+        temb, proj = original(t_video, t_action, timestep_class, dtype)
         seen["temb"] = temb
         return temb, proj
 

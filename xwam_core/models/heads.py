@@ -240,8 +240,10 @@ class CurrentStateBroadcast(_ZeroInitBroadcast):
 
 
 class CurrentStateModulation(nn.Module):
-    """Adds an embedding of the current state to the action stream's timestep embedding, so every block's
-    AdaLN shift/scale/gate of the action and future-state tokens depends on it (DiT's class conditioning).
+    """Adds an embedding of the current state to a stream's timestep embedding, so every block's AdaLN
+    shift/scale/gate of its tokens depends on it (DiT's class conditioning): the action and future-state
+    tokens' (`state_modulation`) or the future video tokens' (`video_state_modulation`, which the final
+    norm and the depth branch read too).
 
     A token is one of a few hundred, and a small model trained from scratch reads a condition through the
     AdaLN modulation far sooner than through attention or a summed token (DiT, Peebles & Xie 2023: adaLN-Zero
@@ -262,7 +264,7 @@ class CurrentStateModulation(nn.Module):
         last.bias.zero_()  # type: ignore[union-attr]
 
     def forward(self, current_state: torch.Tensor) -> torch.Tensor:
-        """current_state (B, state_dim), normalized -> (B, D), added to the action timestep's embedding."""
+        """current_state (B, state_dim), normalized -> (B, D), added to its stream's timestep embedding."""
         return self.embed(current_state)
 
 

@@ -377,7 +377,9 @@ class XWAMTransformer(ModelMixin, ConfigMixin):  # type: ignore[misc]
     `condition_broadcast` adds a `CurrentFrameBroadcast`, `state_broadcast` a `CurrentStateBroadcast` (the
     current state's token added to every action and future-state token), `state_modulation` a
     `CurrentStateModulation` (the current state embedded into the action stream's timestep embedding, so
-    it sets every block's AdaLN for the action and future-state tokens); `depth_condition` an `ObservedDepthConditioner`
+    it sets every block's AdaLN for the action and future-state tokens), `video_state_modulation` another
+    `CurrentStateModulation` for the future video tokens' timestep embedding (their AdaLN, the final norm's
+    and the depth branch's); `depth_condition` an `ObservedDepthConditioner`
     (RGB-D input to the depth branch, whose head is gated against the observed depth). `gate_init_logit` is
     where both gated heads start (sigmoid(-4) ~ 0.018 of the head, the rest the current frame / observed depth).
 
@@ -434,6 +436,7 @@ class XWAMTransformer(ModelMixin, ConfigMixin):  # type: ignore[misc]
         depth_encoding: str = "inverse",
         state_broadcast: bool = False,
         state_modulation: bool = False,
+        video_state_modulation: bool = False,
     ) -> None:
         super().__init__()
         if action_state_readout not in ACTION_STATE_READOUTS:
@@ -521,6 +524,9 @@ class XWAMTransformer(ModelMixin, ConfigMixin):  # type: ignore[misc]
         self.frame_broadcast = CurrentFrameBroadcast(inner_dim) if condition_broadcast else None
         self.state_broadcaster = CurrentStateBroadcast(inner_dim) if state_broadcast else None
         self.state_modulator = CurrentStateModulation(state_dim, inner_dim) if state_modulation else None
+        self.video_state_modulator = (
+            CurrentStateModulation(state_dim, inner_dim) if video_state_modulation else None
+        )
         self.gradient_checkpointing = False
         self._init_new_parameters()  # the depth blocks are deep copies of the last M blocks
         self.video_head.prepare_output_layer(self.wan.proj_out)
@@ -560,6 +566,7 @@ class XWAMTransformer(ModelMixin, ConfigMixin):  # type: ignore[misc]
             self.frame_broadcast,
             self.state_broadcaster,
             self.state_modulator,
+            self.video_state_modulator,
         )
         for plugin in plugins:
             if plugin is not None:
@@ -781,12 +788,14 @@ class XWAMTransformer(ModelMixin, ConfigMixin):  # type: ignore[misc]
         timestep_class: torch.Tensor,
         dtype: torch.dtype,
         state_embedding: torch.Tensor | None = None,
+        video_state_embedding: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token (temb (B, N, D), AdaLN projection (B, N, 6, D)) via Wan's condition embedder.
 
         Embeds the three distinct timesteps per sample, then gathers per token: what Wan2.2 computes
         for a (B, N) timestep, at 3/N of the cost. `state_embedding` (B, D) (`state_modulation`) is added
-        to the action timestep's embedding (class 2: action and future-state tokens) before the projection.
+        to the action timestep's embedding (class 2: action and future-state tokens) before the projection,
+        `video_state_embedding` (B, D) (`video_state_modulation`) to the future video tokens' (class 1).
         """
         embedder = self.wan.condition_embedder
         batch = t_video.shape[0]
@@ -796,9 +805,12 @@ class XWAMTransformer(ModelMixin, ConfigMixin):  # type: ignore[misc]
         if emb.dtype != time_dtype and time_dtype != torch.int8:
             emb = emb.to(time_dtype)
         temb = embedder.time_embedder(emb).to(dtype)  # (B*3, D)
-        if state_embedding is not None:
+        if state_embedding is not None or video_state_embedding is not None:
             offset = torch.zeros_like(temb).unflatten(0, (batch, 3))  # (B, 3, D)
-            offset[:, 2] = state_embedding.to(temb.dtype)
+            if video_state_embedding is not None:
+                offset[:, 1] = video_state_embedding.to(temb.dtype)
+            if state_embedding is not None:
+                offset[:, 2] = state_embedding.to(temb.dtype)
             temb = temb + offset.flatten(0, 1)
         proj = embedder.time_proj(embedder.act_fn(temb))  # (B*3, 6D)
         temb = temb.unflatten(0, (batch, 3))[:, timestep_class]  # (B, N, D)
@@ -918,11 +930,15 @@ class XWAMTransformer(ModelMixin, ConfigMixin):  # type: ignore[misc]
         if text_hidden.shape[0] not in (1, batch):
             raise XWAMError(f"text has batch {text_hidden.shape[0]}, expected 1 or {batch} like the video")
 
-        state_embedding = None
-        if self.state_modulator is not None and states is not None:
-            state_embedding = self.state_modulator(states[:, 0].to(text_hidden.dtype))  # the current state
+        state_embedding = video_state_embedding = None
+        if states is not None:  # the current state, clean
+            current_state = states[:, 0].to(text_hidden.dtype)
+            if self.state_modulator is not None:
+                state_embedding = self.state_modulator(current_state)
+            if self.video_state_modulator is not None:
+                video_state_embedding = self.video_state_modulator(current_state)
         temb, proj = self._embed_timesteps(
-            t_video, t_action, timestep_class, text_hidden.dtype, state_embedding
+            t_video, t_action, timestep_class, text_hidden.dtype, state_embedding, video_state_embedding
         )
 
         # Tokens: each view patchified alone, plus its view embedding; frame-major order.
