@@ -55,8 +55,9 @@ def main() -> None:
     store = EpisodeStore(manifest["store"])
     layout = WindowLayout(int(manifest["future_frames"]), int(manifest["frame_stride"]))
     with np.load(path) as run:
-        if "pred_rgb" not in run.files:
-            raise SystemExit(f"error: {path}: no pred_rgb; expected a world-mode run")
+        missing = [key for key in ("pred_rgb", "mean_rgb", "true_states", "task") if key not in run.files]
+        if missing:
+            raise SystemExit(f"error: {path}: no {', '.join(missing)}; expected a world-mode run with states")
         true = run["true_rgb"][:, :, 1:].astype(np.float64)  # (N, V, T, H, W, 3): future frames only
         pred = run["pred_rgb"][:, :, 1:].astype(np.float64)
         current = np.repeat(run["true_rgb"][:, :, :1].astype(np.float64), true.shape[2], axis=2)

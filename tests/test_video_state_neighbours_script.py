@@ -101,3 +101,11 @@ def test_bad_input_is_one_line(tmp_path: Path):
     run = _fake_run(tmp_path)
     result = _run(str(run), "--k", "0")
     assert result.returncode != 0 and "--k '0': expected positive integers" in result.stderr
+    with np.load(run / "predictions.npz") as data:
+        arrays = {k: data[k] for k in data.files if k != "mean_rgb"}
+    np.savez(run / "predictions.npz", **arrays)  # a policy-mode-like run without the mean frame
+    result = _run(str(run))
+    assert result.returncode != 0
+    assert (
+        result.stderr.strip().splitlines()[-1].endswith("no mean_rgb; expected a world-mode run with states")
+    )
