@@ -25,7 +25,8 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
 
 def _window(store: EpisodeStore, episode: int, frame: int) -> dict:
     dataset = WindowDataset(store, LAYOUT, views=VIEWS, episodes=[episode], normalize=False)
-    return next(dataset[i] for i in range(len(dataset)) if dataset[i]["frame_index"] == frame)
+    items = (dataset[i] for i in range(len(dataset)))
+    return next(item for item in items if item["frame_index"] == frame)
 
 
 def _fake_run(tmp_path: Path) -> Path:
