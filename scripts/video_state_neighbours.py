@@ -55,7 +55,9 @@ def main() -> None:
     store = EpisodeStore(manifest["store"])
     layout = WindowLayout(int(manifest["future_frames"]), int(manifest["frame_stride"]))
     with np.load(path) as run:
-        missing = [key for key in ("pred_rgb", "mean_rgb", "true_states", "task") if key not in run.files]
+        missing = [
+            key for key in ("true_rgb", "pred_rgb", "mean_rgb", "true_states", "task") if key not in run.files
+        ]
         if missing:
             raise SystemExit(f"error: {path}: no {', '.join(missing)}; expected a world-mode run with states")
         true = run["true_rgb"][:, :, 1:].astype(np.float64)  # (N, V, T, H, W, 3): future frames only
