@@ -133,9 +133,10 @@ def _run(
             f"{info['train_windows']} training / {info['val_windows']} held-out windows, "
             f"{info['processes']} process(es) on {info['device']}, precision {info['mixed_precision']}\n"
             f"strategy {info['strategy']}: micro-batch {info['micro_batch']} per process x "
-            f"accumulation {info['accumulation']}\n"
-            f"model: {info['init']}"
+            f"accumulation {info['accumulation']}"
         )
+        resumed = f"resumed from {info['resumed_from']} at step {info['start_step']} of {info['max_steps']}"
+        console.print(f"model: {resumed if info['resumed_from'] else info['init']}", soft_wrap=True)
         for note in trainer.notes:  # a stale lock taken over, leftovers of interrupted runs removed
             err_console.print(note, highlight=False, soft_wrap=True)
         trainer.notes.clear()

@@ -416,6 +416,7 @@ class Trainer:
             "val_windows": len(self.val_set) if self.val_set else 0,
             "parameters": sum(p.numel() for p in self.params),
             "init": self.init_report,
+            "resumed_from": str(self.resume_path) if self.resume_path is not None else None,
             "device": str(self.accelerator.device),
             "mixed_precision": self.mixed_precision,
             "strategy": self.cfg.strategy,
