@@ -49,8 +49,60 @@ def test_one_json_line_per_run(tmp_path):
         assert row["loss"] >= 0.0
 
 
-def test_bad_runs_is_one_line(tmp_path):
-    done = _run(str(tmp_path), "--runs", "5x4,lots")
+def test_a_learning_rate_and_rollouts_with_their_interval(tmp_path):
+    store = tmp_path / "store"
+    source = SyntheticSource(
+        episodes=3,
+        length=12,
+        size=(16, 16),
+        views=("corner2",),
+        tasks=("reach-v3", "push-v3"),
+        state_names=MW_HAND_STATE,
+    )
+    write_store(store, source)
+    done = _run(
+        str(store), "--runs", "5x4x3e-3", "--tasks", "push-v3", "--episodes", "3", "--val-episodes", "1",
+        "--success", "--actions-per-query", "8", "--json",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    (row,) = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert (row["updates"], row["batch"], row["lr"]) == (5, 4, 3e-3)
+    assert "reach-v3" not in row  # only the task asked for
+    wins, n, low, high = row["push-v3_success"]
+    assert n == 3 and 0 <= wins <= 3
+    assert 0.0 <= low <= wins / n <= high <= 1.0 and high - low > 0.3  # 3 starts: a wide interval
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--runs", "5x4,lots"], "--runs item 'lots': expected UPDATESxBATCH or UPDATESxBATCHxLR"),
+        (["--runs", "5x4x-1"], "--runs item '5x4x-1': expected UPDATESxBATCH or UPDATESxBATCHxLR"),
+        (["--runs", "5x4xfast"], "--runs item '5x4xfast': expected"),
+        (["--runs", "5x4x1e-3x2"], "--runs item '5x4x1e-3x2': expected"),
+        (["--actions-per-query", "40"], "--actions-per-query 40: expected 1 to 32"),
+        (["--episodes", "0"], "--episodes 0: expected at least 1"),
+    ],
+)
+def test_bad_arguments_are_one_line(tmp_path, args, needle):
+    done = _run(str(tmp_path), *args)
     assert done.returncode != 0
-    assert "--runs item 'lots': expected UPDATESxBATCH" in done.stderr
+    assert needle in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_a_task_not_in_the_store_is_one_line(tmp_path):
+    store = tmp_path / "store"
+    source = SyntheticSource(
+        episodes=2,
+        length=12,
+        size=(16, 16),
+        views=("corner2",),
+        tasks=("reach-v3",),
+        state_names=MW_HAND_STATE,
+    )
+    write_store(store, source)
+    done = _run(str(store), "--tasks", "push-v3")
+    assert done.returncode != 0
+    assert f"--tasks 'push-v3' is not a task of {store}" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
