@@ -78,7 +78,9 @@ def demo(session: nox.Session) -> None:
 
     Arguments after `--` go to `xwam pretrain` (recipe overrides), e.g. 4x the updates and 4 actions per query,
     which met reach 80% / push 50% in about 40 minutes of training (docs/demo.md, "What budget would meet"):
-    `nox -s demo -- --set train.max_steps=5600 --set inference.actions_per_query=4`."""
+    `nox -s demo -- --set train.max_steps=5600 --set inference.actions_per_query=4`; or the same compute as a
+    4x batch, the best push measured (70% of 100 starts, 8 per query; about an hour of training):
+    `nox -s demo -- --set data.batch_size=32`."""
     install(session, "sim,eval,train")
     out = os.environ.get("XWAM_DEMO_OUT", "out/demo")
     # one thread per core: training runs 1.5x faster than with one thread on this 2-core machine (measured);
