@@ -70,6 +70,7 @@ def main() -> None:
     parser.add_argument(
         "--actions-per-query", type=int, default=8, help="--success: actions run per query (default 8)"
     )
+    parser.add_argument("--bc-seed", type=int, default=0, help="the MLP's initialisation and batch order")
     parser.add_argument("--json", action="store_true", help="one JSON line per run")
     args = parser.parse_args()
     runs = _runs(args.runs)
@@ -93,7 +94,12 @@ def main() -> None:
             updates,
             batch,
             lr,
-            train_bc(store, episodes, chunk=CHUNK, config=BCConfig(steps=updates, batch_size=batch, lr=lr)),
+            train_bc(
+                store,
+                episodes,
+                chunk=CHUNK,
+                config=BCConfig(steps=updates, batch_size=batch, lr=lr, seed=args.bc_seed),
+            ),
         )
         for updates, batch, lr in runs
     ]
@@ -111,6 +117,7 @@ def main() -> None:
                 "updates": updates,
                 "batch": batch,
                 "lr": lr,
+                "bc_seed": args.bc_seed,
                 "loss": round(bc.info["loss_final"], 4),
             }
             for t in tasks:

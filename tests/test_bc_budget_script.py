@@ -62,11 +62,11 @@ def test_a_learning_rate_and_rollouts_with_their_interval(tmp_path):
     write_store(store, source)
     done = _run(
         str(store), "--runs", "5x4x3e-3", "--tasks", "push-v3", "--episodes", "3", "--val-episodes", "1",
-        "--success", "--actions-per-query", "8", "--json",
+        "--success", "--actions-per-query", "8", "--bc-seed", "1", "--json",
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     (row,) = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-    assert (row["updates"], row["batch"], row["lr"]) == (5, 4, 3e-3)
+    assert (row["updates"], row["batch"], row["lr"], row["bc_seed"]) == (5, 4, 3e-3, 1)
     assert "reach-v3" not in row  # only the task asked for
     wins, n, low, high = row["push-v3_success"]
     assert n == 3 and 0 <= wins <= 3
@@ -106,3 +106,25 @@ def test_a_task_not_in_the_store_is_one_line(tmp_path):
     assert done.returncode != 0
     assert f"--tasks 'push-v3' is not a task of {store}" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_the_seed_changes_the_training(tmp_path):
+    store = tmp_path / "store"
+    source = SyntheticSource(
+        episodes=3,
+        length=12,
+        size=(16, 16),
+        views=("corner2",),
+        tasks=("reach-v3",),
+        state_names=MW_HAND_STATE,
+    )
+    write_store(store, source)
+    losses = []
+    for seed in ("0", "1", "0"):
+        done = _run(
+            str(store), "--runs", "5x4", "--episodes", "3", "--val-episodes", "1", "--bc-seed", seed, "--json"
+        )
+        assert done.returncode == 0, done.stderr
+        (row,) = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+        losses.append(row["loss"])
+    assert losses[0] == losses[2] != losses[1]  # the same seed repeats, another one differs
