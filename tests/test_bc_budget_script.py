@@ -1,5 +1,6 @@
 """scripts/bc_budget.py (docs/demo.md's updates-vs-goal-following table): one JSON line per UPDATESxBATCH pair
-with the goal-following r per task and axis, and one line for a bad --runs."""
+with the goal-following r per task and axis (and, with --success, the closed-loop rate with its interval), and
+one line for a bad argument."""
 
 from __future__ import annotations
 
@@ -28,20 +29,31 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_one_json_line_per_run(tmp_path):
+def _store(tmp_path: Path, tasks: tuple[str, ...] = ("reach-v3",), episodes: int = 3) -> Path:
+    """A tiny synthetic store with Meta-World's hand state (16x16, one view)."""
     store = tmp_path / "store"
     source = SyntheticSource(
-        episodes=3,
+        episodes=episodes,
         length=12,
         size=(16, 16),
         views=("corner2",),
-        tasks=("reach-v3",),
+        tasks=tasks,
         state_names=MW_HAND_STATE,
     )
     write_store(store, source)
+    return store
+
+
+def _rows(done: subprocess.CompletedProcess[str]) -> list[dict]:
+    """The script's --json rows (other lines, e.g. progress, skipped)."""
+    return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+
+
+def test_one_json_line_per_run(tmp_path):
+    store = _store(tmp_path)
     done = _run(str(store), "--runs", "5x4,10x2", "--episodes", "3", "--val-episodes", "1", "--json")
     assert done.returncode == 0, done.stderr
-    rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    rows = _rows(done)
     assert [(r["updates"], r["batch"]) for r in rows] == [(5, 4), (10, 2)]
     for row in rows:
         r = row["reach-v3"]
@@ -50,22 +62,13 @@ def test_one_json_line_per_run(tmp_path):
 
 
 def test_a_learning_rate_and_rollouts_with_their_interval(tmp_path):
-    store = tmp_path / "store"
-    source = SyntheticSource(
-        episodes=3,
-        length=12,
-        size=(16, 16),
-        views=("corner2",),
-        tasks=("reach-v3", "push-v3"),
-        state_names=MW_HAND_STATE,
-    )
-    write_store(store, source)
+    store = _store(tmp_path, tasks=("reach-v3", "push-v3"))
     done = _run(
         str(store), "--runs", "5x4x3e-3", "--tasks", "push-v3", "--episodes", "3", "--val-episodes", "1",
         "--success", "--actions-per-query", "8", "--bc-seed", "1", "--json",
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
-    (row,) = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    (row,) = _rows(done)
     assert (row["updates"], row["batch"], row["lr"], row["bc_seed"]) == (5, 4, 3e-3, 1)
     assert "reach-v3" not in row  # only the task asked for
     wins, n, low, high = row["push-v3_success"]
@@ -92,16 +95,7 @@ def test_bad_arguments_are_one_line(tmp_path, args, needle):
 
 
 def test_a_task_not_in_the_store_is_one_line(tmp_path):
-    store = tmp_path / "store"
-    source = SyntheticSource(
-        episodes=2,
-        length=12,
-        size=(16, 16),
-        views=("corner2",),
-        tasks=("reach-v3",),
-        state_names=MW_HAND_STATE,
-    )
-    write_store(store, source)
+    store = _store(tmp_path, episodes=2)
     done = _run(str(store), "--tasks", "push-v3")
     assert done.returncode != 0
     assert f"--tasks 'push-v3' is not a task of {store}" in done.stderr
@@ -109,22 +103,13 @@ def test_a_task_not_in_the_store_is_one_line(tmp_path):
 
 
 def test_the_seed_changes_the_training(tmp_path):
-    store = tmp_path / "store"
-    source = SyntheticSource(
-        episodes=3,
-        length=12,
-        size=(16, 16),
-        views=("corner2",),
-        tasks=("reach-v3",),
-        state_names=MW_HAND_STATE,
-    )
-    write_store(store, source)
+    store = _store(tmp_path)
     losses = []
     for seed in ("0", "1", "0"):
         done = _run(
             str(store), "--runs", "5x4", "--episodes", "3", "--val-episodes", "1", "--bc-seed", seed, "--json"
         )
         assert done.returncode == 0, done.stderr
-        (row,) = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+        (row,) = _rows(done)
         losses.append(row["loss"])
     assert losses[0] == losses[2] != losses[1]  # the same seed repeats, another one differs
