@@ -76,11 +76,11 @@ def demo(session: nox.Session) -> None:
     tiny training -> inference (actions + future RGB-D) -> 4D reconstruction -> metrics with
     baselines -> closed-loop success beside the scripted expert and a random policy.
 
-    Arguments after `--` go to `xwam pretrain` (recipe overrides), e.g. 4x the updates and 4 actions per query,
-    which met reach 80% / push 50% in about 40 minutes of training (docs/demo.md, "What budget would meet"):
-    `nox -s demo -- --set train.max_steps=5600 --set inference.actions_per_query=4`; or the same compute as a
-    4x batch, the best push measured (70% of 100 starts, 8 per query; about an hour of training):
-    `nox -s demo -- --set data.batch_size=32`."""
+    Arguments after `--` go to `xwam pretrain` (recipe overrides), e.g. a batch of 32 with the paper's
+    clean-action share, which pushed 70% of 100 held-out starts (about an hour of training; docs/demo.md):
+    `nox -s demo -- --set data.batch_size=32 --set noise.p_clean_action=0.5`; or the earlier recipe (batch 8
+    and the paper's share; push 52%, 11 minutes of training):
+    `nox -s demo -- --set data.batch_size=8 --set noise.p_clean_action=0.5`."""
     install(session, "sim,eval,train")
     out = os.environ.get("XWAM_DEMO_OUT", "out/demo")
     # one thread per core: training runs 1.5x faster than with one thread on this 2-core machine (measured);
@@ -155,7 +155,7 @@ def ablate(session: nox.Session) -> None:
     """The paper's Table 4 at the tiny recipe's scale: `xwam ablate recipes/tiny_cpu.toml` trains the ans, sync,
     decoupled and no-depth variants on the demo's store (made here if it is missing) and evaluates each
     offline and in closed loop (10 held-out episodes per task, seed 1000, as the demo). Four tiny trainings
-    plus their evaluations: about an hour on an idle 2-core CPU. A rerun keeps finished variants; pass
+    plus their evaluations: about an hour and a half on an idle 2-core CPU. A rerun keeps finished variants; pass
     `-- --overwrite` to retrain, `-- --variants ans,sync` for a subset (docs/ablation.md)."""
     install(session, "sim,eval,train")
     demo_out = os.environ.get("XWAM_DEMO_OUT", "out/demo")

@@ -76,7 +76,8 @@ def test_dry_run_json_through_the_cli() -> None:
     plan = json.loads(result.stdout)
     # 3 views x 3 latent frames x (64/8/2)^2 tokens + 32 actions + 9 states
     assert plan["tokens"]["sequence"] == 3 * 3 * 16 + 32 + 9
-    assert plan["batch"] == {"global_batch": 8, "ranks": 1, "micro_batch": 8, "accumulation": 1}
+    # the recipe's data.batch_size (12) on one process, in one micro-batch
+    assert plan["batch"] == {"global_batch": 12, "ranks": 1, "micro_batch": 12, "accumulation": 1}
     assert plan["strategy"] == "ddp" and plan["fits"] and plan["advice"] == ""
     assert plan["parameters"]["main branch"]["trainable"] > 0
     assert plan["memory"]["total"] > plan["memory"]["weights"] > 0
