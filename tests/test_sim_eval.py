@@ -95,6 +95,40 @@ def test_actions_per_query_goal_following_and_bc_in_the_harness(policy, monkeypa
     assert set(data["goal_following"]["r_mean"]) == {"model", "bc"}
 
 
+def test_goal_steps_sums_the_first_actions_of_the_first_chunk(policy, monkeypatch):
+    """--goal-steps N: goal following compares the first N actions of the model's first chunk with the
+    expert's first N from the same start (what a query executes, with N = actions per query)."""
+    from xwam_core.policy import Policy
+    from xwam_core.sim import metaworld as sim_mw
+
+    chunks: list = []
+    predict = Policy.predict_chunk
+
+    def recording(self, obs):
+        chunks.append(predict(self, obs))
+        return chunks[-1]
+
+    monkeypatch.setattr(Policy, "predict_chunk", recording)
+    result = sim_mw.evaluate_metaworld(
+        policy, ["reach-v3"], 3, seed=4, max_steps=2, baselines=False, goal_steps=3
+    )
+    data = result.to_json()
+    following = data["goal_following"]["per_task"]["reach-v3"]
+    assert data["goal_following"]["goal_steps"] == 3 and data["chunk"] == 8
+    assert following["steps"] == [3, 3, 3]  # the expert runs 3 actions from each start, not the chunk's 8
+    probes = chunks[::2]  # per start: the goal-following probe, then the rollout's single query
+    assert len(probes) == 3
+    for chunk, moved in zip(probes, following["displacements"]["model"], strict=True):
+        np.testing.assert_allclose(moved, np.clip(chunk[:3, :3], -1, 1).sum(0), rtol=1e-6)
+        assert not np.allclose(moved, np.clip(chunk[:, :3], -1, 1).sum(0))  # not the whole chunk
+    full = sim_mw.evaluate_metaworld(policy, ["reach-v3"], 3, seed=4, max_steps=2, baselines=False)
+    assert full.to_json()["goal_following"]["goal_steps"] == 8
+    assert full.to_json()["goal_following"]["per_task"]["reach-v3"]["steps"] == [8, 8, 8]
+    for bad in (0, 9):
+        with pytest.raises(Exception, match=f"--goal-steps {bad}: expected 1 to the checkpoint's chunk of 8"):
+            sim_mw.evaluate_metaworld(policy, ["reach-v3"], 1, max_steps=2, baselines=False, goal_steps=bad)
+
+
 def test_evaluation_starts_are_held_out(tmp_path):
     from xwam_core.data.sources.metaworld import MetaWorldSource
     from xwam_core.sim.metaworld import eval_episode_seed, training_seeds
@@ -171,6 +205,8 @@ def test_cli_video_json_and_bad_input(tmp_path, tmp_path_factory, monkeypatch):
             "4",
             "--action-noise-scale",
             "0.5",
+            "--goal-steps",
+            "4",
             "--baselines",
             "expert,bc",
             "--out",
@@ -186,6 +222,9 @@ def test_cli_video_json_and_bad_input(tmp_path, tmp_path_factory, monkeypatch):
     assert "held-out episodes excluded" in " ".join(result.output.split())  # the BC line, however wrapped
     data = json.loads(out.read_text())
     assert data["actions_per_query"] == 4 and data["bc"]["episodes"] == [0]
+    assert data["goal_following"]["goal_steps"] == 4 and "its first 4 actions" in " ".join(
+        result.output.split()
+    )
     assert data["action_noise_scale"] == 0.5 and "action noise scale 0.5" in " ".join(result.output.split())
     assert data["success_rate"]["interval_95"]["per_task"]["reach-v3"].keys() == {"model", "bc", "expert"}
     one_line_error(
@@ -200,6 +239,11 @@ def test_cli_video_json_and_bad_input(tmp_path, tmp_path_factory, monkeypatch):
     one_line_error(
         runner.invoke(app(), [*base, "--tasks", "reach-v3", "--actions-per-query", "9"]),
         "--actions-per-query 9",
+        "chunk of 8",
+    )
+    one_line_error(
+        runner.invoke(app(), [*base, "--tasks", "reach-v3", "--goal-steps", "9"]),
+        "--goal-steps 9",
         "chunk of 8",
     )
     one_line_error(runner.invoke(app(), [*base, "--tasks", "reach-v3", "--baselines", "expert,mlp"]), "'mlp'")
@@ -246,6 +290,7 @@ def test_closed_loop_options_without_sim_are_refused(tmp_path):
         ["--no-baselines"],
         ["--baselines", "bc"],
         ["--actions-per-query", "2"],
+        ["--goal-steps", "8"],
     ):
         one_line_error(
             runner.invoke(app(), ["evaluate", str(tmp_path), *option]), option[0].split("=")[0][:10]

@@ -141,8 +141,9 @@ def goal_table(result: Any) -> Table:
     def spread(std: dict[str, float | None]) -> str:
         return " / ".join("—" if v is None else f"{v:.2f}" for v in std.values())
 
+    steps = "" if result.goal_steps in (None, result.chunk) else f" (its first {result.goal_steps} actions)"
     table = Table(
-        title="Goal following: first chunk's displacement vs the scripted expert's, same starts",
+        title=f"Goal following: first chunk's displacement{steps} vs the scripted expert's, same starts",
         caption="Pearson r across held-out starts (n/a: fewer than 3 starts or no variation); spread: std "
         "across starts of the summed xyz actions (x 1 cm of commanded hand motion)",
     )
@@ -269,6 +270,13 @@ def evaluate(
     render_quality: Annotated[
         str | None, typer.Option(help="--sim: 'fast' or 'default' (default: the training store's).")
     ] = None,
+    goal_steps: Annotated[
+        int | None,
+        typer.Option(
+            help="--sim: goal following sums the first chunk's first N actions, 1 to the chunk; e.g. "
+            "--actions-per-query's N for what a query executes (default: the whole chunk)."
+        ),
+    ] = None,
 ) -> None:
     """Metrics with trivial baselines beside the model: offline on a run folder, or closed loop with --sim.
 
@@ -298,6 +306,7 @@ def evaluate(
         "--action-noise-scale": action_noise_scale,
         "--inference-delay": inference_delay,
         "--chunking": chunking,
+        "--goal-steps": goal_steps,
     }
     if sim is not None:
         if run is not None:
@@ -325,6 +334,7 @@ def evaluate(
             server,
             api_key,
             action_noise_scale,
+            goal_steps,
         )
         return
     if run is None:
@@ -392,6 +402,7 @@ def _evaluate_sim(
     server: str | None = None,
     api_key: str | None = None,
     action_noise_scale: float | None = None,
+    goal_steps: int | None = None,
 ) -> None:
     import os
 
@@ -457,7 +468,9 @@ def _evaluate_sim(
     from xwam_core.sim.metaworld import check_request
 
     # every check before the minute of BC
-    check_request(policy, task_list, episodes, max_steps, render_quality, inference_delay, chunking)
+    check_request(
+        policy, task_list, episodes, max_steps, render_quality, inference_delay, chunking, goal_steps
+    )
     store = None
     if "bc" in chosen:
         store = _bc_store(policy, data)
@@ -483,6 +496,7 @@ def _evaluate_sim(
             bc=bc,
             inference_delay=inference_delay,
             chunking=chunking,
+            goal_steps=goal_steps,
         )
     console.print(sim_table(result))
     console.print(goal_table(result))

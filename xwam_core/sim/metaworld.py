@@ -30,7 +30,8 @@ The model's noise is seeded by the episode seed as well, so the same seeds give 
 Beside each success rate: its 95% Wilson score interval (xwam_core.sim.scores). Goal following: from each
 held-out start, the first chunk a learned policy predicts (the model's, BC's) is summed over its xyz
 actions, clipped as the environment applies them, over the steps the scripted expert takes from the same
-start within one chunk (up to K; fewer when it succeeds sooner); the Pearson correlation across starts
+start within one chunk (up to K, or the first `goal_steps` actions when given; fewer when it succeeds
+sooner); the Pearson correlation across starts
 with the expert's summed actions, per axis, and both spreads show whether the policy moves towards this
 episode's goal or makes the same move from every start. Summed commanded actions, not the hand's
 displacement after executing the chunk: they are what the policy decides from this observation alone,
@@ -147,6 +148,7 @@ class SimResult:
     chunk: int | None = None  # actions the model predicts per query (K)
     inference_delay: int = 0  # simulated control steps per query (the executing chunk runs meanwhile)
     chunking: str = "naive"  # how the model's new chunk takes over: naive | rtc (BC: always naive)
+    goal_steps: int | None = None  # goal following: actions of the first chunk summed (the chunk, K, if None)
     # goal following: task -> policy ("expert", "model", "bc") -> one summed xyz per start (episode order)
     displacements: dict[str, dict[str, list[list[float]]]] = field(default_factory=dict)
     displacement_steps: dict[str, list[int]] = field(default_factory=dict)  # task -> steps summed per start
@@ -223,8 +225,9 @@ class SimResult:
             "goal_following": {
                 "method": (
                     "per held-out start: the sum of the first predicted chunk's xyz actions (clipped to "
-                    "[-1, 1]) over the steps the scripted expert takes from the same start within one chunk, "
-                    "against the expert's summed xyz actions; Pearson r across starts per axis (null: n/a, "
+                    "[-1, 1]) over the steps the scripted expert takes from the same start within the first "
+                    "goal_steps actions (the chunk's), against the expert's summed xyz actions; Pearson r "
+                    "across starts per axis (null: n/a, "
                     f"fewer than {MIN_STARTS} starts or no variation), r_mean over the axes, std across starts "
                     "(action units; x 1 cm of commanded hand motion in Meta-World)"
                 ),
@@ -236,6 +239,7 @@ class SimResult:
                     }
                     for t in self.tasks
                 },
+                "goal_steps": self.goal_steps,
                 "r_mean": mean_r,
             },
             "bc": self.bc,
@@ -272,13 +276,20 @@ def check_request(
     render_quality: str | None = None,
     inference_delay: int = 0,
     chunking: str = "naive",
+    goal_steps: int | None = None,
 ) -> str:
     """Every check of a closed-loop request that needs no simulation (the CLI runs it before the minute of
     behaviour cloning); returns the render quality to use."""
     from xwam_core.data.sources import metaworld as mw
 
     _check(policy, tasks, episodes, max_steps)
-    check_chunking(policy.actions_per_query, inference_delay, chunking, policy.spec.window.num_actions)
+    k = policy.spec.window.num_actions
+    check_chunking(policy.actions_per_query, inference_delay, chunking, k)
+    if goal_steps is not None and not 1 <= goal_steps <= k:
+        raise XWAMError(
+            f"--goal-steps {goal_steps}: expected 1 to the checkpoint's chunk of {k} actions "
+            "(the first chunk's actions that goal following sums)"
+        )
     quality = render_quality or store_render_quality(policy.spec.store) or "fast"
     if quality not in mw.RENDER_QUALITIES:
         raise XWAMError(f"--render-quality {quality!r}: expected 'fast' or 'default'")
@@ -375,15 +386,19 @@ def evaluate_metaworld(
     bc: BCPolicy | None = None,
     inference_delay: int = 0,
     chunking: str = "naive",
+    goal_steps: int | None = None,
 ) -> SimResult:
     """Roll the policy (and the baselines) out on `episodes` held-out starts per task; each finished
     rollout's outcome is the progress bar's status text. `baselines`: True (expert, random and, when `bc`
     is given, BC), False, or names from BASELINES. BC executes the model's actions per query.
     `inference_delay` (control steps) and `chunking` (naive | rtc): how each new chunk takes over
-    (xwam_core.rtc_executor); BC, which has no sampler to guide, always switches naively."""
+    (xwam_core.rtc_executor); BC, which has no sampler to guide, always switches naively. `goal_steps`:
+    goal following sums the first chunk's first this many actions (1 to the chunk; None: all of it)."""
     from xwam_core.data.sources import metaworld as mw
 
-    quality = check_request(policy, tasks, episodes, max_steps, render_quality, inference_delay, chunking)
+    quality = check_request(
+        policy, tasks, episodes, max_steps, render_quality, inference_delay, chunking, goal_steps
+    )
     policies = ["model", *_baselines(baselines, bc)]
     learner: dict[str, Any] = {"model": policy}
     if "bc" in policies:
@@ -416,6 +431,7 @@ def evaluate_metaworld(
                 )
             checked.append(t)
     k = layout.window.num_actions
+    summed_steps = k if goal_steps is None else goal_steps
     result = SimResult(
         list(tasks),
         episodes,
@@ -435,6 +451,7 @@ def evaluate_metaworld(
         chunk=k,
         inference_delay=inference_delay,
         chunking=chunking,
+        goal_steps=summed_steps,
         bc=bc.info if "bc" in policies and bc is not None else None,
     )
     bar = progress.task("rollouts", total=len(tasks) * episodes * len(policies))
@@ -450,7 +467,9 @@ def evaluate_metaworld(
                 moves: dict[str, list[list[float]]] = {p: [] for p in ["expert", *learner]}
                 summed: list[int] = []
                 for i, episode_seed in enumerate(seeds[task]):
-                    expert_moved, n = expert_displacement(task_sim, episode_seed, k)  # goal following
+                    expert_moved, n = expert_displacement(
+                        task_sim, episode_seed, summed_steps
+                    )  # goal following
                     summed.append(n)
                     moves["expert"].append([float(x) for x in expert_moved])
                     for which in policies:
