@@ -50,19 +50,10 @@ def test_same_seeds_same_result(policy):
     assert following["model"]["starts"] == 1 and len(following["displacements"]["expert"]) == 1
 
 
-def test_actions_per_query_goal_following_and_bc_in_the_harness(policy, monkeypatch):
-    """3 actions of each 8-action chunk per query (model and BC); the goal-following probe is the rollout's
-    own first chunk; BC trains on the checkpoint's training episodes only and drives the robot."""
-    from xwam_core.data.reader import EpisodeStore
+def _record_chunks(monkeypatch) -> list:
+    """Every chunk the Policy predicts from now on, in order (predict_chunk wrapped for this test)."""
     from xwam_core.policy import Policy
-    from xwam_core.sim.bc import BCConfig, train_bc, training_episodes
-    from xwam_core.sim.metaworld import evaluate_metaworld
 
-    store = EpisodeStore(policy.spec.store)
-    episodes = training_episodes(store, policy.spec.val_episodes)
-    assert episodes == [0] and policy.spec.val_episodes == 1  # the fixture holds its last episode out
-    bc = train_bc(store, episodes, chunk=8, config=BCConfig(hidden=32, layers=1, steps=20))
-    assert bc.info["episodes"] == [0] and bc.info["frames"] == store.episodes[0].length
     chunks: list = []
     predict = Policy.predict_chunk
 
@@ -71,6 +62,22 @@ def test_actions_per_query_goal_following_and_bc_in_the_harness(policy, monkeypa
         return chunks[-1]
 
     monkeypatch.setattr(Policy, "predict_chunk", recording)
+    return chunks
+
+
+def test_actions_per_query_goal_following_and_bc_in_the_harness(policy, monkeypatch):
+    """3 actions of each 8-action chunk per query (model and BC); the goal-following probe is the rollout's
+    own first chunk; BC trains on the checkpoint's training episodes only and drives the robot."""
+    from xwam_core.data.reader import EpisodeStore
+    from xwam_core.sim.bc import BCConfig, train_bc, training_episodes
+    from xwam_core.sim.metaworld import evaluate_metaworld
+
+    store = EpisodeStore(policy.spec.store)
+    episodes = training_episodes(store, policy.spec.val_episodes)
+    assert episodes == [0] and policy.spec.val_episodes == 1  # the fixture holds its last episode out
+    bc = train_bc(store, episodes, chunk=8, config=BCConfig(hidden=32, layers=1, steps=20))
+    assert bc.info["episodes"] == [0] and bc.info["frames"] == store.episodes[0].length
+    chunks = _record_chunks(monkeypatch)
     policy.actions_per_query = 3
     try:
         result = evaluate_metaworld(
@@ -98,17 +105,9 @@ def test_actions_per_query_goal_following_and_bc_in_the_harness(policy, monkeypa
 def test_goal_steps_sums_the_first_actions_of_the_first_chunk(policy, monkeypatch):
     """--goal-steps N: goal following compares the first N actions of the model's first chunk with the
     expert's first N from the same start (what a query executes, with N = actions per query)."""
-    from xwam_core.policy import Policy
     from xwam_core.sim import metaworld as sim_mw
 
-    chunks: list = []
-    predict = Policy.predict_chunk
-
-    def recording(self, obs):
-        chunks.append(predict(self, obs))
-        return chunks[-1]
-
-    monkeypatch.setattr(Policy, "predict_chunk", recording)
+    chunks = _record_chunks(monkeypatch)
     result = sim_mw.evaluate_metaworld(
         policy, ["reach-v3"], 3, seed=4, max_steps=2, baselines=False, goal_steps=3
     )
