@@ -467,9 +467,8 @@ def evaluate_metaworld(
                 moves: dict[str, list[list[float]]] = {p: [] for p in ["expert", *learner]}
                 summed: list[int] = []
                 for i, episode_seed in enumerate(seeds[task]):
-                    expert_moved, n = expert_displacement(
-                        task_sim, episode_seed, summed_steps
-                    )  # goal following
+                    # goal following: the expert's first summed_steps actions from this start
+                    expert_moved, n = expert_displacement(task_sim, episode_seed, summed_steps)
                     summed.append(n)
                     moves["expert"].append([float(x) for x in expert_moved])
                     for which in policies:
