@@ -97,10 +97,23 @@ class DataSpec:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> DataSpec:
+        """Read data_spec.json; a field of the wrong kind raises ValueError naming it (`_parse` adds the file)."""
+        for key in ("views", "tasks"):
+            names = d[key]
+            if not (isinstance(names, list) and names and all(isinstance(n, str) and n for n in names)):
+                raise ValueError(f"'{key}' is {_short(names)}, expected a non-empty list of names")
+        size = d["image_size"]
+        if not (isinstance(size, list) and len(size) == 2 and all(_is_int(v) and v > 0 for v in size)):
+            raise ValueError(f"'image_size' is {_short(size)}, expected [height, width] in pixels, both > 0")
+        for key in ("future_frames", "frame_stride"):
+            if not (_is_int(d[key]) and d[key] > 0):
+                raise ValueError(f"'{key}' is {_short(d[key])}, expected an integer > 0")
+        if not _is_count(d.get("val_episodes", 0)):
+            raise ValueError(f"'val_episodes' is {_short(d['val_episodes'])}, expected an integer >= 0")
         return cls(
             views=list(d["views"]),
-            image_size=(int(d["image_size"][0]), int(d["image_size"][1])),
-            window=WindowLayout(int(d["future_frames"]), int(d["frame_stride"])),
+            image_size=(size[0], size[1]),
+            window=WindowLayout(d["future_frames"], d["frame_stride"]),
             tasks=list(d["tasks"]),
             fps=None if d.get("fps") is None else float(d["fps"]),
             store=str(d.get("store", "")),
@@ -426,23 +439,16 @@ def export_checkpoint(parts: PolicyParts, out: str | Path, overwrite: bool = Fal
 # ------------------------------------------------------------------------------------ reading
 def load_policy_parts(path: str | Path, device: str | torch.device = "cpu") -> PolicyParts:
     """Everything inference needs, read from the checkpoint folder alone (a run folder: its newest)."""
-    from xwam_core.models.transformer import XWAMTransformer
-    from xwam_core.schedule.inference import InferenceScheduleConfig
-
     path = resolve(path)
-    try:
-        model = XWAMTransformer.from_pretrained(path / "model")
-    except Exception as e:  # diffusers and safetensors raise many kinds for a damaged folder
-        raise XWAMError(f"{path / 'model'}: cannot load the model ({type(e).__name__}: {e})") from None
+    model = load_model(path / "model")
     data = _parse(path / "data_spec.json", DataSpec.from_json)
-    text = load_text(path, int(model.config["text_dim"]))
-    inference_json = _read_json(path / "inference.json")
-    try:
-        inference = InferenceScheduleConfig(**inference_json)
-        inference.validate()
-    except TypeError as e:
-        raise XWAMError(f"{path / 'inference.json'}: {e}") from None
+    _check_data_spec(path / "data_spec.json", data, model.config)
+    text = load_text(path, int(model.config["text_dim"]), tasks=data.tasks)
+    inference = _inference_config(path / "inference.json")
     meta = _read_json(path / MARKER)
+    step = meta.get("step", 0)
+    if not _is_count(step):
+        raise XWAMError(f"{path / MARKER}: 'step' is {_short(step)}, expected an integer >= 0")
     recipe = path / "recipe.toml"
     return PolicyParts(
         model=model.to(device),
@@ -451,31 +457,125 @@ def load_policy_parts(path: str | Path, device: str | torch.device = "cpu") -> P
         normalizer=_parse(path / "normalizer.json", Normalizer.from_json),
         data=data,
         inference=inference,
-        recipe_toml=recipe.read_text() if recipe.is_file() else "",
-        step=int(meta.get("step", 0)),
+        # a record of how it was trained, never parsed: undecodable bytes are kept as replacement characters
+        recipe_toml=recipe.read_text(errors="replace") if recipe.is_file() else "",
+        step=step,
         path=path,
     )
 
 
-def load_text(path: Path, text_dim: int) -> Any:
-    """The text conditioner saved in checkpoint `path`."""
+# diffusers' names for a model folder's safetensors weights: one file, or shards listed by an index
+SAFETENSORS_WEIGHTS = (
+    "diffusion_pytorch_model.safetensors",
+    "diffusion_pytorch_model.safetensors.index.json",
+)
+
+
+def load_model(folder: Path) -> Any:
+    """The transformer saved in a checkpoint's model/ folder: safetensors only, from this disk only (never a
+    pickled .bin beside them, never the Hub), every weight present. One line if not."""
+    from diffusers.utils import logging as diffusers_logging
+
+    from xwam_core.models.transformer import XWAMTransformer
+
+    if not folder.is_dir():
+        raise XWAMError(f"{folder.parent}: checkpoint lacks model/")
+    _read_json(folder / "config.json")  # one line for a missing or malformed config, before diffusers reads it
+    if not any((folder / name).is_file() for name in SAFETENSORS_WEIGHTS):
+        raise XWAMError(
+            f"{folder}: no {SAFETENSORS_WEIGHTS[0]}; expected the model's weights in safetensors "
+            "(pickled .bin weights are never loaded)"
+        )
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # its missing/unexpected-weight warnings: reported below instead
+    try:
+        model = XWAMTransformer.from_pretrained(folder, use_safetensors=True, local_files_only=True)
+    except Exception as e:  # diffusers and safetensors raise many kinds for a damaged folder
+        raise XWAMError(f"{folder}: cannot load the model ({type(e).__name__}: {e})") from None
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+    missing = [name for name, p in model.named_parameters() if p.device.type == "meta"]
+    missing += [name for name, b in model.named_buffers() if b.device.type == "meta"]
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise XWAMError(f"{folder}: the weights lack {missing[0]}{more}; expected every tensor of the model")
+    return model
+
+
+def _check_data_spec(file: Path, data: DataSpec, config: Any) -> None:
+    """data_spec.json must describe the observations the model was built for: its views and its chunk."""
+    views, actions = config.get("num_views"), config.get("num_actions")
+    if _is_int(views) and len(data.views) > views:
+        raise XWAMError(
+            f"{file}: {len(data.views)} views {_short(data.views)}, but model/config.json has "
+            f"num_views={views}; expected at most that many"
+        )
+    if _is_int(actions) and data.window.num_actions != actions:
+        raise XWAMError(
+            f"{file}: future_frames x frame_stride = {data.window.num_actions} actions, but model/config.json "
+            f"has num_actions={actions}; expected the chunk the model predicts"
+        )
+
+
+def _inference_config(file: Path) -> Any:
+    """inference.json, type-checked and range-checked like the recipe's [inference] section."""
+    from xwam_core.errors import RecipeError
+    from xwam_core.recipe import recipe_from_dict
+    from xwam_core.schedule.inference import InferenceScheduleConfig
+
+    table = _read_json(file)
+    try:
+        inference = recipe_from_dict(table, where=str(file), cls=InferenceScheduleConfig)
+        inference.validate()
+    except RecipeError as e:
+        message = str(e)
+        raise XWAMError(message if message.startswith(str(file)) else f"{file}: {message}") from None
+    return inference
+
+
+def load_text(path: Path, text_dim: int, tasks: list[str] | None = None) -> Any:
+    """The text conditioner saved in checkpoint `path`; given `tasks` (data_spec.json's), text.json must name
+    the same in the same order: a task's index picks its embedding. One line for a damaged file."""
     from xwam_core.models.text import LEGACY_PADDING, PADDINGS, PrecomputedText, TaskEmbeddingText
 
-    meta = _read_json(path / "text.json")
+    file, weights = path / "text.json", path / "text.safetensors"
+    meta = _read_json(file)
     try:
-        tensors = load_file(path / "text.safetensors")
+        tensors = load_file(weights)
     except Exception as e:
-        raise XWAMError(f"{path / 'text.safetensors'}: unreadable ({type(e).__name__}: {e})") from None
-    tasks = list(meta["tasks"])
-    if meta["kind"] == "precomputed":
-        table = tensors["table"]
+        raise XWAMError(f"{weights}: unreadable ({type(e).__name__}: {e})") from None
+    saved, kind = meta.get("tasks"), meta.get("kind")
+    if not (isinstance(saved, list) and saved and all(isinstance(t, str) for t in saved)):
+        raise XWAMError(f"{file}: 'tasks' is {_short(saved)}, expected a non-empty list of task names")
+    if tasks is not None and saved != tasks:
+        raise XWAMError(
+            f"{file}: tasks {_short(saved)} differ from data_spec.json's {_short(tasks)}; expected "
+            "the same tasks in the same order (a task's index picks its embedding)"
+        )
+    if kind not in ("task", "precomputed"):
+        raise XWAMError(f"{file}: 'kind' is {_short(kind)}, expected 'task' or 'precomputed'")
+    if kind == "precomputed":
+        table = tensors.get("table")
+        if table is None or table.ndim != 3 or table.shape[0] != len(saved) + 1 or table.shape[2] != text_dim:
+            raise XWAMError(
+                f"{weights}: 'table' is {_describe_tensor(table)}, expected ({len(saved) + 1}, seq_len, "
+                f"{text_dim}): a row per task of text.json and the empty prompt's, the model's text_dim wide"
+            )
         padding = meta.get("padding", LEGACY_PADDING)  # written before padding was recorded: zeroed
         if padding not in PADDINGS:
-            raise XWAMError(
-                f"{path / 'text.json'}: padding {padding!r}, expected one of {', '.join(PADDINGS)}"
-            )
-        return PrecomputedText(table[:-1], table[-1], tasks, padding=padding)
-    text = TaskEmbeddingText(len(tasks), text_dim, int(meta["seq_len"]))
+            raise XWAMError(f"{file}: padding {padding!r}, expected one of {', '.join(PADDINGS)}")
+        return PrecomputedText(table[:-1], table[-1], saved, padding=padding)
+    seq_len: Any = meta.get("seq_len")
+    if not (_is_int(seq_len) and seq_len > 0):
+        raise XWAMError(f"{file}: 'seq_len' is {_short(seq_len)}, expected an integer > 0")
+    text = TaskEmbeddingText(len(saved), text_dim, seq_len)
+    expected = {k: list(v.shape) for k, v in text.state_dict().items()}
+    found = {k: list(v.shape) for k, v in tensors.items()}
+    if found != expected:
+        raise XWAMError(
+            f"{weights}: tensors {_short(found)}, expected {_short(expected)} for {len(saved)} tasks, "
+            f"seq_len {seq_len} and the model's text_dim {text_dim}"
+        )
     text.load_state_dict(tensors)
     return text
 

@@ -80,7 +80,9 @@ class Policy:
         if actions_per_query is None:  # the checkpoint's inference.actions_per_query (0: the whole chunk)
             actions_per_query = getattr(self.schedule_config, "actions_per_query", 0) or k
         self.actions_per_query = actions_per_query
-        if not 1 <= self.actions_per_query <= k:
+        if not (isinstance(actions_per_query, int) and not isinstance(actions_per_query, bool)) or not (
+            1 <= actions_per_query <= k
+        ):
             raise XWAMError(f"actions per query {actions_per_query}: expected 1 to the chunk's {k}")
         self._queue: deque[np.ndarray] = deque()
         self.generator = torch.Generator().manual_seed(0)
@@ -125,7 +127,9 @@ class Policy:
         self._queue.clear()
         self.query_latencies_s = []
         if seed is not None:
-            self.generator = torch.Generator().manual_seed(seed)
+            if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**64:
+                raise XWAMError(f"seed {seed!r}: expected an integer in [0, 2**64)")
+            self.generator = torch.Generator().manual_seed(int(seed))
 
     @property
     def wants_observation(self) -> bool:
@@ -206,7 +210,7 @@ class Policy:
                     f"inference_delay {inference_delay} needs prev_chunk (the actions that run meanwhile)"
                 )
             return None, None
-        prev = np.asarray(prev_chunk, dtype=np.float32)
+        prev = _numbers("prev_chunk", prev_chunk)
         prev = prev if batched else prev[None]
         da = self.normalizer.action_dim
         if prev.ndim != 3 or prev.shape[0] != batch_size or prev.shape[2] != da or prev.shape[1] > k:
@@ -214,8 +218,6 @@ class Policy:
             raise XWAMError(
                 f"prev_chunk has shape {np.asarray(prev_chunk).shape}; expected {expected} with L <= the chunk's {k}"
             )
-        if not np.isfinite(prev).all():
-            raise XWAMError("prev_chunk holds NaN or infinite actions")
         length = prev.shape[1]
         if isinstance(inference_delay, bool) or not isinstance(inference_delay, (int, np.integer)):
             raise XWAMError(
@@ -294,6 +296,12 @@ class Policy:
         if prev is not None:  # the delayed prefix exactly as it runs (the normalize round trip is not exact)
             actions_out[:, :inference_delay] = prev[:, :inference_delay]
         states_out = self.normalizer.state.denormalize(s)
+        if not (np.isfinite(actions_out).all() and np.isfinite(states_out).all()):
+            # never hand a robot NaN: a state far outside the training range can overflow the model
+            raise XWAMError(
+                "the model's prediction holds NaN or infinite values; is the observation far outside "
+                "what the checkpoint was trained on (its state, in dataset units)?"
+            )
         if given_raw is not None:  # exactly as given (the normalize round trip is not exact)
             actions_out = given_raw[0].copy()
             states_out = np.concatenate([states_out[:, :1], given_raw[1][:, 1:]], axis=1)
@@ -316,13 +324,11 @@ class Policy:
             ("given_actions", actions, window.num_actions, self.normalizer.action_dim),
             ("given_states", states, window.num_frames, self.normalizer.state_dim),
         ):
-            array = np.asarray(value, dtype=np.float32)
+            array = _numbers(name, value)
             array = array if batched else array[None]
             if array.shape != (batch_size, length, dim):
                 expected = f"({batch_size}, {length}, {dim})" if batched else f"({length}, {dim})"
                 raise XWAMError(f"{name} has shape {np.asarray(value).shape}; expected {expected}")
-            if not np.isfinite(array).all():
-                raise XWAMError(f"{name} holds NaN or infinite values")
             checked.append(array)
         return checked[0], checked[1]
 
@@ -344,13 +350,17 @@ class Policy:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Validate an observation and turn it into model inputs: images (B, V, 3, 1, H, W) in [-1, 1],
         the normalized state (B, D_state), task indices (B,), and the observed depth (B, V, 1, H, W)."""
+        if not isinstance(obs, Mapping):
+            raise XWAMError(
+                f"observation is {type(obs).__name__}; expected a mapping with images, state and task"
+            )
         for key in ("images", "state", "task"):
             if key not in obs:
                 raise XWAMError(f"observation lacks {key!r} (expected images, state and task)")
         images = obs["images"]
         if not isinstance(images, Mapping):
             raise XWAMError("observation 'images' must map each view name to its (H, W, 3) uint8 image")
-        state = np.asarray(obs["state"], dtype=np.float32)
+        state = _numbers("observation 'state'", obs["state"])
         batched = state.ndim == 2
         if state.ndim not in (1, 2) or state.shape[-1] != self.normalizer.state_dim:
             raise XWAMError(
@@ -359,6 +369,8 @@ class Policy:
             )
         states = state if batched else state[None]
         b = states.shape[0]
+        if b == 0:
+            raise XWAMError("observation 'state' is an empty batch; expected at least one state")
         h, w = self.spec.image_size
         views = []
         for view in self.spec.views:
@@ -373,7 +385,12 @@ class Policy:
             views.append(image if batched else image[None])
         rgb = torch.from_numpy(np.stack(views, axis=1)).to(self.device)  # (B, V, H, W, 3)
         rgb0 = rgb.permute(0, 1, 4, 2, 3)[:, :, :, None].float() / 127.5 - 1.0  # (B, V, 3, 1, H, W)
-        tasks = [obs["task"]] if isinstance(obs["task"], str) else list(obs["task"])
+        task = obs["task"]
+        tasks = [task] if isinstance(task, str) else list(task) if isinstance(task, (list, tuple)) else None
+        if tasks is None or not all(isinstance(t, str) for t in tasks):
+            raise XWAMError(
+                f"observation 'task' is {task!r}; expected a task name, or a list of them for a batch"
+            )
         if len(tasks) != b:
             raise XWAMError(f"observation has {len(tasks)} task(s) for {b} state(s)")
         unknown = [t for t in tasks if t not in self.spec.tasks]
@@ -391,7 +408,31 @@ class Policy:
                     "this checkpoint's depth branch reads the observed depth (depth_condition): world mode "
                     f"needs observation 'depth' for views {self.spec.views} (metres)"
                 )
-            d = np.stack([np.asarray(depth_views[v], np.float32) for v in self.spec.views], axis=-3)
+            depth_shape = (b, h, w) if batched else (h, w)
+            maps = []
+            for view in self.spec.views:
+                one = _numbers(f"observation depth {view!r}", depth_views[view])
+                if one.shape != depth_shape:
+                    raise XWAMError(
+                        f"observation depth {view!r} has shape {one.shape}; expected {depth_shape} (metres)"
+                    )
+                maps.append(one)
+            d = np.stack(maps, axis=-3)
             d = d if batched else d[None]  # (B, V, H, W)
             depth0 = torch.from_numpy(d).to(self.device)[:, :, None]  # (B, V, 1, H, W)
         return rgb0, state0, task_index, depth0
+
+
+def _numbers(name: str, value: Any) -> np.ndarray:
+    """`value` as a float32 array of finite real numbers, or one line naming `name`."""
+    try:
+        array = np.asarray(value)
+    except (TypeError, ValueError) as e:  # ragged nested lists
+        raise XWAMError(f"{name} is not an array of numbers ({e})") from None
+    if array.dtype.kind not in "biuf":
+        raise XWAMError(f"{name} has dtype {array.dtype}; expected real numbers")
+    with np.errstate(over="ignore"):  # a value beyond float32 becomes inf, refused below
+        array = array.astype(np.float32)
+    if not np.isfinite(array).all():
+        raise XWAMError(f"{name} holds NaN or infinite values (or values beyond float32's range)")
+    return array

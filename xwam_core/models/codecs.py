@@ -309,9 +309,18 @@ def codec_from_description(description: dict[str, Any], vae: str | Path | None =
     """Build a frozen codec from its description; `vae` overrides where the Wan VAE is read from."""
     kind = description.get("kind")
     if kind == "pixel":
-        codec: Codec = PixelCodec(int(description["spatial_factor"]), int(description["temporal_factor"]))
+        factors: list[Any] = [description.get(key) for key in ("spatial_factor", "temporal_factor")]
+        for key, factor in zip(("spatial_factor", "temporal_factor"), factors, strict=True):
+            if isinstance(factor, bool) or not isinstance(factor, int):
+                raise XWAMError(f"codec {description}: '{key}' is {factor!r}, expected an integer")
+        codec: Codec = PixelCodec(factors[0], factors[1])
     elif kind == "wan-vae":
-        codec = WanVAECodec.from_pretrained(vae or description["source"])
+        source = vae or description.get("source")
+        if not isinstance(source, (str, Path)) or not str(source):
+            raise XWAMError(
+                f"codec {description}: 'source' is {source!r}, expected the Wan VAE's folder or hub id"
+            )
+        codec = WanVAECodec.from_pretrained(source)
     else:
         raise XWAMError(f"codec {description}: unknown kind {kind!r} (expected 'pixel' or 'wan-vae')")
     codec.requires_grad_(False)

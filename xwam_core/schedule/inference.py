@@ -21,6 +21,7 @@ action step (so world mode's later video steps see the frozen actions); video an
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from functools import partial
@@ -58,6 +59,13 @@ class Denoiser(Protocol):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]: ...
 
 
+_FIELD_KINDS: dict[str, tuple[tuple[type, ...], str]] = {
+    "str": ((str,), "a string"),
+    "int": ((int,), "an integer"),
+    "float": ((int, float), "a number"),
+}
+
+
 @dataclass
 class InferenceScheduleConfig:
     """Recipe section for inference. Defaults are the paper's."""
@@ -77,6 +85,10 @@ class InferenceScheduleConfig:
     def validate(self) -> None:
         """Raise RecipeError naming the first field outside its range (the recipe loader, checkpoint loading
         and the Policy call it)."""
+        for f in dataclasses.fields(self):  # overrides and JSON arrive unchecked: the kind first
+            value, kind = getattr(self, f.name), _FIELD_KINDS[str(f.type)]
+            ok = not isinstance(value, bool) and isinstance(value, kind[0])
+            require(ok, f"inference.{f.name}", kind[1], value)
         require(
             self.schedule in SCHEDULES, "inference.schedule", f"one of {', '.join(SCHEDULES)}", self.schedule
         )
