@@ -274,7 +274,7 @@ def convert_xwam_release(
         else UMT5_HUB_ID
     )
     log(f"encoding {len(tasks)} prompt(s) with UMT5 from {encoder_source} (padding kept, as the release)")
-    text_len = int(config.get("text_len") or geometry["text_len"])  # the release's config says 512
+    text_len = release.text_len or geometry["text_len"]  # the release's config says 512
     text = PrecomputedText.from_prompts(tasks, encoder_source, padding="kept", max_length=text_len)
     if text.text_dim != weights["text_dim"]:
         raise XWAMError(
@@ -295,7 +295,12 @@ def convert_xwam_release(
         shift=release.shift,
         guidance_scale=float(guidance_scale),
     )
-    inference.validate()
+    try:
+        inference.validate()
+    except XWAMError as e:  # the release's sample_steps, action_denoise_steps and time_shifting
+        raise XWAMError(
+            f"{config_path}: {e} (from sample_steps, action_denoise_steps, time_shifting)"
+        ) from None
     parts = PolicyParts(
         model=model,
         text=text,
@@ -346,6 +351,7 @@ class _Release:
     inverse_gripper: bool
     auto_gripper: str
     notes: list[str]
+    text_len: int | None = None  # None: the Wan config's
 
 
 def _read_yaml(path: Path, exp: Path) -> dict[str, Any]:
@@ -375,8 +381,18 @@ def _release_settings(config: dict[str, Any], path: Path) -> _Release:
             if kind is int and (isinstance(value, bool) or float(value) != int(value)):
                 raise ValueError
             return kind(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise XWAMError(f"{path}: '{where}{key}' is {value!r}, expected a number") from None
+
+    def flag(section: dict[str, Any], key: str, where: str, default: bool) -> bool:
+        value = section.get(key, default)
+        if not isinstance(value, bool):
+            raise XWAMError(f"{path}: '{where}{key}' is {value!r}, expected true or false")
+        return value
+
+    # read and checked: what the conversion uses. Recorded only (config.yaml goes verbatim into the
+    # checkpoint's recipe.toml, nothing reads it back), so not checked: seed, lr and the other training
+    # settings, and the dataset's paths.
 
     data = config.get("dataset")
     dataset_name = data if isinstance(data, str) else ""
@@ -411,7 +427,13 @@ def _release_settings(config: dict[str, Any], path: Path) -> _Release:
         and isinstance(statistics.get("q99"), dict)
     ):
         raise XWAMError(f"{path}: lacks 'dataset.statistics' with q01 and q99 sections")
-    decoupled = config.get("use_decoupled_inference", True)
+    decoupled = flag(config, "use_decoupled_inference", "", True)
+    use_depth = flag(config, "use_depth", "", True)
+    text_len = None
+    if config.get("text_len") is not None:
+        text_len = number(config, "text_len", "")
+        if text_len < 1:
+            raise XWAMError(f"{path}: 'text_len' is {text_len}, expected an integer >= 1 (UMT5 tokens)")
     sample_steps = number(config, "sample_steps", "", 50)
     two_arms = "proprio_right_ee_xyz" in statistics["q01"]
     return _Release(
@@ -422,13 +444,14 @@ def _release_settings(config: dict[str, Any], path: Path) -> _Release:
         statistics=statistics,
         action_dim=number(config, "action_dim", ""),
         proprio_dim=number(config, "proprio_dim", ""),
-        num_extra_layers=number(config, "num_extra_layers", "") if config.get("use_depth", True) else 0,
+        num_extra_layers=number(config, "num_extra_layers", "") if use_depth else 0,
         sample_steps=sample_steps,
         action_steps=number(config, "action_denoise_steps", "", 10) if decoupled else sample_steps,
         shift=number(config, "time_shifting", "", 5.0, float),
-        inverse_gripper=bool(data.get("inverse_gripper", False)),
+        inverse_gripper=flag(data, "inverse_gripper", "dataset.", False),
         auto_gripper="flipped" if dataset_name == "robocasa" or not two_arms else "plain",
         notes=notes,
+        text_len=text_len,
     )
 
 
@@ -533,6 +556,11 @@ def _load_release_module(file: Path, allow_unsafe_pickle: bool) -> tuple[dict[st
     tensors: dict[str, Any] = {}
     skipped = 0
     for key, value in module.items():
+        if not isinstance(key, str):
+            raise XWAMError(
+                f"{file}: 'module' has the key {key!r} ({type(key).__name__}), expected tensor names "
+                "(model.*, text_encoder.*, vae.*)"
+            )
         if key.startswith(("text_encoder.", "vae.")):
             skipped += 1
         elif not key.startswith("model."):
@@ -557,11 +585,24 @@ def _torch_load(file: Path, weights_only: bool) -> Any:
             if "mmap" not in str(e):
                 raise
             return torch.load(file, map_location="cpu", weights_only=weights_only)  # an old, non-zip file
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as e:
+        if weights_only:  # the restricted loader refuses a global or an opcode: the caller offers the opt-in
+            raise
+        raise XWAMError(f"{file}: not a readable torch checkpoint ({_reason(e)})") from None
+    except MemoryError:
         raise
     except (RuntimeError, OSError, EOFError, ValueError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise XWAMError(f"{file}: not a readable torch checkpoint ({reason})") from None
+        raise XWAMError(f"{file}: not a readable torch checkpoint ({_reason(e)})") from None
+    # the unpicklers raise KeyError, IndexError, TypeError, ... on bytes that are not a pickle at all
+    except Exception as e:
+        raise XWAMError(
+            f"{file}: not a readable torch checkpoint ({type(e).__name__}: {_reason(e)})"
+        ) from None
+
+
+def _reason(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _refusal(error: Exception) -> str:
@@ -668,7 +709,7 @@ def _check_geometry(
         raise XWAMError(
             f"{wan['source']}: text_dim {wan['text_dim']}, but the weights have {weights['text_dim']}"
         )
-    if weights["dim"] % wan["num_heads"] or (weights["dim"] // wan["num_heads"]) % 2:
+    if wan["num_heads"] < 1 or weights["dim"] % wan["num_heads"] or (weights["dim"] // wan["num_heads"]) % 2:
         raise XWAMError(
             f"{wan['source']}: {wan['num_heads']} heads do not divide width {weights['dim']} evenly"
         )
