@@ -1,5 +1,5 @@
 """--overwrite replaces only what the command itself writes: never a folder of something else, never the
-working directory or a folder above it."""
+working directory or a folder above it, never a file where it writes a folder."""
 
 from __future__ import annotations
 
@@ -22,6 +22,14 @@ def test_atomic_folder_replaces_only_its_own_kind(tmp_path, monkeypatch):
     ):
         pass
     assert (other / "thesis.tex").read_text() == "years of work"
+    a_file = tmp_path / "draft.txt"
+    a_file.write_text("not a folder")
+    with (
+        pytest.raises(XWAMError, match="is a file, and this command writes a folder there"),
+        atomic_folder(a_file, overwrite=True, replaces="manifest.json"),
+    ):
+        pass
+    assert a_file.read_text() == "not a folder"
     empty = tmp_path / "empty"
     empty.mkdir()
     with atomic_folder(empty, overwrite=True, replaces="manifest.json") as tmp:

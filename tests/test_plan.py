@@ -134,4 +134,7 @@ def test_bad_options_are_one_line_errors() -> None:
         P.plan(recipe, strategy="zero3")
     with pytest.raises(XWAMError, match="'single' runs on one GPU"):
         P.plan(recipe, gpus=2, strategy="single")
+    for memory in (float("nan"), float("inf"), 0.0):
+        with pytest.raises(XWAMError, match="expected a finite number of GB > 0"):
+            P.plan(recipe, gpu_memory_gb=memory)
     assert P.gpu_named("h200") is P.GPUS["H200"]

@@ -415,6 +415,11 @@ def check_replaceable(final: Path, replaces: str) -> None:
     resolved, here = final.resolve(), Path.cwd().resolve()
     if resolved == here or resolved in here.parents:
         raise XWAMError(f"{final}: is the working directory or a folder above it; refusing to replace it")
+    if final.exists() and not final.is_dir():
+        raise XWAMError(
+            f"{final}: is a file, and this command writes a folder there; refusing to replace it with "
+            "--overwrite (give another path)"
+        )
     if final.is_dir() and not (final / replaces).exists() and any(final.iterdir()):
         raise XWAMError(
             f"{final}: exists and holds no {replaces}, so it is not what this command writes; "

@@ -688,8 +688,8 @@ def plan(
         raise XWAMError(f"--gpus {gpus}: expected an integer >= 1")
     card = gpu_named(gpu or DEFAULT_GPU)
     capacity = gpu_memory_gb if gpu_memory_gb is not None else card.memory_gb
-    if capacity <= 0:
-        raise XWAMError(f"--gpu-memory {capacity}: expected GB > 0")
+    if not (0 < capacity < math.inf):
+        raise XWAMError(f"--gpu-memory {capacity}: expected a finite number of GB > 0")
     strategy = strategy or str(recipe_value(recipe, STRATEGY_KEY, DEFAULT_STRATEGY))
     if strategy not in STRATEGIES:
         raise XWAMError(f"strategy {strategy!r}: expected one of {', '.join(STRATEGIES)}")

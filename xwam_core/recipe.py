@@ -188,7 +188,16 @@ class ModelConfig:
 
         params = inspect.signature(XWAMTransformer.__init__).parameters
         for name, value in self.overrides.items():
+            if name in LAYOUT_DECIDES:
+                raise RecipeError(
+                    f"model.overrides.{name}: set by the data layout ({LAYOUT_DECIDES[name]}), not an override; "
+                    f"got {value!r}"
+                )
             default = params[name].default if name in params else None
+            if isinstance(default, tuple):  # patch_size (t, h, w): overrides hold single values only
+                raise RecipeError(
+                    f"model.overrides.{name}: the preset fixes it ({list(default)}), not an override; got {value!r}"
+                )
             for kind, expected in (
                 (bool, "true/false"),
                 (int, "an integer"),
@@ -201,6 +210,17 @@ class ModelConfig:
                     require(ok, f"model.overrides.{name}", expected, value)
                     break
 
+
+# model settings the data layout decides (xwam_core.factory.model_kwargs sets them after the overrides)
+LAYOUT_DECIDES = {
+    "num_views": "the number of data.views (or the store's views)",
+    "action_dim": "the store's action width (model.action_dim pads it)",
+    "state_dim": "the store's state width (model.state_dim pads it)",
+    "num_actions": "data.future_frames x data.frame_stride",
+    "num_states": "data.future_frames + 1",
+    "depth_near": "model.depth_ranges",
+    "depth_far": "model.depth_ranges",
+}
 
 LOSS_WEIGHT_TERMS = ("video", "action", "state", "depth")  # xwam_core.objective.LOSS_TERMS (tested equal)
 
@@ -547,20 +567,25 @@ def load_recipe(
         p = Path(path)
         if p.is_dir():
             raise RecipeError(f"{where}: is a folder; expected a recipe TOML file (see recipes/)")
-        if not p.is_file():
+        if not p.exists():
             raise RecipeError(f"{where}: recipe file not found")
+        if not p.is_file():
+            raise RecipeError(f"{where}: not a regular file; expected a recipe TOML file (see recipes/)")
         try:
             text = p.read_text(encoding="utf-8")
         except UnicodeDecodeError:
             raise RecipeError(f"{where}: not UTF-8 text; expected a TOML file") from None
         except OSError as e:
             raise RecipeError(f"{where}: cannot be read ({os_error_line(e)})") from None
+        text = text.removeprefix("\ufeff")  # a byte-order mark, as some editors write: not TOML, harmless
         if not text.strip():
             raise RecipeError(f"{where}: empty; expected TOML settings (see recipes/tiny_cpu.toml)")
         try:
             table = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
             raise RecipeError(f"{where}: not valid TOML ({e})") from None
+        except RecursionError:
+            raise RecipeError(f"{where}: nested too deeply to read; expected a recipe's sections") from None
     overrides = overrides or []
     if overrides:
         table = apply_overrides(_one_data_source(table, overrides), overrides)

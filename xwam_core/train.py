@@ -247,6 +247,11 @@ class Trainer:
             )
         self.run_dir = Path(self.cfg.out)
         self.init = None if init is None else Path(init)
+        if overwrite and self.init is not None and self.init.resolve().is_relative_to(self.run_dir.resolve()):
+            raise XWAMError(
+                f"--init {init} lies in train.out {self.cfg.out}, which --overwrite replaces: the checkpoint "
+                "it starts from would be deleted; give train.out another folder"
+            )
         self.overwrite = overwrite
         self.step = 0
         self.history: list[dict[str, float]] = []
@@ -892,6 +897,7 @@ class Trainer:
             while self.step < cfg.max_steps and not self._stop_agreed(stop):
                 logs = self.train_step(next(data))
                 done = self.step
+                self._check_finite(logs, done)  # before an --overwrite replaces the old run, or a save
                 if done == start_step + 1:  # the run does something: its outputs begin
                     tracker = self._begin_outputs()
                 if (
@@ -900,6 +906,7 @@ class Trainer:
                     and (done % cfg.val_every == 0 or done == cfg.max_steps)
                 ):
                     val_loss = logs["val_loss"] = self.validate()
+                    self._check_finite(logs, done)
                 self.history.append({"step": done, **logs})
                 every = cfg.log_every or 1
                 if tracker is not None and (done % every == 0 or "val_loss" in logs or done == cfg.max_steps):
@@ -932,6 +939,23 @@ class Trainer:
             write_json_atomic(self.run_dir / "summary.json", summary)
         self.accelerator.wait_for_everyone()
         return self._result(start_step, seconds, val_loss)
+
+    def _check_finite(self, logs: dict[str, float], step: int) -> None:
+        """Stop a diverged run in one line (the same on every process: the logged sums are reduced): a NaN or
+        infinite loss or gradient norm has already reached the weights, so this step is never saved."""
+        bad = [key for key, value in logs.items() if not math.isfinite(value)]
+        if not bad:
+            return
+        key = "loss" if "loss" in bad else bad[0]
+        kept = (
+            f"the newest checkpoint, {self.last_checkpoint}, is from before it"
+            if self.last_checkpoint is not None
+            else "no checkpoint was written"
+        )
+        raise XWAMError(
+            f"training diverged: {key} is {logs[key]} at step {step} (expected finite values; try a lower "
+            f"train.lr than {self.cfg.lr:g} or more train.warmup_steps); stopped, {kept}"
+        )
 
     def _result(self, start_step: int, seconds: float, val_loss: float | None) -> TrainResult:
         assert self.last_checkpoint is not None
