@@ -5,12 +5,13 @@ from __future__ import annotations
 import ipaddress
 import logging
 import signal
+import socket
 from typing import Annotated, Any
 
 import typer
 
 from xwam_cli.common import err_console, user_errors
-from xwam_core.errors import XWAMError
+from xwam_core.errors import XWAMError, network_error_line
 
 PROTOCOLS = ("openpi", "xwam-release")
 API_KEY_ENV = "XWAM_SERVE_API_KEY"
@@ -62,6 +63,52 @@ def _max_bytes(mb: float) -> int:
     if not mb > 0:
         raise XWAMError(f"--max-message-mb {mb}: expected a size in MiB > 0")
     return int(mb * (1 << 20))
+
+
+def _port(port: int, option: str, lowest: int = 0, meaning: str = "0: a free one") -> int:
+    if not lowest <= port <= 65535:
+        raise XWAMError(f"{option} {port}: expected a port from {lowest} to 65535 ({meaning})")
+    return port
+
+
+def _resolve(host: str, port: int, port_option: str = "--port") -> None:
+    """Refuse a --host that does not resolve before the checkpoint loads (ZeroMQ's connect would retry it
+    silently forever; its bind would say only 'No such device')."""
+    try:
+        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, ValueError) as e:  # socket.gaierror; UnicodeError (a label too long), a NUL character
+        raise XWAMError(network_error_line(host, port, e, port_option)) from None
+
+
+def _device(text: str) -> str:
+    """--device, checked before the checkpoint loads: a torch device string this machine has."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError, TypeError):
+        raise XWAMError(f"--device {text!r}: not a torch device; expected cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise XWAMError(
+                f"--device {text}: CUDA is not available on this machine (no GPU, no driver, or a CPU-only "
+                "torch); expected --device cpu"
+            )
+        if device.index is not None and device.index >= count:
+            raise XWAMError(
+                f"--device {text}: this machine has {count} CUDA device(s); expected cuda:0 to cuda:{count - 1}"
+            )
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise XWAMError(
+                f"--device {text}: MPS (Apple's GPU) is not available on this machine; expected --device cpu"
+            )
+    elif device.type != "cpu":
+        raise XWAMError(
+            f"--device {text}: a {device.type} device cannot serve; expected cpu, cuda, cuda:N or mps"
+        )
+    return text
 
 
 @user_errors
@@ -140,6 +187,15 @@ def serve(
         raise XWAMError(f"--seed {seed}: expected an integer from 0 to 2**63 - 1")
     max_bytes = _max_bytes(max_message_mb)
     _logging(log_level)
+    if protocol == "openpi":
+        port = _port(8000 if port is None else port, "--port")
+    else:
+        from xwam_core.serve.release import BACK_PORT
+
+        port = _port(BACK_PORT if port is None else port, "--port", 1, "the broker's back end")
+    if host or protocol != "openpi":  # openpi's "" binds every interface, as asyncio does
+        _resolve(host, port)
+    device = _device(device)
     policy = Policy.from_checkpoint(
         ckpt,
         device=device,
@@ -152,17 +208,13 @@ def serve(
         from xwam_core.serve.openpi import OpenpiServer
 
         _warn_if_exposed(host, "binding")
-        server = OpenpiServer(
-            service, host, 8000 if port is None else port, api_key, max_bytes, summary_every
-        )
+        server = OpenpiServer(service, host, port, api_key, max_bytes, summary_every)
         server.serve_forever(handle_signals=True)
         return
-    from xwam_core.serve.release import BACK_PORT, ReleaseWorker
+    from xwam_core.serve.release import ReleaseWorker
 
     _warn_if_exposed(host, "connecting to a broker at")
-    worker = ReleaseWorker(
-        service, f"tcp://{host}:{BACK_PORT if port is None else port}", max_bytes, summary_every
-    )
+    worker = ReleaseWorker(service, f"tcp://{host}:{port}", max_bytes, summary_every)
     _stop_on_signals(worker.stop_event)
     worker.run()
 
@@ -197,8 +249,14 @@ def broker(
     """
     from xwam_core.serve.release import Broker
 
+    _port(front, "--front")
+    _port(back, "--back")
+    if front == back != 0:
+        raise XWAMError(f"--front {front} and --back {back}: expected two different ports")
+    max_bytes = _max_bytes(max_message_mb)
     _logging(log_level)
+    _resolve(host, front, "--front")
     _warn_if_exposed(host, "binding")
-    b = Broker(front, back, host, _max_bytes(max_message_mb))
+    b = Broker(front, back, host, max_bytes)
     _stop_on_signals(b.stop_event)
     b.run()

@@ -28,7 +28,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from xwam_core.errors import XWAMError
+from xwam_core.errors import XWAMError, network_error_line
 from xwam_core.serve.service import PolicyService, SummaryLogger
 from xwam_core.serve.wire import MessageError, packb, unpackb
 
@@ -93,6 +93,8 @@ class OpenpiServer:
         self._thread = threading.Thread(target=run, name="xwam-serve-openpi", daemon=True)
         self._thread.start()
         if not self.ready.wait(timeout_s) or self._error is not None:
+            if isinstance(self._error, XWAMError):  # already one line naming the address
+                raise self._error
             raise XWAMError(f"the openpi server did not start on {self.host}:{self.port} ({self._error})")
         return self
 
@@ -109,15 +111,21 @@ class OpenpiServer:
         if handle_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._loop.add_signal_handler(sig, self._stop.set)
+        if not 0 <= self.port <= 65535:
+            raise XWAMError(f"--port {self.port}: expected a port from 0 to 65535 (0: a free one)")
+        try:
+            listening = await serve(
+                self._handler,
+                self.host,
+                self.port,
+                max_size=self.max_message_bytes,
+                compression=None,
+                process_request=self._health,
+            )
+        except (OSError, ValueError) as e:  # the host does not resolve, the port is taken, ...
+            raise XWAMError(network_error_line(self.host, self.port, e)) from None
         summary = SummaryLogger(self.service.stats, self.summary_every_s).start()
-        async with serve(
-            self._handler,
-            self.host,
-            self.port,
-            max_size=self.max_message_bytes,
-            compression=None,
-            process_request=self._health,
-        ) as server:
+        async with listening as server:
             self.port = int(server.sockets[0].getsockname()[1])
             logger.info("serve: openpi protocol on ws://%s:%d", self.host, self.port)
             self.ready.set()

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -36,8 +37,15 @@ import numpy as np
 import torch
 import zmq
 
-from xwam_core.errors import XWAMError
-from xwam_core.serve.service import PolicyService, Request, SummaryLogger, resize_images, to_uint8
+from xwam_core.errors import XWAMError, network_error_line
+from xwam_core.serve.service import (
+    PolicyService,
+    Request,
+    SummaryLogger,
+    resize_images,
+    shown,
+    to_uint8,
+)
 from xwam_core.serve.wire import MessageError, dumps_reply, restricted_loads
 
 logger = logging.getLogger("xwam.serve")
@@ -47,6 +55,7 @@ RELEASE_STATE_DIM = 16
 RELEASE_STATES = 9  # the reply's proprios rows: the release's 8 future frames + the current one
 RELEASE_CROP = 0.95
 REQUEST_KEYS = ("video", "proprios", "prompt", "cfg", "env_rank", "rollout_id", "step_id")
+ID_RANGE = (-(2**63), 2**63 - 1)  # env_rank, rollout_id, step_id: 64-bit integers
 POLL_MS = 100
 
 
@@ -83,22 +92,26 @@ class ReleaseAdapter:
         if missing:
             raise MessageError(f"request lacks {missing[0]!r} (expected {', '.join(REQUEST_KEYS)})")
         ids = [self._integer(data[k], k) for k in ("env_rank", "rollout_id", "step_id")]
-        cfg = data.get("cfg", 0.0)
-        if not isinstance(cfg, int | float | np.floating | np.integer) or isinstance(cfg, bool):
-            raise MessageError(f"cfg {cfg!r}: expected a number")
-        if not np.isclose(float(cfg), self.cfg):
+        cfg = self._cfg(data.get("cfg", 0.0))
+        if not np.isclose(cfg, self.cfg):
             raise MessageError(
-                f"cfg {float(cfg)}: this server runs the checkpoint's guidance (cfg {self.cfg}); serve a "
+                f"cfg {cfg}: this server runs the checkpoint's guidance (cfg {self.cfg}); serve a "
                 "checkpoint converted with the guidance you want (xwam convert xwam-release --guidance-scale)"
             )
         proprios = data["proprios"]
-        if not isinstance(proprios, np.ndarray) or proprios.dtype.kind not in "iuf":
-            raise MessageError(f"proprios: {type(proprios).__name__}, expected a float array (16,)")
+        if not isinstance(proprios, np.ndarray):
+            raise MessageError(
+                f"proprios: {type(proprios).__name__}, expected a float array ({RELEASE_STATE_DIM},)"
+            )
+        if proprios.dtype.kind not in "iuf":
+            raise MessageError(
+                f"proprios: dtype {proprios.dtype}, expected a float array ({RELEASE_STATE_DIM},)"
+            )
         if proprios.shape != (RELEASE_STATE_DIM,):
             raise MessageError(f"proprios: shape {proprios.shape}, expected ({RELEASE_STATE_DIM},)")
         obs = {
             "images": self.images(data["video"]),
-            "state": self.service.state(proprios[: self.state_dim]),
+            "state": self.service.state(proprios[: self.state_dim], "proprios"),
             "task": self.service.task(data["prompt"]),
         }
         return Request(obs, release_seed(*ids))
@@ -108,8 +121,26 @@ class ReleaseAdapter:
         if isinstance(value, np.integer):
             value = int(value)
         if not isinstance(value, int) or isinstance(value, bool):
-            raise MessageError(f"{key} {value!r}: expected an integer")
+            raise MessageError(f"{key} {shown(value)}: expected an integer")
+        low, high = ID_RANGE
+        if not low <= value <= high:  # the seed's md5 formats it: bounded, so is the work
+            raise MessageError(f"{key} {shown(value)}: expected an integer from -2**63 to 2**63 - 1")
         return value
+
+    def _cfg(self, value: Any) -> float:
+        """The request's cfg as a float: a finite number (the checkpoint's guidance)."""
+        expected = f"expected a finite number (this server's guidance, cfg {self.cfg})"
+        if not isinstance(value, int | float | np.floating | np.integer) or isinstance(
+            value, bool | np.bool_
+        ):
+            raise MessageError(f"cfg {shown(value)}: {expected}")
+        try:
+            cfg = float(value)
+        except OverflowError:  # an integer beyond float's range (10**400)
+            raise MessageError(f"cfg {shown(value)}: {expected}") from None
+        if not math.isfinite(cfg):
+            raise MessageError(f"cfg {cfg}: {expected}")
+        return cfg
 
     def images(self, video: Any) -> dict[str, np.ndarray]:
         """(V, H, W, 3) float in [-1, 1] -> {view: (H, W, 3) uint8} at the checkpoint's size."""
@@ -253,10 +284,14 @@ class Broker:
         self.ready = threading.Event()
         self.forwarded = 0
 
-    def _bind(self, socket: zmq.Socket, port: int) -> int:
-        if port == 0:
-            return socket.bind_to_random_port(f"tcp://{self.host}")
-        socket.bind(f"tcp://{self.host}:{port}")
+    def _bind(self, socket: zmq.Socket, port: int, option: str) -> int:
+        try:
+            if port == 0:
+                return socket.bind_to_random_port(f"tcp://{self.host}")
+            socket.bind(f"tcp://{self.host}:{port}")
+        except zmq.ZMQError as e:  # the port is taken (another broker?), not an address of this machine, ...
+            error = OSError(e.errno, e.strerror)
+            raise XWAMError(f"broker: {network_error_line(self.host, port, error, option)}") from None
         return port
 
     def run(self) -> int:
@@ -268,12 +303,12 @@ class Broker:
         # past twice the limit ZeroMQ drops the peer unread; up to there a request gets an error reply
         front.setsockopt(zmq.MAXMSGSIZE, 2 * self.max_message_bytes)
         try:
-            self.front_port = self._bind(front, self.front_port)
-            self.back_port = self._bind(back, self.back_port)
-        except zmq.ZMQError as e:
+            self.front_port = self._bind(front, self.front_port, "--front")
+            self.back_port = self._bind(back, self.back_port, "--back")
+        except XWAMError:
             front.close()
             back.close()
-            raise XWAMError(f"broker: cannot bind {self.host} ({e}); is another broker running?") from None
+            raise
         logger.info(
             "broker: clients on %s:%d, workers on %s:%d",
             self.host,

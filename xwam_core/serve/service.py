@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import reprlib
 import threading
 import time
 from collections import deque
@@ -35,6 +36,19 @@ CONTROL_KEYS = ("seed", "prev_chunk", "inference_delay")
 MAP_TARGETS = "view:NAME, state, task or ignore"
 MAX_IMAGE_SIDE = 4096
 MAX_SEED = 2**63 - 1
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+_SHORT = reprlib.Repr()  # a client's value in an error line: at most a few dozen characters
+_SHORT.maxstring = _SHORT.maxother = 60
+_SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxdict = 8
+
+
+def shown(value: Any) -> str:
+    """A client's value for an error line: its repr, shortened; an integer too long to print (Python refuses
+    over 4300 digits) by its length."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        digits = int(math.log10(abs(value))) + 1
+        return f"<a{' negative' if value < 0 else 'n'} integer of about {digits} digits>"
+    return _SHORT.repr(value)
 
 
 # ------------------------------------------------------------------------------------ the mapping
@@ -257,7 +271,7 @@ class PolicyService:
             if isinstance(seed, np.integer):
                 seed = int(seed)
             if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
-                raise MessageError(f"seed {seed!r}: expected an integer from 0 to 2**63 - 1")
+                raise MessageError(f"seed {shown(seed)}: expected an integer from 0 to 2**63 - 1")
         return Request(obs, seed, self._rtc(message))
 
     def _mapped(self, message: Mapping[str, Any]) -> tuple[dict[str, Any], Any, Any]:
@@ -320,20 +334,28 @@ class PolicyService:
         pixels = torch.from_numpy(np.array(value)).permute(2, 0, 1)[None].float() / 127.5 - 1.0
         return to_uint8(resize_images(pixels, size, antialias=True))[0]
 
-    def state(self, value: Any) -> np.ndarray:
-        """The state (D_state,) in dataset units, finite."""
-        state = _array(value, "state")
+    def state(self, value: Any, what: str = "state") -> np.ndarray:
+        """The state (D_state,) in dataset units, finite and within float32's range (`what`: the key that
+        carried it)."""
+        state = _array(value, what)
         d = self.normalizer.state_dim
         if state.dtype.kind not in "iuf":
-            raise MessageError(f"state: dtype {state.dtype}, expected a float array ({d},)")
+            raise MessageError(f"{what}: dtype {state.dtype}, expected a float array ({d},)")
         if state.shape != (d,):
             raise MessageError(
-                f"state: shape {state.shape}, expected ({d},) ({', '.join(self.normalizer.state_names)})"
+                f"{what}: shape {state.shape}, expected ({d},) ({', '.join(self.normalizer.state_names)})"
             )
-        state = state.astype(np.float32)
         if not np.isfinite(state).all():
-            raise MessageError("state: holds NaN or infinity; expected finite numbers")
-        return state
+            raise MessageError(f"{what}: holds NaN or infinity; expected finite numbers")
+        if state.dtype.kind == "f" and state.dtype.itemsize > 4:  # float64 and wider: may not fit float32
+            biggest = np.abs(state).max()
+            if biggest > FLOAT32_MAX:
+                big = np.format_float_scientific(biggest, precision=3, trim="-")
+                raise MessageError(
+                    f"{what}: a value of magnitude {big} is out of float32's range (|x| <= "
+                    f"{FLOAT32_MAX:.4g}); expected finite numbers within it"
+                )
+        return state.astype(np.float32)
 
     def task(self, value: Any) -> str:
         if isinstance(value, list | tuple) and len(value) == 1:  # a batch of one prompt

@@ -3,7 +3,10 @@
 msgpack: an array is the map {b"__ndarray__": True, b"data": raw bytes, b"dtype": numpy's dtype string,
 b"shape": [dims]} and a numpy scalar {b"__npgeneric__": True, b"data": value, b"dtype": ...}, as
 openpi-client's msgpack_numpy writes them. Decoding checks every array before numpy sees it: a numeric
-dtype (bool, int, uint, float), non-negative dimensions, and exactly shape x itemsize bytes of data.
+dtype (bool, int, uint, float), non-negative dimensions, a size numpy can index (even with a zero
+dimension), and exactly shape x itemsize bytes of data; and every scalar's value against its dtype (true
+or false, a whole number in the integer's range, a float within the float's). A failure is a one-line
+MessageError naming the array or scalar, never "not a msgpack message".
 
 pickle: the release's clients send pickled dicts. They are read only by `restricted_loads`, whose
 unpickler resolves an allow-list of globals (numpy's array and scalar reconstruction, numpy.dtype, a few
@@ -28,6 +31,7 @@ from xwam_core.errors import XWAMError
 
 # numpy dtype kinds a message may carry: bool, signed and unsigned integers, floats
 ARRAY_KINDS = "biuf"
+MAX_ARRAY_BYTES = int(np.iinfo(np.intp).max)  # numpy's maximum array size, in bytes
 REPLY_PICKLE_PROTOCOL = 4  # Python 3.4+; what the release's clients (Python 3.10) read by default
 
 
@@ -85,26 +89,68 @@ def _decode_array(obj: dict) -> np.ndarray:
         raise MessageError(
             f"array: shape {list(shape)} refused; expected at most 8 dimensions, none negative"
         )
+    # numpy refuses a shape whose non-zero dimensions (times the item size) overflow its index type, even
+    # with a zero among them and no data at all
+    if math.prod(d for d in shape if d) * dtype.itemsize > MAX_ARRAY_BYTES:
+        raise MessageError(
+            f"malformed numpy array: shape {list(shape)} {dtype.str} is beyond numpy's maximum array size "
+            f"(its non-zero dimensions times the item size must stay under 2**{MAX_ARRAY_BYTES.bit_length()})"
+        )
     expected = math.prod(shape) * dtype.itemsize
     if expected != len(data):
         raise MessageError(
             f"array: {len(data)} bytes of data for shape {list(shape)} {dtype.str} ({expected} bytes expected; "
             "truncated or padded)"
         )
-    return np.frombuffer(data, dtype=dtype).reshape(shape)
+    try:
+        return np.frombuffer(data, dtype=dtype).reshape(shape)
+    except ValueError as e:  # nothing known reaches here: the checks above are numpy's
+        raise MessageError(f"malformed numpy array: shape {list(shape)} {dtype.str} ({_reason(e)})") from None
+
+
+def _decode_scalar(obj: dict) -> np.generic:
+    value = obj.get(b"data")
+    if not isinstance(value, bool | int | float):
+        raise MessageError(f"numpy scalar: data {value!r} is not a number")
+    dtype = _dtype(obj.get(b"dtype"), "numpy scalar")
+    if dtype.kind == "b" and value not in (0, 1):
+        raise MessageError(
+            f"malformed numpy scalar: data {value!r} for the dtype {dtype.str}; expected true or false"
+        )
+    if dtype.kind in "iu" and isinstance(value, float) and not value.is_integer():  # NaN, infinity, 1.5
+        raise MessageError(
+            f"malformed numpy scalar: data {value!r} for the integer dtype {dtype.str}; expected a whole number"
+        )
+    if dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        if not info.min <= value <= info.max:
+            raise MessageError(
+                f"malformed numpy scalar: data {value!r} is out of the range of {dtype.str} "
+                f"({info.min} to {info.max})"
+            )
+        return dtype.type(int(value))
+    largest = float(np.finfo(dtype).max) if dtype.kind == "f" else math.inf  # inf for a long double
+    if math.isfinite(value) and abs(value) > largest:
+        raise MessageError(
+            f"malformed numpy scalar: data {value!r} is out of the range of {dtype.str} (|x| <= {largest:.4g})"
+        )
+    try:
+        return dtype.type(value)
+    except (OverflowError, ValueError) as e:  # nothing known reaches here: the checks above are numpy's
+        raise MessageError(
+            f"malformed numpy scalar: data {value!r}, dtype {dtype.str} ({_reason(e)})"
+        ) from None
+
+
+def _reason(error: BaseException) -> str:
+    return str(error).splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 def _object_hook(obj: dict) -> Any:
     if b"__ndarray__" in obj:
         return _decode_array(obj)
     if b"__npgeneric__" in obj:
-        value = obj.get(b"data")
-        if not isinstance(value, bool | int | float):
-            raise MessageError(f"numpy scalar: data {value!r} is not a number")
-        try:
-            return _dtype(obj.get(b"dtype"), "numpy scalar").type(value)
-        except OverflowError:
-            raise MessageError(f"numpy scalar: {value!r} does not fit its dtype") from None
+        return _decode_scalar(obj)
     return obj
 
 
@@ -121,8 +167,7 @@ def unpackb(data: bytes) -> Any:
     except MessageError:
         raise
     except (ValueError, TypeError, msgpack.UnpackException, RecursionError) as e:
-        reason = str(e).splitlines()[0] if str(e).strip() else type(e).__name__
-        raise MessageError(f"not a msgpack message ({reason})") from None
+        raise MessageError(f"not a msgpack message ({_reason(e)})") from None
 
 
 # ------------------------------------------------------------------------------------ pickle
