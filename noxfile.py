@@ -141,6 +141,7 @@ def demo(session: nox.Session) -> None:
         f"{out}/sim.json",
         "--video",
         f"{out}/rollouts",
+        "--overwrite",  # a rerun replaces the previous demo's sim.json and its rollout videos
         env=env,
     )
     session.log(

@@ -210,6 +210,7 @@ def test_cli_video_json_and_bad_input(tmp_path, tmp_path_factory, monkeypatch):
             "expert,bc",
             "--out",
             str(out),
+            "--overwrite",  # the first run above wrote it
         ],
     )
     assert result.exit_code == 0, result.output

@@ -101,7 +101,9 @@ def ablate(
         int, typer.Option(help="Closed loop: held-out episodes per task (Meta-World stores).")
     ] = 10,
     seed: Annotated[int, typer.Option(help="Closed loop: seed of the held-out starts.")] = 1000,
-    max_steps: Annotated[int, typer.Option(help="Closed loop: step limit per episode.")] = 150,
+    max_steps: Annotated[
+        int, typer.Option(help="Closed loop: step limit per episode, 1 to 500 (checked before training).")
+    ] = 150,
     windows_per_episode: Annotated[
         int, typer.Option(help="Offline: windows per held-out episode, evenly spaced.")
     ] = 4,

@@ -196,12 +196,20 @@ def evaluate(
         typer.Option(help="Metres: depth/cloud pixels beyond are left out (default: the run's)."),
     ] = None,
     voxel_size: Annotated[
-        float | None, typer.Option(help="Metres: voxel-downsample clouds before Chamfer.")
+        float | None, typer.Option(help="Metres, at least 1e-6: voxel-downsample clouds before Chamfer.")
     ] = None,
     out: Annotated[
         Path | None,
         typer.Option("--out", "-o", help="JSON to write (default RUN/metrics.json; --sim: none)."),
     ] = None,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite",
+            help="Replace an existing --out (only a JSON `xwam evaluate` wrote); --sim: also write into a "
+            "--video folder that holds files, replacing the mp4s of the same names.",
+        ),
+    ] = False,
     sim: Annotated[str | None, typer.Option(help="Closed loop in a simulator: 'metaworld'.")] = None,
     ckpt: Annotated[Path | None, typer.Option(help="--sim: checkpoint folder.")] = None,
     server: Annotated[
@@ -215,7 +223,7 @@ def evaluate(
         str | None, typer.Option(help="--server: its API key (or $XWAM_SERVE_API_KEY).")
     ] = None,
     tasks: Annotated[
-        str | None, typer.Option(help="--sim: comma-separated tasks, e.g. reach-v3,push-v3.")
+        str | None, typer.Option(help="--sim: comma-separated tasks, each once, e.g. reach-v3,push-v3.")
     ] = None,
     episodes: Annotated[int | None, typer.Option(help="--sim: episodes per task (default: 10).")] = None,
     seed: Annotated[
@@ -227,7 +235,12 @@ def evaluate(
     max_steps: Annotated[
         int | None, typer.Option(help="--sim: step limit per episode (default: 150).")
     ] = None,
-    video: Annotated[Path | None, typer.Option(help="--sim: folder for the model's rollout mp4s.")] = None,
+    video: Annotated[
+        Path | None,
+        typer.Option(
+            help="--sim: folder for the model's rollout mp4s (one holding files: with --overwrite)."
+        ),
+    ] = None,
     baselines: Annotated[
         str | None,
         typer.Option(
@@ -335,6 +348,7 @@ def evaluate(
             api_key,
             action_noise_scale,
             goal_steps,
+            overwrite,
         )
         return
     if run is None:
@@ -343,7 +357,7 @@ def evaluate(
         if value is not None:
             fail(f"{name} is for closed-loop evaluation: add --sim metaworld (and drop the run folder)")
     assert run is not None
-    _evaluate_offline(run, metrics, lpips_weights, data, max_depth, voxel_size, out)
+    _evaluate_offline(run, metrics, lpips_weights, data, max_depth, voxel_size, out, overwrite)
 
 
 def _evaluate_offline(
@@ -354,34 +368,56 @@ def _evaluate_offline(
     max_depth: float | None,
     voxel_size: float | None,
     out: Path | None,
+    overwrite: bool = False,
 ) -> None:
     import os
 
     from xwam_core.atomic import write_json_atomic
-    from xwam_core.errors import XWAMError
-    from xwam_core.evaluate import applicable_metrics, check_metrics, default_out, evaluate_run
+    from xwam_core.evaluate import (
+        applicable_metrics,
+        check_metrics,
+        check_results_file,
+        default_out,
+        evaluate_run,
+    )
     from xwam_core.metrics import LPIPS_WEIGHTS_ENV, LPIPSMetric, parse_metrics
+    from xwam_core.reconstruct import check_max_depth, check_voxel_size
     from xwam_core.runs import check_store, load_run
 
     specs = parse_metrics(metrics) if metrics is not None else None
+    check_max_depth(max_depth)  # every option before the run is read and any metric computed
+    check_voxel_size(voxel_size)
     run = load_run(run_path)
     check_store(run, data)
-    if max_depth is not None and max_depth <= 0:
-        raise XWAMError(f"--max-depth {max_depth}: expected a depth > 0 in metres")
-    if voxel_size is not None and voxel_size <= 0:
-        raise XWAMError(f"--voxel-size {voxel_size}: expected a length > 0 in metres")
     if specs is None:
         specs = applicable_metrics(run, with_lpips=bool(lpips_weights or os.environ.get(LPIPS_WEIGHTS_ENV)))
     check_metrics(run, specs)
-    check_output(out or default_out(run), "--out")
-    lpips = LPIPSMetric(lpips_weights) if any(s.name == "lpips" for s in specs) else None
+    with_lpips = any(s.name == "lpips" for s in specs)
+    if with_lpips:
+        _check_lpips_weights(lpips_weights, os.environ.get(LPIPS_WEIGHTS_ENV), LPIPS_WEIGHTS_ENV)
+    target = out or default_out(run)
+    check_output(target, "--out")
+    check_results_file(target, overwrite)
+    lpips = LPIPSMetric(lpips_weights) if with_lpips else None
     with RichProgress("evaluate") as progress:
         report = evaluate_run(
             run, specs, lpips=lpips, max_depth=max_depth, voxel_size=voxel_size, progress=progress
         )
-    path = write_json_atomic(out or default_out(run), report)
+    path = write_json_atomic(target, report)
     console.print(offline_table(report))
     console.print(f"metrics: {path}")
+
+
+def _check_lpips_weights(flag_path: Path | None, env_path: str | None, env: str) -> None:
+    """LPIPS weights are one file: a folder is named as such (not as weights that "do not exist")."""
+    from xwam_core.errors import XWAMError
+
+    where, given = ("--lpips-weights", str(flag_path)) if flag_path is not None else (f"${env}", env_path)
+    if given and Path(given).expanduser().is_dir():
+        raise XWAMError(
+            f"{where} {given}: is a folder; expected the weights file "
+            "(torchvision alexnet state dict, safetensors or .pth)"
+        )
 
 
 def _evaluate_sim(
@@ -403,10 +439,12 @@ def _evaluate_sim(
     api_key: str | None = None,
     action_noise_scale: float | None = None,
     goal_steps: int | None = None,
+    overwrite: bool = False,
 ) -> None:
     import os
 
     from xwam_core.errors import XWAMError
+    from xwam_core.evaluate import check_results_file, check_video_folder
     from xwam_core.rtc_executor import CHUNKINGS
 
     if sim != "metaworld":
@@ -439,10 +477,18 @@ def _evaluate_sim(
         raise XWAMError(
             f"--baselines: unknown baseline {unknown[0]!r}; choose from {', '.join(BASELINES)} (or none)"
         )
+    task_list = split_csv(tasks) or []
+    seen: set[str] = set()
+    for task in task_list:
+        if task in seen:  # its seeded starts would run twice and count as twice the evidence
+            raise XWAMError(f"--tasks {tasks}: {task} is given twice; expected each task once")
+        seen.add(task)
     if out is not None:
         check_output(out, "--out")
+        check_results_file(out, overwrite)
     if video is not None:
         check_output(video, "--video", folder=True)
+        check_video_folder(video, overwrite)
     from xwam_core.atomic import write_json_atomic
     from xwam_core.policy import Policy
     from xwam_core.sim.metaworld import evaluate_metaworld
@@ -462,7 +508,6 @@ def _evaluate_sim(
                 f"--actions-per-query {actions_per_query}: expected 1 to the checkpoint's chunk of {k} actions"
             )
         policy.actions_per_query = actions_per_query
-    task_list = split_csv(tasks) or []
     if not task_list:
         raise XWAMError("--sim metaworld needs --tasks, e.g. --tasks reach-v3,push-v3")
     from xwam_core.sim.metaworld import check_request

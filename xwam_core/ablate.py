@@ -371,6 +371,31 @@ def _evaluate_variant(
     return result
 
 
+def _is_ablation_json(path: Path) -> bool:
+    try:
+        if path.stat().st_size > 64 * 2**20:  # far beyond any table: not read to find out
+            return False
+        content = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return False
+    return isinstance(content, dict) and "xwam_ablation" in content
+
+
+def check_table_files(out: Path) -> None:
+    """Every run rewrites OUT/ablation.json and OUT/ablation.md: refuse, before any training, when one of
+    them is there and is not an earlier ablation's table (a file of something else is never replaced)."""
+    ours = _is_ablation_json(out / "ablation.json")
+    for name in ("ablation.json", "ablation.md"):
+        path = out / name
+        if path.is_dir():
+            raise XWAMError(f"--out {out}: {name} there is a folder; expected the ablation's table file")
+        if (path.exists() or path.is_symlink()) and not ours:
+            raise XWAMError(
+                f"--out {out}: {name} there was not written by `xwam ablate` (no ablation.json of an "
+                "ablation beside it); refusing to replace it (give another --out)"
+            )
+
+
 def _machine() -> str:
     import torch
 
@@ -394,6 +419,7 @@ def run_ablation(
 ) -> AblationResult:
     """Train and evaluate each variant (see the module's docstring); write OUT/ablation.json and .md."""
     from xwam_core.data.reader import EpisodeStore
+    from xwam_core.data.sources.metaworld import MAX_STEPS_LIMIT
     from xwam_core.recipe import load_recipe
 
     names = parse_variants(variants)
@@ -405,11 +431,14 @@ def run_ablation(
         raise XWAMError(f"--seed {seed}: expected an integer >= 0")
     if windows_per_episode < 1:
         raise XWAMError(f"--windows-per-episode {windows_per_episode}: expected an integer >= 1")
+    if not 1 <= max_steps <= MAX_STEPS_LIMIT:  # the closed loop's limit, checked before any training
+        raise XWAMError(f"--max-steps {max_steps}: expected 1 to {MAX_STEPS_LIMIT} (Meta-World's horizon)")
     sets = overrides + ([f"data.store={json.dumps(str(store))}"] if store is not None else [])
     base = load_recipe(recipe_path, sets)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise XWAMError(f"--out {out}: is a file; expected a folder")
+    check_table_files(out)
     recipes = {n: variant_recipe(base, n, out / n / "run") for n in names}  # every one checked first
     if base.data.mixture:
         raise XWAMError(

@@ -30,7 +30,7 @@ from xwam_core.errors import XWAMError
 from xwam_core.geometry import chamfer_distance
 from xwam_core.metrics import METRICS, MetricSpec
 from xwam_core.progress import SILENT, Progress
-from xwam_core.reconstruct import step_cloud
+from xwam_core.reconstruct import check_max_depth, check_voxel_size, step_cloud
 from xwam_core.runs import RunData, json_number
 
 PSNR_CAP_DB = 100.0
@@ -165,6 +165,8 @@ def evaluate_run(
     progress: Progress = SILENT,
 ) -> dict[str, Any]:
     """metrics.json's content: every metric of `specs` for the model and its baselines."""
+    check_max_depth(max_depth)
+    check_voxel_size(voxel_size)
     check_metrics(run, specs)
     limit = run.max_depth if max_depth is None else max_depth
     result: dict[str, Any] = {}
@@ -255,3 +257,42 @@ def model_ahead(entry: dict[str, Any], key: str = "overall") -> bool | None:
 
 def default_out(run: RunData) -> Path:
     return run.path / "metrics.json"
+
+
+# what `xwam evaluate` writes: offline metrics (evaluate_run) and the closed loop's results (--sim)
+RESULT_KEYS = ("metrics", "success_rate")
+_LARGEST_RESULT = 256 * 2**20  # bytes: larger is no results file of ours (and is not read to find out)
+
+
+def check_results_file(path: Path, overwrite: bool, flag: str = "--out") -> None:
+    """Refuse, before any work, an existing results file unless `overwrite`; even then only a JSON that
+    `xwam evaluate` wrote (offline metrics or a closed loop's results) is replaced, never another file."""
+    if not path.exists():
+        return
+    if path.is_dir():
+        raise XWAMError(f"{flag} {path}: is a folder; expected a file path")
+    if not overwrite:
+        raise XWAMError(f"{flag} {path}: already exists; pass --overwrite to replace it")
+    content: Any = None
+    try:
+        if path.stat().st_size <= _LARGEST_RESULT:
+            import json
+
+            content = json.loads(path.read_bytes())
+    except (OSError, ValueError):  # unreadable, not UTF-8, not JSON: not ours
+        pass
+    if not (isinstance(content, dict) and any(key in content for key in RESULT_KEYS)):
+        raise XWAMError(
+            f"{flag} {path}: exists and is not a results JSON of `xwam evaluate`; refusing to replace it "
+            "with --overwrite (give another --out)"
+        )
+
+
+def check_video_folder(path: Path, overwrite: bool, flag: str = "--video") -> None:
+    """Refuse, before any work, a folder that already holds files unless `overwrite`: the rollouts'
+    TASK_epNNN_model.mp4 would replace an earlier run's of the same name and sit among the others'."""
+    if path.is_dir() and not overwrite and any(path.iterdir()):
+        raise XWAMError(
+            f"{flag} {path}: already holds files (an earlier run's videos?); pass --overwrite to replace "
+            "the mp4s of the same names, or give an empty or new folder"
+        )

@@ -8,6 +8,7 @@ same dataclass. Nothing here imports torch, so `xwam infer --help` stays instant
 from __future__ import annotations
 
 import shlex
+from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -27,11 +28,87 @@ def option(default: Any, help: str, flag: str | None = None, parse: Any = None, 
 REQUIRED: Any = object()
 
 
-def parse_episodes(text: str | None) -> list[int] | None:
-    """'3,4' or '0-2,7' -> [3, 4] / [0, 1, 2, 7]; None/'' -> None."""
+class EpisodeRanges:
+    """`--episodes` as written: inclusive ranges (first, last), never expanded before the store's episode
+    count is known (`0-10000000` is two numbers, not ten million).
+
+    Iterating yields the episodes in the order written, each once; it equals a list of the same episodes.
+    """
+
+    SHOWN = 5  # missing ranges named in an error line; the rest are counted
+
+    def __init__(self, ranges: list[tuple[int, int]] | tuple[tuple[int, int], ...]) -> None:
+        self.ranges = tuple((int(a), int(b)) for a, b in ranges)
+
+    @classmethod
+    def of(cls, episodes: Any) -> EpisodeRanges:
+        """A list of episode indices (or EpisodeRanges) as ranges."""
+        if isinstance(episodes, EpisodeRanges):
+            return episodes
+        return cls([(int(e), int(e)) for e in episodes])
+
+    def __iter__(self) -> Iterator[int]:
+        for i, (first, last) in enumerate(self.ranges):
+            earlier = self.ranges[:i]
+            for e in range(first, last + 1):
+                if not any(a <= e <= b for a, b in earlier):
+                    yield e
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, EpisodeRanges):
+            return self.ranges == other.ranges
+        if isinstance(other, (list, tuple)):  # compared lazily: never longer than `other`
+            mine = iter(self)
+            return all(next(mine, None) == e for e in other) and next(mine, None) is None
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self.ranges)
+
+    def __str__(self) -> str:
+        return ",".join(_show_range(a, b) for a, b in self.ranges)
+
+    def __repr__(self) -> str:
+        return f"EpisodeRanges({str(self)!r})"
+
+    def missing(self, count: int) -> list[tuple[int, int]]:
+        """The requested ranges outside 0..count-1, sorted, overlapping ones merged (never expanded)."""
+        out: list[tuple[int, int]] = []
+        for first, last in self.ranges:
+            if first < 0:
+                out.append((first, min(last, -1)))
+            if last >= count:
+                out.append((max(first, count), last))
+        merged: list[tuple[int, int]] = []
+        for first, last in sorted(set(out)):
+            if merged and first >= 0 and first <= merged[-1][1] + 1:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], last))
+            else:
+                merged.append((first, last))
+        return merged
+
+    def resolve(self, count: int, where: str) -> list[int]:
+        """The episodes as a list, after checking every one against a store of `count` episodes (`where`
+        names it in the error line); only then expanded, so the list holds at most `count` episodes."""
+        missing = self.missing(count)
+        if missing:
+            shown = ", ".join(_show_range(a, b) for a, b in missing[: self.SHOWN])
+            more = len(missing) - self.SHOWN
+            shown += f", ... ({more} more)" if more > 0 else ""
+            has = "none" if count == 0 else f"{count}: {_show_range(0, count - 1)}"
+            raise XWAMError(f"--episodes: {where} has no episode(s) [{shown}] (the store has {has})")
+        return list(self)
+
+
+def _show_range(first: int, last: int) -> str:
+    return str(first) if first == last else f"{first}-{last}"
+
+
+def parse_episodes(text: str | None) -> EpisodeRanges | None:
+    """'3,4' or '0-2,7' -> the ranges of [3, 4] / [0, 1, 2, 7] (EpisodeRanges, not expanded); None/'' -> None."""
     if text is None or not text.strip():
         return None
-    out: list[int] = []
+    ranges: list[tuple[int, int]] = []
     for part in (p.strip() for p in text.split(",")):
         if not part:
             continue
@@ -41,16 +118,27 @@ def parse_episodes(text: str | None) -> list[int] | None:
                 first, last = int(lo), int(hi)
                 if last < first:
                     raise ValueError
-                out.extend(range(first, last + 1))
+                ranges.append((first, last))
             else:
-                out.append(int(part))
+                ranges.append((int(part), int(part)))
         except ValueError:
-            raise XWAMError(f"--episodes {text!r}: expected episode indices like 3,4 or 0-2,7") from None
-    return list(dict.fromkeys(out))
+            raise _bad_episodes(text) from None
+    if not ranges:  # ',' alone: no index at all
+        raise _bad_episodes(text)
+    return EpisodeRanges(ranges)
 
 
-def _show_episodes(episodes: list[int] | None) -> str | None:
-    return None if episodes is None else ",".join(map(str, episodes))
+def _bad_episodes(text: str) -> XWAMError:
+    shown = text if len(text) <= 60 else text[:57] + "..."
+    return XWAMError(f"--episodes {shown!r}: expected episode indices like 3,4 or 0-2,7")
+
+
+def _show_episodes(episodes: list[int] | EpisodeRanges | None) -> str | None:
+    if episodes is None:
+        return None
+    if isinstance(episodes, EpisodeRanges):
+        return str(episodes)
+    return ",".join(map(str, episodes))
 
 
 @dataclass
@@ -60,7 +148,7 @@ class InferOptions:
     )
     store: Path = option(REQUIRED, "Episode store to take the windows from.", flag="--data", parse=Path)
     out: Path = option(REQUIRED, "Run folder to create.", parse=Path)
-    episodes: list[int] | None = option(
+    episodes: list[int] | EpisodeRanges | None = option(
         None,
         "Episodes, e.g. 3,4 or 0-2. Default: the checkpoint's held-out episodes if this is its training "
         "store, else all.",
@@ -75,7 +163,7 @@ class InferOptions:
     )
     windows_per_episode: int = option(4, "Windows per episode, evenly spaced.")
     batch_size: int = option(1, "Windows per model call (latency is per window).")
-    seed: int = option(0, "Noise seed; the same seed gives the same predictions.")
+    seed: int = option(0, "Noise seed, 0 to 2**64 - 1; the same seed gives the same predictions.")
     num_steps_video: int | None = option(None, "Video denoising steps (default: the checkpoint's).")
     num_steps_action: int | None = option(None, "Action/state denoising steps (default: the checkpoint's).")
     action_noise_scale: float | None = option(

@@ -32,7 +32,7 @@ from xwam_core.checkpoint import resolve
 from xwam_core.data.reader import EpisodeStore
 from xwam_core.data.windows import WindowDataset, collate_windows, split_episodes
 from xwam_core.errors import XWAMError
-from xwam_core.infer_options import InferOptions
+from xwam_core.infer_options import EpisodeRanges, InferOptions
 from xwam_core.mean_frame import mean_future_frames
 from xwam_core.normalizer import Normalizer
 from xwam_core.policy import Policy, Prediction
@@ -48,6 +48,7 @@ from xwam_core.runs import (
 
 MODES = ("policy", "world")
 ACTION_SOURCES = ("sampled", "recorded")  # world mode: the model's actions, or the episode's (given)
+SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes 0 to 2**64 - 1
 MAX_DEPTH_FRACTION = 0.9  # clouds keep depth <= 0.9 x the model's (farthest) far plane (beyond: background)
 
 
@@ -102,18 +103,21 @@ def check_compatible(policy: Policy, store: EpisodeStore, where: str) -> None:
 _STORE_OWN_STATS = ("mean", "std", "min", "max")
 
 
+def requested_episodes(store: EpisodeStore, requested: list[int] | EpisodeRanges) -> list[int]:
+    """--episodes checked against the store's episode count before it is expanded: one line naming the
+    first few episodes the store lacks (a range like 0-10000000 is never built as a list)."""
+    return EpisodeRanges.of(requested).resolve(len(store.episodes), str(store.path))
+
+
 def choose_episodes(
-    store: EpisodeStore, policy: Policy, requested: list[int] | None
+    store: EpisodeStore, policy: Policy, requested: list[int] | EpisodeRanges | None
 ) -> tuple[list[int], str]:
     """The requested episodes; else the checkpoint's held-out ones when `store` is its training store
     (the same path, or a copy with the same action/state statistics); else all. Returns (episodes, why)."""
     spec = policy.spec
     n = len(store.episodes)
     if requested is not None:
-        bad = [e for e in requested if not 0 <= e < n]
-        if bad:
-            raise XWAMError(f"--episodes: {store.path} has no episode(s) {bad}; it has 0..{n - 1}")
-        return requested, "chosen with --episodes"
+        return requested_episodes(store, requested), "chosen with --episodes"
     try:
         same_path = bool(spec.store) and Path(spec.store).resolve() == store.path.resolve()
     except OSError:
@@ -158,6 +162,10 @@ class InferenceRun:
             raise XWAMError(f"--windows-per-episode {opts.windows_per_episode}: expected an integer >= 1")
         if opts.batch_size < 1:
             raise XWAMError(f"--batch-size {opts.batch_size}: expected an integer >= 1")
+        seed = opts.seed
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < SEED_LIMIT:
+            # torch.Generator takes 64-bit seeds: checked here, before the model loads
+            raise XWAMError(f"--seed {opts.seed}: expected an integer from 0 to 2**64 - 1")
         self.opts = opts
         self.out = Path(opts.out)
         if self.out.exists() and not opts.overwrite:
@@ -166,6 +174,8 @@ class InferenceRun:
             check_replaceable(self.out, MANIFEST)  # before any work: --overwrite replaces only a run
         self.world = opts.mode == "world"
         self.store = EpisodeStore(opts.store)
+        if opts.episodes is not None:  # before the model loads
+            requested_episodes(self.store, opts.episodes)
         self.checkpoint = resolve(opts.checkpoint)
         self.policy = Policy.from_checkpoint(
             self.checkpoint,

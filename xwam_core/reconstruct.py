@@ -14,6 +14,7 @@ cannot be predicted. The same rule builds all three clouds.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,27 @@ def require_geometry(run: RunData, command: str) -> None:
         )
 
 
+# Open3D's voxel grid counts a cloud's extent in voxels with 32-bit integers and refuses a voxel that makes
+# more than 2**31 - 1 of them a side ("voxel_size is too small"): at 1 micrometre that is 2 km, beyond any
+# scene a camera's depth covers, and no depth map resolves anything finer.
+MIN_VOXEL_SIZE = 1e-6
+
+
+def check_voxel_size(voxel_size: float | None, flag: str = "--voxel-size") -> None:
+    """One line, before any work, unless `voxel_size` is None or a finite length >= MIN_VOXEL_SIZE metres."""
+    if voxel_size is not None and not (math.isfinite(voxel_size) and voxel_size >= MIN_VOXEL_SIZE):
+        raise XWAMError(
+            f"{flag} {voxel_size}: expected a finite length > 0 in metres, at least {MIN_VOXEL_SIZE:g} "
+            "(1 micrometre: Open3D cannot grid a scene finer)"
+        )
+
+
+def check_max_depth(max_depth: float | None, flag: str = "--max-depth") -> None:
+    """One line, before any work, unless `max_depth` is None or a finite depth > 0 metres."""
+    if max_depth is not None and not (math.isfinite(max_depth) and max_depth > 0):
+        raise XWAMError(f"{flag} {max_depth}: expected a finite depth > 0 in metres")
+
+
 def cloud_depth(depth: np.ndarray, max_depth: float) -> np.ndarray:
     """Depth with the pixels that do not take part (<= 0, non-finite, beyond max_depth) set to 0."""
     depth = np.asarray(depth, dtype=np.float32)
@@ -80,9 +102,17 @@ def step_cloud(
     rgbs = run[f"{prefix}_rgb"][window, :, frame]  # (V, H, W, 3)
     poses = run["pred_extrinsics" if which == "pred" else "extrinsics"][window, :, frame]  # (V, 4, 4)
     Ks = run["intrinsics"][window, :, frame]  # (V, 3, 3)
-    points, colors = fuse_views(
-        [cloud_depth(d, limit) for d in depths], list(Ks), list(poses), list(rgbs), voxel_size=voxel_size
-    )
+    try:
+        points, colors = fuse_views(
+            [cloud_depth(d, limit) for d in depths], list(Ks), list(poses), list(rgbs), voxel_size=voxel_size
+        )
+    except RuntimeError as e:  # Open3D's grid limit, for a cloud over 2 km across at the smallest voxel
+        if voxel_size is None or "voxel_size is too small" not in str(e):
+            raise
+        raise XWAMError(
+            f"--voxel-size {voxel_size}: too small for the cloud of window {window}, step {step} (Open3D "
+            "grids at most 2**31 - 1 voxels a side); expected a larger voxel or a smaller --max-depth"
+        ) from None
     assert colors is not None
     return points, colors
 
@@ -136,10 +166,8 @@ def reconstruct_run(
     """Write RUN/points/: per window a folder with PLY clouds, previews and (tsdf) meshes; index.json."""
     run = load_run(run_path)
     require_geometry(run, "reconstruction")
-    if voxel_size is not None and voxel_size <= 0:
-        raise XWAMError(f"--voxel-size {voxel_size}: expected a length > 0 in metres")
-    if max_depth is not None and max_depth <= 0:
-        raise XWAMError(f"--max-depth {max_depth}: expected a depth > 0 in metres")
+    check_voxel_size(voxel_size)
+    check_max_depth(max_depth)
     limit = run.max_depth if max_depth is None else max_depth
     out = run.path / "points"
     if out.exists() and not overwrite:
