@@ -25,8 +25,8 @@ def reconstruct(
     voxel_size: Annotated[
         float | None,
         typer.Option(
-            help="Metres: voxel-downsample the clouds (and the TSDF voxel). Default: every pixel; "
-            "TSDF voxel 1/100 of the scene."
+            help="Metres, at least 1e-6: voxel-downsample the clouds (and the TSDF voxel). Default: every "
+            "pixel; TSDF voxel 1/100 of the scene."
         ),
     ] = None,
     max_depth: Annotated[
