@@ -69,7 +69,12 @@ def look_at(eye: Vector, target: Vector, up: Vector = (0.0, 0.0, 1.0)) -> np.nda
 
 
 def unproject(
-    depth: np.ndarray, K: np.ndarray, cam_to_world: np.ndarray, rgb: np.ndarray | None = None, stride: int = 1
+    depth: np.ndarray,
+    K: np.ndarray,
+    cam_to_world: np.ndarray,
+    rgb: np.ndarray | None = None,
+    stride: int = 1,
+    where: str = "unproject",
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """World points (N, 3) of the valid pixels (depth > 0, finite), row-major; their RGB (N, 3) if given.
 
@@ -91,6 +96,11 @@ def unproject(
     u, v = u * stride, v * stride
     # K^-1 [u, v, 1] has camera-z 1, so scaling it by the depth gives the camera-frame point.
     pixels = np.stack([u, v, np.ones_like(u)], axis=0).astype(np.float64)  # (3, N)
+    if not np.isfinite(K).all() or abs(np.linalg.det(K)) < 1e-12:
+        raise XWAMError(
+            f"{where}: intrinsics {K.tolist()} are singular or not finite; expected fx, fy > 0 "
+            "(the store's camera intrinsics of this view)"
+        )
     camera = np.linalg.solve(K, pixels) * z  # (3, N)
     points = (pose[:3, :3] @ camera).T + pose[:3, 3]  # (N, 3)
     return points, (colors if rgb is not None else None)
@@ -126,7 +136,7 @@ def fuse_views(
     if not depths:
         raise XWAMError("fuse_views: no views given")
     clouds = [
-        unproject(d, k, p, None if rgbs is None else rgbs[i], stride)
+        unproject(d, k, p, None if rgbs is None else rgbs[i], stride, where=f"fuse_views: view {i}")
         for i, (d, k, p) in enumerate(zip(depths, Ks, poses, strict=True))
     ]
     points = np.concatenate([c[0] for c in clouds])

@@ -353,7 +353,9 @@ def _save_small_arrays(store: EpisodeStore, folder: Path) -> None:
                         f"{path}: the data files hold more than meta/info.json's total_frames={n} frames"
                     )
                 for key, (_, shape) in per_frame.items():
-                    arrays[key][offset : offset + rows] = _numbers(batch.column(key), shape, path, key, n)
+                    values = _numbers(batch.column(key), shape, path, key, n)
+                    _check_values(values, path, key, offset, starts)
+                    arrays[key][offset : offset + rows] = values
                 got = np.asarray(batch.column("episode_index").to_numpy(zero_copy_only=False), np.int64)
                 expected = np.searchsorted(starts, np.arange(offset, offset + rows), side="right") - 1
                 wrong = np.nonzero(got != expected)[0]
@@ -387,7 +389,15 @@ def _numbers(column: Any, shape: tuple[int, ...], path: Path, key: str, n: int) 
     while ok and (pa.types.is_list(values.type) or pa.types.is_fixed_size_list(values.type)):
         ok = ok and values.null_count == 0
         values = values.flatten()
-    flat = np.asarray(values.to_numpy(zero_copy_only=False), np.float32) if ok else np.zeros(0, np.float32)
+    if ok and not (pa.types.is_floating(values.type) or pa.types.is_integer(values.type)):
+        raise DataError(
+            f"{path}: column {key} holds {values.type} values, expected {shape} numbers a frame "
+            "(from meta/info.json); re-run `xwam prepare`"
+        )
+    with np.errstate(over="ignore", invalid="ignore"):  # beyond float32: inf, refused by _check_values
+        flat = (
+            np.asarray(values.to_numpy(zero_copy_only=False), np.float32) if ok else np.zeros(0, np.float32)
+        )
     if flat.size != rows * width or (
         pa.types.is_list(column.type) and (np.asarray(pc.list_value_length(column)) != shape[0]).any()
     ):
@@ -395,6 +405,22 @@ def _numbers(column: Any, shape: tuple[int, ...], path: Path, key: str, n: int) 
             f"{path}: column {key} holds ragged or missing values, expected {(n, *shape)} (from meta/info.json)"
         )
     return flat.reshape(rows, *shape)
+
+
+def _check_values(values: np.ndarray, path: Path, key: str, offset: int, starts: np.ndarray) -> None:
+    """Finite numbers in every row; intrinsics (rows, 3, 3) also invertible. `offset`: the first row's frame."""
+    rows = len(values)
+    bad = ~np.isfinite(values.reshape(rows, -1)).all(axis=1)
+    what = "NaN/inf (or a value beyond float32's range)"
+    if not bad.any() and key.endswith(".intrinsics") and values.shape[1:] == (3, 3):
+        bad = np.abs(np.linalg.det(values.astype(np.float64))) < 1e-12
+        what = "singular intrinsics (expected fx, fy > 0)"
+    if bad.any():
+        frame = offset + int(np.flatnonzero(bad)[0])
+        episode = int(np.searchsorted(starts, frame, side="right") - 1)
+        raise DataError(
+            f"{path}: {key} has {what} at frame {frame} (episode {episode}); re-run `xwam prepare`"
+        )
 
 
 def reason_of(exc: BaseException, path: Path | None = None) -> str:

@@ -512,13 +512,25 @@ def read_episode_table(path: Path, info: dict[str, Any], tasks: list[str]) -> Ep
                 times = table.column(f"{key}/from_timestamp")
                 if times.null_count:
                     raise ValueError(f"{key}/from_timestamp is null")
-                videos[v] = (
-                    ints(f"{key}/chunk_index"),
-                    ints(f"{key}/file_index"),
-                    np.asarray(times.to_numpy(), np.float64),
-                )
+                starts = np.asarray(times.to_numpy(), np.float64)
+                bad_t = np.flatnonzero(~np.isfinite(starts))
+                if len(bad_t):
+                    i = int(bad_t[0])
+                    raise DataError(
+                        f"{file}: episode {i} {key}/from_timestamp is {starts[i]}; expected a finite time in "
+                        "seconds (re-run `xwam prepare`)"
+                    )
+                videos[v] = (ints(f"{key}/chunk_index"), ints(f"{key}/file_index"), starts)
                 if has_cameras and v not in moving:
                     k = _fixed_rows(table, episode_camera_column(v, "intrinsics"), 9, v)
+                    singular = np.flatnonzero(
+                        np.abs(np.linalg.det(k.reshape(n, 3, 3).astype(np.float64))) < 1e-12
+                    )
+                    if len(singular):
+                        raise DataError(
+                            f"{file}: episode {int(singular[0])}: the intrinsics of view '{v}' are singular "
+                            f"({k[singular[0]].tolist()}); expected fx, fy > 0 (re-run `xwam prepare`)"
+                        )
                     e = _fixed_rows(table, episode_camera_column(v, "extrinsics"), 16, v)
                     cameras[v] = (k.reshape(n, 3, 3), e.reshape(n, 4, 4))
     except DataError:

@@ -28,6 +28,7 @@ import shutil
 import signal
 import time
 import tomllib
+import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -144,13 +145,15 @@ def write_part(folder: Path, index: int, encoded: EncodedEpisode) -> None:
 def read_part(folder: Path, index: int) -> EncodedEpisode:
     """A finished part as `EncodedEpisode` (its videos stay in the part folder)."""
     part = folder / "episodes" / part_name(index)
+    meta = _part_meta(part)
     try:
-        meta = json.loads((part / "episode.json").read_text())
         frames = pq.read_table(part / "frames.parquet")
         with np.load(part / "arrays.npz", allow_pickle=False) as npz:
             arrays = {key: npz[key] for key in npz.files}
-    except (OSError, ValueError, KeyError) as exc:
-        raise DataError(f"{part}: cannot read this finished episode ({exc}); prepare it again") from None
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        raise DataError(
+            f"{part}: cannot read this finished episode ({type(exc).__name__}: {exc}); prepare it again"
+        ) from None
     cameras: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     stats: dict[str, np.ndarray] = {}
     for key, values in arrays.items():
@@ -170,6 +173,57 @@ def read_part(folder: Path, index: int) -> EncodedEpisode:
         videos={key: part / name for key, name in meta["videos"].items()},
         stats=stats,
     )
+
+
+def _part_meta(part: Path) -> dict[str, Any]:
+    """A part's episode.json, checked: task (text), length (> 0), success (bool), videos (name -> file)."""
+    path = part / "episode.json"
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: cannot read ({type(exc).__name__}: {exc}); prepare it again") from None
+    expected = "expected task (text), length (a positive whole number), success (true/false), videos"
+    if not isinstance(meta, dict):
+        raise DataError(f"{path}: holds {type(meta).__name__}, not an object; {expected}; prepare it again")
+    for key, ok in (
+        ("task", lambda v: isinstance(v, str)),
+        ("length", lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0),
+        ("success", lambda v: isinstance(v, bool)),
+        ("videos", lambda v: isinstance(v, dict) and all(isinstance(x, str) for x in v.values())),
+    ):
+        if key not in meta or not ok(meta[key]):
+            raise DataError(f"{path}: '{key}' is {meta.get(key, 'missing')!r}; {expected}; prepare it again")
+    return meta
+
+
+def check_part_videos(folder: Path, index: int, size: tuple[int, int] | None, again: str) -> None:
+    """Each video of a finished part exists, is not empty, and its container header opens with the
+    part's frame count and the image size `size` (no decoding). `again`: what to tell the user."""
+    import av
+
+    part = folder / "episodes" / part_name(index)
+    meta = _part_meta(part)
+    for name in meta["videos"].values():
+        path = part / name
+        if Path(name).name != name or not path.is_file():
+            raise DataError(f"{path}: video missing from this finished episode; {again}")
+        if path.stat().st_size == 0:
+            raise DataError(f"{path}: empty video (0 bytes); {again}")
+        try:
+            with av.open(os.fspath(path)) as container:
+                stream = container.streams.video[0]
+                frames, h, w = stream.frames, stream.codec_context.height, stream.codec_context.width
+        except Exception as exc:  # PyAV raises many types for a damaged container
+            reason = str(exc).splitlines()[0][:120] if str(exc) else ""
+            raise DataError(
+                f"{path}: unreadable video ({type(exc).__name__}: {reason}; truncated?); {again}"
+            ) from None
+        if frames and frames != meta["length"]:
+            raise DataError(
+                f"{path}: video holds {frames} frames, expected {meta['length']} (episode.json); {again}"
+            )
+        if size is not None and (h, w) != tuple(size):
+            raise DataError(f"{path}: video frames are {h}x{w}, expected {size[0]}x{size[1]}; {again}")
 
 
 def finished_parts(folder: Path) -> set[int]:
@@ -436,8 +490,31 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
         ) from None
     except (OSError, ValueError) as exc:
         raise DataError(f"{path}: cannot read ({exc}); expected the manifest `xwam prepare` writes") from None
-    if not isinstance(manifest, dict) or manifest.get("parts_format") != PARTS_FORMAT:
+    if not isinstance(manifest, dict):
+        raise DataError(
+            f"{path}: holds {type(manifest).__name__}, not an object; expected the manifest `xwam prepare` writes"
+        )
+    if manifest.get("parts_format") != PARTS_FORMAT:
         raise DataError(f"{path}: parts_format {manifest.get('parts_format')!r}; expected {PARTS_FORMAT}")
+    for key, kind in (
+        ("settings", dict),
+        ("source_info", dict),
+        ("episodes", list),
+        ("recipe", str),
+        ("num_episodes", int),
+    ):
+        if not isinstance(manifest.get(key), kind):
+            raise DataError(
+                f"{path}: '{key}' is {manifest.get(key, 'missing')!r}; expected the manifest `xwam prepare` "
+                "writes (prepare it again)"
+            )
+    shard = manifest.get("shard")
+    if shard is not None and not (
+        isinstance(shard, list) and len(shard) == 2 and all(isinstance(x, int) for x in shard)
+    ):
+        raise DataError(f"{path}: 'shard' is {shard!r}; expected [i, N] or null (prepare it again)")
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in manifest["episodes"]):
+        raise DataError(f"{path}: 'episodes' holds non-integers; expected episode numbers (prepare it again)")
     return manifest
 
 
@@ -479,6 +556,13 @@ def prepare_parts(
         made = make_parents(out)
         folder, _ = open_parts(out, manifest, cfg.overwrite, progress.log)
         done = finished_parts(folder.path)
+        for i in sorted(done & set(indices)):  # a part damaged since (a full disk, a bad copy): redo it
+            try:
+                check_part_videos(folder.path, i, info.image_size, "encoding it again")
+            except DataError as exc:
+                progress.log(str(exc))
+                shutil.rmtree(folder.path / "episodes" / part_name(i))
+                done.discard(i)
         todo = [i for i in indices if i not in done]
         label = f"{cfg.source} episodes" + (f" (shard {shard[0]}/{shard[1]})" if shard else "")
         bar = progress.task(label, total=len(indices), completed=len(indices) - len(todo))
@@ -494,11 +578,8 @@ def prepare_parts(
             result.seconds = time.perf_counter() - started
         return result
     except KeyboardInterrupt:
-        if folder is not None:
+        if folder is not None:  # the caller says so (xwam_cli/prepare.py: one `interrupted:` line)
             folder.unlock()
-            progress.log(
-                f"interrupted: finished episodes kept in {folder.path}; rerun the same command to continue"
-            )
         raise
     except BaseException as exc:
         if folder is not None:
@@ -599,6 +680,11 @@ def merge_shards(
         missing = [i for i in manifest["episodes"] if i not in finished_parts(path)]
         if missing:
             raise DataError(f"{path}: episode {missing[0]} of this shard is missing; prepare the shard again")
+        size = manifest["source_info"].get("image_size")
+        if not (isinstance(size, list) and len(size) == 2 and all(isinstance(x, int) for x in size)):
+            size = None  # checked with the rest of the source's description below
+        for i in manifest["episodes"]:
+            check_part_videos(path, i, size, "prepare the shard again")
         folders.append(PartsFolder(path, manifest))
     first = folders[0]
     count = first.manifest["shard"][1]

@@ -281,6 +281,9 @@ class VideoReader:
         times = np.asarray(times, dtype=np.float64)
         if times.size == 0:
             raise DataError(f"{self.path}: no timestamps requested")
+        if not np.isfinite(times).all():
+            bad = times[~np.isfinite(times)][0]
+            raise DataError(f"{self.path}: frame time {bad} requested; expected finite times in seconds")
         if self._container is None:
             self._open()
         first = float(times[0])

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import glob
 import io
+import itertools
 import json
 import math
 import os
@@ -97,13 +98,50 @@ def _depth_base(key: str) -> str:
     return name
 
 
+def _int_cell(value: object, where: str, what: str) -> int:
+    """A metadata cell that must be a whole number (an int, or a float without a fraction)."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+        return int(value)
+    if isinstance(value, (float, np.floating)) and math.isfinite(value) and float(value).is_integer():
+        return int(value)
+    raise DataError(f"{where}: {what} is {value!r}; expected a whole number")
+
+
+def _time_cell(value: object, where: str, what: str) -> float:
+    """A metadata cell that must be a finite time in seconds."""
+    if (
+        isinstance(value, (int, float, np.integer, np.floating))
+        and not isinstance(value, (bool, np.bool_))
+        and math.isfinite(value)
+    ):
+        return float(value)
+    raise DataError(f"{where}: {what} is {value!r}; expected a finite time in seconds")
+
+
 def _fmt(template: str, where: str, **kw: object) -> str:
     try:
         return template.format(**kw)
-    except (KeyError, IndexError, ValueError) as exc:
+    except (KeyError, IndexError, ValueError, TypeError) as exc:
         raise DataError(
             f"{where}: path template '{template}' cannot be filled ({type(exc).__name__}: {exc})"
         ) from None
+
+
+def _check_spans(spans: dict[str, list[tuple[float, float, int, str]]], tol: float) -> None:
+    """Episodes sharing one mp4 must cover disjoint [from_timestamp, to_timestamp) ranges of it."""
+    for path, items in spans.items():
+        items = sorted(items)
+        for (a0, a1, ea, _), (b0, b1, eb, wb) in itertools.pairwise(items):
+            if b0 < a1 - tol:
+                raise DataError(
+                    f"{wb}: episode {eb} covers {b0:.3f}..{b1:.3f}s of {path}, overlapping episode {ea} "
+                    f"({a0:.3f}..{a1:.3f}s); expected the episodes of one video not to overlap"
+                )
+        for a0, a1, e, where in items:
+            if a1 < a0:
+                raise DataError(
+                    f"{where}: episode {e} ends at {a1:.3f}s before it starts at {a0:.3f}s in {path}"
+                )
 
 
 def _column_array(table: pa.Table, key: str, where: str) -> np.ndarray:
@@ -139,6 +177,8 @@ def _column_array(table: pa.Table, key: str, where: str) -> np.ndarray:
         values = arr.to_numpy(zero_copy_only=False)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
         raise DataError(f"{where}: column '{key}' of type {col.type} is not numeric ({exc})") from None
+    if values.dtype.kind not in "biuf":
+        raise DataError(f"{where}: column '{key}' holds {arr.type} values; expected numbers")
     return values.reshape(shape)
 
 
@@ -323,6 +363,10 @@ class LeRobotSource(EpisodeSource):
                 )
             if not isinstance(name, str) or not name:
                 raise DataError(f"views['{key}'] = {name!r}: expected a non-empty view name")
+            if "/" in name or "\\" in name or name in (".", "..") or name != name.strip():
+                raise DataError(
+                    f"views['{key}'] = {name!r}: expected a plain view name (no '/' or '\\', not '.' or '..')"
+                )
             if key in depth_keys:
                 if name in explicit_depth:
                     raise DataError(
@@ -437,33 +481,38 @@ class LeRobotSource(EpisodeSource):
             )
             if text_col is None:
                 raise DataError(f"{p}: no task text column (expected the index or a 'task' column)")
-            for i, t in zip(
-                table.column("task_index").to_pylist(), table.column(text_col).to_pylist(), strict=True
+            for r, (i, t) in enumerate(
+                zip(table.column("task_index").to_pylist(), table.column(text_col).to_pylist(), strict=True)
             ):
-                tasks[int(i)] = str(t)
+                tasks[_int_cell(i, f"{p}: row {r}", "task_index")] = str(t)
         else:
             p = os.path.join(meta, "tasks.jsonl")
             if not os.path.isfile(p):
                 return tasks
             for row in self._read_jsonl(p):
                 if "task_index" not in row or "task" not in row:
-                    raise DataError(f"{p}: line {row} lacks 'task_index' or 'task'")
-                tasks[int(row["task_index"])] = str(row["task"])
+                    raise DataError(f"{p}:{row['__line__']}: lacks 'task_index' or 'task'")
+                tasks[_int_cell(row["task_index"], f"{p}:{row['__line__']}", "task_index")] = str(row["task"])
         return tasks
 
     def _read_jsonl(self, p: str) -> list[dict]:
         rows = []
         with open(p, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{p}:{n}: not valid JSON ({exc})") from None
-                if not isinstance(row, dict):
-                    raise DataError(f"{p}:{n}: expected a JSON object")
-                rows.append(row)
+            try:
+                lines = f.readlines()
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{p}: not UTF-8 text ({exc}); expected JSON lines") from None
+        for n, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{p}:{n}: not valid JSON ({exc})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{p}:{n}: expected a JSON object")
+            row["__line__"] = n
+            rows.append(row)
         return rows
 
     @staticmethod
@@ -490,6 +539,8 @@ class LeRobotSource(EpisodeSource):
             )
         vkeys = self._video_keys()
         out: dict[int, _EpisodeMeta] = {}
+        seen: dict[int, str] = {}  # episode -> "file row r" where it was first listed
+        spans: dict[str, list[tuple[float, float, int, str]]] = {}  # mp4 -> (from, to, episode, where)
         for p in files:
             table = self._read_parquet(p)
             need = ["episode_index", "length", "data/chunk_index", "data/file_index"]
@@ -509,15 +560,28 @@ class LeRobotSource(EpisodeSource):
                 if "success" in table.column_names
                 else [None] * table.num_rows
             )
+            ends = {
+                k: table.column(f"videos/{k}/to_timestamp").to_pylist()
+                if f"videos/{k}/to_timestamp" in table.column_names
+                else [None] * table.num_rows
+                for k in vkeys
+            }
             for r in range(table.num_rows):
-                e = int(col["episode_index"][r])
+                e = _int_cell(col["episode_index"][r], f"{p}: row {r}", "episode_index")
+                if e in seen:
+                    raise DataError(
+                        f"{p}: episode_index {e} appears in {seen[e]} and in row {r}; expected each episode once"
+                    )
+                seen[e] = f"row {r}" if len(files) == 1 else f"{p} row {r}"
+                where = f"{p}: row {r} (episode {e})"
+                length = _int_cell(col["length"][r], where, "length")
                 data_file = os.path.join(
                     self.root,
                     _fmt(
                         self._info["data_path"],
                         self._info_path,
-                        chunk_index=col["data/chunk_index"][r],
-                        file_index=col["data/file_index"][r],
+                        chunk_index=_int_cell(col["data/chunk_index"][r], where, "data/chunk_index"),
+                        file_index=_int_cell(col["data/file_index"][r], where, "data/file_index"),
                         episode_index=e,
                     ),
                 )
@@ -528,20 +592,35 @@ class LeRobotSource(EpisodeSource):
                         self._info_path,
                         video_key=k,
                         episode_index=e,
-                        chunk_index=col[f"videos/{k}/chunk_index"][r],
-                        file_index=col[f"videos/{k}/file_index"][r],
+                        chunk_index=_int_cell(
+                            col[f"videos/{k}/chunk_index"][r], where, f"videos/{k}/chunk_index"
+                        ),
+                        file_index=_int_cell(
+                            col[f"videos/{k}/file_index"][r], where, f"videos/{k}/file_index"
+                        ),
                     )
-                    videos[k] = (os.path.join(self.root, rel), float(col[f"videos/{k}/from_timestamp"][r]))
+                    start = _time_cell(
+                        col[f"videos/{k}/from_timestamp"][r], where, f"videos/{k}/from_timestamp"
+                    )
+                    videos[k] = (os.path.join(self.root, rel), start)
+                    end = ends[k][r]
+                    end = (
+                        start + length / self.fps
+                        if end is None
+                        else _time_cell(end, where, f"videos/{k}/to_timestamp")
+                    )
+                    spans.setdefault(videos[k][0], []).append((start, end, e, where))
                 t = tasks[r]
                 out[e] = _EpisodeMeta(
                     index=e,
-                    length=int(col["length"][r]),
+                    length=length,
                     tasks=[str(x) for x in t] if isinstance(t, list) else ([str(t)] if t else []),
                     success=None if succ[r] is None else bool(succ[r]),
                     data_file=data_file,
                     videos=videos,
                     cameras=self._episode_cameras(table, r, p, e),
                 )
+        _check_spans(spans, 0.5 / self.fps)
         return out
 
     def _episode_cameras(
@@ -575,10 +654,18 @@ class LeRobotSource(EpisodeSource):
             raise DataError(f"{self._info_path}: chunks_size is {chunks!r}; expected a positive integer")
         vkeys = self._video_keys()
         out: dict[int, _EpisodeMeta] = {}
+        seen: dict[int, int] = {}  # episode -> the line that listed it
         for row in self._read_jsonl(p):
+            line = row["__line__"]
             if "episode_index" not in row or "length" not in row:
-                raise DataError(f"{p}: entry {row} lacks 'episode_index' or 'length'")
-            e = int(row["episode_index"])
+                raise DataError(f"{p}:{line}: lacks 'episode_index' or 'length'")
+            e = _int_cell(row["episode_index"], f"{p}:{line}", "episode_index")
+            if e in seen:
+                raise DataError(
+                    f"{p}: episode_index {e} appears on lines {seen[e]} and {line}; expected each episode once"
+                )
+            seen[e] = line
+            length = _int_cell(row["length"], f"{p}:{line} (episode {e})", "length")
             chunk = e // chunks
             data_file = os.path.join(
                 self.root,
@@ -603,7 +690,7 @@ class LeRobotSource(EpisodeSource):
             t = row.get("tasks") or []
             out[e] = _EpisodeMeta(
                 index=e,
-                length=int(row["length"]),
+                length=length,
                 tasks=[str(x) for x in t] if isinstance(t, list) else [str(t)],
                 success=None if row.get("success") is None else bool(row["success"]),
                 data_file=data_file,
@@ -749,7 +836,8 @@ class LeRobotSource(EpisodeSource):
         )
 
         def numeric(key: str, dim: int | None, label: str) -> np.ndarray:
-            arr = _column_array(table, key, where).astype(np.float32).reshape(n, -1)
+            with np.errstate(over="ignore", invalid="ignore"):  # beyond float32: inf, refused below
+                arr = _column_array(table, key, where).astype(np.float32).reshape(n, -1)
             if dim is not None and arr.shape[1] != dim:
                 raise DataError(
                     f"{where}: '{key}' has {arr.shape[1]} values per frame, expected {dim} from info.json"
@@ -758,7 +846,8 @@ class LeRobotSource(EpisodeSource):
             if bad.any():
                 r = int(np.argwhere(bad)[0][0])
                 raise DataError(
-                    f"{where} frame {int(frames[r])}: {label} '{key}' has NaN/inf; expected finite values"
+                    f"{where} frame {int(frames[r])}: {label} '{key}' has NaN/inf (or a value beyond float32's "
+                    "range); expected finite values"
                 )
             return arr
 
@@ -766,6 +855,12 @@ class LeRobotSource(EpisodeSource):
         action = numeric(self.action_key, self._action_dim, "action")
         if "timestamp" in table.column_names:
             ts = _column_array(table, "timestamp", where).astype(np.float64).reshape(n)
+            bad_ts = np.flatnonzero(~np.isfinite(ts))
+            if len(bad_ts):
+                raise DataError(
+                    f"{where} frame {int(frames[bad_ts[0]])}: timestamp is {ts[bad_ts[0]]}; "
+                    "expected a finite time in seconds"
+                )
         else:
             ts = frames / self.fps
 
