@@ -480,9 +480,8 @@ def load_model(folder: Path) -> Any:
 
     if not folder.is_dir():
         raise XWAMError(f"{folder.parent}: checkpoint lacks model/")
-    _read_json(
-        folder / "config.json"
-    )  # one line for a missing or malformed config, before diffusers reads it
+    # one line for a missing or malformed config, before diffusers reads it
+    _read_json(folder / "config.json")
     if not any((folder / name).is_file() for name in SAFETENSORS_WEIGHTS):
         raise XWAMError(
             f"{folder}: no {SAFETENSORS_WEIGHTS[0]}; expected the model's weights in safetensors "
