@@ -46,3 +46,18 @@ def test_a_tuple_setting_is_not_an_override():
         RecipeError, match=r"model\.overrides\.patch_size: the preset fixes it \(\[1, 2, 2\]\)"
     ):
         load_recipe(TINY, ["model.overrides={patch_size = 2}"])
+
+
+def test_a_rope_table_shorter_than_the_grid_is_one_line(tmp_path):
+    """rope_max_seq_len below the latent grid: one line naming it (was a bare reshape error in the forward)."""
+    from tests.conftest import SyntheticSource, write_store
+    from tests.run_fixtures import tiny_overrides
+    from xwam_core.errors import XWAMError
+    from xwam_core.train import train
+
+    store = tmp_path / "store"
+    write_store(store, SyntheticSource(episodes=2, length=10, size=(32, 32), views=("a",)))
+    overrides = [o for o in tiny_overrides(store, tmp_path / "run") if not o.startswith("model.overrides")]
+    recipe = load_recipe(TINY, [*overrides, "model.overrides={num_layers = 1, num_depth_blocks = 1, rope_max_seq_len = 1}"])
+    with pytest.raises(XWAMError, match="exceeds the model's rope_max_seq_len=1"):
+        train(recipe)

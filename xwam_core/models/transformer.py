@@ -717,6 +717,11 @@ class XWAMTransformer(ModelMixin, ConfigMixin):  # type: ignore[misc]
         """RoPE (cos, sin), each (1, N, 1, head_dim): Wan's 3-D table per view, time-only positions for the rest."""
         rope = self.wan.rope
         f, h, w = layout.grid
+        if max(f, h, w) > rope.max_seq_len:  # Wan's tables stop there (a bare reshape error otherwise)
+            raise XWAMError(
+                f"a latent grid of {f} x {h} x {w} patches (frames x height x width) exceeds the model's "
+                f"rope_max_seq_len={rope.max_seq_len}; expected smaller inputs or a larger rope_max_seq_len"
+            )
         cos_v, sin_v = rope(torch.empty(1, 0, layout.frames, layout.height, layout.width, device="meta"))
         # Same positions for every view; tokens are (frame, view, h, w).
         cos_v, sin_v = (
