@@ -58,6 +58,8 @@ def test_a_rope_table_shorter_than_the_grid_is_one_line(tmp_path):
     store = tmp_path / "store"
     write_store(store, SyntheticSource(episodes=2, length=10, size=(32, 32), views=("a",)))
     overrides = [o for o in tiny_overrides(store, tmp_path / "run") if not o.startswith("model.overrides")]
-    recipe = load_recipe(TINY, [*overrides, "model.overrides={num_layers = 1, num_depth_blocks = 1, rope_max_seq_len = 1}"])
+    recipe = load_recipe(
+        TINY, [*overrides, "model.overrides={num_layers = 1, num_depth_blocks = 1, rope_max_seq_len = 1}"]
+    )
     with pytest.raises(XWAMError, match="exceeds the model's rope_max_seq_len=1"):
         train(recipe)
