@@ -525,3 +525,19 @@ def test_unproject_refuses_singular_intrinsics():
     with pytest.raises(XWAMError) as caught:
         fuse_views([depth, depth], [good, np.zeros((3, 3))], [np.eye(4), np.eye(4)])
     one_line(caught.value, "view 1", "singular")
+
+
+def test_a_source_path_relative_or_absolute_is_the_same_setting(tmp_path, monkeypatch):
+    """Resuming a prepare (or merging its shards) with the dataset named relative instead of absolute is the
+    same prepare: the recorded setting is the absolute path."""
+    from xwam_core.data.prepare_config import LeRobotSourceConfig, PrepareConfig
+    from xwam_core.data.shards import first_difference, prepare_settings
+
+    (tmp_path / "data").mkdir()
+    monkeypatch.chdir(tmp_path)
+    relative = prepare_settings(PrepareConfig(lerobot=LeRobotSourceConfig(path="data")))
+    absolute = prepare_settings(PrepareConfig(lerobot=LeRobotSourceConfig(path=str(tmp_path / "data"))))
+    assert first_difference(relative, absolute) is None
+    assert relative["prepare.lerobot.path"] == str(tmp_path / "data")
+    other = prepare_settings(PrepareConfig(lerobot=LeRobotSourceConfig(path=str(tmp_path / "other"))))
+    assert first_difference(relative, other) == "prepare.lerobot.path"

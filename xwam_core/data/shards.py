@@ -80,7 +80,14 @@ def shard_episodes(num_episodes: int, index: int, count: int) -> list[int]:
 def prepare_settings(cfg: Any) -> dict[str, Any]:
     """What a prepare makes, flattened (`prepare.metaworld.size` -> 64): equal settings, equal episodes."""
     table = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RUN_SETTINGS}
-    return _flatten(table, "prepare.")
+    settings = _flatten(table, "prepare.")
+    for (
+        key,
+        value,
+    ) in settings.items():  # a source folder as absolute path: `data/x` and `/home/me/data/x` agree
+        if key.endswith(".path") and isinstance(value, str) and value:
+            settings[key] = os.path.abspath(os.path.expanduser(value))
+    return settings
 
 
 def _flatten(table: dict[str, Any], prefix: str) -> dict[str, Any]:
