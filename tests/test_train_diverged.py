@@ -1,6 +1,6 @@
 """A run whose loss turns NaN or infinite stops in one line at that step, saves nothing of it, and (when the
 first step already diverges) leaves the run it was to --overwrite in place; --overwrite never deletes the
-checkpoint a fine-tune starts from."""
+checkpoint a fine-tune starts from; --resume latest on a folder without a checkpoint says it starts anew."""
 
 from __future__ import annotations
 
@@ -61,3 +61,13 @@ def test_overwrite_refuses_to_replace_the_run_a_finetune_starts_from(store, tmp_
         args += ["--set", override]
     one_line_error(runner.invoke(app(), args), "lies in train.out", "would be deleted")
     assert checkpoint_dirs(out) == [kept]
+
+
+def test_resume_latest_without_a_checkpoint_says_it_starts_from_step_0(store, tmp_path):
+    """A typo in train.out with --resume latest must not pass unnoticed as a resumed run."""
+    args = ["pretrain", str(TINY), "--resume", "latest"]
+    for override in tiny_overrides(store, tmp_path / "new-run", steps=1):
+        args += ["--set", override]
+    result = runner.invoke(app(), args)
+    assert result.exit_code == 0, result.output
+    assert "holds no checkpoint yet; starting from step 0" in " ".join(result.output.split())
