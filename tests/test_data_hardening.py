@@ -541,3 +541,15 @@ def test_a_source_path_relative_or_absolute_is_the_same_setting(tmp_path, monkey
     assert relative["prepare.lerobot.path"] == str(tmp_path / "data")
     other = prepare_settings(PrepareConfig(lerobot=LeRobotSourceConfig(path=str(tmp_path / "other"))))
     assert first_difference(relative, other) == "prepare.lerobot.path"
+
+
+def test_videos_at_another_rate_than_the_dataset_are_refused(tmp_path):
+    """info.json's fps drives the frame times read from the videos: a contradicting video.fps is one line."""
+    root = tmp_path / "ds"
+    make_lerobot_dataset(root, n_episodes=1, cameras=("front",))
+    info_path = root / "meta" / "info.json"
+    info = json.loads(info_path.read_text())
+    info["fps"] = 20
+    info_path.write_text(json.dumps(info))
+    with pytest.raises(DataError, match=r"video\.fps is 10, but fps is 20"):
+        LeRobotSource(str(root))

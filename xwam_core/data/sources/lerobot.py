@@ -333,6 +333,13 @@ class LeRobotSource(EpisodeSource):
             isinstance(v, dict) and "dtype" in v for v in feats.values()
         ):
             raise DataError(f"{p}: 'features' must map each key to an object with a 'dtype'")
+        for key, feature in feats.items():  # LeRobot encodes every video at the dataset's rate
+            rate = feature.get("info", {}).get("video.fps") if isinstance(feature.get("info"), dict) else None
+            if isinstance(rate, (int, float)) and not isinstance(rate, bool) and abs(rate - fps) > 1e-3 * fps:
+                raise DataError(
+                    f"{p}: features.{key}.info.video.fps is {rate}, but fps is {fps}; expected the videos at the "
+                    "dataset's frame rate"
+                )
         if not isinstance(info["data_path"], str):
             raise DataError(f"{p}: data_path is {info['data_path']!r}; expected a path template string")
         return info
