@@ -22,7 +22,7 @@ from typing import Any
 
 from xwam_core.checkpoint import MARKER, DataSpec, PolicyParts, export_checkpoint
 from xwam_core.data.windows import WindowLayout
-from xwam_core.errors import RecipeError, XWAMError
+from xwam_core.errors import RecipeError, XWAMError, first_line
 from xwam_core.models.codecs import describe_codec
 from xwam_core.normalizer import Normalizer
 
@@ -163,7 +163,7 @@ def _v0_model(folder: Path) -> Any:
     except XWAMError:
         raise
     except Exception as e:  # diffusers, safetensors and torch raise many kinds for a damaged folder
-        raise XWAMError(f"{folder}: cannot load the model ({type(e).__name__}: {_first_line(e)})") from None
+        raise XWAMError(f"{folder}: cannot load the model ({type(e).__name__}: {first_line(e)})") from None
     return model
 
 
@@ -189,7 +189,7 @@ def _v0_text(path: Path, meta: dict[str, Any], kind: str, tasks: list[str], text
     try:
         tensors = load_file(file)
     except Exception as e:  # safetensors raises its own error types for a damaged file
-        raise XWAMError(f"{file}: unreadable ({type(e).__name__}: {_first_line(e)})") from None
+        raise XWAMError(f"{file}: unreadable ({type(e).__name__}: {first_line(e)})") from None
     text = TaskEmbeddingText(len(tasks), text_dim, seq_len)
     expected = tuple(text.embedding.shape)
     got = tensors.get("embedding")
@@ -206,7 +206,7 @@ def _v0_text(path: Path, meta: dict[str, Any], kind: str, tasks: list[str], text
     try:
         text.load_state_dict(tensors, strict=True)
     except RuntimeError as e:
-        raise XWAMError(f"{file}: does not fit the task embeddings ({_first_line(e)})") from None
+        raise XWAMError(f"{file}: does not fit the task embeddings ({first_line(e)})") from None
     return text
 
 
@@ -300,8 +300,3 @@ def _image_size(table: dict[str, Any], file: Path) -> tuple[int, int]:
 def _short(value: Any, limit: int = 80) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _first_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[0] if lines else type(error).__name__

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from xwam_core.errors import XWAMError
+from xwam_core.errors import XWAMError, first_line
 
 SOURCE = "xwam-release"
 MODEL_STATES = "mp_rank_00_model_states.pt"
@@ -588,21 +588,16 @@ def _torch_load(file: Path, weights_only: bool) -> Any:
     except pickle.UnpicklingError as e:
         if weights_only:  # the restricted loader refuses a global or an opcode: the caller offers the opt-in
             raise
-        raise XWAMError(f"{file}: not a readable torch checkpoint ({_reason(e)})") from None
+        raise XWAMError(f"{file}: not a readable torch checkpoint ({first_line(e)})") from None
     except MemoryError:
         raise
     except (RuntimeError, OSError, EOFError, ValueError) as e:
-        raise XWAMError(f"{file}: not a readable torch checkpoint ({_reason(e)})") from None
+        raise XWAMError(f"{file}: not a readable torch checkpoint ({first_line(e)})") from None
     # the unpicklers raise KeyError, IndexError, TypeError, ... on bytes that are not a pickle at all
     except Exception as e:
         raise XWAMError(
-            f"{file}: not a readable torch checkpoint ({type(e).__name__}: {_reason(e)})"
+            f"{file}: not a readable torch checkpoint ({type(e).__name__}: {first_line(e)})"
         ) from None
-
-
-def _reason(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _refusal(error: Exception) -> str:

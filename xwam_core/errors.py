@@ -19,6 +19,12 @@ class DataError(XWAMError):
     """A source, store or episode that is missing, corrupt or inconsistent."""
 
 
+def first_line(error: BaseException) -> str:
+    """A library's exception in a few words for a one-line message: its first non-blank line, else its type."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
 def require(ok: bool, key: str, expected: str, value: object) -> None:
     """Refuse a setting outside its range with the recipe's one line, unless `ok`:
     `train.lr: expected a learning rate > 0, got -0.001` (the recipe loader puts the file name in front)."""

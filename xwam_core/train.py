@@ -744,7 +744,9 @@ class Trainer:
                 f"{e} (--resume latest: the newest checkpoint {dirs[-1].name} is damaged; {older})"
             ) from None
         if path is None or state is None:  # latest, before the first checkpoint: a new run, said so
-            self.notes.append(f"--resume latest: {self.run_dir} holds no checkpoint yet; starting from step 0")
+            self.notes.append(
+                f"--resume latest: {self.run_dir} holds no checkpoint yet; starting from step 0"
+            )
             return None
         self._restore(path, state)
         return path

@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 import msgpack
 import numpy as np
 
-from xwam_core.errors import XWAMError
+from xwam_core.errors import XWAMError, first_line
 
 # numpy dtype kinds a message may carry: bool, signed and unsigned integers, floats
 ARRAY_KINDS = "biuf"
@@ -105,7 +105,9 @@ def _decode_array(obj: dict) -> np.ndarray:
     try:
         return np.frombuffer(data, dtype=dtype).reshape(shape)
     except ValueError as e:  # nothing known reaches here: the checks above are numpy's
-        raise MessageError(f"malformed numpy array: shape {list(shape)} {dtype.str} ({_reason(e)})") from None
+        raise MessageError(
+            f"malformed numpy array: shape {list(shape)} {dtype.str} ({first_line(e)})"
+        ) from None
 
 
 def _decode_scalar(obj: dict) -> np.generic:
@@ -138,12 +140,8 @@ def _decode_scalar(obj: dict) -> np.generic:
         return dtype.type(value)
     except (OverflowError, ValueError) as e:  # nothing known reaches here: the checks above are numpy's
         raise MessageError(
-            f"malformed numpy scalar: data {value!r}, dtype {dtype.str} ({_reason(e)})"
+            f"malformed numpy scalar: data {value!r}, dtype {dtype.str} ({first_line(e)})"
         ) from None
-
-
-def _reason(error: BaseException) -> str:
-    return str(error).splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 def _object_hook(obj: dict) -> Any:
@@ -167,7 +165,7 @@ def unpackb(data: bytes) -> Any:
     except MessageError:
         raise
     except (ValueError, TypeError, msgpack.UnpackException, RecursionError) as e:
-        raise MessageError(f"not a msgpack message ({_reason(e)})") from None
+        raise MessageError(f"not a msgpack message ({first_line(e)})") from None
 
 
 # ------------------------------------------------------------------------------------ pickle
